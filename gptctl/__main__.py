@@ -1,0 +1,3 @@
+from gptctl.cli import main
+
+main()

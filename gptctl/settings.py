@@ -1,0 +1,207 @@
+"""All training settings as one pydantic model: defaults < --config file < command line.
+
+Every invalid combination is caught here, before a run directory or registry row exists.
+"""
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gptctl.errors import UserError
+from gptctl.presets import PRESETS, ModelShape
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: Literal["pretrain", "finetune"] = Field("pretrain", json_schema_extra={"cli": False})
+    # model
+    model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS))
+    n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.")
+    n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.")
+    n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.")
+    seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).")
+    # batch
+    batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
+    total_batch_size: int = Field(524288, gt=0, description="Tokens per optimizer step, all processes together.")
+    grad_accumulation_steps: int | None = Field(
+        None, gt=0, description="Micro-steps per optimizer step. (default: derived from the total batch)"
+    )
+    # optimisation
+    max_lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0, description="Final learning rate. (default: max_lr/10)")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
+    max_steps: int = Field(40000, gt=0, description="Optimizer steps to train for.")
+    decay_lr: bool = Field(True, description="Cosine-decay the learning rate after warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
+    # hardware
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
+    )
+    device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="Device: auto, cuda, cpu or mps.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    seed: int = Field(1337, description="Random seed for initialisation.")
+    # data
+    data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).")
+    num_workers: int = Field(1, ge=0, description="Background threads prefetching batches (0 = none).")
+    # evaluation and checkpoints
+    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
+    eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")
+    checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.")
+    keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
+    permanent_checkpoints: list[int] = Field(
+        default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
+    )
+    # bookkeeping
+    run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
+    log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    # launch
+    nproc_per_node: str = Field("1", description="Processes per node: a number, or 'gpu' for one per GPU.")
+    nnodes: int = Field(1, gt=0, description="Number of nodes.")
+    node_rank: int = Field(0, ge=0, description="This node's rank.")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node).")
+    master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node).")
+
+    @field_validator("permanent_checkpoints", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"expected positive step numbers separated by commas, e.g. 10000,20000; got {value!r}")
+            return [int(p) for p in parts]
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
+        return value
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc(cls, value: str) -> str:
+        value = str(value)
+        if value != "gpu" and not (value.isdigit() and int(value) > 0):
+            raise ValueError("expected a positive number or 'gpu'")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        shape = self.shape
+        if shape.n_embd % shape.n_head:
+            raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
+        if self.min_lr is not None and self.min_lr > self.max_lr:
+            raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
+        if self.nproc_per_node != "gpu":
+            self.resolved_accumulation(int(self.nproc_per_node) * self.nnodes)
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank ({self.node_rank}) must be smaller than --nnodes ({self.nnodes})")
+        return self
+
+    @property
+    def shape(self) -> ModelShape:
+        preset = PRESETS[self.model]
+        return ModelShape(
+            n_layer=self.n_layer or preset.n_layer,
+            n_head=self.n_head or preset.n_head,
+            n_embd=self.n_embd or preset.n_embd,
+            block_size=self.seq_len,
+        )
+
+    @property
+    def final_lr(self) -> float:
+        return self.max_lr / 10 if self.min_lr is None else self.min_lr
+
+    def resolved_accumulation(self, world_size: int) -> int:
+        """Micro-steps per optimizer step for this world size; the total batch must split evenly."""
+        per_micro_step = self.batch_size * self.seq_len * world_size
+        if self.total_batch_size % per_micro_step:
+            raise ValueError(
+                f"--total-batch-size ({self.total_batch_size}) must be divisible by "
+                f"--batch-size × --seq-len × processes ({self.batch_size}×{self.seq_len}×{world_size}"
+                f" = {per_micro_step})"
+            )
+        accum = self.total_batch_size // per_micro_step
+        if self.grad_accumulation_steps is not None and self.grad_accumulation_steps != accum:
+            raise ValueError(
+                f"--grad-accumulation-steps ({self.grad_accumulation_steps}) disagrees with the total batch: "
+                f"{self.total_batch_size} tokens / ({per_micro_step} per micro-step) = {accum}"
+            )
+        return accum
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_settings(overrides: dict[str, Any], config_file: Path | None = None, **fixed: Any) -> TrainSettings:
+    """Merge config file values and command-line overrides into validated settings, or raise UserError."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_config(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(fixed)
+    try:
+        return TrainSettings(**values)
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming the option: pydantic's first error, in the user's terms."""
+    err = exc.errors()[0]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["loc"]:
+        field = str(err["loc"][0])
+        if err["type"] == "extra_forbidden":
+            return f"unknown setting {field!r} in the config file"
+        return f"{option_name(field)}: {msg}"
+    return msg
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"--config: file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config: {path} is not valid TOML ({exc})") from None
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def to_toml(settings: TrainSettings) -> str:
+    """The settings as TOML that --config reads back (flat keys, so a tiny writer suffices)."""
+    lines = []
+    for key, value in settings.model_dump(mode="json", exclude={"kind"}).items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
