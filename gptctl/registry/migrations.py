@@ -1,0 +1,73 @@
+"""Numbered, idempotent schema migrations; sqlite-utils records each one with its transaction."""
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("gptctl")
+
+
+@migrations(name="0001_initial")
+def m0001_initial(db: Database) -> None:
+    db["runs"].create(
+        {
+            "id": str,
+            "name": str,
+            "kind": str,  # pretrain | finetune
+            "status": str,  # created | running | completed | failed | interrupted | stale
+            "settings": str,  # JSON of the resolved TrainSettings
+            "run_dir": str,
+            "command": str,  # the command line that started the run
+            "parent_checkpoint": str,  # path of the checkpoint a finetune started from
+            "created_at": str,
+            "started_at": str,
+            "ended_at": str,
+            "host": str,
+            "pid": int,
+            "world_size": int,
+            "device": str,  # cuda | cpu | mps, as resolved by the engine
+            "device_name": str,  # e.g. "NVIDIA GeForce RTX 3090", "cpu"
+            "dtype": str,  # as resolved by the engine
+            "last_step": int,
+            "max_steps": int,
+            "tokens_per_s": float,  # measured mean over the run, all ranks together
+            "mfu": float,
+            "exit_code": int,
+            "error": str,
+        },
+        pk="id",
+        not_null={"name", "kind", "status", "settings", "run_dir", "created_at"},
+    )
+    db["runs"].create_index(["name", "created_at"])
+    db["checkpoints"].create(
+        {
+            "id": int,
+            "run_id": str,
+            "step": int,
+            "path": str,
+            "bytes": int,
+            "sha256": str,
+            "created_at": str,
+            "pinned": int,  # 1 for pinned or permanent steps: they are never deleted
+            "state": str,  # valid | missing | corrupt | deleted
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+        not_null={"run_id", "step", "path", "state"},
+    )
+    db["checkpoints"].create_index(["run_id", "step"], unique=True)
+    db["metrics"].create(
+        {
+            "run_id": str,
+            "step": int,
+            "loss": float,
+            "val_loss": float,
+            "lr": float,
+            "grad_norm": float,
+            "tokens_per_s": float,
+            "mfu": float,
+            "tokens_seen": int,
+            "time": float,
+        },
+        pk=("run_id", "step"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
