@@ -1,0 +1,127 @@
+"""The life of a run on the control plane: create it, lock it, launch its workers, record the outcome."""
+
+import json
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptctl import launch
+from gptctl.errors import UserError
+from gptctl.registry import open_registry, queries
+from gptctl.registry.db import home_dir
+from gptctl.registry.locks import RunLock
+from gptctl.settings import TrainSettings, to_toml
+
+
+@dataclass
+class Outcome:
+    run: dict[str, Any]
+    exit_code: int
+
+
+def check_data(settings: TrainSettings) -> None:
+    from gptctl.data.shards import find_shards
+
+    if settings.data_root is None:
+        raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
+    for split in ("train", "val"):
+        find_shards(settings.data_root, split)
+
+
+def check_checkpoint_path(path: Path | None, resume: bool) -> None:
+    if resume and path is None:
+        raise UserError("--resume needs --checkpoint-path PATH (or use --auto-resume, or `gptctl resume RUN`)")
+    if path is not None and not path.is_file():
+        raise UserError(f"--checkpoint-path: {path} does not exist")
+
+
+def create_run(settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None) -> tuple[dict, RunLock]:
+    """Everything has been validated before this: from here on the run exists on disk and in the registry."""
+    home = home_dir()
+    db = open_registry(home)
+    run_id = queries.new_run_id(db)
+    name = settings.run_name or settings.kind
+    run_dir = (home / f"{name}-{run_id}").resolve()
+    run_dir.mkdir(parents=True)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    stored = settings.model_copy(update={"run_name": name})
+    (run_dir / "config.json").write_text(stored.model_dump_json(indent=2) + "\n")
+    if save_config:
+        (run_dir / "config.toml").write_text(to_toml(stored))
+    queries.insert_run(db, {
+        "id": run_id, "name": name, "kind": settings.kind, "settings": stored.model_dump_json(),
+        "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,
+        "parent_checkpoint": parent_checkpoint, "last_step": 0,
+    })
+    return queries.get_run(db, run_id), lock
+
+
+def lock_existing(run: dict[str, Any]) -> RunLock:
+    lock = RunLock(Path(run["run_dir"]))
+    if not lock.acquire():
+        raise UserError(f"run {run['id']} is being trained by another process; wait for it or stop it first")
+    return lock
+
+
+def execute(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> Outcome:
+    """Launch the workers for `run` (which holds `lock`) and record how they ended."""
+    home = home_dir().resolve()
+    settings = TrainSettings.model_validate_json(run["settings"])
+    cmd = launch.torchrun_command(settings, home, run["id"])
+    if init_checkpoint:
+        cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
+    try:
+        code, forwarded = launch.run_workers(cmd)
+    finally:
+        db = open_registry(home)
+        row = queries.get_run(db, run["id"])
+        if row["status"] in queries.ACTIVE:
+            # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
+            status = "interrupted" if forwarded else "failed"
+            queries.update_run(db, run["id"], status=status, ended_at=queries.now())
+        lock.release()
+    db = open_registry(home)
+    queries.update_run(db, run["id"], exit_code=code)
+    row = queries.get_run(db, run["id"])
+    if row["status"] == "interrupted":
+        code = 128 + (forwarded or signal.SIGINT)
+    return Outcome(row, code)
+
+
+def resume_settings(run: dict[str, Any], max_steps: int | None) -> TrainSettings:
+    settings = TrainSettings.model_validate_json(run["settings"])
+    if max_steps is not None:
+        if max_steps <= (run["last_step"] or 0):
+            raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({run['last_step']})")
+        try:
+            settings = TrainSettings(**{**settings.model_dump(), "max_steps": max_steps})
+        except Exception as exc:  # pydantic's ValidationError, e.g. warmup >= max_steps
+            from gptctl.settings import describe
+
+            raise UserError(describe(exc)) from None
+    return settings
+
+
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    db = open_registry(home_dir())
+    metrics = queries.metrics_of(db, run["id"])
+    last = metrics[-1] if metrics else {}
+    val = [m["val_loss"] for m in metrics if m["val_loss"] is not None]
+    return {
+        "run_id": run["id"], "name": run["name"], "status": run["status"], "last_step": run["last_step"],
+        "max_steps": run["max_steps"], "loss": last.get("loss"), "val_loss": val[-1] if val else None,
+        "tokens_per_s": run["tokens_per_s"], "run_dir": run["run_dir"],
+        "checkpoints": [c["path"] for c in queries.checkpoints_of(db, run["id"], states=["valid"])],
+    }
+
+
+def command_line() -> list[str]:
+    return ["gptctl", *sys.argv[1:]]
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,57 @@
+"""Rank 0's view of training: a rich progress line on a terminal, plain log lines otherwise."""
+
+import sys
+import time
+from pathlib import Path
+
+
+class TrainingProgress:
+    def __init__(self, start_step: int, max_steps: int, log_file: Path | None, enabled: bool, log_every: int = 10):
+        self.start_step, self.max_steps, self.enabled, self.log_every = start_step, max_steps, enabled, log_every
+        self.log = open(log_file, "a", buffering=1) if (enabled and log_file) else None
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=max_steps, completed=start_step, loss="-", speed="-")
+            self.bar.start()
+
+    def update(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        step = row["step"]
+        line = (f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
+                f"norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s")
+        if row.get("val_loss") is not None:
+            line += f" | val {row['val_loss']:.4f}"
+        if row.get("mfu") is not None:
+            line += f" | mfu {100 * row['mfu']:.1f}%"
+        if self.log:
+            self.log.write(line + "\n")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:,.0f}")
+            if row.get("val_loss") is not None:
+                self.bar.console.print(line)
+        elif step % self.log_every == 0 or step == self.max_steps or row.get("val_loss") is not None:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.t0) / done * (self.max_steps - step) if done else 0
+            print(f"{line} | eta {eta:,.0f}s", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.log:
+            self.log.write(text + "\n")
+        (self.bar.console.print if self.bar is not None else lambda t: print(t, flush=True))(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.log:
+            self.log.close()

@@ -1,0 +1,224 @@
+"""Entry point of every torchrun worker: `python -m gptctl.engine.worker --home H --run-id ID`.
+
+A worker always continues its run from the newest verified checkpoint if one exists, so a
+resumed run and a worker restarted by torchrun take the same path. Only global rank 0 writes
+the registry and checkpoint files.
+"""
+
+import argparse
+import ctypes
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gptctl.engine import checkpoint as ckpt
+from gptctl.engine.distributed import broadcast_object, resolve_dtype, setup, teardown
+from gptctl.engine.loader import BatchLoader, TokenStream
+from gptctl.engine.loop import LoopConfig, StopFlag, train
+from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.optim import make_optimizer
+from gptctl.engine.progress import TrainingProgress
+from gptctl.registry import files, open_registry, queries
+from gptctl.settings import TrainSettings
+
+METRICS_FLUSH_SECONDS = 5.0
+
+
+def rng_state() -> dict:
+    # Plain containers and tensors only, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsSink:
+    """Buffers per-step metrics and writes them in one transaction every few seconds."""
+
+    def __init__(self, db, run_id: str, enabled: bool):
+        self.db, self.run_id, self.enabled = db, run_id, enabled
+        self.buffer: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.buffer.append(row)
+        if time.monotonic() - self.last_flush > METRICS_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self.buffer:
+            queries.write_metrics(self.db, self.run_id, self.buffer)
+        self.buffer = []
+        self.last_flush = time.monotonic()
+
+
+def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) -> str | None:
+    """Rank 0 picks the checkpoint to start from; every rank loads the same file."""
+    path = None
+    if is_main:
+        row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
+        path = row["path"] if row else init_checkpoint
+    return broadcast_object(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--init-checkpoint", default=None)
+    args = parser.parse_args(argv)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # die with torchrun, never train as an orphan
+
+    stop = StopFlag()
+    stop.install()
+    db = open_registry(args.home)
+    run = queries.get_run(db, args.run_id)
+    settings = TrainSettings.model_validate_json(run["settings"])
+    d = setup(settings.device)
+    write = d.is_main
+    try:
+        return _train(db, run, settings, d, args.init_checkpoint, stop, write)
+    except Exception as exc:
+        if write:
+            queries.update_run(db, run["id"], status="failed", ended_at=queries.now(), error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
+    finally:
+        teardown()
+
+
+def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:
+    run_dir = Path(run["run_dir"])
+    accumulation = settings.resolved_accumulation(d.world_size)
+    dtype = resolve_dtype(settings.dtype, d.device)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    raw_model = GPT(GPTConfig.from_shape(settings.shape)).to(d.device)
+    optimizer = make_optimizer(raw_model, settings.weight_decay, settings.max_lr, d.device.type)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+
+    start_step, history = 0, []
+    start_path = choose_start(db, run["id"], init_checkpoint, d.is_main)
+    if start_path:
+        state = ckpt.load(Path(start_path))
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        history = [m for m in state.get("metrics", []) if m["step"] <= start_step]
+    if start_step >= settings.max_steps:
+        raise ValueError(f"the run is already at step {start_step}; raise --max-steps above it to continue")
+
+    model = torch.compile(raw_model) if settings.compile else raw_model
+    if d.world_size > 1:
+        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    prefetch = settings.num_workers
+    train_loader = BatchLoader(TokenStream(settings.data_root, "train"), settings.batch_size, settings.seq_len,
+                               accumulation, d.rank, d.world_size, d.device, prefetch)
+    val_loader = BatchLoader(TokenStream(settings.data_root, "val"), settings.batch_size, settings.seq_len,
+                             settings.eval_steps, d.rank, d.world_size, d.device)
+
+    device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else d.device.type
+    flops_per_token, peak = _flops(settings, device_name, dtype, d.world_size)
+    if write:
+        queries.delete_metrics_after(db, run["id"], start_step)
+        queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
+                           world_size=d.world_size, device=d.device.type, device_name=device_name,
+                           dtype=str(dtype).removeprefix("torch."), pid=os.getpid(), host=socket.gethostname(),
+                           max_steps=settings.max_steps, ended_at=None, error=None)
+    sink = MetricsSink(db, run["id"], write)
+    progress = TrainingProgress(start_step, settings.max_steps, (settings.log_dir or run_dir) / "train.log", write)
+    progress.message(
+        f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
+        f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
+        + (f", resuming from step {start_step}" if start_step else "")
+    )
+    checkpoints = ckpt.CheckpointManager(db, run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
+                                         set(settings.permanent_checkpoints), write)
+
+    def on_metrics(row: dict) -> None:
+        history.append(row)
+        sink(row)
+
+    def state_fn(step: int) -> dict:
+        sink.flush()  # metrics reach the registry before the checkpoint that contains them
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "settings": settings.model_dump(mode="json"), "rng": rng_state(), "metrics": list(history)}
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    cfg = LoopConfig(
+        max_steps=settings.max_steps, accumulation=accumulation, tokens_per_step=settings.total_batch_size,
+        max_lr=settings.max_lr, min_lr=settings.final_lr, warmup_steps=settings.warmup_steps,
+        decay_lr=settings.decay_lr, grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
+        eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
+        flops_per_token=flops_per_token, peak_flops=peak,
+    )
+    try:
+        result = train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg, d, start_step, dtype,
+                       checkpoints, state_fn, on_metrics, progress, stop)
+    finally:
+        sink.flush()
+        progress.close()
+    if write:
+        status = "interrupted" if result.interrupted else "completed"
+        queries.update_run(db, run["id"], status=status, last_step=result.last_step, ended_at=queries.now(),
+                           tokens_per_s=result.tokens_per_s,
+                           mfu=(flops_per_token * result.tokens_per_s / peak) if (peak and result.tokens_per_s) else None)
+        print(f"run {run['id']} {status} at step {result.last_step}", flush=True)
+    return 128 + stop.signum if result.interrupted and stop.signum else 0
+
+
+def _flops(settings: TrainSettings, device_name: str, dtype: torch.dtype, world_size: int):
+    """FLOPs per token and the peak FLOP/s of all processes, for MFU; (x, None) where the GPU is unknown."""
+    from gptctl.estimate import flops_per_token
+    from gptctl.gpus import match_gpu, peak_flops
+
+    fpt = flops_per_token(settings.shape, settings.seq_len)
+    key = match_gpu(device_name)
+    if key is None:
+        return fpt, None
+    try:
+        return fpt, peak_flops(key, str(dtype).removeprefix("torch.")) * world_size
+    except Exception:
+        return fpt, None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

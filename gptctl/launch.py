@@ -1,0 +1,83 @@
+"""Builds the torchrun command for a run, starts it, streams its output and forwards signals."""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from gptctl.settings import TrainSettings
+
+ENGINE_MODULE = "gptctl.engine.worker"
+
+
+def world_size(settings: TrainSettings) -> int:
+    return processes_per_node(settings) * settings.nnodes
+
+
+def processes_per_node(settings: TrainSettings) -> int:
+    if settings.nproc_per_node != "gpu":
+        return int(settings.nproc_per_node)
+    import torch  # only to count GPUs; the light commands never get here
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def torchrun_command(settings: TrainSettings, home: Path, run_id: str) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_node(settings)}"]
+    if settings.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={settings.nnodes}",
+            f"--node-rank={settings.node_rank}",
+            f"--master-addr={settings.master_addr}",
+            f"--master-port={settings.master_port}",
+        ]
+    return cmd + ["-m", ENGINE_MODULE, "--home", str(home), "--run-id", run_id]
+
+
+def _die_with_parent() -> None:
+    # If the launcher is SIGKILLed, torchrun (and through the engine's own setting, the workers)
+    # must not train on as orphans holding no run lock.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_workers(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, int | None]:
+    """Run torchrun to completion. Returns (exit code, signal forwarded or None).
+
+    torchrun runs in its own session so a terminal's Ctrl-C reaches it once, through us; it passes
+    the signal on to the workers, which finish the step, checkpoint and exit.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=2,  # worker logs and progress go to stderr: stdout is kept for results (--json)
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # pragma: no cover - the handler above replaces it
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code, (received[0] if received else None)

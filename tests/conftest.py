@@ -1,0 +1,61 @@
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+# A run small enough for a 2-core CPU: ~0.1 s per step after start-up.
+TINY_RUN = [
+    "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--total-batch-size", "256",
+    "--warmup-steps", "2", "--max-lr", "3e-3", "--eval-interval", "4", "--eval-steps", "2",
+]
+
+
+@pytest.fixture(autouse=True)
+def gptctl_home(tmp_path, monkeypatch):
+    """Every test gets its own registry and run directories."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPTCTL_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory) -> Path:
+    """Tiny Shakespeare, tokenized for real once per test session."""
+    from gptctl.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("data") / "shakespeare"
+    prepare(PrepareOptions(inputs=[SHAKESPEARE], data_root=root))
+    return root
+
+
+def gptctl(*args: str, home: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would, in a subprocess."""
+    env = {**os.environ, "GPTCTL_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "gptctl", *args], env=env, capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gptctl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(home: Path, run_id: str) -> dict[int, tuple]:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        rows = conn.execute("select step, loss, val_loss from metrics where run_id = ? order by step", [run_id])
+        return {step: (loss, val) for step, loss, val in rows}
+
+
+def only_run_id(home: Path, name: str | None = None) -> str:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        sql, params = "select id from runs", []
+        if name:
+            sql, params = sql + " where name = ?", [name]
+        ids = [r[0] for r in conn.execute(sql + " order by created_at desc, rowid desc", params)]
+    return ids[0]

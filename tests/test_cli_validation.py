@@ -1,0 +1,98 @@
+"""Bad input: one line naming the option, exit code 2, and nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gptctl.cli import app
+from gptctl.cli import kebab_args
+
+runner = CliRunner()
+
+
+def base(data_root) -> list[str]:
+    return ["pretrain", "--model", "tiny", "--data-root", str(data_root), "--seq-len", "32", "--batch-size", "4",
+            "--total-batch-size", "256", "--max-steps", "10", "--warmup-steps", "2"]
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--max-lr", "-1"], "--max-lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--min-lr", "1"], "--min-lr"),
+        (["--warmup-steps", "10"], "--warmup-steps"),
+        (["--total-batch-size", "1000"], "--total-batch-size"),
+        (["--grad-accumulation-steps", "3"], "--grad-accumulation-steps"),
+        (["--n-head", "3"], "--n-head"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--run-name", "../escape"], "--run-name"),
+        (["--run-name", "a/b"], "--run-name"),
+        (["--permanent-checkpoints", "10,x"], "--permanent-checkpoints"),
+        (["--model", "gpt5"], "--model"),
+        (["--resume"], "--resume"),
+        (["--resume", "--checkpoint-path", "/nonexistent/model_00010.pt"], "--checkpoint-path"),
+        (["--nproc-per-node", "zero"], "--nproc-per-node"),
+    ],
+)
+def test_invalid_settings_exit_2_and_write_nothing(shakespeare, gptctl_home, extra, option):
+    result = runner.invoke(app, base(shakespeare) + extra)
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and option in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not gptctl_home.exists(), "a rejected command must not create the registry or a run directory"
+
+
+@pytest.mark.parametrize("root", ["missing", "empty"])
+def test_missing_or_empty_data_root(tmp_path, gptctl_home, root):
+    data = tmp_path / root
+    if root == "empty":
+        data.mkdir()
+    result = runner.invoke(app, base(data))
+    assert result.exit_code == 2 and "--data-root" in result.output
+    assert not gptctl_home.exists()
+
+
+def test_config_file_then_cli_overrides(shakespeare, tmp_path, gptctl_home):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('max-lr = -3.0\nmodel = "tiny"\n')
+    result = runner.invoke(app, base(shakespeare) + ["--config", str(cfg)])
+    assert result.exit_code == 2 and "--max-lr" in result.output  # the file's value was used...
+    result = runner.invoke(app, base(shakespeare) + ["--config", str(cfg), "--max-lr", "1e-3", "--min-lr", "1"])
+    assert result.exit_code == 2 and "--min-lr (1.0) must not exceed --max-lr (0.001)" in result.output  # ...and overridden
+    cfg.write_text("not_a_setting = 1\n")
+    result = runner.invoke(app, base(shakespeare) + ["--config", str(cfg)])
+    assert result.exit_code == 2 and "not_a_setting" in result.output
+    assert not gptctl_home.exists()
+
+
+def test_snake_case_aliases(shakespeare, gptctl_home):
+    args = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in base(shakespeare)]
+    assert "--max_steps" in args
+    result = runner.invoke(app, args + ["--max_lr=-1"])
+    assert result.exit_code == 2 and "--max-lr" in result.output
+
+
+def test_kebab_args_leaves_values_alone():
+    assert kebab_args(["--data_root", "my_dir", "--run_name=a_b", "--", "--x_y"]) == [
+        "--data-root", "my_dir", "--run-name=a_b", "--", "--x_y"]
+
+
+def test_unknown_run_is_a_clean_error(gptctl_home):
+    result = runner.invoke(app, ["resume", "deadbeef"])
+    assert result.exit_code == 2 and "no run 'deadbeef'" in result.output
+    result = runner.invoke(app, ["runs", "show", "nope"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["runs", "list"], ["ckpt", "list"], ["estimate", "--gpu", "rtx3090"]])
+def test_light_commands_do_not_import_heavy_modules(argv, gptctl_home):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gptctl", *argv], capture_output=True, text=True,
+                          env={**__import__("os").environ, "GPTCTL_HOME": str(gptctl_home)})
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "datasets", "tiktoken", "numpy"}, imported & {"torch", "datasets", "tiktoken", "numpy"}

@@ -1,0 +1,160 @@
+"""Engine pieces in-process: model, loader, schedule, checkpoint safety."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptctl.engine import checkpoint as ckpt
+from gptctl.engine.loader import BatchLoader, TokenStream
+from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.optim import learning_rate, make_optimizer
+from gptctl.presets import PRESETS, ModelShape
+
+HF_GPT2_KEYS = [  # Hugging Face GPT2LMHeadModel's names for block 0 and the rest (attn.bias buffers aside)
+    "transformer.wte.weight", "transformer.wpe.weight",
+    "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+    "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+    "transformer.h.0.attn.c_proj.weight", "transformer.h.0.attn.c_proj.bias",
+    "transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias",
+    "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
+    "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias",
+    "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight",
+]
+
+
+def tiny_model(seq_len=32) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_shape(ModelShape(n_layer=1, n_head=2, n_embd=32, block_size=seq_len)))
+
+
+def test_parameter_names_match_gpt2_and_head_is_tied():
+    model = tiny_model()
+    assert list(model.state_dict()) == HF_GPT2_KEYS
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_param_count_matches_preset_arithmetic():
+    shape = PRESETS["tiny"]
+    model = GPT(GPTConfig.from_shape(shape))
+    assert model.num_params() == shape.num_params()
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_shape(ModelShape(n_layer=8, n_head=2, n_embd=64, block_size=16)))
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    std_proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert std_fc == pytest.approx(0.02, rel=0.1)
+    assert std_proj == pytest.approx(0.02 / 4, rel=0.1)  # 1/sqrt(2·8)
+
+
+def test_forward_returns_logits_and_mean_cross_entropy():
+    model = tiny_model()
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, 50304) and loss is None
+    _, loss = model(idx, idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 50304), idx.view(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(np.log(50304), rel=0.05)  # untrained: near uniform
+
+
+def test_weight_decay_groups():
+    opt = make_optimizer(tiny_model(), 0.1, 1e-3, "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+
+
+def test_learning_rate_schedule():
+    lr = lambda s, **kw: learning_rate(s, 6e-4, 6e-5, 10, 110, kw.get("decay", True))
+    assert lr(1) == pytest.approx(6e-5) and lr(10) == pytest.approx(6e-4)
+    assert lr(60) == pytest.approx((6e-4 + 6e-5) / 2)
+    assert lr(110) == pytest.approx(6e-5)
+    assert lr(60, decay=False) == 6e-4
+
+
+def write_shards(root: Path, sizes: list[int]) -> np.ndarray:
+    root.mkdir(parents=True)
+    tokens = np.arange(sum(sizes), dtype=np.uint16) % 50000
+    start = 0
+    for i, n in enumerate(sizes):
+        np.save(root / f"demo_train_{i:06d}.npy", tokens[start:start + n])
+        start += n
+    np.save(root / "demo_val_000000.npy", tokens[:100])
+    return tokens
+
+
+def test_stream_reads_across_shard_boundaries(tmp_path):
+    tokens = write_shards(tmp_path / "d", [50, 30, 70])
+    stream = TokenStream(tmp_path / "d", "train")
+    assert stream.num_tokens == 150
+    assert (stream.read(45, 40) == tokens[45:85]).all()
+
+
+def test_batches_do_not_depend_on_world_size(tmp_path):
+    write_shards(tmp_path / "d", [400, 300])
+    stream = TokenStream(tmp_path / "d", "train")
+    cpu = torch.device("cpu")
+
+    def step_rows(world, accum, step):
+        rows = []
+        for micro in range(accum):
+            for rank in range(world):
+                x, y = BatchLoader(stream, 2, 8, accum, rank, world, cpu).batch(step, micro)
+                assert (x[:, 1:] == y[:, :-1]).all()
+                rows.append(x)
+        return torch.cat(rows)
+
+    for step in (1, 2, 50):  # 50 wraps around the end of the stream
+        single = step_rows(1, 4, step)
+        assert torch.equal(torch.sort(single, 0).values, torch.sort(step_rows(2, 2, step), 0).values)
+        assert torch.equal(torch.sort(single, 0).values, torch.sort(step_rows(4, 1, step), 0).values)
+    assert not torch.equal(step_rows(1, 4, 1), step_rows(1, 4, 2))
+
+
+def test_prefetching_gives_the_same_batches(tmp_path):
+    write_shards(tmp_path / "d", [500])
+    stream = TokenStream(tmp_path / "d", "train")
+    plain = BatchLoader(stream, 2, 8, 2, 0, 1, torch.device("cpu"))
+    fetched = BatchLoader(stream, 2, 8, 2, 0, 1, torch.device("cpu"), prefetch=1)
+    for step in (1, 2, 3):
+        for micro in (0, 1):
+            assert torch.equal(plain.batch(step, micro)[0], fetched.batch(step, micro)[0])
+
+
+def test_atomic_save_returns_size_and_hash_and_loads_safely(tmp_path):
+    from gptctl.registry.files import sha256_of
+
+    path = tmp_path / ckpt.checkpoint_name(7)
+    size, sha = ckpt.save_atomic({"model": tiny_model().state_dict(), "step": 7}, path)
+    assert path.name == "model_00007.pt"
+    assert size == path.stat().st_size and sha == sha256_of(path)
+    assert ckpt.load(path)["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "model_00001.pt"
+    torch.save({"step": 1, "payload": _Evil()}, evil)
+    with pytest.raises(ckpt.UnsafeCheckpoint, match="not a plain-data checkpoint"):
+        ckpt.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint_is_an_error(tmp_path):
+    path = tmp_path / "model_00002.pt"
+    ckpt.save_atomic({"model": tiny_model().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ckpt.UnsafeCheckpoint):
+        ckpt.load(path)

@@ -1,0 +1,155 @@
+"""End to end through real torchrun workers: training, checkpoints, registry, kill and resume, DDP."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_RUN, gptctl, losses, only_run_id
+
+pytestmark = pytest.mark.slow
+
+
+def pretrain(home, data, *extra, check=True):
+    return gptctl("pretrain", *TINY_RUN, "--data-root", str(data), *extra, home=home, check=check)
+
+
+def checkpoint_rows(home, run_id):
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("select * from checkpoints where run_id = ? order by step", [run_id])]
+
+
+def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
+    proc = pretrain(gptctl_home, shakespeare, "--max-steps", "24", "--checkpoint-interval", "8",
+                    "--keep-last-n-checkpoints", "1", "--permanent-checkpoints", "8", "--run-name", "first", "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "completed" and summary["last_step"] == 24
+    run_id = summary["run_id"]
+    metrics = losses(gptctl_home, run_id)
+    assert sorted(metrics) == list(range(1, 25))  # every step is recorded
+    assert metrics[24][0] < metrics[1][0] - 1.0  # the loss clearly falls
+    assert metrics[4][1] is not None and metrics[24][1] is not None  # val loss at eval steps
+
+    rows = {r["step"]: r for r in checkpoint_rows(gptctl_home, run_id)}
+    # keep-last 1 keeps 24; 8 is permanent; 16 was deleted by retention (file first, then the row).
+    assert {s: r["state"] for s, r in rows.items()} == {8: "valid", 16: "deleted", 24: "valid"}
+    assert rows[8]["pinned"] == 1
+    ckpt_dir = gptctl_home / f"first-{run_id}" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model_00008.pt", "model_00024.pt"]
+    from gptctl.registry.files import sha256_of
+
+    for step in (8, 24):
+        path = ckpt_dir / f"model_{step:05d}.pt"
+        assert rows[step]["path"] == str(path)
+        assert rows[step]["bytes"] == path.stat().st_size and rows[step]["sha256"] == sha256_of(path)
+
+    import torch
+
+    state = torch.load(ckpt_dir / "model_00024.pt", weights_only=True)
+    assert state["step"] == 24 and "transformer.h.0.attn.c_attn.weight" in state["model"]
+    assert [m["step"] for m in state["metrics"]] == list(range(1, 25))
+
+    shown = json.loads(gptctl("runs", "show", run_id[:4], "--json", home=gptctl_home).stdout)
+    assert shown["status"] == "completed" and shown["settings"]["max_steps"] == 24
+    assert [m["step"] for m in shown["metrics"]] == list(range(1, 25))
+    assert shown["command"].startswith("gptctl pretrain")
+    assert json.loads((gptctl_home / f"first-{run_id}" / "config.json").read_text())["model"] == "tiny"
+    listed = json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)
+    assert {(c["run_id"], c["step"]) for c in listed} == {(run_id, 8), (run_id, 24)}
+
+
+def _wait_for_checkpoint(home, min_step, proc, name, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if (home / "gptctl.db").exists():
+            with sqlite3.connect(home / "gptctl.db", timeout=30) as conn:
+                rows = conn.execute("select max(c.step) from checkpoints c join runs r on r.id = c.run_id"
+                                    " where c.state = 'valid' and r.name = ?", [name]).fetchone()
+            if rows[0] is not None and rows[0] >= min_step:
+                return rows[0]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
+    steps = ["--max-steps", "16", "--checkpoint-interval", "4"]
+    reference_home = tmp_path / "reference"
+    pretrain(reference_home, shakespeare, *steps)
+    reference = losses(reference_home, only_run_id(reference_home))
+
+    env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(shakespeare), *steps,
+                             "--run-name", "killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _wait_for_checkpoint(gptctl_home, 8, proc, "killed")
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher dies; torchrun and the workers must die with it
+    proc.wait()
+    run_id = only_run_id(gptctl_home)
+    time.sleep(1.0)
+    listing = json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)
+    assert listing[0]["status"] == "stale"  # nobody holds the run's lock any more
+
+    gptctl("resume", run_id[:5], home=gptctl_home)
+    resumed = losses(gptctl_home, run_id)
+    assert resumed == reference  # every step's loss and val loss, to the last bit
+
+
+def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gptctl_home):
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "400", "--checkpoint-interval", "3", "--run-name", "mine"]
+    pretrain(gptctl_home, shakespeare, "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other")
+    env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(gptctl_home, 3, proc, "mine")
+    proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends on preemption
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    mine = only_run_id(gptctl_home, "mine")
+    shown = json.loads(gptctl("runs", "show", mine, "--json", home=gptctl_home).stdout)
+    assert shown["status"] == "interrupted"
+    stopped_at = shown["last_step"]
+    assert 3 <= stopped_at < 400
+    # The workers finished their step and saved it before exiting.
+    assert max(c["step"] for c in shown["checkpoints"] if c["state"] == "valid") == stopped_at
+
+    proc = gptctl("pretrain", *args[:-6], "--max-steps", str(stopped_at + 3), "--checkpoint-interval", "3",
+                  "--run-name", "mine", "--auto-resume", "--json", home=gptctl_home)
+    summary = json.loads(proc.stdout)
+    assert summary["run_id"] == mine and summary["last_step"] == stopped_at + 3, summary
+    assert f"from step {stopped_at}" in proc.stderr
+    assert sorted(losses(gptctl_home, mine)) == list(range(1, stopped_at + 4))
+
+    # A completed run is finished: auto-resume under its name starts a new run.
+    proc = gptctl("pretrain", *args[:-6], "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other",
+                  "--auto-resume", "--json", home=gptctl_home)
+    assert json.loads(proc.stdout)["run_id"] == only_run_id(gptctl_home, "other")
+    assert len(json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)) == 3
+
+
+def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
+    steps = ["--max-steps", "6", "--checkpoint-interval", "6"]
+    pretrain(gptctl_home, shakespeare, *steps, "--run-name", "one")  # 1 process × 2 micro-steps
+    pretrain(gptctl_home, shakespeare, *steps, "--run-name", "two", "--nproc-per-node", "2")  # 2 × 1
+    one = losses(gptctl_home, only_run_id(gptctl_home, "one"))
+    two = losses(gptctl_home, only_run_id(gptctl_home, "two"))
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
+    shown = json.loads(gptctl("runs", "show", "two", "--json", home=gptctl_home).stdout)
+    assert shown["world_size"] == 2
+
+
+def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
+    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "base")
+    base = only_run_id(gptctl_home, "base")
+    path = checkpoint_rows(gptctl_home, base)[-1]["path"]
+    proc = pretrain(gptctl_home, shakespeare, "--max-steps", "8", "--checkpoint-interval", "4", "--run-name", "branch",
+                    "--resume", "--checkpoint-path", path, "--json")
+    branch = json.loads(proc.stdout)["run_id"]
+    assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
