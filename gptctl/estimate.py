@@ -1,0 +1,344 @@
+"""Back-of-the-envelope cost of a training run: FLOPs, time, memory, disk, communication.
+
+Pure Python (no torch, numpy, tiktoken or datasets): `gptctl estimate` must start instantly and
+work on machines without a GPU. The training engine imports `flops_per_token` (and
+gptctl.gpus.peak_flops) to log MFU, so the two agree by construction.
+
+Assumptions (all stated in the output's `assumptions` too):
+
+* Compute, per token of training (forward + backward), PaLM appendix B / nanoGPT estimate_mfu:
+  ``6·N + 12·L·d·T`` with N = all parameters except the position embeddings (``wpe``).
+  Reason: wpe is a table lookup (no multiply-adds), whereas wte is tied to the lm_head, whose
+  d×V matmul over every token is real work (2·V·d forward + 4·V·d backward = 6·V·d) and is
+  counted by keeping wte in N. This is exactly nanoGPT's ``get_num_params()`` (non_embedding=True
+  subtracts only wpe). 12·L·d·T counts the attention score and value matmuls (QKᵀ and AV) without
+  crediting causal masking, as PaLM/nanoGPT do.
+* Memory per GPU with mixed precision (autocast bf16/fp16): parameters and gradients stay fp32
+  (4 + 4 bytes/param), AdamW keeps two fp32 moments (8 bytes/param); the fp32 parameters *are*
+  the master weights, so there is no extra copy. Autocast additionally caches a 16-bit copy of
+  the weights during forward/backward (2 bytes/param). Plus 1 GiB for CUDA context, cuBLAS
+  workspace and allocator fragmentation. DDP: every GPU holds the full replica (no ZeRO).
+* Activations of one micro-batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+  Large Transformer Models"), per layer ``s·b·h·(34 + 5·a·s/h)`` bytes with 16-bit activations.
+  gptctl uses F.scaled_dot_product_attention (flash attention), which never stores the s×s
+  attention matrix, so the ``5·a·s/h`` term is dropped: ``34·s·b·h`` per layer (scaled by 2 for
+  fp32 activations). Plus the logits: ``s·b·V·(act_bytes + 8)`` -- the lm_head output in the
+  activation dtype, plus the fp32 log-softmax that cross-entropy saves and its fp32 gradient at
+  the start of backward.
+* Checkpoints: model weights in fp32 (4 bytes/param; tied wte/lm_head stored once) and, with the
+  optimizer, + 8 bytes/param of AdamW moments.
+* Multi-GPU: DDP ring allreduce of the fp32 gradients once per optimizer step,
+  ``2(n-1)/n × 4·P / bandwidth``, assumed *not* overlapped with compute (pessimistic; DDP overlaps
+  part of it with backward). Scaling efficiency = compute time / (compute + allreduce).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptctl.errors import UserError
+from gptctl.gpus import GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
+from gptctl.presets import PRESETS, ModelShape
+
+GIB = 1024**3
+CUDA_OVERHEAD_BYTES = 1 * GIB
+KORTHIKANTI_FLASH_COEFF = 34  # bytes per s·b·h per layer with 16-bit activations, minus the 5as/h term
+
+
+def flop_params(shape: ModelShape) -> int:
+    """N of the FLOP formula: all parameters except the position embeddings (see module docstring)."""
+    return shape.num_params(include_embeddings=False) + shape.vocab_size * shape.n_embd
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6·N + 12·L·d·T, N = params minus wpe."""
+    return float(6 * flop_params(shape) + 12 * shape.n_layer * shape.n_embd * seq_len)
+
+
+def total_params(shape: ModelShape, seq_len: int) -> int:
+    """All parameters as the model holds them (wpe has seq_len rows; wte tied to lm_head, once)."""
+    return flop_params(shape) + seq_len * shape.n_embd
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str) -> int:
+    """Activation memory of one micro-batch (Korthikanti et al. 2022 without the attention matrix, + logits)."""
+    act_bytes = 4 if normalize_dtype(dtype) == "float32" else 2
+    s, b, h = seq_len, micro_batch, shape.n_embd
+    per_layer = KORTHIKANTI_FLASH_COEFF * s * b * h * act_bytes // 2
+    logits = s * b * shape.vocab_size * (act_bytes + 8)
+    return shape.n_layer * per_layer + logits
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} minutes"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days ({seconds / 3600:.0f} hours)"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class EstimateInputs:
+    gpu: str = "rtx3090"
+    num_gpus: int = 1
+    model: str = "gpt2"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    seq_len: int = 1024
+    batch_size: int = 16
+    total_batch_size: int = 524288
+    max_steps: int = 40000
+    dtype: str = "bfloat16"
+    mfu: float | None = None
+    keep_last_n_checkpoints: int = 3
+    permanent_checkpoints: list[int] = field(default_factory=list)
+    interconnect: str | None = None
+
+
+def resolve_shape(inp: EstimateInputs) -> ModelShape:
+    if inp.model not in PRESETS:
+        raise UserError(f"--model: unknown preset {inp.model!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[inp.model]
+    shape = ModelShape(
+        n_layer=inp.n_layer or preset.n_layer,
+        n_head=inp.n_head or preset.n_head,
+        n_embd=inp.n_embd or preset.n_embd,
+        block_size=inp.seq_len,
+    )
+    if shape.n_embd % shape.n_head:
+        raise UserError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
+    return shape
+
+
+def validate(inp: EstimateInputs) -> None:
+    for name in ("num_gpus", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
+                 "max_steps", "keep_last_n_checkpoints"):
+        value = getattr(inp, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
+    if any(step <= 0 for step in inp.permanent_checkpoints):
+        raise UserError(f"--permanent-checkpoints: steps must be positive, got {inp.permanent_checkpoints}")
+    if inp.mfu is not None and not (0 < inp.mfu <= 1):
+        raise UserError(f"--mfu: must be in (0, 1], got {inp.mfu}")
+    if inp.interconnect is not None and inp.interconnect not in INTERCONNECTS:
+        raise UserError(f"--interconnect: unknown {inp.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
+    per_micro = inp.batch_size * inp.seq_len * inp.num_gpus
+    if inp.total_batch_size % per_micro:
+        raise UserError(
+            f"--total-batch-size ({inp.total_batch_size}) must be divisible by --batch-size × --seq-len × "
+            f"--num-gpus ({inp.batch_size}×{inp.seq_len}×{inp.num_gpus} = {per_micro})"
+        )
+
+
+def run_shape(settings: dict[str, Any]) -> tuple[ModelShape, int] | None:
+    """(shape, seq_len) of a registry run's settings JSON; None where it cannot be resolved."""
+    preset = PRESETS.get(settings.get("model") or "gpt2")
+    if preset is None:
+        return None
+    seq_len = int(settings.get("seq_len") or 1024)
+    shape = ModelShape(
+        n_layer=int(settings.get("n_layer") or preset.n_layer),
+        n_head=int(settings.get("n_head") or preset.n_head),
+        n_embd=int(settings.get("n_embd") or preset.n_embd),
+        block_size=seq_len,
+    )
+    return shape, seq_len
+
+
+def measured_mfus(runs: list[dict[str, Any]], gpu_key: str) -> list[float]:
+    """Measured MFU of each registry run on `gpu_key` with a throughput: per-GPU tokens/s × FLOPs/token / peak."""
+    out = []
+    for row in runs:
+        if row.get("tokens_per_s") is None or match_gpu(row.get("device_name") or "") != gpu_key:
+            continue
+        try:
+            settings = json.loads(row["settings"]) if isinstance(row.get("settings"), str) else dict(row["settings"])
+            resolved = run_shape(settings)
+            if resolved is None:
+                continue
+            shape, seq_len = resolved
+            peak = peak_flops(gpu_key, row.get("dtype") or settings.get("dtype") or "float32")
+        except (UserError, ValueError, TypeError, KeyError):
+            continue
+        world = int(row.get("world_size") or 1)
+        mfu = (float(row["tokens_per_s"]) / world) * flops_per_token(shape, seq_len) / peak
+        if mfu > 0:
+            out.append(mfu)
+    return out
+
+
+def registry_path() -> Path:
+    """Same path as gptctl.registry.db.registry_path(), without importing it (see registry_runs)."""
+    return Path(os.environ.get("GPTCTL_HOME") or "runs") / "gptctl.db"
+
+
+def registry_runs(path: Path | None = None) -> list[dict[str, Any]]:
+    """Runs with a measured throughput from the registry (empty when there is none).
+
+    Read with the stdlib sqlite3, read-only: gptctl.registry uses sqlite-utils, whose import pulls
+    in numpy and pandas when they are installed, and estimate must not import numpy.
+    """
+    path = path or registry_path()
+    if not path.is_file():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                "select * from runs where tokens_per_s is not null and device_name is not null"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+    return [dict(r) for r in rows]
+
+
+def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every figure of `gptctl estimate` as one JSON-able dict. `runs`: registry rows for calibration."""
+    validate(inp)
+    spec = get_gpu(inp.gpu)
+    dtype = normalize_dtype(inp.dtype)
+    shape = resolve_shape(inp)
+    peak = peak_flops(spec.key, dtype)  # raises for bf16 on T4/V100
+    n = inp.num_gpus
+
+    # throughput
+    if inp.mfu is not None:
+        mfu, mfu_source = inp.mfu, "--mfu"
+    else:
+        measured = measured_mfus(runs or [], spec.key)
+        if measured:
+            mfu = statistics.median(measured)
+            mfu_source = f"calibrated from {len(measured)} runs in the registry"
+        else:
+            mfu, mfu_source = spec.default_mfu, f"default for {spec.key}"
+    fpt = flops_per_token(shape, inp.seq_len)
+    flops_per_step = fpt * inp.total_batch_size
+    tokens_per_second = mfu * peak * n / fpt  # compute only, all GPUs
+    compute_seconds = inp.total_batch_size / tokens_per_second
+    grad_accum = inp.total_batch_size // (inp.batch_size * inp.seq_len * n)
+
+    # memory per GPU
+    params = total_params(shape, inp.seq_len)
+    weights = 4 * params
+    gradients = 4 * params
+    adam = 8 * params
+    other = (0 if dtype == "float32" else 2 * params) + CUDA_OVERHEAD_BYTES
+    activations = activation_bytes(shape, inp.seq_len, inp.batch_size, dtype)
+    static = weights + gradients + adam + other
+    total_mem = static + activations
+    capacity = int(spec.memory_gib * GIB)
+    per_sample = activation_bytes(shape, inp.seq_len, 1, dtype)
+    max_micro_batch = max(0, (capacity - static) // per_sample)
+
+    # disk
+    ckpt = 4 * params
+    ckpt_opt = ckpt + 8 * params
+    permanent = sorted({s for s in inp.permanent_checkpoints if s <= inp.max_steps})
+    retained = inp.keep_last_n_checkpoints + len(permanent)
+
+    result: dict[str, Any] = {
+        "gpu": spec.key,
+        "gpu_name": spec.name,
+        "num_gpus": n,
+        "dtype": dtype,
+        "model": {
+            "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "vocab_size": shape.vocab_size, "seq_len": inp.seq_len,
+            "params": params, "flop_params": flop_params(shape),
+        },
+        "batch_size": inp.batch_size,
+        "total_batch_size": inp.total_batch_size,
+        "max_steps": inp.max_steps,
+        "grad_accum_steps": grad_accum,
+        "flops_per_token": fpt,
+        "flops_per_step": flops_per_step,
+        "total_flops": flops_per_step * inp.max_steps,
+        "peak_flops": peak,
+        "mfu_assumed": mfu,
+        "mfu_source": mfu_source,
+        "tokens_per_second": tokens_per_second,
+        "compute_seconds_per_step": compute_seconds,
+        "memory": {
+            "weights_bytes": weights,
+            "gradients_bytes": gradients,
+            "adam_moments_bytes": adam,
+            "other_bytes": other,
+            "activations_bytes": activations,
+            "total_bytes": total_mem,
+            "gpu_memory_bytes": capacity,
+        },
+        "fits": total_mem <= capacity,
+        "max_micro_batch": max_micro_batch,
+        "checkpoint_bytes": ckpt,
+        "checkpoint_bytes_with_optimizer": ckpt_opt,
+        "checkpoints_retained": retained,
+        "disk_for_retention": retained * ckpt_opt,
+    }
+    allreduce = 0.0
+    if n > 1:
+        ic = inp.interconnect or spec.interconnect
+        bandwidth, ic_desc = INTERCONNECTS[ic]
+        grad_bytes = 4 * params
+        allreduce = 2 * (n - 1) / n * grad_bytes / bandwidth
+        result.update(
+            interconnect=ic,
+            interconnect_description=ic_desc,
+            interconnect_bytes_per_second=bandwidth,
+            allreduce_seconds_per_step=allreduce,
+            scaling_efficiency=compute_seconds / (compute_seconds + allreduce),
+        )
+    seconds_per_step = compute_seconds + allreduce
+    total_seconds = seconds_per_step * inp.max_steps
+    result.update(
+        seconds_per_step=seconds_per_step,
+        total_seconds=total_seconds,
+        total_hours=total_seconds / 3600,
+        total_days=total_seconds / 86400,
+        total_human=human_duration(total_seconds),
+        assumptions=[
+            "FLOPs/token = 6N + 12·L·d·T, N = all params except position embeddings (nanoGPT/PaLM)",
+            "fp32 params, grads and AdamW moments (16 B/param)"
+            + (f"; {dtype} autocast activations + 2 B/param autocast weight cache" if dtype != "float32"
+               else "; fp32 activations")
+            + "; + 1 GiB CUDA overhead",
+            "activations: Korthikanti et al. 2022, 34·s·b·h per layer (flash attention: no 5as/h term)"
+            " + logits s·b·V·(act bytes + 8)",
+            "allreduce not overlapped with compute" if n > 1 else "single GPU: no communication",
+        ],
+    )
+    return result
+
+
+def gpu_table() -> list[dict[str, Any]]:
+    """The known GPUs as rows, for `gptctl estimate --list-gpus`."""
+    return [
+        {
+            "key": s.key,
+            "name": s.name,
+            "memory_gib": s.memory_gib,
+            "bf16_tflops": s.bf16_tflops,
+            "fp16_tflops": s.fp16_tflops,
+            "fp32_tflops": s.fp32_tflops,
+            "interconnect": s.interconnect,
+            "default_mfu": s.default_mfu,
+            "source": s.source,
+        }
+        for s in GPUS.values()
+    ]

@@ -1,0 +1,326 @@
+"""`gptctl estimate`, gptctl.estimate and gptctl.gpus: formulas against hand-computed values, errors, calibration."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+import gptctl.cli.estimate  # noqa: F401  (registers the command even if gptctl.cli does not list it yet)
+from gptctl.cli import app
+from gptctl.estimate import (
+    EstimateInputs,
+    activation_bytes,
+    estimate,
+    flop_params,
+    flops_per_token,
+    measured_mfus,
+    total_params,
+)
+from gptctl.errors import UserError
+from gptctl.gpus import GPUS, match_gpu, peak_flops
+from gptctl.presets import PRESETS, ModelShape
+
+runner = CliRunner()
+
+GPT2 = PRESETS["gpt2"]
+ODD = ModelShape(n_layer=3, n_head=3, n_embd=96, block_size=128)
+
+# Hand-computed (V = 50304):
+# GPT-2 124M, d=768, L=12: per block 12d² + 13d = 7,087,872; ×12 + ln_f 2d = 85,056,000;
+#   + wte V·d = 38,633,472 -> N = 123,689,472; + wpe 1024·768 = 786,432 -> P = 124,475,904.
+#   FLOPs/token = 6·123,689,472 + 12·12·768·1024 = 742,136,832 + 113,246,208 = 855,383,040.
+GPT2_N, GPT2_P, GPT2_FPT = 123_689_472, 124_475_904, 855_383_040
+# L=3, H=3, d=96, T=128: per block 12·9216 + 13·96 = 111,840; ×3 + 192 = 335,712; + V·96 = 4,829,184
+#   -> N = 5,164,896; + wpe 128·96 = 12,288 -> P = 5,177,184.
+#   FLOPs/token = 6·5,164,896 + 12·3·96·128 = 30,989,376 + 442,368 = 31,431,744.
+ODD_N, ODD_P, ODD_FPT = 5_164_896, 5_177_184, 31_431_744
+
+
+def est(*args):
+    return runner.invoke(app, ["estimate", *map(str, args)])
+
+
+def est_json(*args):
+    result = est(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(autouse=True)
+def empty_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTCTL_HOME", str(tmp_path / "home"))
+
+
+# ---- formulas ---------------------------------------------------------------------------------
+
+
+def test_flops_per_token_gpt2():
+    assert flop_params(GPT2) == GPT2_N
+    assert total_params(GPT2, 1024) == GPT2_P
+    assert flops_per_token(GPT2, 1024) == GPT2_FPT
+
+
+def test_flops_per_token_odd_shape():
+    assert flop_params(ODD) == ODD_N
+    assert total_params(ODD, 128) == ODD_P
+    assert flops_per_token(ODD, 128) == ODD_FPT
+
+
+def test_activation_bytes_odd_shape():
+    # bf16: 3 layers × 34·s·b·h = 3 × 34·128·2·96 = 2,506,752; logits 128·2·50304·(2 + 8) = 128,778,240
+    assert activation_bytes(ODD, 128, 2, "bfloat16") == 2_506_752 + 128_778_240
+    # fp32: activations twice as large, logits 4 + 8 bytes
+    assert activation_bytes(ODD, 128, 2, "float32") == 2 * 2_506_752 + 128 * 2 * 50304 * 12
+
+
+def test_gpt2_rtx3090_defaults():
+    r = est_json()
+    assert r["gpu"] == "rtx3090" and r["num_gpus"] == 1 and r["dtype"] == "bfloat16"
+    assert r["flops_per_token"] == GPT2_FPT
+    assert r["flops_per_step"] == GPT2_FPT * 524288
+    assert r["peak_flops"] == 71e12
+    assert r["mfu_assumed"] == 0.35 and r["mfu_source"] == "default for rtx3090"
+    assert r["tokens_per_second"] == pytest.approx(0.35 * 71e12 / GPT2_FPT)
+    assert r["seconds_per_step"] == pytest.approx(524288 / (0.35 * 71e12 / GPT2_FPT))
+    assert r["total_seconds"] == pytest.approx(40000 * r["seconds_per_step"])
+    assert r["grad_accum_steps"] == 32
+    mem = r["memory"]
+    assert mem["weights_bytes"] == 4 * GPT2_P
+    assert mem["gradients_bytes"] == 4 * GPT2_P
+    assert mem["adam_moments_bytes"] == 8 * GPT2_P
+    assert mem["other_bytes"] == 2 * GPT2_P + 1024**3
+    # 12 layers × 34·1024·16·768 + 1024·16·50304·10
+    assert mem["activations_bytes"] == 12 * 34 * 1024 * 16 * 768 + 1024 * 16 * 50304 * 10
+    assert mem["total_bytes"] == 18 * GPT2_P + 1024**3 + mem["activations_bytes"]
+    assert mem["gpu_memory_bytes"] == 24 * 1024**3
+    assert r["fits"] is True
+    per_sample = 12 * 34 * 1024 * 768 + 1024 * 50304 * 10
+    assert r["max_micro_batch"] == (24 * 1024**3 - 18 * GPT2_P - 1024**3) // per_sample
+    assert r["checkpoint_bytes"] == 4 * GPT2_P == 497_903_616
+    assert r["checkpoint_bytes_with_optimizer"] == 12 * GPT2_P
+    assert r["disk_for_retention"] == 3 * 12 * GPT2_P
+    assert "allreduce_seconds_per_step" not in r
+
+
+def test_json_keys():
+    r = est_json("--num-gpus", 2)
+    for key in ["flops_per_token", "flops_per_step", "peak_flops", "mfu_assumed", "mfu_source", "tokens_per_second",
+                "seconds_per_step", "total_seconds", "total_human", "grad_accum_steps", "memory", "fits",
+                "max_micro_batch", "checkpoint_bytes", "checkpoint_bytes_with_optimizer", "disk_for_retention",
+                "allreduce_seconds_per_step", "scaling_efficiency", "interconnect", "assumptions"]:
+        assert key in r, key
+    for key in ["weights_bytes", "gradients_bytes", "adam_moments_bytes", "activations_bytes", "total_bytes"]:
+        assert key in r["memory"], key
+
+
+def test_odd_shape_custom_and_permanent_checkpoints():
+    r = est_json("--n-layer", 3, "--n-head", 3, "--n-embd", 96, "--seq-len", 128, "--batch-size", 2,
+                 "--total-batch-size", 2048, "--max-steps", 100, "--mfu", 0.5, "--gpu", "a100-40gb",
+                 "--keep-last-n-checkpoints", 2, "--permanent-checkpoints", "50,100,200")
+    assert r["flops_per_token"] == ODD_FPT
+    assert r["grad_accum_steps"] == 8
+    assert r["mfu_source"] == "--mfu"
+    assert r["tokens_per_second"] == pytest.approx(0.5 * 312e12 / ODD_FPT)
+    assert r["memory"]["activations_bytes"] == 2_506_752 + 128_778_240
+    assert r["checkpoint_bytes"] == 4 * ODD_P
+    # permanent steps beyond --max-steps are never written: 2 + 2 checkpoints
+    assert r["checkpoints_retained"] == 4
+    assert r["disk_for_retention"] == 4 * 12 * ODD_P
+
+
+def test_multi_gpu_allreduce():
+    r = est_json("--num-gpus", 2, "--batch-size", 16, "--interconnect", "pcie4")
+    # ring: 2(n-1)/n × 4P / 32e9 = 1 × 497,903,616 / 32e9
+    assert r["allreduce_seconds_per_step"] == pytest.approx(497_903_616 / 32e9)
+    compute = 524288 / (2 * 0.35 * 71e12 / GPT2_FPT)
+    assert r["seconds_per_step"] == pytest.approx(compute + 497_903_616 / 32e9)
+    assert r["scaling_efficiency"] == pytest.approx(compute / (compute + 497_903_616 / 32e9))
+    assert r["grad_accum_steps"] == 16
+    r = est_json("--num-gpus", 8, "--gpu", "h100")
+    assert r["interconnect"] == "nvlink4"
+    assert r["allreduce_seconds_per_step"] == pytest.approx(2 * 7 / 8 * 4 * GPT2_P / 450e9)
+
+
+def test_finetune_defaults():
+    r = est_json("--finetune")
+    assert r["max_steps"] == 1750 and r["batch_size"] == 8 and r["grad_accum_steps"] == 64
+    r = est_json("--finetune", "--max-steps", 10)
+    assert r["max_steps"] == 10
+
+
+def test_dtypes_and_no_bf16():
+    assert est_json("--dtype", "float32")["peak_flops"] == 35.6e12
+    r = est_json("--gpu", "t4", "--dtype", "float16", "--batch-size", 32)
+    assert r["peak_flops"] == 65e12
+    assert r["fits"] is False and 0 < r["max_micro_batch"] < 32
+
+
+def test_table_output_and_list_gpus():
+    result = est()
+    assert result.exit_code == 0, result.output
+    assert "RTX 3090" in result.stdout and "fits" in result.stdout
+    result = est("--list-gpus")
+    assert result.exit_code == 0 and "h200" in result.stdout
+    rows = est_json("--list-gpus")
+    assert {r["key"] for r in rows} == set(GPUS)
+    assert {"rtx3060", "rtx3090", "rtx4090", "a10g", "l4", "t4", "v100", "a100-40gb", "a100-80gb", "h100", "h200"} <= set(GPUS)
+
+
+# ---- gpus ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA GeForce RTX 3090", "rtx3090"),
+    ("NVIDIA GeForce RTX 3060", "rtx3060"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+    ("NVIDIA A100 80GB PCIe", "a100-80gb"),
+    ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA A10G", "a10g"),
+    ("NVIDIA L4", "l4"),
+    ("Tesla T4", "t4"),
+    ("Tesla V100-SXM2-16GB", "v100"),
+    ("cpu", None),
+    ("", None),
+    ("NVIDIA RTX A6000", None),
+])
+def test_match_gpu(name, key):
+    assert match_gpu(name) == key
+
+
+def test_peak_flops():
+    assert peak_flops("rtx3090", "bfloat16") == 71e12
+    assert peak_flops("rtx3090", "torch.bfloat16") == 71e12
+    assert peak_flops("a100-80gb", "float32") == 156e12
+    assert peak_flops("h100", "float16") == 989.4e12
+    with pytest.raises(UserError):
+        peak_flops("v100", "bfloat16")
+    with pytest.raises(UserError):
+        peak_flops("nope", "float32")
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--gpu", "gtx1080"], "--gpu"),
+    (["--num-gpus", "0"], "--num-gpus"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seq-len=-1"], "--seq-len"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--total-batch-size", "0"], "--total-batch-size"),
+    (["--n-layer", "0"], "--n-layer"),
+    (["--n-embd", "100", "--n-head", "3"], "--n-embd"),
+    (["--total-batch-size", "1000"], "--total-batch-size"),
+    (["--num-gpus", "3"], "--total-batch-size"),
+    (["--mfu", "0"], "--mfu"),
+    (["--mfu", "1.5"], "--mfu"),
+    (["--model", "gpt5"], "--model"),
+    (["--gpu", "t4"], "--dtype"),  # bfloat16 default on a GPU without it
+    (["--gpu", "v100", "--dtype", "bfloat16"], "--dtype"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--num-gpus", "2", "--interconnect", "carrier-pigeon"], "--interconnect"),
+    (["--permanent-checkpoints", "10,x"], "--permanent-checkpoints"),
+])
+def test_invalid_input_exits_2(args, option):
+    result = est(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ")
+    assert option in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_unknown_gpu_lists_known():
+    result = est("--gpu", "gtx1080")
+    assert "rtx3090" in result.stderr and "h100" in result.stderr
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+
+def _insert_run(db, device_name, tokens_per_s, world_size=1, dtype="bfloat16", **settings):
+    settings = {"model": "gpt2", "n_layer": None, "n_head": None, "n_embd": None, "seq_len": 1024,
+                "batch_size": 16, **settings}
+    db["runs"].insert({
+        "id": uuid.uuid4().hex[:12], "name": "pretrain", "kind": "pretrain", "status": "completed",
+        "settings": json.dumps(settings), "run_dir": "/tmp/x", "created_at": "2024-01-01T00:00:00",
+        "device_name": device_name, "dtype": dtype, "world_size": world_size, "tokens_per_s": tokens_per_s,
+        "mfu": None,
+    })
+
+
+def test_calibration_from_registry(tmp_path, monkeypatch):
+    from gptctl.registry import open_registry
+
+    monkeypatch.setenv("GPTCTL_HOME", str(tmp_path))
+    db = open_registry()
+    per_gpu = lambda mfu, fpt=GPT2_FPT: mfu * 71e12 / fpt  # noqa: E731
+    _insert_run(db, "NVIDIA GeForce RTX 3090", per_gpu(0.30))
+    _insert_run(db, "NVIDIA GeForce RTX 3090", 2 * per_gpu(0.50), world_size=2)  # all ranks together
+    _insert_run(db, "NVIDIA GeForce RTX 3090", per_gpu(0.60, ODD_FPT), n_layer=3, n_head=3, n_embd=96, seq_len=128)
+    _insert_run(db, "NVIDIA A100-SXM4-80GB", 1e9)  # another GPU: ignored
+    _insert_run(db, "NVIDIA GeForce RTX 3090", None)  # no throughput: ignored
+    _insert_run(db, "cpu", 1e3)  # ignored
+    db.conn.close()
+
+    r = est_json()
+    assert r["mfu_source"] == "calibrated from 3 runs in the registry"
+    assert r["mfu_assumed"] == pytest.approx(0.50)
+    assert r["tokens_per_second"] == pytest.approx(0.50 * 71e12 / GPT2_FPT)
+    # --mfu overrides the calibration; other GPUs keep their default
+    assert est_json("--mfu", 0.2)["mfu_source"] == "--mfu"
+    assert est_json("--gpu", "h100")["mfu_source"] == "default for h100"
+    assert est_json("--gpu", "a100-80gb")["mfu_source"] == "calibrated from 1 runs in the registry"
+
+
+def test_measured_mfus_pure():
+    row = {"device_name": "NVIDIA GeForce RTX 3090", "tokens_per_s": 0.4 * 71e12 / GPT2_FPT, "world_size": 1,
+           "dtype": "bfloat16", "settings": json.dumps({"model": "gpt2", "seq_len": 1024})}
+    assert measured_mfus([row], "rtx3090") == [pytest.approx(0.4)]
+    assert measured_mfus([row], "a100-80gb") == []
+
+
+def test_estimate_function_direct():
+    r = estimate(EstimateInputs(model="tiny", seq_len=256, batch_size=4, total_batch_size=1024, max_steps=10))
+    assert r["grad_accum_steps"] == 1 and r["fits"] is True
+
+
+# ---- no heavy imports ---------------------------------------------------------------------------
+
+HEAVY = ("torch", "numpy", "tiktoken", "datasets")
+
+
+def _heavy_imports(stderr: str) -> set[str]:
+    found = set()
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        module = line.rsplit("|", 1)[-1].strip()
+        if module.split(".")[0] in HEAVY:
+            found.add(module.split(".")[0])
+    return found
+
+
+def test_estimate_module_imports_nothing_heavy(tmp_path):
+    # gptctl.estimate and gptctl.gpus themselves, including the registry read for calibration
+    code = ("from gptctl.estimate import EstimateInputs, estimate, registry_runs; "
+            "estimate(EstimateInputs(), registry_runs())")
+    env = {**os.environ, "GPTCTL_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _heavy_imports(proc.stderr) == set()
+
+
+def test_cli_estimate_imports_nothing_heavy(tmp_path):
+    env = {**os.environ, "GPTCTL_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gptctl", "estimate", "--gpu", "rtx3090"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _heavy_imports(proc.stderr) == set()
