@@ -74,6 +74,7 @@ class MetricsSink:
     def flush(self) -> None:
         if self.enabled and self.buffer:
             queries.write_metrics(self.db, self.run_id, self.buffer)
+            queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs list`
         self.buffer = []
         self.last_flush = time.monotonic()
 

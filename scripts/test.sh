@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the environment and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$(cd .. && pwd)/shared/tiktoken}"
+export HF_DATASETS_OFFLINE=1
+exec .venv/bin/python -m pytest -q "$@"
