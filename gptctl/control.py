@@ -11,7 +11,7 @@ from typing import Any
 from gptctl import launch
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
-from gptctl.registry.db import home_dir
+from gptctl.paths import home_dir
 from gptctl.registry.locks import RunLock
 from gptctl.settings import TrainSettings, to_toml
 

@@ -35,7 +35,6 @@ Assumptions (all stated in the output's `assumptions` too):
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import statistics
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from typing import Any
 
 from gptctl.errors import UserError
 from gptctl.gpus import GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
+from gptctl.paths import registry_path
 from gptctl.presets import PRESETS, ModelShape
 
 GIB = 1024**3
@@ -179,11 +179,6 @@ def measured_mfus(runs: list[dict[str, Any]], gpu_key: str) -> list[float]:
         if mfu > 0:
             out.append(mfu)
     return out
-
-
-def registry_path() -> Path:
-    """Same path as gptctl.registry.db.registry_path(), without importing it (see registry_runs)."""
-    return Path(os.environ.get("GPTCTL_HOME") or "runs") / "gptctl.db"
 
 
 def registry_runs(path: Path | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from gptctl.cli import app
 from gptctl.registry import files, open_registry, queries
-from gptctl.registry.db import home_dir
+from gptctl.paths import home_dir
 
 ckpt_app = typer.Typer(help="Checkpoints and their retention.", no_args_is_help=True)
 app.add_typer(ckpt_app, name="ckpt")

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from gptctl.cli import app
 from gptctl.registry import open_registry, queries
-from gptctl.registry.db import home_dir
+from gptctl.paths import home_dir
 
 runs_app = typer.Typer(help="The run registry.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")

@@ -10,7 +10,7 @@ from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
-from gptctl.registry.db import home_dir
+from gptctl.paths import home_dir
 from gptctl.settings import build_settings
 
 

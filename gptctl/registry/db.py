@@ -1,23 +1,14 @@
 """Opening the registry: WAL so readers never block the trainer, a busy timeout so writers wait."""
 
-import os
 import sqlite3
 from pathlib import Path
 
 from sqlite_utils import Database
 
+from gptctl.paths import home_dir, registry_path
 from gptctl.registry.migrations import migrations
 
-DB_NAME = "gptctl.db"
 BUSY_TIMEOUT_MS = 30_000
-
-
-def home_dir() -> Path:
-    return Path(os.environ.get("GPTCTL_HOME") or "runs")
-
-
-def registry_path(home: Path | None = None) -> Path:
-    return (home or home_dir()) / DB_NAME
 
 
 def open_registry(home: Path | None = None, create: bool = True) -> Database:
