@@ -88,7 +88,7 @@ def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(shakespeare), *steps,
                              "--run-name", "killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    _wait_for_checkpoint(gptctl_home, 8, proc, "killed")
+    _wait_for_checkpoint(gptctl_home, 4, proc, "killed")
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher dies; torchrun and the workers must die with it
     proc.wait()
     run_id = only_run_id(gptctl_home)

@@ -6,12 +6,17 @@ from pathlib import Path
 
 
 class TrainingProgress:
-    def __init__(self, start_step: int, max_steps: int, log_file: Path | None, enabled: bool, log_every: int = 10):
+    def __init__(self, start_step: int, max_steps: int, log_file: Path | None, enabled: bool, log_level: str = "info",
+                 log_every: int = 10):
         self.start_step, self.max_steps, self.enabled, self.log_every = start_step, max_steps, enabled, log_every
+        # debug: every step on the terminal; info: every `log_every` steps and evals; warning/error: nothing
+        self.verbosity = {"debug": 2, "info": 1}.get(log_level, 0)
+        if self.verbosity == 2:
+            self.log_every = 1
         self.log = open(log_file, "a", buffering=1) if (enabled and log_file) else None
         self.t0 = time.perf_counter()
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and self.verbosity and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -38,13 +43,13 @@ class TrainingProgress:
             self.bar.update(self.task, completed=step, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:,.0f}")
             if row.get("val_loss") is not None:
                 self.bar.console.print(line)
-        elif step % self.log_every == 0 or step == self.max_steps or row.get("val_loss") is not None:
+        elif self.verbosity and step % self.log_every == 0 or step == self.max_steps or row.get("val_loss") is not None:
             done = step - self.start_step
             eta = (time.perf_counter() - self.t0) / done * (self.max_steps - step) if done else 0
             print(f"{line} | eta {eta:,.0f}s", flush=True)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.verbosity):
             return
         if self.log:
             self.log.write(text + "\n")

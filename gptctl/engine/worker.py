@@ -163,7 +163,11 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
                            dtype=str(dtype).removeprefix("torch."), pid=os.getpid(), host=socket.gethostname(),
                            max_steps=settings.max_steps, ended_at=None, error=None)
     sink = MetricsSink(db, run["id"], write)
-    progress = TrainingProgress(start_step, settings.max_steps, (settings.log_dir or run_dir) / "train.log", write)
+    log_dir = settings.log_dir or run_dir
+    if write:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write,
+                                 settings.log_level)
     progress.message(
         f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
         f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
