@@ -91,8 +91,8 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
         # One all-reduce carries the loss and whether any rank was asked to stop.
         packed = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
         all_reduce_sum(packed)
-        loss_value = packed[0].item() / dist_.world_size  # .item() syncs: once per step, for logging
-        stop_now = packed[1].item() > 0
+        loss_total, stop_votes = packed.tolist()  # the step's one host-device sync, for logging
+        loss_value, stop_now = loss_total / dist_.world_size, stop_votes > 0
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.tokens_per_step / dt
         if step > start_step + 1:  # the first step pays for warm-up and compilation
