@@ -1,4 +1,4 @@
-"""`gptctl ckpt list`."""
+"""`gptctl ckpt list|pin|unpin|prune|verify`."""
 
 import json
 from typing import Optional
@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gptctl.cli import app
+from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.paths import home_dir
 
@@ -34,3 +35,94 @@ def list_cmd(
                       r["state"], r["created_at"], r["path"])
     Console().print(table)
     typer.echo(f"{len(rows)} checkpoint(s), {sum(r['bytes'] or 0 for r in rows) / 1e6:,.1f} MB")
+
+
+def _run_or_latest(db, run_ref: str | None) -> dict:
+    if run_ref:
+        return queries.resolve_run(db, run_ref)
+    run = queries.latest_run(db)
+    typer.echo(f"using the most recent run {run['id']} ({run['name']})", err=True)
+    return run
+
+
+def _set_pin(step: int, run_ref: str | None, pinned: bool) -> None:
+    db = open_registry(home_dir(), create=False)
+    run = _run_or_latest(db, run_ref)
+    row = queries.checkpoint_at(db, run["id"], step)
+    queries.set_pinned(db, row["id"], pinned)
+    typer.echo(f"{'pinned' if pinned else 'unpinned'} step {step} of run {run['id']}")
+
+
+@ckpt_app.command("pin")
+def pin_cmd(step: int = typer.Argument(..., help="Checkpoint step."),
+            run_ref: Optional[str] = typer.Option(None, "--run", help="Run (default: the most recent).")):
+    """Protect a checkpoint from retention (same as a permanent step)."""
+    _set_pin(step, run_ref, True)
+
+
+@ckpt_app.command("unpin")
+def unpin_cmd(step: int = typer.Argument(..., help="Checkpoint step."),
+              run_ref: Optional[str] = typer.Option(None, "--run", help="Run (default: the most recent).")):
+    """Let retention delete a checkpoint again (permanent steps of the run stay protected)."""
+    _set_pin(step, run_ref, False)
+
+
+@ckpt_app.command("prune")
+def prune_cmd(
+    run_ref: Optional[str] = typer.Option(None, "--run", help="Only this run (default: the most recent)."),
+    all_runs: bool = typer.Option(False, "--all", help="Every run in the registry."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Keep this many newest (default: each run's own setting)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan, change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Delete checkpoints that retention allows: never pinned, permanent, newest, or a finetune's parent."""
+    from gptctl.registry import retention
+
+    if run_ref and all_runs:
+        raise UserError("--run and --all exclude each other; give one")
+    db = open_registry(home_dir(), create=False)
+    files.mark_vanished(db)
+    runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
+    doomed = [row for run in runs for row in retention.plan(db, run, keep_last)]
+    total = sum(r["bytes"] or 0 for r in doomed)
+    for r in doomed:
+        typer.echo(f"delete {r['run_id']} step {r['step']} ({r['bytes'] / 1e6:,.1f} MB) {r['path']}")
+    typer.echo(f"{len(doomed)} checkpoint(s), {total / 1e6:,.1f} MB to free")
+    if not doomed or dry_run:
+        return
+    if not yes and not typer.confirm("Delete them?", default=False):
+        raise typer.Exit(1)
+    freed = retention.delete(db, doomed)
+    typer.echo(f"freed {freed / 1e6:,.1f} MB")
+
+
+@ckpt_app.command("verify")
+def verify_cmd(
+    run_ref: Optional[str] = typer.Option(None, "--run", help="Only this run (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Check every registered checkpoint: exists, size, sha256, and loads as plain data. Marks bad ones."""
+    from gptctl.engine.checkpoint import UnsafeCheckpoint, load  # torch: verification really loads the file
+
+    db = open_registry(home_dir(), create=False)
+    run_id = queries.resolve_run(db, run_ref)["id"] if run_ref else None
+    report = []
+    for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
+        state, detail = files.check_file(row, full=True), ""
+        if state == "valid":
+            try:
+                load(row["path"])
+            except UnsafeCheckpoint as exc:
+                state, detail = "corrupt", str(exc)
+        if state != row["state"]:
+            queries.mark_checkpoint(db, row["id"], state)
+        report.append({"run_id": row["run_id"], "step": row["step"], "path": row["path"], "state": state, "detail": detail})
+    bad = [r for r in report if r["state"] != "valid"]
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for r in report:
+            typer.echo(f"{r['state']:8} {r['run_id']} step {r['step']} {r['path']} {r['detail']}".rstrip())
+        typer.echo(f"{len(report) - len(bad)} valid, {len(bad)} bad")
+    if bad:
+        raise typer.Exit(1)

@@ -85,13 +85,10 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> None:
         if not self.write:
             return
-        from gptctl.registry import queries
-        from gptctl.registry.retention import deletable
+        from gptctl.registry import queries, retention
 
         path = self.directory / checkpoint_name(step)
         size, sha = save_atomic(state, path)
         queries.register_checkpoint(self.db, self.run_id, step, path, size, sha, pinned=step in self.permanent)
-        protected = {r["parent_checkpoint"] for r in self.db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
-        for row in deletable(queries.checkpoints_of(self.db, self.run_id), self.keep_last, self.permanent, protected):
-            Path(row["path"]).unlink(missing_ok=True)  # file first, then the row: a crash in between is repaired as "missing"
-            queries.mark_checkpoint(self.db, row["id"], "deleted")
+        run = queries.get_run(self.db, self.run_id)
+        retention.delete(self.db, retention.plan(self.db, run, self.keep_last))

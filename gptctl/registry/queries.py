@@ -139,3 +139,22 @@ def delete_metrics_after(db: Database, run_id: str, step: int) -> None:
     with transaction(db):
         db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
 
+
+
+def latest_run(db: Database) -> dict[str, Any]:
+    rows = list(db.query("select * from runs order by created_at desc, rowid desc limit 1"))
+    if not rows:
+        raise UserError("the registry has no runs yet; pass --run RUN")
+    return rows[0]
+
+
+def checkpoint_at(db: Database, run_id: str, step: int) -> dict[str, Any]:
+    rows = list(db.query("select * from checkpoints where run_id = ? and step = ? and state != 'deleted'", [run_id, step]))
+    if not rows:
+        steps = [str(c["step"]) for c in checkpoints_of(db, run_id) if c["state"] != "deleted"]
+        raise UserError(f"run {run_id} has no checkpoint at step {step}; it has: {', '.join(steps) or 'none'}")
+    return rows[0]
+
+
+def set_pinned(db: Database, checkpoint_id: int, pinned: bool) -> None:
+    db["checkpoints"].update(checkpoint_id, {"pinned": int(pinned)})

@@ -1,0 +1,100 @@
+"""ckpt pin/unpin/prune/verify on the checkpoints of a real run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TINY_RUN, gptctl, only_run_id
+from gptctl.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run_with_checkpoints(shakespeare, gptctl_home):
+    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--checkpoint-interval", "2",
+           "--keep-last-n-checkpoints", "10", "--permanent-checkpoints", "2", "--run-name", "ck", home=gptctl_home)
+    return only_run_id(gptctl_home, "ck")
+
+
+def listing(run_id=None):
+    result = runner.invoke(app, ["ckpt", "list", "--json"] + (["--run", run_id] if run_id else []))
+    assert result.exit_code == 0, result.output
+    return {c["step"]: c for c in json.loads(result.stdout)}
+
+
+@pytest.mark.slow
+def test_pin_prune_verify(run_with_checkpoints):
+    run_id = run_with_checkpoints
+    assert sorted(listing()) == [2, 4, 6, 8] and listing()[2]["pinned"]  # permanent steps are pins
+
+    result = runner.invoke(app, ["ckpt", "pin", "4"])  # the most recent run, said out loud
+    assert result.exit_code == 0 and f"using the most recent run {run_id}" in result.output
+    assert runner.invoke(app, ["ckpt", "pin", "5"]).exit_code == 2  # no such step: a clean error
+
+    result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--dry-run"])
+    assert result.exit_code == 0 and "1 checkpoint(s)" in result.output and "step 6" in result.output
+    assert sorted(listing()) == [2, 4, 6, 8]  # a dry run changes nothing
+    result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1"], input="n\n")
+    assert sorted(listing()) == [2, 4, 6, 8]  # declined
+    result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--yes"])
+    assert result.exit_code == 0, result.output
+    remaining = listing()
+    assert sorted(remaining) == [2, 4, 8]  # pinned 4, permanent 2, newest 8 survive
+    assert not Path(f"{Path(remaining[8]['path']).parent}/model_00006.pt").exists()
+
+    runner.invoke(app, ["ckpt", "unpin", "4", "--run", run_id])
+    runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--yes"])
+    assert sorted(listing()) == [2, 8]
+
+    assert runner.invoke(app, ["ckpt", "verify"]).exit_code == 0
+    newest = Path(remaining[8]["path"])
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated on disk
+    result = runner.invoke(app, ["ckpt", "verify", "--json"])
+    assert result.exit_code == 1
+    states = {r["step"]: r["state"] for r in json.loads(result.stdout)}
+    assert states == {2: "valid", 8: "corrupt"}
+    Path(remaining[2]["path"]).unlink()
+    assert listing()[2]["state"] == "missing"  # a cheap look (stat) notices vanished files
+
+
+@pytest.mark.slow
+def test_resume_skips_a_corrupt_newest_checkpoint(run_with_checkpoints, gptctl_home):
+    run_id = run_with_checkpoints
+    newest = Path(listing()[8]["path"])
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 can tell
+    newest.write_bytes(bytes(data))
+    proc = gptctl("resume", run_id, "--max-steps", "10", home=gptctl_home)
+    assert "checkpoint step 8" in proc.stderr and "corrupt" in proc.stderr
+    assert "resuming from step 6" in proc.stderr
+    after = listing()
+    assert after[8]["state"] == "valid" and after[10]["state"] == "valid"  # step 8 was trained again and rewritten
+    from gptctl.registry.files import sha256_of
+
+    assert after[8]["sha256"] == sha256_of(Path(after[8]["path"]))
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.slow
+def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "model_00004.pt"
+    torch.save({"model": {}, "step": 4, "x": Evil()}, evil)
+    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+                  "--checkpoint-path", str(evil), "--json", home=gptctl_home, check=False)
+    assert proc.returncode != 0
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "failed"
+    shown = json.loads(gptctl("runs", "show", summary["run_id"], "--json", home=gptctl_home).stdout)
+    assert "not a plain-data checkpoint" in shown["error"]
+    assert not (tmp_path / "pwned").exists()
