@@ -89,3 +89,29 @@ def test_metrics_batch_upsert_and_truncate_on_resume(gptctl_home):
     rows = queries.metrics_of(db, run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] == 6.0
+
+
+def test_reconcile_registers_orphans_marks_vanished_and_removes_temporaries(gptctl_home):
+    db = open_registry()
+    run_dir = gptctl_home / "r"
+    run = make_run(db, run_dir)
+    db["runs"].update(run, {"settings": '{"permanent_checkpoints": [3]}'})
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir()
+    gone = ckpts / "model_00001.pt"
+    queries.register_checkpoint(db, run, 1, gone, 10, "x", pinned=False)  # registered, file never there
+    orphan = ckpts / "model_00003.pt"
+    orphan.write_bytes(b"complete checkpoint")  # renamed into place, killed before the insert
+    (ckpts / ".tmp-model_00004.pt.123").write_bytes(b"half")
+    lock = RunLock(run_dir)
+    assert lock.acquire()
+    files.reconcile(db, queries.get_run(db, run))
+    assert (ckpts / ".tmp-model_00004.pt.123").exists()  # a live trainer may be writing it
+    lock.release()
+    changes = files.reconcile(db, queries.get_run(db, run))
+    assert any("removed leftover" in c for c in changes)
+    assert [p.name for p in ckpts.iterdir()] == ["model_00003.pt"]
+    rows = {c["step"]: c for c in queries.checkpoints_of(db, run)}
+    assert rows[1]["state"] == "missing"
+    assert rows[3]["state"] == "valid" and rows[3]["pinned"] == 1 and rows[3]["sha256"] == files.sha256_of(orphan)
+    assert files.reconcile(db, queries.get_run(db, run)) == []  # idempotent

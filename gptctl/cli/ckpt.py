@@ -24,7 +24,7 @@ def list_cmd(
     """Registered checkpoints (files that vanished are marked missing)."""
     db = open_registry(home_dir(), create=False)
     run_id = queries.resolve_run(db, run_ref)["id"] if run_ref else None
-    files.mark_vanished(db, run_id)
+    _reconcile(db, [queries.get_run(db, run_id)] if run_id else queries.list_runs(db))
     rows = [r for r in queries.checkpoints_of(db, run_id) if r["state"] != "deleted"]
     if as_json:
         typer.echo(json.dumps([{**r, "pinned": bool(r["pinned"])} for r in rows], indent=2))
@@ -35,6 +35,12 @@ def list_cmd(
                       r["state"], r["created_at"], r["path"])
     Console().print(table)
     typer.echo(f"{len(rows)} checkpoint(s), {sum(r['bytes'] or 0 for r in rows) / 1e6:,.1f} MB")
+
+
+def _reconcile(db, runs: list[dict]) -> None:
+    for run in runs:
+        for change in files.reconcile(db, run):
+            typer.echo(f"run {run['id']}: {change}", err=True)
 
 
 def _run_or_latest(db, run_ref: str | None) -> dict:
@@ -81,8 +87,8 @@ def prune_cmd(
     if run_ref and all_runs:
         raise UserError("--run and --all exclude each other; give one")
     db = open_registry(home_dir(), create=False)
-    files.mark_vanished(db)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
+    _reconcile(db, runs)
     doomed = [row for run in runs for row in retention.plan(db, run, keep_last)]
     total = sum(r["bytes"] or 0 for r in doomed)
     for r in doomed:

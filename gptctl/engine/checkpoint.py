@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-TMP_PREFIX = ".tmp-"
+from gptctl.registry.files import TMP_PREFIX
 
 
 def checkpoint_name(step: int) -> str:

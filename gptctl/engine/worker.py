@@ -83,6 +83,7 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) ->
     """Rank 0 picks the checkpoint to start from; every rank loads the same file."""
     path = None
     if is_main:
+        files.reconcile(db, queries.get_run(db, run_id))  # e.g. a file saved but not registered before a kill
         row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
         path = row["path"] if row else init_checkpoint
     return broadcast_object(path)
