@@ -31,6 +31,14 @@ def check_data(settings: TrainSettings) -> None:
         find_shards(settings.data_root, split)
 
 
+def check_world_size(settings: TrainSettings) -> None:
+    """With --nproc-per-node gpu the process count is known only here, so is the batch check."""
+    try:
+        settings.resolved_accumulation(launch.world_size(settings))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def check_checkpoint_path(path: Path | None, resume: bool) -> None:
     if resume and path is None:
         raise UserError("--resume needs --checkpoint-path PATH (or use --auto-resume, or `gptctl resume RUN`)")

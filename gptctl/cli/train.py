@@ -41,6 +41,7 @@ def pretrain(
     settings = build_settings(values, config, kind="pretrain")
     control.check_checkpoint_path(checkpoint_path, resume)
     control.check_data(settings)
+    control.check_world_size(settings)
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)

@@ -6,8 +6,8 @@ It knows nothing of files or the registry: it reports through `on_metrics` and `
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -53,7 +53,6 @@ class LoopResult:
     last_step: int
     interrupted: bool
     tokens_per_s: float | None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: LoopConfig, dist_: Dist,

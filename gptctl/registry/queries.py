@@ -1,6 +1,5 @@
 """Reads and writes of runs, checkpoints and metrics. Only the launcher and global rank 0 write."""
 
-import json
 import secrets
 import socket
 from datetime import datetime, timezone
@@ -74,10 +73,6 @@ def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
         update_run(db, row["id"], status="stale", ended_at=row["ended_at"] or now())
         row = {**row, "status": "stale"}
     return row
-
-
-def settings_of(row: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(row["settings"])
 
 
 # checkpoints
