@@ -13,7 +13,9 @@ from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
 from gptctl.registry.locks import RunLock
-from gptctl.settings import TrainSettings, to_toml
+from pydantic import ValidationError
+
+from gptctl.settings import TrainSettings, describe, to_toml
 
 
 @dataclass
@@ -107,9 +109,7 @@ def resume_settings(run: dict[str, Any], max_steps: int | None) -> TrainSettings
             raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({run['last_step']})")
         try:
             settings = TrainSettings(**{**settings.model_dump(), "max_steps": max_steps})
-        except Exception as exc:  # pydantic's ValidationError, e.g. warmup >= max_steps
-            from gptctl.settings import describe
-
+        except ValidationError as exc:  # e.g. warmup >= max_steps
             raise UserError(describe(exc)) from None
     return settings
 

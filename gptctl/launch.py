@@ -38,9 +38,11 @@ def torchrun_command(settings: TrainSettings, home: Path, run_id: str) -> list[s
     return cmd + ["-m", ENGINE_MODULE, "--home", str(home), "--run-id", run_id]
 
 
-def _die_with_parent() -> None:
-    # If the launcher is SIGKILLed, torchrun (and through the engine's own setting, the workers)
-    # must not train on as orphans holding no run lock.
+def die_with_parent() -> None:
+    """Linux: be SIGKILLed when the parent dies. Launcher → torchrun → workers each set it, so killing
+    the launcher leaves no orphan training without the run lock."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -58,7 +60,7 @@ def run_workers(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int,
         env={**os.environ, **(env or {})},
         stdout=2,  # worker logs and progress go to stderr: stdout is kept for results (--json)
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=die_with_parent,
     )
     received: list[int] = []
 
@@ -71,12 +73,7 @@ def run_workers(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int,
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:  # pragma: no cover - the handler above replaces it
-                continue
+        code = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -23,8 +23,7 @@ def list_cmd(
 ):
     """Registered checkpoints (files that vanished are marked missing)."""
     db = open_registry(home_dir(), create=False)
-    run_id = queries.resolve_run(db, run_ref)["id"] if run_ref else None
-    _reconcile(db, [queries.get_run(db, run_id)] if run_id else queries.list_runs(db))
+    run_id = _scope(db, run_ref)
     rows = [r for r in queries.checkpoints_of(db, run_id) if r["state"] != "deleted"]
     if as_json:
         typer.echo(json.dumps([{**r, "pinned": bool(r["pinned"])} for r in rows], indent=2))
@@ -35,6 +34,13 @@ def list_cmd(
                       r["state"], r["created_at"], r["path"])
     Console().print(table)
     typer.echo(f"{len(rows)} checkpoint(s), {sum(r['bytes'] or 0 for r in rows) / 1e6:,.1f} MB")
+
+
+def _scope(db, run_ref: str | None) -> str | None:
+    """The run id that --run names (None: all runs), with those runs reconciled with the disk first."""
+    run = queries.resolve_run(db, run_ref) if run_ref else None
+    _reconcile(db, [run] if run else queries.list_runs(db))
+    return run["id"] if run else None
 
 
 def _reconcile(db, runs: list[dict]) -> None:
@@ -111,7 +117,7 @@ def verify_cmd(
     from gptctl.engine.checkpoint import UnsafeCheckpoint, load  # torch: verification really loads the file
 
     db = open_registry(home_dir(), create=False)
-    run_id = queries.resolve_run(db, run_ref)["id"] if run_ref else None
+    run_id = _scope(db, run_ref)
     report = []
     for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
         state, detail = files.check_file(row, full=True), ""

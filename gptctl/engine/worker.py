@@ -6,10 +6,8 @@ the registry and checkpoint files.
 """
 
 import argparse
-import ctypes
 import os
 import random
-import signal
 import socket
 import sys
 import time
@@ -27,6 +25,8 @@ from gptctl.engine.loop import LoopConfig, StopFlag, train
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import make_optimizer
 from gptctl.engine.progress import TrainingProgress
+from gptctl.errors import UserError
+from gptctl.launch import die_with_parent
 from gptctl.registry import files, open_registry, queries
 from gptctl.settings import TrainSettings
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--init-checkpoint", default=None)
     args = parser.parse_args(argv)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # die with torchrun, never train as an orphan
+    die_with_parent()
 
     stop = StopFlag()
     stop.install()
@@ -222,7 +221,7 @@ def _flops(settings: TrainSettings, device_name: str, dtype: torch.dtype, world_
         return fpt, None
     try:
         return fpt, peak_flops(key, str(dtype).removeprefix("torch.")) * world_size
-    except Exception:
+    except UserError:  # e.g. bf16 on a GPU the table says lacks it: no MFU rather than no training
         return fpt, None
 
 
