@@ -1,0 +1,38 @@
+"""Resolve what users type to name a checkpoint: a file path, RUN (its newest valid checkpoint) or RUN:STEP."""
+
+from pathlib import Path
+
+from gptctl.errors import UserError
+
+
+def resolve_checkpoint(ref: str, option: str) -> Path:
+    """The checkpoint file `ref` names; `option` is the option or argument name for error messages.
+
+    An existing file wins, so paths that contain a colon still work. Newest means newest that
+    exists with the registered size; the engine verifies the sha256 when it loads it.
+    """
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path.resolve()
+    from gptctl.paths import home_dir
+    from gptctl.registry import files, open_registry, queries
+
+    run_ref, _, step = ref.partition(":")
+    if not run_ref or (step and not step.isdigit()):
+        raise UserError(f"{option}: {ref!r} is neither a file nor RUN[:STEP]")
+    try:
+        db = open_registry(home_dir(), create=False)
+        run = queries.resolve_run(db, run_ref)
+    except UserError:
+        raise UserError(f"{option}: {ref!r} is neither an existing file nor a run in the registry "
+                        "(`gptctl runs list` shows the runs)") from None
+    files.reconcile(db, run)
+    if step:
+        row = queries.checkpoint_at(db, run["id"], int(step))
+        if row["state"] != "valid":
+            raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {row['state']}")
+        return Path(row["path"])
+    rows = queries.checkpoints_of(db, run["id"], states=["valid"])
+    if not rows:
+        raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
+    return Path(rows[-1]["path"])
