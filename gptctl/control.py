@@ -33,6 +33,22 @@ def check_data(settings: TrainSettings) -> None:
         find_shards(settings.data_root, split)
 
 
+def check_dataset(settings: TrainSettings) -> None:
+    path = settings.dataset_path
+    if path is not None and not path.is_file():
+        raise UserError(f"--dataset-path: {path} does not exist; give a JSONL file in Dolly's schema "
+                        "(instruction, context, response, category)")
+
+
+def prepare_dataset(settings: TrainSettings):
+    """A finetune's tokenized instruction set (None for pretraining, which reads shards in place)."""
+    if settings.kind != "finetune":
+        return None
+    from gptctl.data import dolly
+
+    return dolly.build(settings.dataset_path, settings.seq_len, settings.val_fraction, settings.seed)
+
+
 def check_world_size(settings: TrainSettings) -> None:
     """With --nproc-per-node gpu the process count is known only here, so is the batch check."""
     try:
@@ -48,7 +64,25 @@ def check_checkpoint_path(path: Path | None, resume: bool) -> None:
         raise UserError(f"--checkpoint-path: {path} does not exist")
 
 
-def create_run(settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None) -> tuple[dict, RunLock]:
+def parent_model(path: Path) -> dict[str, Any]:
+    """The model settings of the checkpoint a finetune starts from (loaded as plain data only)."""
+    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
+
+    try:
+        stored = load(path).get("settings")
+    except UnsafeCheckpoint as exc:
+        raise UserError(f"--pretrained-checkpoint: {exc}") from None
+    try:
+        parent = TrainSettings.model_validate(stored)
+    except ValidationError:
+        raise UserError(f"--pretrained-checkpoint: {path} has no gptctl model settings; is it a gptctl checkpoint?") from None
+    shape = parent.shape
+    return {"model": parent.model, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "block_size": shape.block_size}
+
+
+def create_run(settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
+               dataset=None) -> tuple[dict, RunLock]:
     """Everything has been validated before this: from here on the run exists on disk and in the registry."""
     home = home_dir()
     db = open_registry(home)
@@ -62,6 +96,10 @@ def create_run(settings: TrainSettings, command: list[str], save_config: bool, p
     (run_dir / "config.json").write_text(stored.model_dump_json(indent=2) + "\n")
     if save_config:
         (run_dir / "config.toml").write_text(to_toml(stored))
+    if dataset is not None:
+        from gptctl.data import dolly
+
+        dolly.save(dataset, run_dir)
     queries.insert_run(db, {
         "id": run_id, "name": name, "kind": settings.kind, "settings": stored.model_dump_json(),
         "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,

@@ -28,7 +28,10 @@ def resolve_checkpoint(ref: str, option: str) -> Path:
                         "(`gptctl runs list` shows the runs)") from None
     files.reconcile(db, run)
     if step:
-        row = queries.checkpoint_at(db, run["id"], int(step))
+        try:
+            row = queries.checkpoint_at(db, run["id"], int(step))
+        except UserError as exc:
+            raise UserError(f"{option}: {exc}") from None
         if row["state"] != "valid":
             raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {row['state']}")
         return Path(row["path"])

@@ -14,21 +14,32 @@ from gptctl.errors import UserError
 from gptctl.presets import PRESETS, ModelShape
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Settings that only one kind of run has as command-line options: a finetune takes its model
+# from the pretrained checkpoint, a pretrain reads token shards rather than an instruction set.
+PRETRAIN_ONLY = {"json_schema_extra": {"only": "pretrain"}}
+FINETUNE_ONLY = {"json_schema_extra": {"only": "finetune"}}
+NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
+
+# What `gptctl finetune` changes from the pretraining defaults (the old finetune_dolly script's).
+FINETUNE_DEFAULTS = {"max_lr": 3e-5, "max_steps": 1750, "warmup_steps": 100, "batch_size": 8, "eval_interval": 50,
+                     "total_batch_size": None}
 
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    kind: Literal["pretrain", "finetune"] = Field("pretrain", json_schema_extra={"cli": False})
+    kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
     # model
-    model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS))
-    n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.")
-    n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.")
-    n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.")
+    model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS), **PRETRAIN_ONLY)
+    n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.", **PRETRAIN_ONLY)
+    n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.", **PRETRAIN_ONLY)
+    n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.", **PRETRAIN_ONLY)
+    block_size: int | None = Field(None, gt=0, **NOT_AN_OPTION)  # the model's context when it exceeds seq_len (finetunes)
     seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).")
     # batch
     batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
-    total_batch_size: int = Field(524288, gt=0, description="Tokens per optimizer step, all processes together.")
+    total_batch_size: int | None = Field(
+        524288, gt=0, description="Tokens per optimizer step, all processes together.")
     grad_accumulation_steps: int | None = Field(
         None, gt=0, description="Micro-steps per optimizer step. (default: derived from the total batch)"
     )
@@ -48,7 +59,13 @@ class TrainSettings(BaseModel):
     compile: bool = Field(False, description="torch.compile the model.")
     seed: int = Field(1337, description="Random seed for initialisation.")
     # data
-    data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).")
+    data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
+    pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
+    dataset_path: Path | None = Field(
+        None, description="Instruction data: a JSONL file in Dolly's schema (instruction, context, response). "
+        "(default: databricks/databricks-dolly-15k from the Hugging Face hub)", **FINETUNE_ONLY)
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the instruction examples held out for val loss.",
+                                **FINETUNE_ONLY)
     num_workers: int = Field(1, ge=0, description="Background threads prefetching batches (0 = none).")
     # evaluation and checkpoints
     eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
@@ -106,6 +123,8 @@ class TrainSettings(BaseModel):
         shape = self.shape
         if shape.n_embd % shape.n_head:
             raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
+        if self.block_size is not None and self.seq_len > self.block_size:
+            raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
         if self.min_lr is not None and self.min_lr > self.max_lr:
             raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
         if self.warmup_steps >= self.max_steps:
@@ -123,7 +142,7 @@ class TrainSettings(BaseModel):
             n_layer=self.n_layer or preset.n_layer,
             n_head=self.n_head or preset.n_head,
             n_embd=self.n_embd or preset.n_embd,
-            block_size=self.seq_len,
+            block_size=self.block_size or self.seq_len,
         )
 
     @property
@@ -133,6 +152,8 @@ class TrainSettings(BaseModel):
     def resolved_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step for this world size; the total batch must split evenly."""
         per_micro_step = self.batch_size * self.seq_len * world_size
+        if self.total_batch_size is None:
+            return self.grad_accumulation_steps or 1
         if self.total_batch_size % per_micro_step:
             raise ValueError(
                 f"--total-batch-size ({self.total_batch_size}) must be divisible by "
@@ -148,13 +169,18 @@ class TrainSettings(BaseModel):
         return accum
 
 
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.batch_size * self.seq_len * world_size * self.resolved_accumulation(world_size)
+
+
 def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def build_settings(overrides: dict[str, Any], config_file: Path | None = None, **fixed: Any) -> TrainSettings:
-    """Merge config file values and command-line overrides into validated settings, or raise UserError."""
-    values: dict[str, Any] = {}
+def build_settings(overrides: dict[str, Any], config_file: Path | None = None, defaults: dict[str, Any] | None = None,
+                   **fixed: Any) -> TrainSettings:
+    """Merge `defaults` < config file < command-line overrides < `fixed` into validated settings, or raise UserError."""
+    values: dict[str, Any] = dict(defaults or {})
     if config_file is not None:
         values.update(read_config(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})

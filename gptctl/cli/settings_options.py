@@ -27,8 +27,8 @@ def _help(field) -> str:
     return text
 
 
-def with_settings_options(defaults: dict[str, Any] | None = None) -> Callable:
-    """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting.
+def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> Callable:
+    """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting of `kind`.
 
     Every generated option defaults to None, meaning "not given", so a --config file value
     is overridden only by what the user actually typed.
@@ -42,7 +42,7 @@ def with_settings_options(defaults: dict[str, Any] | None = None) -> Callable:
         annotations = {p.name: fn.__annotations__.get(p.name, p.annotation) for p in own}
         for name, field in TrainSettings.model_fields.items():
             extra = field.json_schema_extra or {}
-            if isinstance(extra, dict) and extra.get("cli") is False:
+            if isinstance(extra, dict) and (extra.get("cli") is False or extra.get("only", kind) != kind):
                 continue
             cli_type = _cli_type(field.annotation)
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}"] if cli_type is Optional[bool] else [option_name(name)]

@@ -1,4 +1,4 @@
-"""`gptctl pretrain` and `gptctl resume`."""
+"""`gptctl pretrain`, `gptctl finetune` and `gptctl resume`."""
 
 from pathlib import Path
 from typing import Any, Optional
@@ -9,9 +9,91 @@ from gptctl import control
 from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
-from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
-from gptctl.settings import build_settings
+from gptctl.registry import open_registry, queries
+from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings, build_settings
+
+CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
+SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
+AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the newest unfinished run with this --run-name, or start one.")
+RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path.")
+CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
+JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
+
+
+@app.command()
+@with_settings_options("pretrain")
+def pretrain(
+    values: dict[str, Any],
+    config: Optional[Path] = CONFIG,
+    save_config: bool = SAVE_CONFIG,
+    auto_resume: bool = AUTO_RESUME,
+    resume: bool = RESUME,
+    checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
+    as_json: bool = JSON,
+):
+    """Train GPT-2 from scratch on prepared token shards (torchrun workers; DDP with several processes)."""
+    settings = build_settings(values, config, kind="pretrain")
+    control.check_data(settings)
+    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, as_json)
+
+
+@app.command()
+@with_settings_options("finetune", defaults={**FINETUNE_DEFAULTS, "total_batch_size": "batch-size × seq-len × processes × grad-accumulation-steps",
+                                            "seq_len": "the pretrained model's"})
+def finetune(
+    values: dict[str, Any],
+    pretrained_checkpoint: str = typer.Option(
+        ..., "--pretrained-checkpoint", help="Checkpoint to start from: a file, RUN (its newest valid checkpoint) or RUN:STEP."),
+    config: Optional[Path] = CONFIG,
+    save_config: bool = SAVE_CONFIG,
+    auto_resume: bool = AUTO_RESUME,
+    resume: bool = RESUME,
+    checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
+    as_json: bool = JSON,
+):
+    """Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its schema).
+
+    The loss counts only response tokens; the model's shape comes from the checkpoint.
+    """
+    from gptctl.refs import resolve_checkpoint
+
+    parent = resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
+    model = control.parent_model(parent)
+    defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"]}
+    settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent), **model)
+    control.check_dataset(settings)
+    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, as_json)
+
+
+def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, auto_resume: bool, resume: bool,
+           checkpoint_path: Path | None, as_json: bool) -> None:
+    """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
+    control.check_checkpoint_path(checkpoint_path, resume)
+    control.check_world_size(settings)
+    if auto_resume and not resume:
+        db = open_registry(home_dir(), create=False)
+        previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
+        if previous is not None:
+            _resume(previous, control.resume_settings(previous, values.get("max_steps")), as_json)
+    prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
+    if prepared is not None:
+        typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
+                   + (f"; {prepared.skipped:,} skipped (empty, or the response does not fit --seq-len)" if prepared.skipped else ""),
+                   err=True)
+    init = str(checkpoint_path.resolve()) if resume else None
+    run, lock = control.create_run(settings, control.command_line(), save_config,
+                                   parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
+    typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
+    _finish(control.execute(run, lock, init_checkpoint=init), as_json)
+
+
+def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None:
+    lock = control.lock_existing(run)
+    db = open_registry(home_dir())
+    queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
+    typer.echo(f"resuming run {run['id']} ({run['name']}) from step {run['last_step'] or 0}", err=True)
+    _finish(control.execute(queries.get_run(db, run["id"]), lock), as_json)
 
 
 def _finish(outcome: control.Outcome, as_json: bool) -> None:
@@ -26,51 +108,15 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
     raise typer.Exit(outcome.exit_code)
 
 
-@app.command()
-@with_settings_options()
-def pretrain(
-    values: dict[str, Any],
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of settings; command-line options override it."),
-    save_config: bool = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory."),
-    auto_resume: bool = typer.Option(False, "--auto-resume", help="Continue the newest unfinished run with this --run-name, or start one."),
-    resume: bool = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path."),
-    checkpoint_path: Optional[Path] = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
-):
-    """Train GPT-2 from scratch on prepared token shards (torchrun workers; DDP with several processes)."""
-    settings = build_settings(values, config, kind="pretrain")
-    control.check_checkpoint_path(checkpoint_path, resume)
-    control.check_data(settings)
-    control.check_world_size(settings)
-    if auto_resume and not resume:
-        db = open_registry(home_dir(), create=False)
-        previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
-        if previous is not None:
-            settings = control.resume_settings(previous, values.get("max_steps"))
-            _resume(previous, settings, as_json)
-    run, lock = control.create_run(settings, control.command_line(), save_config)
-    typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
-    _finish(control.execute(run, lock, init_checkpoint=str(checkpoint_path) if resume else None), as_json)
-
-
-def _resume(run: dict[str, Any], settings, as_json: bool) -> None:
-    lock = control.lock_existing(run)
-    db = open_registry(home_dir())
-    queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
-    typer.echo(f"resuming run {run['id']} ({run['name']}) from step {run['last_step'] or 0}", err=True)
-    _finish(control.execute(queries.get_run(db, run["id"]), lock), as_json)
-
-
 @app.command("resume")
 def resume_cmd(
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Raise the run's step budget."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
+    as_json: bool = JSON,
 ):
     """Continue a run from its newest valid checkpoint with its stored settings."""
     db = open_registry(home_dir(), create=False)
     run = queries.resolve_run(db, run_ref)
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    settings = control.resume_settings(run, max_steps)
-    _resume(run, settings, as_json)
+    _resume(run, control.resume_settings(run, max_steps), as_json)

@@ -63,6 +63,10 @@ class BatchLoader:
             data = data.pin_memory()
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+    def scale(self, step: int, micro_step: int) -> float:
+        """Weight of a micro-batch's mean loss in the step's loss: every micro-batch has B×T targets."""
+        return 1.0 / self.accumulation
+
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (step, micro_step)
         future = self.pending.pop(key, None)

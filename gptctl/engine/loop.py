@@ -80,7 +80,7 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
             with sync:
                 with autocast:
                     _, loss = model(x, y)
-                loss = loss / cfg.accumulation
+                loss = loss * train_loader.scale(step, micro)  # 1/accumulation unless batches differ in targets
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -114,16 +114,19 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
 
 @torch.no_grad()
 def evaluate(model, val_loader, eval_steps: int, autocast, dist_: Dist) -> float:
+    """Mean loss over every target token of `eval_steps` micro-batches on every rank."""
     model.eval()
-    total = torch.zeros((), device=dist_.device, dtype=torch.float32)
+    totals = torch.zeros(2, device=dist_.device, dtype=torch.float32)  # sum of token losses, target tokens
     for k in range(eval_steps):
         x, y = val_loader.batch(1, k)
         with autocast:
             _, loss = model(x, y)
-        total += loss.float()
+        targets = (y != -100).sum()
+        totals += torch.stack([loss.float() * targets, targets.float()])
     model.train()
-    all_reduce_sum(total)
-    return total.item() / (eval_steps * dist_.world_size)
+    all_reduce_sum(totals)
+    loss_sum, count = totals.tolist()
+    return loss_sum / count
 
 
 def _mean(values: list[float]) -> float | None:

@@ -20,7 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import broadcast_object, resolve_dtype, setup, teardown
+from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
+from gptctl.engine.sft import InstructionBatchLoader
 from gptctl.engine.loop import LoopConfig, StopFlag, train
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import make_optimizer
@@ -89,6 +91,19 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) ->
     return broadcast_object(path)
 
 
+def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
+    """Train and val batches: token shards for pretraining, masked instruction examples for finetuning."""
+    common = (settings.batch_size, settings.seq_len)
+    if settings.kind == "finetune":
+        data = dolly.load(run_dir)
+        return (InstructionBatchLoader(data.train, *common, accumulation, d.rank, d.world_size, d.device, settings.seed),
+                InstructionBatchLoader(data.val, *common, settings.eval_steps, d.rank, d.world_size, d.device,
+                                       settings.seed, shuffle=False))
+    return (BatchLoader(TokenStream(settings.data_root, "train"), *common, accumulation, d.rank, d.world_size, d.device,
+                        settings.num_workers),
+            BatchLoader(TokenStream(settings.data_root, "val"), *common, settings.eval_steps, d.rank, d.world_size, d.device))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", type=Path, required=True)
@@ -132,6 +147,9 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
 
     start_step, history = 0, []
     start_path = choose_start(db, run["id"], init_checkpoint, d.is_main)
+    if start_path is None and settings.pretrained_checkpoint:
+        # A finetune's first start: the parent's weights, but a fresh optimizer, schedule and step count.
+        raw_model.load_state_dict(ckpt.load(Path(settings.pretrained_checkpoint))["model"])
     if start_path:
         state = ckpt.load(Path(start_path))
         raw_model.load_state_dict(state["model"])
@@ -148,11 +166,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     if d.world_size > 1:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
-    prefetch = settings.num_workers
-    train_loader = BatchLoader(TokenStream(settings.data_root, "train"), settings.batch_size, settings.seq_len,
-                               accumulation, d.rank, d.world_size, d.device, prefetch)
-    val_loader = BatchLoader(TokenStream(settings.data_root, "val"), settings.batch_size, settings.seq_len,
-                             settings.eval_steps, d.rank, d.world_size, d.device)
+    train_loader, val_loader = make_loaders(settings, run_dir, accumulation, d)
 
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else d.device.type
     flops_per_token, peak = _flops(settings, device_name, dtype, d.world_size)
@@ -189,7 +203,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
         return state
 
     cfg = LoopConfig(
-        max_steps=settings.max_steps, accumulation=accumulation, tokens_per_step=settings.total_batch_size,
+        max_steps=settings.max_steps, accumulation=accumulation, tokens_per_step=settings.tokens_per_step(d.world_size),
         max_lr=settings.max_lr, min_lr=settings.final_lr, warmup_steps=settings.warmup_steps,
         decay_lr=settings.decay_lr, grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
         eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
