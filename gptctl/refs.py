@@ -1,5 +1,6 @@
 """Resolve what users type to name a checkpoint: a file path, RUN (its newest valid checkpoint) or RUN:STEP."""
 
+import sys
 from pathlib import Path
 
 from gptctl.errors import UserError
@@ -8,8 +9,8 @@ from gptctl.errors import UserError
 def resolve_checkpoint(ref: str, option: str) -> Path:
     """The checkpoint file `ref` names; `option` is the option or argument name for error messages.
 
-    An existing file wins, so paths that contain a colon still work. Newest means newest that
-    exists with the registered size; the engine verifies the sha256 when it loads it.
+    An existing file wins, so paths that contain a colon still work. A registered checkpoint must
+    match its size and sha256; RUN alone skips (and marks) bad ones for the newest good one.
     """
     path = Path(ref).expanduser()
     if path.is_file():
@@ -32,10 +33,12 @@ def resolve_checkpoint(ref: str, option: str) -> Path:
             row = queries.checkpoint_at(db, run["id"], int(step))
         except UserError as exc:
             raise UserError(f"{option}: {exc}") from None
-        if row["state"] != "valid":
-            raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {row['state']}")
+        state = files.check_file(row, full=True) if row["state"] == "valid" else row["state"]
+        if state != "valid":
+            queries.mark_checkpoint(db, row["id"], state)
+            raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {state}")
         return Path(row["path"])
-    rows = queries.checkpoints_of(db, run["id"], states=["valid"])
-    if not rows:
+    row = files.newest_verified_checkpoint(db, run["id"], warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if row is None:
         raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
-    return Path(rows[-1]["path"])
+    return Path(row["path"])
