@@ -115,13 +115,31 @@ def lock_existing(run: dict[str, Any]) -> RunLock:
     return lock
 
 
+def _command(run: dict[str, Any], init_checkpoint: str | None) -> list[str]:
+    settings = TrainSettings.model_validate_json(run["settings"])
+    cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"])
+    if init_checkpoint:
+        cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
+    return cmd
+
+
+def queue(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> str:
+    """Leave the run for a job script to train: its status says so, and its workers take the lock."""
+    queries.update_run(open_registry(home_dir()), run["id"], status="queued")
+    lock.release()
+    return shlex.join(_command(run, init_checkpoint))
+
+
+def follow(settings: TrainSettings) -> int:
+    """A node other than node 0: start its workers, which get the run from global rank 0; write nothing."""
+    code, forwarded = launch.run_workers(launch.torchrun_command(settings, home_dir().resolve(), None))
+    return 128 + forwarded if forwarded else code
+
+
 def execute(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
     home = home_dir().resolve()
-    settings = TrainSettings.model_validate_json(run["settings"])
-    cmd = launch.torchrun_command(settings, home, run["id"])
-    if init_checkpoint:
-        cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
+    cmd = _command(run, init_checkpoint)
     try:
         code, forwarded = launch.run_workers(cmd)
     finally:

@@ -24,7 +24,14 @@ def processes_per_node(settings: TrainSettings) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def torchrun_command(settings: TrainSettings, home: Path, run_id: str) -> list[str]:
+# Set by gptctl's launcher, which holds the run lock itself; workers started by a bare torchrun
+# (e.g. from `--print-command` in a job script) take the lock on global rank 0 instead.
+LAUNCHED_ENV = "GPTCTL_LAUNCHED"
+
+
+def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None) -> list[str]:
+    """The torchrun command line; `run_id` is None on nodes other than node 0, whose workers learn
+    the run from global rank 0 once the process group is up."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_node(settings)}"]
     if settings.nnodes == 1:
         cmd.append("--standalone")
@@ -35,7 +42,10 @@ def torchrun_command(settings: TrainSettings, home: Path, run_id: str) -> list[s
             f"--master-addr={settings.master_addr}",
             f"--master-port={settings.master_port}",
         ]
-    return cmd + ["-m", ENGINE_MODULE, "--home", str(home), "--run-id", run_id]
+    if settings.max_restarts:
+        cmd.append(f"--max-restarts={settings.max_restarts}")
+    cmd += ["-m", ENGINE_MODULE, "--home", str(home)]
+    return cmd + (["--run-id", run_id] if run_id else ["--settings", settings.model_dump_json()])
 
 
 def die_with_parent() -> None:
@@ -57,7 +67,7 @@ def run_workers(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int,
     """
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, LAUNCHED_ENV: "1", **(env or {})},
         stdout=2,  # worker logs and progress go to stderr: stdout is kept for results (--json)
         start_new_session=True,
         preexec_fn=die_with_parent,

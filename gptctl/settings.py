@@ -85,6 +85,8 @@ class TrainSettings(BaseModel):
     node_rank: int = Field(0, ge=0, description="This node's rank.")
     master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node).")
     master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node).")
+    max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
+                              "newest valid checkpoint.")
 
     @field_validator("permanent_checkpoints", mode="before")
     @classmethod

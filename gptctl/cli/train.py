@@ -1,11 +1,12 @@
 """`gptctl pretrain`, `gptctl finetune` and `gptctl resume`."""
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from gptctl import control
+from gptctl import control, slurm
 from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
@@ -19,6 +20,8 @@ AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the newest unf
 RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path.")
 CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
 JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
+PRINT_COMMAND = typer.Option(False, "--print-command", help="Create the run (status queued) and print the torchrun "
+                             "command that trains it, for a job script; train nothing now.")
 
 
 @app.command()
@@ -30,12 +33,13 @@ def pretrain(
     auto_resume: bool = AUTO_RESUME,
     resume: bool = RESUME,
     checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
+    print_command: bool = PRINT_COMMAND,
     as_json: bool = JSON,
 ):
     """Train GPT-2 from scratch on prepared token shards (torchrun workers; DDP with several processes)."""
-    settings = build_settings(values, config, kind="pretrain")
+    settings = build_settings(values, config, defaults=slurm.launch_defaults(dict(os.environ)), kind="pretrain")
     control.check_data(settings)
-    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, as_json)
+    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
 @app.command()
@@ -50,6 +54,7 @@ def finetune(
     auto_resume: bool = AUTO_RESUME,
     resume: bool = RESUME,
     checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
+    print_command: bool = PRINT_COMMAND,
     as_json: bool = JSON,
 ):
     """Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its schema).
@@ -60,17 +65,23 @@ def finetune(
 
     parent = resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
     model = control.parent_model(parent)
-    defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"]}
+    defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
     settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent), **model)
     control.check_dataset(settings)
-    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, as_json)
+    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
 def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, auto_resume: bool, resume: bool,
-           checkpoint_path: Path | None, as_json: bool) -> None:
+           checkpoint_path: Path | None, print_command: bool, as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
     control.check_checkpoint_path(checkpoint_path, resume)
     control.check_world_size(settings)
+    if settings.node_rank > 0:
+        if print_command:
+            raise UserError("--print-command: run it on node 0 (--node-rank 0); every node runs the command it prints")
+        typer.echo(f"node {settings.node_rank} of {settings.nnodes}: joining the run node 0 trains "
+                   f"(rendezvous at {settings.master_addr}:{settings.master_port})", err=True)
+        raise typer.Exit(control.follow(settings))
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
@@ -85,6 +96,9 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
     run, lock = control.create_run(settings, control.command_line(), save_config,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
+    if print_command:
+        typer.echo(control.queue(run, lock, init_checkpoint=init))
+        return
     _finish(control.execute(run, lock, init_checkpoint=init), as_json)
 
 

@@ -28,8 +28,9 @@ from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import make_optimizer
 from gptctl.engine.progress import TrainingProgress
 from gptctl.errors import UserError
-from gptctl.launch import die_with_parent
+from gptctl.launch import LAUNCHED_ENV, die_with_parent
 from gptctl.registry import files, open_registry, queries
+from gptctl.registry.locks import RunLock
 from gptctl.settings import TrainSettings
 
 METRICS_FLUSH_SECONDS = 5.0
@@ -107,19 +108,33 @@ def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--run-id", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-id", help="The run to train (node 0).")
+    target.add_argument("--settings", help="Settings JSON, on nodes other than node 0: the run comes from rank 0.")
     parser.add_argument("--init-checkpoint", default=None)
     args = parser.parse_args(argv)
     die_with_parent()
 
     stop = StopFlag()
     stop.install()
-    db = open_registry(args.home)
-    run = queries.get_run(db, args.run_id)
-    settings = TrainSettings.model_validate_json(run["settings"])
+    db = run = None
+    if args.run_id:
+        db = open_registry(args.home)
+        run = queries.get_run(db, args.run_id)
+    settings = TrainSettings.model_validate_json(run["settings"] if run else args.settings)
     d = setup(settings.device)
+    run = broadcast_object(run if d.is_main else None)  # every node trains the run node 0 created
+    if run is None:
+        print("error: global rank 0 has no run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
+        return 2
+    settings = TrainSettings.model_validate_json(run["settings"])  # node 0's settings win over a follower's own
     write = d.is_main
+    lock = None
     try:
+        if write and not os.environ.get(LAUNCHED_ENV):  # a bare torchrun: nobody holds the run for us
+            lock = RunLock(Path(run["run_dir"]))
+            if not lock.acquire():
+                raise RuntimeError(f"run {run['id']} is being trained by another process")
         return _train(db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
         if write:
@@ -127,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         teardown()
 
 

@@ -1,0 +1,129 @@
+"""Beyond one process: SLURM defaults, --print-command for job scripts, elastic restarts, two nodes."""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_RUN, gptctl, losses, only_run_id
+from gptctl.cli import app
+from gptctl.slurm import expand_nodelist, launch_defaults
+
+runner = CliRunner()
+
+
+def test_expand_slurm_nodelist():
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_nodelist("node7") == ["node7"]
+    assert expand_nodelist("a[9-11]") == ["a9", "a10", "a11"]
+
+
+def test_slurm_allocation_sets_launch_defaults(shakespeare, monkeypatch):
+    env = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[11-12]"}
+    assert launch_defaults(env) == {"nnodes": 2, "node_rank": 0, "master_addr": "gpu11"}
+    assert launch_defaults({"SLURM_JOB_ID": "42", "SLURM_NNODES": "1"}) == {}  # one node: nothing to derive
+    monkeypatch.setattr(os, "environ", {**os.environ, **env})
+    result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
+                                 "--print-command"])
+    assert result.exit_code == 0, result.output
+    command = result.stdout.strip().splitlines()[-1]
+    assert "--nnodes=2 --node-rank=0 --master-addr=gpu11" in command
+    result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
+                                 "--print-command", "--nnodes", "1"])  # the command line still wins
+    assert "--standalone" in result.stdout
+
+
+@pytest.mark.slow
+def test_print_command_queues_a_run_that_the_bare_command_trains(shakespeare, gptctl_home):
+    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--run-name", "job",
+                  "--print-command", home=gptctl_home)
+    run_id = only_run_id(gptctl_home, "job")
+    listed = json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)
+    assert listed[0]["status"] == "queued"
+    command = shlex.split(proc.stdout.strip())
+    assert command[-2:] == ["--run-id", run_id]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "GPTCTL_HOME": str(gptctl_home)})
+    assert json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["status"] == "completed"
+    assert sorted(losses(gptctl_home, run_id)) == [1, 2, 3, 4]
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _running_worker_pid(home, run_id, min_step):
+    try:
+        with sqlite3.connect(f"file:{home / 'gptctl.db'}?mode=ro", uri=True) as conn:
+            row = conn.execute("select status, pid, last_step from runs where id = ?", [run_id]).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return row[1] if row and row[0] == "running" and (row[2] or 0) >= min_step else None
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_untouched(shakespeare, gptctl_home):
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "16", "--checkpoint-interval", "4"]
+    gptctl("pretrain", *args, "--run-name", "reference", home=gptctl_home)
+    reference = losses(gptctl_home, only_run_id(gptctl_home, "reference"))
+
+    launcher = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *args, "--run-name", "elastic",
+                                 "--max-restarts", "2"], env={**os.environ, "GPTCTL_HOME": str(gptctl_home)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = _wait_for(lambda: _only_id(gptctl_home, "elastic"))
+    pid = _wait_for(lambda: _running_worker_pid(gptctl_home, run_id, min_step=6))
+    os.kill(pid, signal.SIGKILL)  # one worker dies; torchrun starts a new one from the newest checkpoint
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    assert "resuming from step" in err
+    assert losses(gptctl_home, run_id) == reference
+
+
+def _only_id(home, name):
+    try:
+        return only_run_id(home, name)
+    except (sqlite3.OperationalError, IndexError):
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_like_one_node(shakespeare, gptctl_home):
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "6", "--checkpoint-interval", "6"]
+    gptctl("pretrain", *args, "--nproc-per-node", "2", "--run-name", "one-node", home=gptctl_home)
+    one_node = losses(gptctl_home, only_run_id(gptctl_home, "one-node"))
+
+    port = str(_free_port())
+    multi = ["pretrain", *args, "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port,
+             "--run-name", "two-nodes"]
+    env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "gptctl", *multi, "--node-rank", str(rank)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
+        names = sorted(r[0] for r in conn.execute("select name from runs"))
+    assert names == ["one-node", "two-nodes"]  # node 1's launcher wrote nothing
+    two_nodes = losses(gptctl_home, only_run_id(gptctl_home, "two-nodes"))
+    assert sorted(two_nodes) == sorted(one_node)
+    for step, (loss, val) in one_node.items():
+        assert two_nodes[step][0] == pytest.approx(loss, abs=1e-5)
+        assert (val is None) == (two_nodes[step][1] is None)
