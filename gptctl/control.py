@@ -52,7 +52,7 @@ def prepare_dataset(settings: TrainSettings):
 def check_world_size(settings: TrainSettings) -> None:
     """With --nproc-per-node gpu the process count is known only here, so is the batch check."""
     try:
-        settings.resolved_accumulation(launch.world_size(settings))
+        settings.check_world(launch.world_size(settings))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

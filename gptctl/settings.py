@@ -57,6 +57,10 @@ class TrainSettings(BaseModel):
     )
     device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="Device: auto, cuda, cpu or mps.")
     compile: bool = Field(False, description="torch.compile the model.")
+    model_parallel: bool = Field(False, description="Shard parameters, gradients and optimizer state with FSDP2 "
+                                 "instead of replicating the model (DDP).")
+    model_parallel_size: int | None = Field(None, gt=0, description="Processes that share one copy of the model; "
+                                            "groups replicate each other (HSDP). (default: all processes)")
     seed: int = Field(1337, description="Random seed for initialisation.")
     # data
     data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
@@ -127,12 +131,14 @@ class TrainSettings(BaseModel):
             raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
         if self.block_size is not None and self.seq_len > self.block_size:
             raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
+        if self.model_parallel_size is not None and not self.model_parallel:
+            raise ValueError("--model-parallel-size needs --model-parallel")
         if self.min_lr is not None and self.min_lr > self.max_lr:
             raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
         if self.nproc_per_node != "gpu":
-            self.resolved_accumulation(int(self.nproc_per_node) * self.nnodes)
+            self.check_world(int(self.nproc_per_node) * self.nnodes)
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank ({self.node_rank}) must be smaller than --nnodes ({self.nnodes})")
         return self
@@ -150,6 +156,12 @@ class TrainSettings(BaseModel):
     @property
     def final_lr(self) -> float:
         return self.max_lr / 10 if self.min_lr is None else self.min_lr
+
+    def check_world(self, world_size: int) -> None:
+        """Raise ValueError when the batch or the sharding does not split over `world_size` processes."""
+        self.resolved_accumulation(world_size)
+        if self.model_parallel:
+            self.mesh_shape(world_size)
 
     def resolved_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step for this world size; the total batch must split evenly."""
@@ -170,6 +182,13 @@ class TrainSettings(BaseModel):
             )
         return accum
 
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicas, processes sharing one model copy) for --model-parallel."""
+        shards = self.model_parallel_size or world_size
+        if world_size % shards:
+            raise ValueError(f"--model-parallel-size ({shards}) must divide the number of processes ({world_size})")
+        return world_size // shards, shards
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.batch_size * self.seq_len * world_size * self.resolved_accumulation(world_size)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from gptctl.engine.distributed import Dist, all_reduce_sum
+from gptctl.engine.parallel import gradient_sync, scalar
 from gptctl.engine.optim import learning_rate
 
 
@@ -75,16 +74,14 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
         for micro in range(cfg.accumulation):
             x, y = train_loader.batch(step, micro)
             last = micro == cfg.accumulation - 1
-            # DDP all-reduces gradients only on the last micro-step.
-            sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
-            with sync:
+            with gradient_sync(model, raw_model, last):
                 with autocast:
                     _, loss = model(x, y)
                 loss = loss * train_loader.scale(step, micro)  # 1/accumulation unless batches differ in targets
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         scaler.step(optimizer)
         scaler.update()
         # One all-reduce carries the loss and whether any rank was asked to stop.

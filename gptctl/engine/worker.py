@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptctl.engine import checkpoint as ckpt
+from gptctl.engine import parallel
 from gptctl.engine.distributed import broadcast_object, resolve_dtype, setup, teardown
 from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
@@ -159,6 +159,8 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     raw_model = GPT(GPTConfig.from_shape(settings.shape)).to(d.device)
+    if settings.model_parallel:
+        parallel.shard(raw_model, d, settings.mesh_shape(d.world_size))
     optimizer = make_optimizer(raw_model, settings.weight_decay, settings.max_lr, d.device.type)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
 
@@ -166,11 +168,10 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     start_path = choose_start(db, run["id"], init_checkpoint, d.is_main)
     if start_path is None and settings.pretrained_checkpoint:
         # A finetune's first start: the parent's weights, but a fresh optimizer, schedule and step count.
-        raw_model.load_state_dict(ckpt.load(Path(settings.pretrained_checkpoint))["model"])
+        parallel.load_full_state(raw_model, None, ckpt.load(Path(settings.pretrained_checkpoint))["model"])
     if start_path:
         state = ckpt.load(Path(start_path))
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -179,9 +180,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     if start_step >= settings.max_steps:
         raise ValueError(f"the run is already at step {start_step}; raise --max-steps above it to continue")
 
-    model = torch.compile(raw_model) if settings.compile else raw_model
-    if d.world_size > 1:
-        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    model = parallel.wrap(raw_model, d, settings.model_parallel, settings.compile)
 
     train_loader, val_loader = make_loaders(settings, run_dir, accumulation, d)
 
@@ -213,7 +212,8 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
 
     def state_fn(step: int) -> dict:
         sink.flush()  # metrics reach the registry before the checkpoint that contains them
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        model_state, optimizer_state = parallel.full_state(raw_model, optimizer)  # collective with sharding
+        state = {"model": model_state, "optimizer": optimizer_state, "step": step,
                  "settings": settings.model_dump(mode="json"), "rng": rng_state(), "metrics": list(history)}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()

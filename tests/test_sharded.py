@@ -1,0 +1,65 @@
+"""--model-parallel: FSDP2 sharding on CPU (gloo), and checkpoints that move between layouts."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_RUN, gptctl, losses
+from gptctl.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model-parallel-size", "2"], "--model-parallel-size needs --model-parallel"),
+        (["--model-parallel", "--model-parallel-size", "3", "--nproc-per-node", "2", "--total-batch-size", "256",
+          "--batch-size", "2"], "must divide the number of processes"),
+    ],
+)
+def test_bad_sharding_is_refused(shakespeare, gptctl_home, extra, message):
+    result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not gptctl_home.exists()
+
+
+def run(home, data, name, *extra):
+    summary = json.loads(gptctl("pretrain", *TINY_RUN, "--data-root", str(data), "--max-steps", "8",
+                                "--checkpoint-interval", "4", "--keep-last-n-checkpoints", "5", "--run-name", name,
+                                "--json", *extra, home=home).stdout)
+    return summary, losses(home, summary["run_id"])
+
+
+def close(a, b, tol=1e-4):
+    return sorted(a) == sorted(b) and all(abs(a[s][0] - b[s][0]) < tol for s in a)
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layouts(shakespeare, gptctl_home):
+    _, single = run(gptctl_home, shakespeare, "single")
+    sharded_run, sharded = run(gptctl_home, shakespeare, "sharded", "--nproc-per-node", "2", "--model-parallel")
+    assert close(sharded, single), (sharded, single)
+
+    step4 = next(p for p in sharded_run["checkpoints"] if p.endswith("model_00004.pt"))
+    # Same layout: bit for bit.
+    _, same = run(gptctl_home, shakespeare, "same", "--nproc-per-node", "2", "--model-parallel",
+                  "--resume", "--checkpoint-path", step4)
+    assert same == {s: sharded[s] for s in range(5, 9)}
+    # A sharded checkpoint into one unsharded process, and back.
+    _, unsharded = run(gptctl_home, shakespeare, "unsharded", "--resume", "--checkpoint-path", step4)
+    assert close(unsharded, {s: sharded[s] for s in range(5, 9)})
+    single_dir = json.loads(gptctl("runs", "show", "single", "--json", home=gptctl_home).stdout)["run_dir"]
+    single_step4 = f"{single_dir}/checkpoints/model_00004.pt"
+    _, resharded = run(gptctl_home, shakespeare, "resharded", "--nproc-per-node", "2", "--model-parallel",
+                       "--resume", "--checkpoint-path", single_step4)
+    assert close(resharded, {s: single[s] for s in range(5, 9)})
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_two_groups_of_two(shakespeare, gptctl_home):
+    _, single = run(gptctl_home, shakespeare, "single", "--max-steps", "4")
+    _, hybrid = run(gptctl_home, shakespeare, "hybrid", "--max-steps", "4", "--nproc-per-node", "4",
+                    "--model-parallel", "--model-parallel-size", "2", "--batch-size", "2")
+    assert close(hybrid, single), (hybrid, single)
