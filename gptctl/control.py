@@ -64,18 +64,18 @@ def check_checkpoint_path(path: Path | None, resume: bool) -> None:
         raise UserError(f"--checkpoint-path: {path} does not exist")
 
 
-def parent_model(path: Path) -> dict[str, Any]:
-    """The model settings of the checkpoint a finetune starts from (loaded as plain data only)."""
+def parent_model(path: Path, option: str) -> dict[str, Any]:
+    """The model settings of the checkpoint a run starts from (loaded as plain data only)."""
     from gptctl.engine.checkpoint import UnsafeCheckpoint, load
 
     try:
         stored = load(path).get("settings")
     except UnsafeCheckpoint as exc:
-        raise UserError(f"--pretrained-checkpoint: {exc}") from None
+        raise UserError(f"{option}: {exc}") from None
     try:
         parent = TrainSettings.model_validate(stored)
     except ValidationError:
-        raise UserError(f"--pretrained-checkpoint: {path} has no gptctl model settings; is it a gptctl checkpoint?") from None
+        raise UserError(f"{option}: {path} has no gptctl model settings; is it a gptctl checkpoint?") from None
     shape = parent.shape
     return {"model": parent.model, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
             "block_size": shape.block_size}

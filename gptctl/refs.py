@@ -1,5 +1,7 @@
-"""Resolve what users type to name a checkpoint: a file path, RUN (its newest valid checkpoint) or RUN:STEP."""
+"""Resolve what users type to name a checkpoint: a file path, RUN (its newest valid checkpoint), RUN:STEP,
+or hf:DIR_OR_NAME (a Hugging Face GPT-2, converted once into a gptctl checkpoint under the home)."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ def resolve_checkpoint(ref: str, option: str) -> Path:
     An existing file wins, so paths that contain a colon still work. A registered checkpoint must
     match its size and sha256; RUN alone skips (and marks) bad ones for the newest good one.
     """
+    if ref.startswith("hf:"):
+        return _import_hf(ref.removeprefix("hf:"), option)
     path = Path(ref).expanduser()
     if path.is_file():
         return path.resolve()
@@ -42,3 +46,14 @@ def resolve_checkpoint(ref: str, option: str) -> Path:
     if row is None:
         raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
     return Path(row["path"])
+
+
+def _import_hf(dir_or_name: str, option: str) -> Path:
+    """The converted file stays at a stable path: runs record it as their parent, and retention protects it."""
+    from gptctl.engine.hf import write_checkpoint
+    from gptctl.paths import home_dir
+
+    path = (home_dir() / "imports" / (re.sub(r"[^A-Za-z0-9._-]", "_", dir_or_name.strip("/")) + ".pt")).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(dir_or_name, path, option)
+    return path

@@ -63,7 +63,7 @@ def root(
 
 def _register_commands() -> None:
     # Each module adds its commands to `app`; imported here so `gptctl --help` lists them all.
-    from gptctl.cli import ckpt, data, estimate, runs, sample, train  # noqa: F401
+    from gptctl.cli import ckpt, data, estimate, eval, export, runs, sample, train  # noqa: F401
 
 
 def main() -> None:

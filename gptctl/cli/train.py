@@ -33,11 +33,24 @@ def pretrain(
     auto_resume: bool = AUTO_RESUME,
     resume: bool = RESUME,
     checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", help="Start from these weights (a file, RUN, RUN:STEP or hf:DIR_OR_NAME) with a fresh "
+        "optimizer at step 0; the model shape comes from them."),
     print_command: bool = PRINT_COMMAND,
     as_json: bool = JSON,
 ):
-    """Train GPT-2 from scratch on prepared token shards (torchrun workers; DDP with several processes)."""
-    settings = build_settings(values, config, defaults=slurm.launch_defaults(dict(os.environ)), kind="pretrain")
+    """Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun workers; DDP or FSDP)."""
+    defaults, fixed = slurm.launch_defaults(dict(os.environ)), {}
+    if init_from is not None:
+        from gptctl.refs import resolve_checkpoint
+
+        shape_options = [o for o in ("model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
+        if shape_options:
+            raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
+        parent = resolve_checkpoint(init_from, "--init-from")
+        fixed = {"pretrained_checkpoint": str(parent), **control.parent_model(parent, "--init-from")}
+        defaults["seq_len"] = fixed["block_size"]
+    settings = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
     control.check_data(settings)
     _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
@@ -48,7 +61,8 @@ def pretrain(
 def finetune(
     values: dict[str, Any],
     pretrained_checkpoint: str = typer.Option(
-        ..., "--pretrained-checkpoint", help="Checkpoint to start from: a file, RUN (its newest valid checkpoint) or RUN:STEP."),
+        ..., "--pretrained-checkpoint", help="Checkpoint to start from: a file, RUN (its newest valid checkpoint), "
+        "RUN:STEP, or hf:DIR_OR_NAME for Hugging Face GPT-2 weights (a local directory or the local HF cache)."),
     config: Optional[Path] = CONFIG,
     save_config: bool = SAVE_CONFIG,
     auto_resume: bool = AUTO_RESUME,
@@ -64,7 +78,7 @@ def finetune(
     from gptctl.refs import resolve_checkpoint
 
     parent = resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
-    model = control.parent_model(parent)
+    model = control.parent_model(parent, "--pretrained-checkpoint")
     defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
     settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent), **model)
     control.check_dataset(settings)

@@ -1,0 +1,324 @@
+"""Hugging Face GPT-2 interop: export gptctl models as transformers directories, import HF GPT-2 weights.
+
+gptctl's parameter names are HF's, with two differences: HF's Conv1D stores c_attn, c_proj and c_fc
+weights transposed relative to nn.Linear, and gptctl pads the vocabulary from 50257 to 50304 rows.
+transformers itself is never imported: the files are plain JSON and safetensors.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptctl.data.tokenizer import EOT_TOKEN
+from gptctl.engine import checkpoint as ckpt
+from gptctl.engine.model import GPT, GPTConfig
+from gptctl.errors import UserError
+from gptctl.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, ModelShape
+from gptctl.settings import TrainSettings
+
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved; not weights
+SETTINGS_FILE = "gptctl.json"
+TIED = "lm_head.weight"  # gptctl and HF both tie it to transformer.wte.weight
+EOT_TEXT = "<|endoftext|>"
+
+
+def require_safetensors(option: str):
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError(f"{option}: needs the safetensors package; pip install 'gptctl[hf]'") from None
+    return safetensors.torch
+
+
+# --- gptctl -> Hugging Face
+
+
+def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gptctl's state dict under HF GPT2LMHeadModel's names and layouts, on the real 50257-token vocabulary."""
+    out = {}
+    for name, tensor in state.items():
+        if name == TIED:
+            continue  # HF re-ties lm_head to wte from tie_word_embeddings; safetensors refuses shared tensors
+        if name == "transformer.wte.weight":
+            tensor = tensor[:GPT2_VOCAB_SIZE]  # the padded rows are no tokens
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def hf_config(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for transformers' GPT2LMHeadModel with exactly gptctl's architecture."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": GPT2_VOCAB_SIZE,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd, as gptctl's MLP
+        "activation_function": "gelu_new",  # GELU with the tanh approximation, as gptctl's MLP
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which gptctl uses
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        # gptctl trains without dropout; HF applies these only in train mode
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (encoder.py): how vocab.json and merges.txt spell bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _split_at_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    """Byte-pair merge `token` using only merges ranked below its own: what is left is the pair that made it."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_files(enc, block_size: int) -> dict[str, str]:
+    """GPT-2's vocab.json and merges.txt, recovered exactly from tiktoken's r50k_base (same BPE, same ids).
+
+    Token ids are merge ranks: ids 0-255 are single bytes and id 256 + i is made by merge i, so each
+    merge is found by merging the token's bytes with the lower-ranked merges until two parts remain.
+    """
+    char = _bytes_to_unicode()
+    spell = lambda token: "".join(char[b] for b in token)  # noqa: E731
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_TOKEN)}
+    merges = ["#version: 0.2"]
+    for token, rank in ranks.items():
+        if rank < 256:
+            continue
+        pair = _split_at_merge(token, rank, ranks)
+        if len(pair) != 2:
+            raise RuntimeError(f"token {rank} of {enc.name} is not one merge of two lower-ranked tokens")
+        merges.append(" ".join(spell(part) for part in pair))
+    vocab = {spell(token): rank for token, rank in ranks.items()} | {EOT_TEXT: EOT_TOKEN}
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
+                        "add_prefix_space": False, "add_bos_token": False, **special}
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
+    }
+
+
+def _write_hf(directory: Path, model: GPT, enc, info: dict[str, Any]) -> None:
+    state = hf_state_dict(model.state_dict())
+    dtype = state["transformer.wte.weight"].dtype
+    require_safetensors("--format").save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n")
+    for name, text in tokenizer_files(enc, model.config.block_size).items():
+        (directory / name).write_text(text, encoding="utf-8")
+
+
+def _write_safetensors(directory: Path, model: GPT, enc, info: dict[str, Any]) -> None:
+    # save_model stores the tied lm_head/wte pair once; safetensors.torch.load_model restores both
+    require_safetensors("--format").save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    described = {**vars(model.config), **info}  # GPTConfig(**{its fields}) rebuilds the model
+    (directory / SETTINGS_FILE).write_text(json.dumps(described, indent=2) + "\n")
+
+
+WRITERS = {"hf": _write_hf, "safetensors": _write_safetensors}
+
+
+def export(model: GPT, enc, fmt: str, out: Path, info: dict[str, Any]) -> list[str]:
+    """Write the export into a temporary sibling of `out`, then rename it into place; returns the file names.
+
+    An existing `out` (checked by the caller: empty, or --force) is replaced only once the new one is complete.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        WRITERS[fmt](tmp, model, enc, info)
+        names = sorted(p.name for p in tmp.iterdir())
+        _default_permissions(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes the directory private and safetensors its file; an export is for sharing, like any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+# --- Hugging Face -> gptctl
+
+
+def locate(dir_or_name: str, option: str) -> Path:
+    """A local directory, else a model name in the local Hugging Face cache (never the network)."""
+    path = Path(dir_or_name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(dir_or_name, local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError), or not a valid repo id (ValueError)
+        raise UserError(
+            f"{option}: {dir_or_name!r} is neither a directory nor a model in the local Hugging Face cache "
+            f"({type(exc).__name__}); download it first (`hf download {dir_or_name}`) or give a directory "
+            "holding config.json and model.safetensors") from None
+
+
+def _check_config(config: dict[str, Any], where: Path, option: str) -> ModelShape:
+    """The model's shape, if the config describes exactly gptctl's architecture; else a UserError saying what differs."""
+    n_embd, n_head = config.get("n_embd"), config.get("n_head")
+    expected = {
+        "model_type": ("gpt2",),
+        "vocab_size": (GPT2_VOCAB_SIZE,),  # token ids must mean what tiktoken's GPT-2 BPE means
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": (None, 4 * n_embd if isinstance(n_embd, int) else None),
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "add_cross_attention": (False,),
+    }
+    defaults = {"n_inner": None, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "add_cross_attention": False, "activation_function": "gelu_new"}
+    for key, allowed in expected.items():
+        value = config.get(key, defaults.get(key))
+        if value not in allowed:
+            raise UserError(f"{option}: {where}/config.json has {key}={value!r}; gptctl's GPT-2 needs "
+                            + " or ".join(repr(a) for a in allowed))
+    if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise UserError(f"{option}: {where}/config.json has layer_norm_epsilon={config['layer_norm_epsilon']}; "
+                        "gptctl's GPT-2 needs 1e-05")
+    try:
+        shape = ModelShape(n_layer=int(config["n_layer"]), n_head=int(n_head), n_embd=int(n_embd),
+                           block_size=int(config["n_positions"]))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{option}: {where}/config.json lacks n_layer, n_head, n_embd or n_positions") from None
+    if min(shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) <= 0 or shape.n_embd % shape.n_head:
+        raise UserError(f"{option}: {where}/config.json has an impossible shape {shape}")
+    return shape
+
+
+def _read_weights(directory: Path, option: str) -> dict[str, torch.Tensor]:
+    """model.safetensors (or its shards), else pytorch_model.bin loaded as plain data only."""
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file() or index.is_file():
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+        load_file = require_safetensors(option).load_file
+        try:
+            return {k: v for name in files for k, v in load_file(directory / name).items()}
+        except Exception as exc:  # safetensors raises its own SafetensorError for damaged files
+            raise UserError(f"{option}: {directory} has unreadable safetensors weights: {exc}") from None
+    if (directory / "pytorch_model.bin").is_file():
+        try:
+            return ckpt.load(directory / "pytorch_model.bin")
+        except ckpt.UnsafeCheckpoint as exc:
+            raise UserError(f"{option}: {exc}") from None
+    raise UserError(f"{option}: {directory} has no model.safetensors or pytorch_model.bin")
+
+
+def _model_settings(shape: ModelShape) -> dict[str, Any]:
+    """What control.parent_model returns for a gptctl checkpoint: a preset name and the explicit shape."""
+    same = (shape.n_layer, shape.n_head, shape.n_embd)
+    preset = next((name for name, p in PRESETS.items() if (p.n_layer, p.n_head, p.n_embd) == same), "gpt2")
+    return {"model": preset, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "block_size": shape.block_size}
+
+
+def load_hf_gpt2(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict for gptctl's GPT with the vocabulary padded to 50304, model settings) of an HF GPT-2.
+
+    `dir_or_name` is a directory (config.json + weights) or a model name in the local HF cache;
+    `option` names the command-line option in error messages.
+    """
+    directory = locate(dir_or_name, option)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{option}: {directory}/config.json is missing or not JSON ({exc})") from None
+    shape = _check_config(config, directory, option)
+    weights = _read_weights(directory, option)
+
+    state, lm_head = {}, None
+    for name, tensor in weights.items():
+        name = name.removeprefix("transformer.")  # HF hub files often lack the prefix; save_pretrained adds it
+        if name.endswith(HF_BUFFERS):
+            continue
+        if name == TIED:
+            lm_head = tensor
+            continue
+        state["transformer." + name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).float().contiguous()
+    with torch.device("meta"):
+        expected = GPT(GPTConfig.from_shape(shape)).state_dict()
+    expected.pop(TIED)
+    wte = state.get("transformer.wte.weight")
+    if wte is not None and wte.shape[0] == GPT2_VOCAB_SIZE:
+        if lm_head is not None and not torch.equal(lm_head.float(), wte):
+            raise UserError(f"{option}: {directory} has an lm_head that is not tied to wte; gptctl's GPT ties them")
+        # The padded rows are no tokens but do get logits: the mean embedding makes each padded logit the
+        # mean of the real ones, so (Jensen) they hold at most 47/50257 of the real probability mass.
+        padding = wte.mean(dim=0, keepdim=True).expand(PADDED_VOCAB_SIZE - GPT2_VOCAB_SIZE, -1)
+        state["transformer.wte.weight"] = torch.cat([wte, padding])
+    wrong = sorted(set(expected) ^ set(state))
+    wrong += [n for n in sorted(set(expected) & set(state)) if expected[n].shape != state[n].shape]
+    if wrong:
+        raise UserError(f"{option}: {directory} does not hold the GPT-2 its config.json describes "
+                        f"(missing, unexpected or misshapen: {', '.join(wrong[:4])}{', ...' if len(wrong) > 4 else ''})")
+    state[TIED] = state["transformer.wte.weight"]  # the same tensor, as in gptctl's own checkpoints
+    return state, _model_settings(shape)
+
+
+def write_checkpoint(dir_or_name: str, path: Path, option: str) -> dict[str, Any]:
+    """Convert an HF GPT-2 into a gptctl checkpoint file at `path` (step 0); returns its model settings."""
+    state, model = load_hf_gpt2(dir_or_name, option)
+    # The stored settings only describe the model: a run that starts from it brings its own batch settings.
+    settings = TrainSettings(**model, seq_len=model["block_size"], total_batch_size=None)
+    ckpt.save_atomic({"model": state, "settings": settings.model_dump(mode="json"), "step": 0,
+                      "source": f"hf:{dir_or_name}"}, path)
+    return model
