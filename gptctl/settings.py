@@ -35,7 +35,14 @@ class TrainSettings(BaseModel):
     n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.", **PRETRAIN_ONLY)
     n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.", **PRETRAIN_ONLY)
     block_size: int | None = Field(None, gt=0, **NOT_AN_OPTION)  # the model's context when it exceeds seq_len (finetunes)
-    seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).")
+    seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).",
+                         json_schema_extra={"aliases": ["--max-seq-length"]})
+    dynamic_seq_length: bool = Field(False, description="Sequence-length warmup: start at --min-seq-length and double "
+                                     "in equal stages over --seq-len-warmup-steps up to --seq-len; tokens per step stay "
+                                     "the same (more, shorter rows early).", **PRETRAIN_ONLY)
+    min_seq_length: int = Field(128, gt=0, description="First sequence length of --dynamic-seq-length.", **PRETRAIN_ONLY)
+    seq_len_warmup_steps: int | None = Field(None, ge=0, description="Steps until sequences reach --seq-len. "
+                                             "(default: --warmup-steps)", **PRETRAIN_ONLY)
     # batch
     batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
     total_batch_size: int | None = Field(
@@ -48,7 +55,9 @@ class TrainSettings(BaseModel):
     min_lr: float | None = Field(None, ge=0, description="Final learning rate. (default: max_lr/10)")
     warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
     max_steps: int = Field(40000, gt=0, description="Optimizer steps to train for.")
-    decay_lr: bool = Field(True, description="Cosine-decay the learning rate after warmup.")
+    lr_scheduler: Literal["cosine", "cosine_with_restarts", "linear", "constant"] = Field(
+        "cosine", description="Learning rate after warmup: cosine, cosine_with_restarts, linear or constant.")
+    lr_restarts: int = Field(0, ge=0, description="Restarts for cosine_with_restarts: the decay runs as K+1 cycles.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
     # hardware
@@ -131,6 +140,13 @@ class TrainSettings(BaseModel):
             raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
         if self.block_size is not None and self.seq_len > self.block_size:
             raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
+        if self.dynamic_seq_length:
+            ratio = self.seq_len // self.min_seq_length
+            if self.seq_len % self.min_seq_length or ratio < 2 or ratio & (ratio - 1):
+                raise ValueError(f"--min-seq-length ({self.min_seq_length}) must be --seq-len ({self.seq_len}) divided "
+                                 "by a power of two, e.g. 128 for 1024")
+        if self.lr_restarts and self.lr_scheduler != "cosine_with_restarts":
+            raise ValueError("--lr-restarts needs --lr-scheduler cosine_with_restarts")
         if self.model_parallel_size is not None and not self.model_parallel:
             raise ValueError("--model-parallel-size needs --model-parallel")
         if self.min_lr is not None and self.min_lr > self.max_lr:
@@ -182,6 +198,15 @@ class TrainSettings(BaseModel):
             )
         return accum
 
+
+    def seq_len_at(self, step: int) -> int:
+        """Sequence length at optimizer step `step` (1-based); --seq-len unless --dynamic-seq-length."""
+        if not self.dynamic_seq_length:
+            return self.seq_len
+        stages = (self.seq_len // self.min_seq_length).bit_length()  # 128→1024: 128, 256, 512, 1024
+        warmup = self.warmup_steps if self.seq_len_warmup_steps is None else self.seq_len_warmup_steps
+        stage = stages - 1 if warmup == 0 else min((step - 1) * stages // warmup, stages - 1)
+        return self.min_seq_length << stage
 
     def mesh_shape(self, world_size: int) -> tuple[int, int]:
         """(replicas, processes sharing one model copy) for --model-parallel."""

@@ -36,6 +36,10 @@ def base(data_root) -> list[str]:
         (["--resume"], "--resume"),
         (["--resume", "--checkpoint-path", "/nonexistent/model_00010.pt"], "--checkpoint-path"),
         (["--nproc-per-node", "zero"], "--nproc-per-node"),
+        (["--lr-scheduler", "step"], "--lr-scheduler"),
+        (["--lr-restarts", "2"], "--lr-restarts"),
+        (["--dynamic-seq-length", "--min-seq-length", "12"], "--min-seq-length"),
+        (["--max-seq-length", "0"], "--seq-len"),
     ],
 )
 def test_invalid_settings_exit_2_and_write_nothing(shakespeare, gptctl_home, extra, option):

@@ -11,7 +11,7 @@ import torch
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.optim import learning_rate, make_optimizer
+from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.presets import PRESETS, ModelShape
 
 HF_GPT2_KEYS = [  # Hugging Face GPT2LMHeadModel's names for block 0 and the rest (attn.bias buffers aside)
@@ -70,12 +70,20 @@ def test_weight_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
 
 
-def test_learning_rate_schedule():
-    lr = lambda s, **kw: learning_rate(s, 6e-4, 6e-5, 10, 110, kw.get("decay", True))
-    assert lr(1) == pytest.approx(6e-5) and lr(10) == pytest.approx(6e-4)
-    assert lr(60) == pytest.approx((6e-4 + 6e-5) / 2)
-    assert lr(110) == pytest.approx(6e-5)
-    assert lr(60, decay=False) == 6e-4
+def test_learning_rate_schedules():
+    lr = lambda s, kind="cosine", restarts=0: Schedule(kind, 6e-4, 6e-5, 10, 110, restarts).at(s)
+    mid = (6e-4 + 6e-5) / 2
+    for kind in ("cosine", "cosine_with_restarts", "linear", "constant"):  # the same warmup for all
+        assert lr(1, kind) == pytest.approx(6e-5) and lr(10, kind) == pytest.approx(6e-4)
+    assert lr(60) == pytest.approx(mid) and lr(110) == pytest.approx(6e-5)
+    assert lr(60, "constant") == 6e-4 and lr(110, "constant") == 6e-4
+    assert lr(35, "linear") == pytest.approx(6e-4 - 0.25 * (6e-4 - 6e-5)) and lr(110, "linear") == pytest.approx(6e-5)
+    # Two restarts: three cycles of 100/3 steps, each from max_lr back down to min_lr.
+    assert lr(110, "cosine_with_restarts", 2) == pytest.approx(6e-5)
+    assert lr(10 + 100 / 6, "cosine_with_restarts", 2) == pytest.approx(mid)
+    assert lr(10 + 100 / 3 + 1, "cosine_with_restarts", 2) > 5.9e-4  # restarted near the top
+    assert lr(10 + 100 / 3 - 1, "cosine_with_restarts", 2) < 7e-5
+    assert lr(60, "cosine_with_restarts", 0) == lr(60)  # no restarts is plain cosine
 
 
 def write_shards(root: Path, sizes: list[int]) -> np.ndarray:
@@ -115,6 +123,26 @@ def test_batches_do_not_depend_on_world_size(tmp_path):
         assert torch.equal(torch.sort(single, 0).values, torch.sort(step_rows(2, 2, step), 0).values)
         assert torch.equal(torch.sort(single, 0).values, torch.sort(step_rows(4, 1, step), 0).values)
     assert not torch.equal(step_rows(1, 4, 1), step_rows(1, 4, 2))
+
+
+def test_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows(tmp_path):
+    from gptctl.settings import TrainSettings
+
+    settings = TrainSettings(seq_len=64, min_seq_length=16, dynamic_seq_length=True, warmup_steps=6, max_steps=20,
+                             batch_size=2, total_batch_size=2 * 64 * 2)
+    assert [settings.seq_len_at(s) for s in range(1, 9)] == [16, 16, 32, 32, 64, 64, 64, 64]  # 3 stages over 6 steps
+    assert TrainSettings(seq_len=64).seq_len_at(1) == 64
+    write_shards(tmp_path / "d", [3000])
+    stream = TokenStream(tmp_path / "d", "train")
+    cpu = torch.device("cpu")
+    fixed = BatchLoader(stream, 2, 64, 2, 0, 1, cpu)
+    warming = BatchLoader(stream, 2, 64, 2, 0, 1, cpu, seq_len_at=settings.seq_len_at)
+    for step in (1, 3, 5, 12):  # 12 wraps around the end of the stream
+        for micro in (0, 1):
+            x, y = warming.batch(step, micro)
+            T = settings.seq_len_at(step)
+            assert x.shape == (2 * 64 // T, T) and torch.equal(x[:, 1:], y[:, :-1])
+            assert torch.equal(x.reshape(-1), fixed.batch(step, micro)[0].reshape(-1))
 
 
 def test_prefetching_gives_the_same_batches(tmp_path):

@@ -155,3 +155,19 @@ def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
                     "--resume", "--checkpoint-path", path, "--json")
     branch = json.loads(proc.stdout)["run_id"]
     assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
+
+
+def test_sequence_length_warmup_and_lr_restarts_train_and_resume_exactly(shakespeare, gptctl_home):
+    args = ["--max-steps", "10", "--checkpoint-interval", "5", "--keep-last-n-checkpoints", "3",
+            "--dynamic-seq-length", "--min-seq-length", "8", "--seq-len-warmup-steps", "6",
+            "--lr-scheduler", "cosine_with_restarts", "--lr-restarts", "1", "--json"]
+    full = json.loads(pretrain(gptctl_home, shakespeare, *args, "--run-name", "warm").stdout)
+    with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
+        lrs = dict(conn.execute("select step, lr from metrics where run_id = ?", [full["run_id"]]).fetchall())
+    # warmup 2 steps, then two cosine cycles of 4 steps: back at the top at step 6.
+    assert lrs[2] == pytest.approx(3e-3) and lrs[5] < lrs[6] == pytest.approx(3e-3) and lrs[10] == pytest.approx(3e-4)
+    step5 = next(p for p in full["checkpoints"] if p.endswith("model_00005.pt"))
+    again = json.loads(pretrain(gptctl_home, shakespeare, *args, "--run-name", "warm-again", "--resume",
+                                "--checkpoint-path", step5).stdout)
+    reference = losses(gptctl_home, full["run_id"])
+    assert losses(gptctl_home, again["run_id"]) == {s: reference[s] for s in range(6, 11)}

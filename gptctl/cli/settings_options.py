@@ -46,6 +46,7 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> 
                 continue
             cli_type = _cli_type(field.annotation)
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}"] if cli_type is Optional[bool] else [option_name(name)]
+            decls += extra.get("aliases", []) if isinstance(extra, dict) else []
             help_text = _help(field)
             if name in defaults:
                 help_text = help_text.split(" (default:")[0] + f" (default: {defaults[name]})"

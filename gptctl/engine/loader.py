@@ -5,8 +5,12 @@ The split is one stream: its shards concatenated. Optimizer step s consumes the 
 and each (micro-step, rank) takes its own B consecutive rows of them. Which rows a step sees
 therefore depends only on the total batch, never on how many processes share it, so a run can
 resume exactly, even with a different world size. The loader has no state beyond the step.
+
+With a sequence-length warmup, step s reads the very same tokens, cut into rows of T_s < T
+tokens, B·T/T_s of them per micro-batch: the token batch and the data order do not change.
 """
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,7 +42,8 @@ class TokenStream:
 
 class BatchLoader:
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, accumulation: int,
-                 rank: int, world_size: int, device: torch.device, prefetch: int = 0):
+                 rank: int, world_size: int, device: torch.device, prefetch: int = 0,
+                 seq_len_at: Callable[[int], int] | None = None):
         self.stream, self.B, self.T = stream, batch_size, seq_len
         self.accumulation, self.rank, self.world_size = accumulation, rank, world_size
         self.rows_per_epoch = (stream.num_tokens - 1) // seq_len
@@ -49,15 +54,19 @@ class BatchLoader:
                 f"{batch_size}×{seq_len}+1; prepare more data or lower --batch-size/--seq-len"
             )
         self.device = device
+        # Sequence-length warmup: shorter rows, proportionally more of them, at the same token offsets.
+        self.seq_len_at = seq_len_at or (lambda step: seq_len)
         self.pool = ThreadPoolExecutor(max_workers=prefetch) if prefetch > 0 else None
         self.pending: dict[tuple[int, int], object] = {}
 
     def _rows(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = (step - 1) * self.rows_per_step + (micro_step * self.world_size + self.rank) * self.B
-        xs = np.empty((self.B, self.T + 1), dtype=np.int64)
-        for b in range(self.B):
-            row = (first + b) % self.rows_per_epoch
-            xs[b] = self.stream.read(row * self.T, self.T + 1)
+        T = self.seq_len_at(step)
+        B = self.B * self.T // T
+        first = (step - 1) * self.rows_per_step * self.T + (micro_step * self.world_size + self.rank) * B * T
+        epoch_tokens = self.rows_per_epoch * self.T  # a multiple of every T, so no row straddles the end
+        xs = np.empty((B, T + 1), dtype=np.int64)
+        for b in range(B):
+            xs[b] = self.stream.read((first + b * T) % epoch_tokens, T + 1)
         data = torch.from_numpy(xs)
         if self.device.type == "cuda":
             data = data.pin_memory()

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from gptctl.engine.distributed import Dist, all_reduce_sum
 from gptctl.engine.parallel import gradient_sync, scalar
-from gptctl.engine.optim import learning_rate
+from gptctl.engine.optim import Schedule
 
 
 @dataclass
@@ -20,10 +20,7 @@ class LoopConfig:
     max_steps: int
     accumulation: int
     tokens_per_step: int
-    max_lr: float
-    min_lr: float
-    warmup_steps: int
-    decay_lr: bool
+    schedule: Schedule
     grad_clip: float
     eval_interval: int
     eval_steps: int
@@ -66,7 +63,7 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
     step = start_step
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        lr = learning_rate(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.decay_lr)
+        lr = cfg.schedule.at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)

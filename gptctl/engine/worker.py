@@ -25,7 +25,7 @@ from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.sft import InstructionBatchLoader
 from gptctl.engine.loop import LoopConfig, StopFlag, train
 from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.optim import make_optimizer
+from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
 from gptctl.errors import UserError
 from gptctl.launch import LAUNCHED_ENV, die_with_parent
@@ -101,7 +101,7 @@ def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
                 InstructionBatchLoader(data.val, *common, settings.eval_steps, d.rank, d.world_size, d.device,
                                        settings.seed, shuffle=False))
     return (BatchLoader(TokenStream(settings.data_root, "train"), *common, accumulation, d.rank, d.world_size, d.device,
-                        settings.num_workers),
+                        settings.num_workers, settings.seq_len_at),
             BatchLoader(TokenStream(settings.data_root, "val"), *common, settings.eval_steps, d.rank, d.world_size, d.device))
 
 
@@ -221,8 +221,9 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
 
     cfg = LoopConfig(
         max_steps=settings.max_steps, accumulation=accumulation, tokens_per_step=settings.tokens_per_step(d.world_size),
-        max_lr=settings.max_lr, min_lr=settings.final_lr, warmup_steps=settings.warmup_steps,
-        decay_lr=settings.decay_lr, grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
+        schedule=Schedule(settings.lr_scheduler, settings.max_lr, settings.final_lr, settings.warmup_steps,
+                          settings.max_steps, settings.lr_restarts),
+        grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
         eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
         flops_per_token=flops_per_token, peak_flops=peak,
     )
