@@ -15,3 +15,4 @@ fi
   --run-name shakespeare-demo --auto-resume
 .venv/bin/gptctl runs list
 .venv/bin/gptctl ckpt list
+.venv/bin/gptctl sample shakespeare-demo --prompt "ROMEO:" --max-new-tokens 60
