@@ -1,5 +1,6 @@
 """ckpt pin/unpin/prune/verify on the checkpoints of a real run."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_RUN, gptctl, only_run_id
 from gptctl.cli import app
+from gptctl.cli.runs import format_size
 
 runner = CliRunner()
 
@@ -27,9 +29,28 @@ def listing(run_id=None):
 
 
 @pytest.mark.slow
-def test_pin_prune_verify(run_with_checkpoints):
+def test_listings_pin_prune_verify(run_with_checkpoints):
     run_id = run_with_checkpoints
-    assert sorted(listing()) == [2, 4, 6, 8] and listing()[2]["pinned"]  # permanent steps are pins
+    rows = listing()
+    assert sorted(rows) == [2, 4, 6, 8] and rows[2]["pinned"] and rows[2]["permanent"]  # permanent steps are pins
+    assert [rows[s]["val_loss"] is not None for s in (2, 4, 6, 8)] == [False, True, False, True]  # evals every 4
+    assert all(r["age_s"] >= 0 and r["bytes"] > 0 and r["state"] == "valid" for r in rows.values())
+    table = runner.invoke(app, ["ckpt", "list"]).stdout
+    total = sum(r["bytes"] for r in rows.values())
+    assert "permanent" in table and f"4 checkpoint(s); 4 valid, {format_size(total)}" in table
+
+    run = json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout)[0]
+    assert (run["status"], run["step"], run["max_steps"], run["tokens_seen"], run["val_step"]) == ("completed", 8, 8, 2048, 8)
+    metrics = json.loads(runner.invoke(app, ["runs", "show", run_id, "--json"]).stdout)["metrics"]
+    assert (run["loss"], run["val_loss"]) == (metrics[-1]["loss"], metrics[-1]["val_loss"]) != (None, None)
+    assert run["elapsed_s"] is not None
+    assert (run["checkpoint_count"], run["checkpoint_bytes"]) == (4, total)
+    assert run["command"].startswith("gptctl pretrain") and run["parent_checkpoint"] is None
+    shown = runner.invoke(app, ["runs", "show", run_id]).stdout
+    for line in ("status: completed", "progress: step 8/8", f"loss: {run['loss']:.4f}",
+                 f"val loss: {run['val_loss']:.4f} at step 8", "tokens seen: 2,048", "checkpoints: 4 (",
+                 "parent checkpoint: -", "command: gptctl pretrain"):
+        assert line in shown, (line, shown)
 
     result = runner.invoke(app, ["ckpt", "pin", "4"])  # the most recent run, said out loud
     assert result.exit_code == 0 and f"using the most recent run {run_id}" in result.output
@@ -98,3 +119,21 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_
     shown = json.loads(gptctl("runs", "show", summary["run_id"], "--json", home=gptctl_home).stdout)
     assert "not a plain-data checkpoint" in shown["error"]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_path, monkeypatch):
+    from gptctl.engine.checkpoint import load, save_atomic
+    from gptctl.registry.files import sha256_of
+
+    state = {"step": 4, "weights": torch.arange(300_000, dtype=torch.float32)}
+    monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "100000")
+    with pytest.raises(OSError) as failure:  # not torch's "unexpected pos" RuntimeError
+        save_atomic(state, tmp_path / "model_00004.pt")
+    assert failure.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("GPTCTL_TEST_FAULT_FROM_STEP", "5")  # the hook spares earlier steps
+    path = tmp_path / "model_00004.pt"
+    size, sha = save_atomic(state, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert (size, sha) == (path.stat().st_size, sha256_of(path))
+    assert torch.equal(load(path)["weights"], state["weights"])

@@ -1,11 +1,14 @@
 """The registry on real SQLite files: migrations, run lookup, staleness, retention, verification."""
 
+import json
 import sqlite3
+import time
 
 import pytest
 
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
+from gptctl.registry import retention
 from gptctl.registry.locks import RunLock
 from gptctl.registry.retention import deletable
 
@@ -23,7 +26,7 @@ def test_migrations_are_recorded_and_idempotent(gptctl_home):
     open_registry()
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         applied = conn.execute("select name from _sqlite_migrations").fetchall()
-        assert applied == [("0001_initial",)]
+        assert applied == [("0001_initial",), ("0002_val_loss_steps_index",)]
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -115,3 +118,131 @@ def test_reconcile_registers_orphans_marks_vanished_and_removes_temporaries(gptc
     assert rows[1]["state"] == "missing"
     assert rows[3]["state"] == "valid" and rows[3]["pinned"] == 1 and rows[3]["sha256"] == files.sha256_of(orphan)
     assert files.reconcile(db, queries.get_run(db, run)) == []  # idempotent
+
+
+def save_file(db, run, step, data=None):
+    """A checkpoint file in the run's directory, registered like the trainer does."""
+    directory = gptctl_dir(db, run)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"model_{step:05d}.pt"
+    path.write_bytes(data or bytes([step]) * 100)
+    queries.register_checkpoint(db, run, step, path, path.stat().st_size, files.sha256_of(path), pinned=False)
+    return path
+
+
+def gptctl_dir(db, run):
+    return files.checkpoints_dir(queries.get_run(db, run))
+
+
+def states(db, run):
+    return {c["step"]: c["state"] for c in queries.checkpoints_of(db, run)}
+
+
+def test_a_tampered_row_never_makes_gptctl_delete_a_file_elsewhere(gptctl_home, tmp_path):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r")
+    db["runs"].update(run, {"settings": json.dumps({"keep_last_n_checkpoints": 1})})
+    save_file(db, run, 1)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a checkpoint")
+    outside = tmp_path / "model_00002.pt"  # a checkpoint's name, but another directory
+    outside.write_text("keep me")
+    link = save_file(db, run, 3)
+    link.unlink()
+    link.symlink_to(precious)  # in the directory, but pointing out of it
+    save_file(db, run, 4)
+    db.execute("update checkpoints set path = ? where run_id = ? and step = 1", [str(precious), run])
+    queries.register_checkpoint(db, run, 2, outside, 7, "x", pinned=False)
+    climbing = gptctl_dir(db, run) / ".." / "model_00000.pt"  # the run directory itself, through ".."
+    climbing.write_text("config next door")
+    queries.register_checkpoint(db, run, 0, climbing, 16, "x", pinned=False)
+
+    warnings = []
+    doomed = retention.plan(db, queries.get_run(db, run), warn=warnings.append)
+    assert doomed == [] and len(warnings) == 4  # steps 0-3 refused; 4 is the newest
+    assert all("not in the run's checkpoints directory" in w for w in warnings)
+    # delete() checks again, whatever it is handed
+    rows = queries.checkpoints_of(db, run)
+    assert retention.delete(db, rows[:4], warn=warnings.append) == 0 and len(warnings) == 8
+    db.execute("update checkpoints set state = 'deleting' where run_id = ? and step < 4", [run])
+    files.reconcile(db, queries.get_run(db, run))  # an "interrupted deletion" outside is not finished either
+    assert precious.read_text() == "not a checkpoint" and outside.read_text() == "keep me" and link.is_symlink()
+    assert climbing.read_text() == "config next door"
+
+
+def test_an_interrupted_deletion_is_finished_and_never_reported_missing(gptctl_home):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r")
+    one, two = save_file(db, run, 1), save_file(db, run, 2)
+    save_file(db, run, 3)
+    # killed after marking step 1 deleting (file still there) and after unlinking step 2
+    db.execute("update checkpoints set state = 'deleting' where run_id = ? and step in (1, 2)", [run])
+    two.unlink()
+    changes = files.reconcile(db, queries.get_run(db, run))
+    assert sorted(changes) == ["step 1: finished deleting it", "step 2: finished deleting it"]
+    assert not one.exists() and states(db, run) == {1: "deleted", 2: "deleted", 3: "valid"}
+
+
+def test_state_changes_do_not_overwrite_a_concurrent_change(gptctl_home):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r")
+    path = save_file(db, run, 1)
+    row = queries.checkpoints_of(db, run)[0]
+    stale_view = dict(row)
+    assert files.remove_checkpoint(db, queries.get_run(db, run), row) == 100  # retention deleted it
+    # a reader that looked before the deletion finds the file gone: it must not call it missing
+    assert not queries.mark_checkpoint(db, stale_view["id"], "missing", only_if="valid")
+    assert files.remove_checkpoint(db, queries.get_run(db, run), stale_view) is None  # a second deleter backs off
+    # nor may it register the file it saw as valid again; a row that was already deleted may be replaced
+    assert not queries.register_checkpoint(db, run, 1, path, 100, "x", pinned=False, replacing="valid")
+    assert states(db, run) == {1: "deleted"}
+    assert not queries.register_checkpoint(db, run, 1, path, 100, "x", pinned=False, replacing=None)
+    assert queries.register_checkpoint(db, run, 1, path, 100, "x", pinned=False, replacing="deleted")
+    assert states(db, run) == {1: "valid"}
+
+
+def test_run_overviews_aggregate_progress_losses_and_checkpoints(gptctl_home):
+    db = open_registry()
+    a = make_run(db, gptctl_home / "a", "aaaa0001", name="a", status="completed")
+    b = make_run(db, gptctl_home / "b", "bbbb0002", name="b", status="completed")
+    db["runs"].update(a, {"max_steps": 10, "started_at": "2026-01-01T00:00:00+00:00",
+                          "ended_at": "2026-01-01T01:02:03+00:00", "parent_checkpoint": "/base/model_00100.pt"})
+    queries.write_metrics(db, a, [{"step": s, "loss": 10.0 - s, "tokens_seen": 256 * s,
+                                   "val_loss": 20.0 - s if s % 4 == 0 else None} for s in range(1, 11)])
+    save_file(db, a, 4)
+    save_file(db, a, 8, data=b"x" * 50)
+    save_file(db, a, 10, data=b"y" * 30)
+    db.execute("update checkpoints set state = 'missing' where run_id = ? and step = 10", [a])
+    overviews = {r["id"]: r for r in queries.run_overviews(db)}
+    ra, rb = overviews[a], overviews[b]
+    assert (ra["step"], ra["loss"], ra["val_loss"], ra["val_step"], ra["tokens_seen"]) == (10, 0.0, 12.0, 8, 2560)
+    assert (ra["checkpoint_count"], ra["checkpoint_bytes"]) == (2, 150)  # the valid ones
+    assert ra["elapsed_s"] == 3723 and ra["parent_checkpoint"] == "/base/model_00100.pt"
+    assert (rb["step"], rb["loss"], rb["val_loss"], rb["checkpoint_count"], rb["elapsed_s"]) == (None, None, None, 0, None)
+    assert queries.run_overviews(db, b) == [rb]
+    # every lookup is an index search, so `runs list` does not slow down with the number of steps
+    plan = " | ".join(r["detail"] for r in db.query("explain query plan " + queries._OVERVIEW_SQL.format(where="")))
+    assert "SCAN metrics" not in plan and "metrics_val_loss_steps" in plan, plan
+
+
+def test_a_stale_run_ended_at_its_last_metric(gptctl_home):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r", status="running")
+    db["runs"].update(run, {"started_at": "2026-01-01T00:00:00+00:00"})
+    queries.write_metrics(db, run, [{"step": 1, "loss": 1.0, "time": 1767225600.0 + 90}])  # 2026-01-01 00:01:30
+    row = queries.run_overviews(db)[0]
+    assert row["status"] == "stale" and row["ended_at"] == "2026-01-01T00:01:30+00:00" and row["elapsed_s"] == 90
+
+
+def test_checkpoint_listing_has_val_loss_age_and_permanence(gptctl_home):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r")
+    db["runs"].update(run, {"settings": json.dumps({"permanent_checkpoints": [2]})})
+    queries.write_metrics(db, run, [{"step": 2, "loss": 3.0, "val_loss": 2.5}, {"step": 3, "loss": 2.9}])
+    for step in (2, 3):
+        save_file(db, run, step)
+    time.sleep(0.01)
+    rows = {r["step"]: r for r in queries.checkpoint_listing(db, run)}
+    assert rows[2]["val_loss"] == 2.5 and rows[3]["val_loss"] is None
+    assert rows[2]["permanent"] and not rows[3]["permanent"]
+    assert all(r["age_s"] >= 0 for r in rows.values())

@@ -1,10 +1,13 @@
 """`gptctl ckpt list|pin|unpin|prune|verify`."""
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gptctl.cli import app
@@ -12,7 +15,19 @@ from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.paths import home_dir
 
-ckpt_app = typer.Typer(help="Checkpoints and their retention.", no_args_is_help=True)
+RETENTION_HELP = """Checkpoints and their retention.
+
+Retention runs after every save (keeping the run's --keep-last-n-checkpoints) and on `ckpt prune`. It never deletes:
+
+- a pinned checkpoint or a permanent step (--permanent-checkpoints);
+- the newest valid checkpoint of a run;
+- a checkpoint another run started from (a finetune's parent);
+- a file outside the run's own checkpoints directory, whatever the registry says.
+
+A file is removed before its row is marked deleted; an interrupted deletion is finished later. Every look (list, prune, verify) first reconciles the registry with the disk: vanished files are marked missing, unregistered complete files are registered.
+"""
+
+ckpt_app = typer.Typer(help=RETENTION_HELP, no_args_is_help=True)
 app.add_typer(ckpt_app, name="ckpt")
 
 
@@ -21,19 +36,33 @@ def list_cmd(
     run_ref: Optional[str] = typer.Option(None, "--run", help="Only this run (id, prefix or name)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Registered checkpoints (files that vanished are marked missing)."""
+    """Registered checkpoints: step, size, age, val loss at that step, pinned or permanent, state, path."""
+    from gptctl.cli.runs import format_duration, format_size
+
     db = open_registry(home_dir(), create=False)
-    run_id = _scope(db, run_ref)
-    rows = [r for r in queries.checkpoints_of(db, run_id) if r["state"] != "deleted"]
+    rows = queries.checkpoint_listing(db, _scope(db, run_ref))
     if as_json:
         typer.echo(json.dumps([{**r, "pinned": bool(r["pinned"])} for r in rows], indent=2))
         return
-    table = Table("run", "step", "size", "pinned", "state", "created", "path")
+    table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
+    for name in ("run", "step", "size", "age", "val loss", "pinned", "state"):
+        table.add_column(name, no_wrap=True, justify="right" if name in ("step", "size") else "left")
+    table.add_column("path", overflow="fold")
     for r in rows:
-        table.add_row(r["run_id"], str(r["step"]), f"{r['bytes'] / 1e6:,.1f} MB", "yes" if r["pinned"] else "",
-                      r["state"], r["created_at"], r["path"])
+        pinned = "permanent" if r["permanent"] else "yes" if r["pinned"] else ""
+        table.add_row(r["run_id"], str(r["step"]), format_size(r["bytes"]), format_duration(r["age_s"]),
+                      "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}", pinned, r["state"], escape(_short(r["path"])))
     Console().print(table)
-    typer.echo(f"{len(rows)} checkpoint(s), {sum(r['bytes'] or 0 for r in rows) / 1e6:,.1f} MB")
+    valid = [r for r in rows if r["state"] == "valid"]
+    typer.echo(f"{len(rows)} checkpoint(s); {len(valid)} valid, {format_size(sum(r['bytes'] or 0 for r in valid))}")
+
+
+def _short(path: str) -> str:
+    """Relative to the working directory when under it (the default home is ./runs), else absolute."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _scope(db, run_ref: str | None) -> str | None:
@@ -88,6 +117,7 @@ def prune_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ):
     """Delete checkpoints that retention allows: never pinned, permanent, newest, or a finetune's parent."""
+    from gptctl.cli.runs import format_size
     from gptctl.registry import retention
 
     if run_ref and all_runs:
@@ -95,17 +125,20 @@ def prune_cmd(
     db = open_registry(home_dir(), create=False)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
     _reconcile(db, runs)
-    doomed = [row for run in runs for row in retention.plan(db, run, keep_last)]
-    total = sum(r["bytes"] or 0 for r in doomed)
+    doomed = [row for run in runs for row in retention.plan(db, run, keep_last, warn=_warn)]
     for r in doomed:
-        typer.echo(f"delete {r['run_id']} step {r['step']} ({r['bytes'] / 1e6:,.1f} MB) {r['path']}")
-    typer.echo(f"{len(doomed)} checkpoint(s), {total / 1e6:,.1f} MB to free")
+        typer.echo(f"delete {r['run_id']} step {r['step']} ({format_size(r['bytes'])}) {r['path']}")
+    typer.echo(f"{len(doomed)} checkpoint(s), {format_size(sum(r['bytes'] or 0 for r in doomed))} to free")
     if not doomed or dry_run:
         return
     if not yes and not typer.confirm("Delete them?", default=False):
         raise typer.Exit(1)
-    freed = retention.delete(db, doomed)
-    typer.echo(f"freed {freed / 1e6:,.1f} MB")
+    freed = retention.delete(db, doomed, warn=_warn)
+    typer.echo(f"freed {format_size(freed)}")
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 @ckpt_app.command("verify")
@@ -127,7 +160,7 @@ def verify_cmd(
             except UnsafeCheckpoint as exc:
                 state, detail = "corrupt", str(exc)
         if state != row["state"]:
-            queries.mark_checkpoint(db, row["id"], state)
+            queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])  # unless retention got there first
         report.append({"run_id": row["run_id"], "step": row["step"], "path": row["path"], "state": state, "detail": detail})
     bad = [r for r in report if r["state"] != "valid"]
     if as_json:

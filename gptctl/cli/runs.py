@@ -3,7 +3,9 @@
 import json
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gptctl.cli import app
@@ -18,19 +20,80 @@ def _fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_size(n: int | None) -> str:
+    n = n or 0
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
+def format_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _progress(r: dict) -> str:
+    return f"{_fmt(r['step'])}/{_fmt(r['max_steps'])}"
+
+
+def _checkpoints(r: dict) -> str:
+    return f"{r['checkpoint_count']} ({format_size(r['checkpoint_bytes'])})" if r["checkpoint_count"] else "0"
+
+
+# kind is in --json and `runs show`; here a finetune is told by its parent checkpoint.
+_COLUMNS = ("id", "name", "status", "step", "loss", "val", "tokens", "elapsed", "checkpoints")
+
+
+def _cells(r: dict) -> list[str]:
+    return [r["id"], r["name"], r["status"], _progress(r), _fmt(r["loss"], ".4f"), _fmt(r["val_loss"], ".4f"),
+            format_count(r["tokens_seen"]), format_duration(r["elapsed_s"]), _checkpoints(r)]
+
+
 @runs_app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """All runs, newest first."""
+    """All runs, newest first: status, progress, last loss and val loss, tokens seen, elapsed time,
+    valid checkpoints and their size, the parent checkpoint of a finetune, and the command line."""
     db = open_registry(home_dir(), create=False)
-    rows = queries.list_runs(db)
+    rows = queries.run_overviews(db)
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in r.items() if k != "settings"} for r in rows], indent=2))
         return
-    table = Table("id", "name", "kind", "status", "step", "device", "tok/s", "created")
-    for r in rows:
-        table.add_row(r["id"], r["name"], r["kind"], r["status"], f"{_fmt(r['last_step'])}/{_fmt(r['max_steps'])}",
-                      _fmt(r["device_name"]), _fmt(r["tokens_per_s"], ",.0f"), r["created_at"])
-    Console().print(table)
+    console = Console()
+    cells = [_cells(r) for r in rows]
+    table = Table(*_COLUMNS, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
+    for column in table.columns:
+        column.no_wrap = True
+    # The parent checkpoint and the command line get what the terminal has left, one line each and
+    # cut with "…" (`runs show` prints them whole); on a terminal too narrow for them, only there.
+    used = sum(max(len(c) for c in column) + 2 for column in zip(_COLUMNS, *cells))  # 2: the gap
+    room = console.width - used - 2  # and the gap before the command
+    if rows and room >= 16:
+        parents, commands = [_fmt(r["parent_checkpoint"]) for r in rows], [_fmt(r["command"]) for r in rows]
+        parent_width = max(min(max(map(len, parents)), room // 3), len("parent"))
+        table.add_column("parent", no_wrap=True, overflow="ellipsis", max_width=parent_width)
+        table.add_column("command", no_wrap=True, overflow="ellipsis", max_width=room - parent_width - 1)
+        cells = [row + [escape(parent), escape(command)] for row, parent, command in zip(cells, parents, commands)]
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
 
 
 @runs_app.command("show")
@@ -38,20 +101,28 @@ def show_cmd(
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """One run: settings, status, checkpoints and metrics."""
+    """One run: status, progress, losses, checkpoints, settings, and every step's metrics (--json)."""
     db = open_registry(home_dir(), create=False)
-    run = queries.resolve_run(db, run_ref)
-    info = {**run, "settings": json.loads(run["settings"]),
-            "checkpoints": queries.checkpoints_of(db, run["id"]), "metrics": queries.metrics_of(db, run["id"])}
+    run = queries.run_overviews(db, queries.resolve_run(db, run_ref)["id"])[0]
+    checkpoints = queries.checkpoints_of(db, run["id"])
     if as_json:
+        info = {**run, "settings": json.loads(run["settings"]), "checkpoints": checkpoints,
+                "metrics": queries.metrics_of(db, run["id"])}
         typer.echo(json.dumps(info, indent=2))
         return
+    val = f"{_fmt(run['val_loss'], '.4f')}" + (f" at step {run['val_step']}" if run["val_step"] is not None else "")
+    fields = {
+        "id": run["id"], "name": run["name"], "kind": run["kind"], "status": run["status"],
+        "progress": f"step {_progress(run)}", "loss": _fmt(run["loss"], ".4f"), "val loss": val,
+        "tokens seen": _fmt(run["tokens_seen"], ",d"), "tokens/s": _fmt(run["tokens_per_s"], ",.0f"),
+        "elapsed": f"{format_duration(run['elapsed_s'])} ({_fmt(run['started_at'])} → {run['ended_at'] or 'now'})",
+        "checkpoints": f"{_checkpoints(run)} valid: "
+                       + (", ".join(f"{c['step']}" + ("" if c["state"] == "valid" else f" ({c['state']})")
+                                    for c in checkpoints if c["state"] != "deleted") or "none"),
+        "parent checkpoint": _fmt(run["parent_checkpoint"]), "command": _fmt(run["command"]),
+        "run dir": run["run_dir"], "device": f"{_fmt(run['world_size'])}× {_fmt(run['device_name'])}, {_fmt(run['dtype'])}",
+        "created": run["created_at"], "error": _fmt(run["error"]), "settings": run["settings"],
+    }
     console = Console()
-    for key in ("id", "name", "kind", "status", "run_dir", "command", "created_at", "started_at", "ended_at",
-                "device_name", "dtype", "world_size", "last_step", "max_steps", "tokens_per_s", "error"):
-        console.print(f"[bold]{key}[/]: {_fmt(run[key])}", highlight=False)
-    vals = [m for m in info["metrics"] if m["val_loss"] is not None]
-    if info["metrics"]:
-        console.print(f"[bold]last loss[/]: {info['metrics'][-1]['loss']:.4f}" + (f", val loss {vals[-1]['val_loss']:.4f} at step {vals[-1]['step']}" if vals else ""))
-    console.print(f"[bold]checkpoints[/]: " + (", ".join(f"{c['step']} ({c['state']})" for c in info["checkpoints"]) or "none"))
-    console.print("[bold]settings[/]: " + json.dumps(info["settings"]), highlight=False)
+    for key, value in fields.items():
+        console.print(f"[bold]{key}[/]: {escape(value)}", highlight=False, soft_wrap=True)

@@ -1,8 +1,10 @@
 """Checkpoint files: atomic writes with a sha256, and loads that can never execute code."""
 
+import errno
 import hashlib
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +17,59 @@ def checkpoint_name(step: int) -> str:
     return f"model_{step:05d}.pt"
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, I/O error); earlier checkpoints are untouched."""
+
+
+class _InjectedFaults:
+    """Real faults injected into a real save, for tests/test_faults.py. Set by environment variables,
+    read only by `save_atomic`, so they cost nothing unless set:
+
+    GPTCTL_TEST_SLOW_SAVE=SECONDS         sleep once the first bytes are in the temporary file (a kill
+                                          lands mid-write, before fsync and rename)
+    GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES=N   the disk is full after N bytes: writes fail with ENOSPC
+    GPTCTL_TEST_FAULT_FROM_STEP=STEP      only checkpoints of step >= STEP get the faults (default: all)
+    """
+
+    def __init__(self, slow_s: float, fail_after: int | None):
+        self.slow_s, self.fail_after = slow_s, fail_after
+
+    @classmethod
+    def from_env(cls, step: int) -> "_InjectedFaults | None":
+        env = os.environ
+        if "GPTCTL_TEST_SLOW_SAVE" not in env and "GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES" not in env:
+            return None
+        if step < int(env.get("GPTCTL_TEST_FAULT_FROM_STEP", 0)):
+            return None
+        fail_after = env.get("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES")
+        return cls(float(env.get("GPTCTL_TEST_SLOW_SAVE", 0)), int(fail_after) if fail_after else None)
+
+    def before_write(self, f, written: int, data) -> None:
+        if self.fail_after is not None and written + len(data) > self.fail_after:
+            f.write(data[: max(self.fail_after - written, 0)])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+        if self.slow_s and written:
+            f.flush()  # the partial file is really on disk while we wait to be killed
+            time.sleep(self.slow_s)
+            self.slow_s = 0
+
+
 class _HashingWriter:
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f, faults: _InjectedFaults | None = None):
+        self.f, self.sha, self.size, self.faults = f, hashlib.sha256(), 0, faults
+        self.error: OSError | None = None  # torch.save swallows it and reports "unexpected pos" instead
 
     def write(self, data) -> int:
+        try:
+            if self.faults:
+                self.faults.before_write(self.f, self.size, data)
+            written = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        return written
 
     def flush(self) -> None:
         self.f.flush()
@@ -32,13 +79,19 @@ def save_atomic(state: dict[str, Any], path: Path) -> tuple[int, str]:
     """Write to a temporary file in the same directory, fsync, rename, fsync the directory.
 
     A crash at any moment leaves either no file or a complete one at `path`; a leftover
-    temporary file never has a checkpoint's name. Returns (bytes, sha256 hex).
+    temporary file never has a checkpoint's name. A failed write removes its temporary file.
+    Returns (bytes, sha256 hex). Tests inject faults here: see `_InjectedFaults`.
     """
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
-            torch.save(state, writer)
+            writer = _HashingWriter(f, _InjectedFaults.from_env(int(state.get("step", 0))))
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None  # e.g. ENOSPC: say what really went wrong
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,7 +141,17 @@ class CheckpointManager:
         from gptctl.registry import queries, retention
 
         path = self.directory / checkpoint_name(step)
-        size, sha = save_atomic(state, path)
+        try:
+            size, sha = save_atomic(state, path)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} in {self.directory}: {exc.strerror or exc}; "
+                f"earlier checkpoints are intact; fix this (e.g. free disk space), then `gptctl resume {self.run_id}`"
+            ) from exc
         queries.register_checkpoint(self.db, self.run_id, step, path, size, sha, pinned=step in self.permanent)
         run = queries.get_run(self.db, self.run_id)
-        retention.delete(self.db, retention.plan(self.db, run, self.keep_last))
+        retention.delete(self.db, retention.plan(self.db, run, self.keep_last, _warn), _warn)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", flush=True)  # rank 0's stdout: the launcher shows it on stderr

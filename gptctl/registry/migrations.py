@@ -71,3 +71,10 @@ def m0001_initial(db: Database) -> None:
         pk=("run_id", "step"),
         foreign_keys=[("run_id", "runs", "id")],
     )
+
+
+@migrations(name="0002_val_loss_steps_index")
+def m0002_val_loss_steps_index(db: Database) -> None:
+    # `runs list` looks up each run's last val loss; evals are every N steps, so without this index
+    # it would walk back over up to N metric rows per run.
+    db.execute("create index if not exists metrics_val_loss_steps on metrics (run_id, step) where val_loss is not null")

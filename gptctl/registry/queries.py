@@ -1,5 +1,6 @@
 """Reads and writes of runs, checkpoints and metrics. Only the launcher and global rank 0 write."""
 
+import json
 import secrets
 import socket
 from datetime import datetime, timezone
@@ -59,34 +60,86 @@ def list_runs(db: Database) -> list[dict[str, Any]]:
 
 
 def newest_unfinished_run(db: Database, name: str, kind: str) -> dict[str, Any] | None:
-    for row in db.query(
-        "select * from runs where name = ? and kind = ? order by created_at desc, rowid desc", [name, kind]
-    ):
-        row = refresh_status(db, row)
-        return row if row["status"] in UNFINISHED else None
-    return None
+    # Read to the end before refresh_status writes: writing while a SELECT is open on the same
+    # connection fails with "database is locked" at once, without waiting, if another process wrote meanwhile.
+    rows = list(db.query(
+        "select * from runs where name = ? and kind = ? order by created_at desc, rowid desc limit 1", [name, kind]))
+    if not rows:
+        return None
+    row = refresh_status(db, rows[0])
+    return row if row["status"] in UNFINISHED else None
 
 
 def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
-    """A run that claims to be active but whose launcher no longer holds its lock is stale."""
+    """A run that claims to be active but whose launcher no longer holds its lock is stale.
+
+    It ended when it last did something: its last metric, or now if it never trained a step.
+    """
     if row["status"] in ACTIVE and row["host"] == socket.gethostname() and not run_is_locked(Path(row["run_dir"])):
-        update_run(db, row["id"], status="stale", ended_at=row["ended_at"] or now())
-        row = {**row, "status": "stale"}
+        last = [m["time"] for m in db.query("select time from metrics where run_id = ? order by step desc limit 1", [row["id"]])]
+        ended = row["ended_at"] or (datetime.fromtimestamp(last[0], timezone.utc).isoformat(timespec="seconds") if last else now())
+        update_run(db, row["id"], status="stale", ended_at=ended)
+        row = {**row, "status": "stale", "ended_at": ended}
     return row
 
 
-# checkpoints
+# What `runs list` and `runs show` add to a run row: a constant number of index lookups per run, so
+# the listing stays fast however many steps the runs have (metrics: pk(run_id, step) and the partial
+# index on val-loss steps of migration 0002; checkpoints: (run_id, step)).
+_OVERVIEW_SQL = """
+select r.*,
+  coalesce(m.step, r.last_step) as step, m.loss, m.tokens_seen, v.val_loss, v.step as val_step,
+  coalesce(c.n, 0) as checkpoint_count, coalesce(c.bytes, 0) as checkpoint_bytes
+from runs r
+left join metrics m on m.run_id = r.id and m.step = (select max(step) from metrics where run_id = r.id)
+left join metrics v on v.run_id = r.id
+  and v.step = (select max(step) from metrics where run_id = r.id and val_loss is not null)
+left join (select run_id, count(*) as n, sum(bytes) as bytes from checkpoints where state = 'valid' group by run_id) c
+  on c.run_id = r.id
+{where}
+order by r.created_at desc, r.rowid desc
+"""
 
 
-def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, pinned: bool) -> None:
-    db.execute(
+def run_overviews(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Runs (newest first) with progress, last loss and val loss, tokens seen, elapsed seconds
+    (start to end, or to now while active) and their valid checkpoints' count and total bytes."""
+    active = list(db.query(f"select * from runs where status in ({', '.join('?' * len(ACTIVE))})", ACTIVE))
+    for row in active:
+        refresh_status(db, row)
+    sql = _OVERVIEW_SQL.format(where="where r.id = ?" if run_id else "")
+    rows = list(db.query(sql, [run_id] if run_id else []))
+    for row in rows:
+        row["elapsed_s"] = seconds_between(row["started_at"], row["ended_at"]) if row["started_at"] else None
+    return rows
+
+
+def seconds_between(start: str, end: str | None = None) -> float:
+    """Seconds from one registry timestamp to another (or to now)."""
+    stop = datetime.fromisoformat(end) if end else datetime.now(timezone.utc)
+    return max((stop - datetime.fromisoformat(start)).total_seconds(), 0.0)
+
+
+# checkpoints: state is valid | missing | corrupt | deleting (retention removing the file) | deleted
+
+
+_ANY = object()
+
+
+def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, pinned: bool,
+                        replacing: Any = _ANY) -> bool:
+    """Record a complete checkpoint file as valid; returns whether a row was written. With `replacing`,
+    an existing row of that step is only overwritten while it still has that state (None: only a new
+    row is inserted), so a reader registering a file it found cannot revive a row a trainer changed meanwhile."""
+    condition = "" if replacing is _ANY else " where checkpoints.state is ?"
+    return db.execute(
         """insert into checkpoints (run_id, step, path, bytes, sha256, created_at, pinned, state)
            values (?, ?, ?, ?, ?, ?, ?, 'valid')
            on conflict(run_id, step) do update set path = excluded.path, bytes = excluded.bytes,
              sha256 = excluded.sha256, created_at = excluded.created_at,
-             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid'""",
-        [run_id, step, str(path), size, sha256, now(), int(pinned)],
-    )
+             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid'""" + condition,
+        [run_id, step, str(path), size, sha256, now(), int(pinned)] + ([] if replacing is _ANY else [replacing]),
+    ).rowcount == 1
 
 
 def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str] | None = None) -> list[dict]:
@@ -102,8 +155,27 @@ def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str
     return list(db.query(sql, params))
 
 
-def mark_checkpoint(db: Database, checkpoint_id: int, state: str) -> None:
-    db["checkpoints"].update(checkpoint_id, {"state": state})
+def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None) -> bool:
+    """Set a checkpoint's state; with `only_if`, only while it still has that state (another process,
+    e.g. retention, may have moved it on since it was read). Returns whether the row changed."""
+    sql, params = "update checkpoints set state = ? where id = ?", [state, checkpoint_id]
+    if only_if is not None:
+        sql, params = sql + " and state = ?", params + [only_if]
+    return db.execute(sql, params).rowcount == 1
+
+
+def checkpoint_listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Checkpoints not deleted, with the val loss measured at their step (None if that step had no
+    eval), whether the step is one of the run's permanent ones, and their age in seconds."""
+    sql = """select c.*, m.val_loss, r.settings from checkpoints c
+             join runs r on r.id = c.run_id
+             left join metrics m on m.run_id = c.run_id and m.step = c.step
+             where c.state != 'deleted'""" + (" and c.run_id = ?" if run_id else "") + " order by c.run_id, c.step"
+    rows = list(db.query(sql, [run_id] if run_id else []))
+    for row in rows:
+        row["permanent"] = row["step"] in json.loads(row.pop("settings")).get("permanent_checkpoints", [])
+        row["age_s"] = seconds_between(row["created_at"])
+    return rows
 
 
 # metrics
@@ -133,7 +205,6 @@ def delete_metrics_after(db: Database, run_id: str, step: int) -> None:
     """On resume, steps after the checkpoint will be trained again; drop their stale numbers."""
     with transaction(db):
         db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
-
 
 
 def latest_run(db: Database) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlite_utils import Database
 
-from gptctl.registry import queries
+from gptctl.registry import files, queries
 
 
 def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[int], protected_paths: set[str]) -> list[dict[str, Any]]:
@@ -27,21 +27,44 @@ def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[
     ]
 
 
-def plan(db: Database, run: dict[str, Any], keep_last: int | None = None) -> list[dict[str, Any]]:
-    """What retention deletes for `run`: its own --keep-last-n-checkpoints unless `keep_last` is given."""
+def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """What retention deletes for `run`: its own --keep-last-n-checkpoints unless `keep_last` is given.
+
+    A row whose path is not in the run's own checkpoints directory is left alone, with a warning.
+    """
     settings = json.loads(run["settings"])
     keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", 1)
-    parents = {r["parent_checkpoint"] for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
-    return deletable(queries.checkpoints_of(db, run["id"]), keep, set(settings.get("permanent_checkpoints", [])), parents)
+    rows = queries.checkpoints_of(db, run["id"])
+    # A finetune may record its parent by another spelling of the same file (a symlinked home).
+    parents = {str(Path(r["parent_checkpoint"]).resolve())
+               for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
+    protected = {c["path"] for c in rows if c["state"] == "valid" and str(Path(c["path"]).resolve()) in parents}
+    own = []
+    for row in deletable(rows, keep, set(settings.get("permanent_checkpoints", [])), protected):
+        if files.is_own_checkpoint_file(run, row["path"]):
+            own.append(row)
+        else:
+            warn(_foreign(run, row))
+    return own
 
 
-def delete(db: Database, rows: list[dict[str, Any]]) -> int:
-    """Remove the files, then mark the rows; a crash in between leaves rows that the next look marks missing."""
+def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None] = print) -> int:
+    """Delete planned checkpoints (see files.remove_checkpoint); returns the bytes freed.
+
+    Only files in their run's own checkpoints directory are ever unlinked: this is checked again
+    here, whatever the caller planned.
+    """
+    runs: dict[str, dict[str, Any]] = {}
     freed = 0
     for row in rows:
-        path = Path(row["path"])
-        if path.exists():
-            freed += path.stat().st_size
-            path.unlink()
-        queries.mark_checkpoint(db, row["id"], "deleted")
+        run = runs.setdefault(row["run_id"], queries.get_run(db, row["run_id"]))
+        if not files.is_own_checkpoint_file(run, row["path"]):
+            warn(_foreign(run, row))
+            continue
+        freed += files.remove_checkpoint(db, run, row) or 0
     return freed
+
+
+def _foreign(run: dict[str, Any], row: dict[str, Any]) -> str:
+    return (f"not deleting step {row['step']} of run {run['id']}: its registered path {row['path']} is not in the "
+            f"run's checkpoints directory {files.checkpoints_dir(run)} (was the registry edited?)")
