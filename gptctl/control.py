@@ -40,6 +40,17 @@ def check_dataset(settings: TrainSettings) -> None:
                         "(instruction, context, response, category)")
 
 
+def check_extras(settings: TrainSettings) -> None:
+    """Optional packages and files the workers will need, checked before anything is written."""
+    from importlib.util import find_spec
+
+    for wanted, option, package in ((settings.wandb_log, "--wandb-log", "wandb"), (settings.tensorboard, "--tensorboard", "tensorboard")):
+        if wanted and find_spec(package) is None:
+            raise UserError(f"{option}: the {package} package is not installed; pip install 'gptctl[{package}]'")
+    if settings.hellaswag_file is not None and not settings.hellaswag_file.is_file():
+        raise UserError(f"--hellaswag-file: {settings.hellaswag_file} does not exist")
+
+
 def prepare_dataset(settings: TrainSettings):
     """A finetune's tokenized instruction set (None for pretraining, which reads shards in place)."""
     if settings.kind != "finetune":

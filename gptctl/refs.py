@@ -39,7 +39,7 @@ def resolve_checkpoint(ref: str, option: str) -> Path:
             raise UserError(f"{option}: {exc}") from None
         state = files.check_file(row, full=True) if row["state"] == "valid" else row["state"]
         if state != "valid":
-            queries.mark_checkpoint(db, row["id"], state)
+            queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])
             raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {state}")
         return Path(row["path"])
     row = files.newest_verified_checkpoint(db, run["id"], warn=lambda m: print(f"warning: {m}", file=sys.stderr))

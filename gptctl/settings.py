@@ -88,6 +88,19 @@ class TrainSettings(BaseModel):
     permanent_checkpoints: list[int] = Field(
         default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
     )
+    # watching
+    wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (pip install 'gptctl[wandb]'; "
+                            "WANDB_MODE=offline works without network).")
+    wandb_project: str = Field("gptctl", description="W&B project.")
+    wandb_run_name: str | None = Field(None, description="W&B run name. (default: the run name)")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files to RUN_DIR/tensorboard "
+                              "(pip install 'gptctl[tensorboard]').")
+    log_gradients: int = Field(0, ge=0, description="Every N steps, log per-parameter gradient norms and "
+                               "update/weight ratios (0 = never).")
+    hellaswag_interval: int = Field(0, ge=0, description="Steps between HellaSwag evaluations during training (0 = never).",
+                                    **PRETRAIN_ONLY)
+    hellaswag_file: Path | None = Field(None, description="HellaSwag items (JSONL) for --hellaswag-interval. "
+                                        "(default: the validation set, downloaded once)", **PRETRAIN_ONLY)
     # bookkeeping
     run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
     log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")

@@ -92,7 +92,8 @@ def _announce(loaded, path: Path) -> None:
 
 def _hellaswag(loaded, path: Path, items) -> dict:
     from gptctl.data.hellaswag import encode
-    from gptctl.engine.evaluate import autocast_for, hellaswag_accuracy
+    from gptctl.engine.distributed import autocast_for
+    from gptctl.engine.evaluate import hellaswag_accuracy
 
     encoded = encode(items, loaded.enc)
     _announce(loaded, path)
@@ -104,7 +105,8 @@ def _hellaswag(loaded, path: Path, items) -> dict:
 
 
 def _val_loss(loaded, path: Path, data_root: Path | None, batch_size: int | None, limit: int | None) -> dict:
-    from gptctl.engine.evaluate import autocast_for, val_batches, val_loss
+    from gptctl.engine.distributed import autocast_for
+    from gptctl.engine.evaluate import val_batches, val_loss
 
     settings = loaded.settings
     data_root = data_root or settings.data_root

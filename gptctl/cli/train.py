@@ -90,6 +90,7 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
     control.check_checkpoint_path(checkpoint_path, resume)
     control.check_world_size(settings)
+    control.check_extras(settings)
     if settings.node_rank > 0:
         if print_command:
             raise UserError("--print-command: run it on node 0 (--node-rank 0); every node runs the command it prints")
@@ -133,6 +134,8 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
         val = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "-"
         typer.echo(f"run {info['run_id']} {info['status']} at step {info['last_step']}/{info['max_steps']}: "
                    f"loss {loss}, val loss {val}; {len(info['checkpoints'])} checkpoint(s) in {info['run_dir']}", err=True)
+        if info["status"] == "failed" and outcome.run.get("error"):
+            typer.echo(f"error: {outcome.run['error']}", err=True)
     raise typer.Exit(outcome.exit_code)
 
 

@@ -1,6 +1,7 @@
 """Process-group setup: NCCL on CUDA, gloo on CPU; one device per local rank."""
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[requested]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for forward passes: autocast to `dtype`, or nothing for float32."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

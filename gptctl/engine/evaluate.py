@@ -22,10 +22,6 @@ from gptctl.errors import UserError
 IGNORE = -100  # targets the loss skips, as in GPT.forward
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def ending_batch(item: EncodedItem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets, (endings, T), right-padded: targets are the ending tokens, IGNORE elsewhere.
 

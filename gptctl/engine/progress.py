@@ -35,6 +35,8 @@ class TrainingProgress:
                 f"norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s")
         if row.get("val_loss") is not None:
             line += f" | val {row['val_loss']:.4f}"
+        if row.get("hellaswag_acc") is not None:
+            line += f" | hellaswag {row['hellaswag_acc']:.4f}"
         if row.get("mfu") is not None:
             line += f" | mfu {100 * row['mfu']:.1f}%"
         if self.log:

@@ -1,7 +1,6 @@
 """Text generation from a checkpoint: safe load, prompt encoding, token-by-token sampling, incremental decoding."""
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ from torch.nn import functional as F
 
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine import checkpoint as ckpt
-from gptctl.engine.distributed import resolve_device, resolve_dtype
+from gptctl.engine.distributed import autocast_for, resolve_device, resolve_dtype
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.errors import UserError
 from gptctl.presets import GPT2_VOCAB_SIZE
@@ -46,7 +45,7 @@ def generate(model: GPT, prompt_tokens: list[int], max_new_tokens: int, temperat
     block_size = model.config.block_size
     idx = torch.tensor([prompt_tokens[-block_size:]], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext():
+        with autocast_for(device, dtype):
             logits, _ = model(idx)
         # The padded vocabulary's extra rows are no tokens; tiktoken could not decode them.
         token = next_token(logits[0, -1, :GPT2_VOCAB_SIZE].float(), temperature, top_k, generator)

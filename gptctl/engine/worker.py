@@ -14,21 +14,29 @@ import time
 import traceback
 from pathlib import Path
 
+from gptctl.launch import LAUNCHED_ENV, die_with_parent
+
+if __name__ == "__main__":
+    # Before the slow imports below: a launcher killed while they run must not leave this process behind.
+    die_with_parent()
+    if os.getppid() == 1:  # torchrun is already gone
+        sys.exit(1)
+
 import numpy as np
 import torch
 
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine import parallel
-from gptctl.engine.distributed import broadcast_object, resolve_dtype, setup, teardown
+from gptctl.engine.distributed import autocast_for, broadcast_object, resolve_dtype, setup, teardown
 from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.sft import InstructionBatchLoader
+from gptctl.engine.loggers import ExternalLoggers
 from gptctl.engine.loop import LoopConfig, StopFlag, train
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
 from gptctl.errors import UserError
-from gptctl.launch import LAUNCHED_ENV, die_with_parent
 from gptctl.registry import files, open_registry, queries
 from gptctl.registry.locks import RunLock
 from gptctl.settings import TrainSettings
@@ -88,6 +96,12 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) ->
     if is_main:
         files.reconcile(db, queries.get_run(db, run_id))  # e.g. a file saved but not registered before a kill
         row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
+        bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
+        if row is None and bad:
+            # Starting over from step 0 would silently throw the run's progress away.
+            raise UserError(f"all {len(bad)} checkpoint(s) of run {run_id} are missing or corrupt "
+                               "(`gptctl ckpt verify --run RUN`); start a new run from a good file with "
+                               "--resume --checkpoint-path")
         path = row["path"] if row else init_checkpoint
     return broadcast_object(path)
 
@@ -134,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         if write and not os.environ.get(LAUNCHED_ENV):  # a bare torchrun: nobody holds the run for us
             lock = RunLock(Path(run["run_dir"]))
             if not lock.acquire():
-                raise RuntimeError(f"run {run['id']} is being trained by another process")
+                raise UserError(f"run {run['id']} is being trained by another process")
         return _train(db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
         if write:
             queries.update_run(db, run["id"], status="failed", ended_at=queries.now(), error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        if isinstance(exc, (ckpt.CheckpointWriteError, UserError)):
+            print(f"error: {exc}", flush=True)  # the user's problem to fix, not a bug: no traceback
+        else:
+            traceback.print_exc()
         return 1
     finally:
         if lock is not None:
@@ -178,7 +195,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
         start_step = int(state["step"])
         history = [m for m in state.get("metrics", []) if m["step"] <= start_step]
     if start_step >= settings.max_steps:
-        raise ValueError(f"the run is already at step {start_step}; raise --max-steps above it to continue")
+        raise UserError(f"the run is already at step {start_step}; raise --max-steps above it to continue")
 
     model = parallel.wrap(raw_model, d, settings.model_parallel, settings.compile)
 
@@ -206,9 +223,20 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     checkpoints = ckpt.CheckpointManager(db, run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
                                          set(settings.permanent_checkpoints), write)
 
+    loggers = ExternalLoggers(settings, run, run_dir, start_step, write)
+    if write and loggers.wandb_id:
+        queries.update_run(db, run["id"], wandb_run_id=loggers.wandb_id)
+
     def on_metrics(row: dict) -> None:
         history.append(row)
         sink(row)
+        loggers.log(row["step"], row)
+
+    def on_gradients(step: int, rows: list[dict]) -> None:
+        if write:
+            queries.write_gradient_stats(db, run["id"], step, rows)
+        loggers.log(step, {r["name"]: r["grad_norm"] for r in rows}, prefix="grad_norm")
+        loggers.log(step, {r["name"]: r["update_ratio"] for r in rows}, prefix="update_ratio")
 
     def state_fn(step: int) -> dict:
         sink.flush()  # metrics reach the registry before the checkpoint that contains them
@@ -225,14 +253,19 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
                           settings.max_steps, settings.lr_restarts),
         grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
         eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
-        flops_per_token=flops_per_token, peak_flops=peak,
+        flops_per_token=flops_per_token, peak_flops=peak, log_gradients=settings.log_gradients,
+        timing=settings.log_level == "debug",
     )
+    evals = {}
+    if settings.hellaswag_interval:
+        evals["hellaswag_acc"] = (settings.hellaswag_interval, hellaswag_eval(settings, raw_model, d, dtype))
     try:
         result = train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg, d, start_step, dtype,
-                       checkpoints, state_fn, on_metrics, progress, stop)
+                       checkpoints, state_fn, on_metrics, progress, stop, evals, on_gradients)
     finally:
         sink.flush()
         progress.close()
+        loggers.close()
     if write:
         status = "interrupted" if result.interrupted else "completed"
         queries.update_run(db, run["id"], status=status, last_step=result.last_step, ended_at=queries.now(),
@@ -240,6 +273,22 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
                            mfu=(flops_per_token * result.tokens_per_s / peak) if (peak and result.tokens_per_s) else None)
         print(f"run {run['id']} {status} at step {result.last_step}", flush=True)
     return 128 + stop.signum if result.interrupted and stop.signum else 0
+
+
+def hellaswag_eval(settings: TrainSettings, raw_model, d, dtype):
+    """HellaSwag accuracy of the model as it trains, items spread over the ranks."""
+    from gptctl.data import hellaswag
+    from gptctl.data.tokenizer import get_encoding
+    from gptctl.engine.evaluate import hellaswag_accuracy
+
+    path = settings.hellaswag_file
+    if path is None:  # one download, by rank 0, into the shared cache
+        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None))
+    items = hellaswag.encode(hellaswag.read_items(path), get_encoding())
+    # A sharded model's forward passes are collective, so every rank must score the same items
+    # (the counts summed over ranks then cancel out in the accuracy).
+    rank, world = (0, 1) if settings.model_parallel else (d.rank, d.world_size)
+    return lambda: hellaswag_accuracy(raw_model, items, d.device, autocast_for(d.device, dtype), rank, world).accuracy
 
 
 def _flops(settings: TrainSettings, device_name: str, dtype: torch.dtype, world_size: int):

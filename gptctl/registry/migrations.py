@@ -78,3 +78,18 @@ def m0002_val_loss_steps_index(db: Database) -> None:
     # `runs list` looks up each run's last val loss; evals are every N steps, so without this index
     # it would walk back over up to N metric rows per run.
     db.execute("create index if not exists metrics_val_loss_steps on metrics (run_id, step) where val_loss is not null")
+
+
+@migrations(name="0003_watching")
+def m0003_watching(db: Database) -> None:
+    # A run's W&B id, HellaSwag accuracy during pretraining, and --log-gradients' per-parameter rows.
+    if "wandb_run_id" not in db["runs"].columns_dict:
+        db["runs"].add_column("wandb_run_id", str)
+    if "hellaswag_acc" not in db["metrics"].columns_dict:
+        db["metrics"].add_column("hellaswag_acc", float)
+    db["grad_stats"].create(
+        {"run_id": str, "step": int, "name": str, "grad_norm": float, "update_ratio": float},
+        pk=("run_id", "step", "name"),
+        foreign_keys=[("run_id", "runs", "id")],
+        if_not_exists=True,
+    )

@@ -185,7 +185,7 @@ def write_metrics(db: Database, run_id: str, rows: list[dict[str, Any]]) -> None
     """One transaction per batch: the trainer flushes rarely, so per-step cost stays flat."""
     if not rows:
         return
-    columns = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen", "time"]
+    columns = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen", "time", "hellaswag_acc"]
     with transaction(db):
         for row in rows:
             present = [c for c in columns if row.get(c) is not None]
@@ -197,6 +197,15 @@ def write_metrics(db: Database, run_id: str, rows: list[dict[str, Any]]) -> None
             )
 
 
+def write_gradient_stats(db: Database, run_id: str, step: int, rows: list[dict[str, Any]]) -> None:
+    """One step's per-parameter gradient norms and update/weight ratios (--log-gradients), in one transaction."""
+    with transaction(db):
+        db.conn.executemany(
+            "insert or replace into grad_stats (run_id, step, name, grad_norm, update_ratio) values (?, ?, ?, ?, ?)",
+            [(run_id, step, r["name"], r["grad_norm"], r["update_ratio"]) for r in rows],
+        )
+
+
 def metrics_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     return list(db.query("select * from metrics where run_id = ? order by step", [run_id]))
 
@@ -205,6 +214,7 @@ def delete_metrics_after(db: Database, run_id: str, step: int) -> None:
     """On resume, steps after the checkpoint will be trained again; drop their stale numbers."""
     with transaction(db):
         db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
+        db.execute("delete from grad_stats where run_id = ? and step > ?", [run_id, step])
 
 
 def latest_run(db: Database) -> dict[str, Any]:
