@@ -1,6 +1,8 @@
-"""`gptctl runs list|show`."""
+"""`gptctl runs list|show|plot`."""
 
 import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich import box
@@ -9,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gptctl.cli import app
+from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
 
@@ -126,3 +129,40 @@ def show_cmd(
     console = Console()
     for key, value in fields.items():
         console.print(f"[bold]{key}[/]: {escape(value)}", highlight=False, soft_wrap=True)
+
+
+@runs_app.command("plot")
+def plot_cmd(
+    run_refs: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to overlay (ids, prefixes or names)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write a PNG (pip install 'gptctl[plot]') "
+                                          "instead of drawing in the terminal."),
+    x_axis: str = typer.Option("step", "--x", help="step or tokens."),
+):
+    """Train and val loss (and the learning rate) of one or more runs, against steps or tokens."""
+    from gptctl.plot import Series, png_plot, terminal_plot
+
+    if x_axis not in ("step", "tokens"):
+        raise UserError(f"--x: expected step or tokens, got {x_axis!r}")
+    if output is not None and output.suffix.lower() != ".png":
+        raise UserError(f"--output: {output} should end in .png")
+    if output is not None:
+        from importlib.util import find_spec
+
+        if find_spec("matplotlib") is None:
+            raise UserError("--output: matplotlib is not installed; pip install 'gptctl[plot]', or drop -o for a terminal plot")
+    db = open_registry(home_dir(), create=False)
+    runs = [queries.resolve_run(db, ref) for ref in run_refs]
+    panels: dict[str, list[Series]] = {"train loss": [], "val loss": [], "lr": []}
+    for run in runs:
+        metrics = queries.metrics_of(db, run["id"])
+        label = f"{run['name']} ({run['id']})"
+        for panel, key in (("train loss", "loss"), ("val loss", "val_loss"), ("lr", "lr")):
+            x_key = "step" if x_axis == "step" else "tokens_seen"
+            points = [(m[x_key], m[key]) for m in metrics if m[key] is not None and m[x_key] is not None]
+            panels[panel].append(Series(label, points))
+    if output is None:
+        for panel in ("train loss", "val loss"):
+            typer.echo(terminal_plot(panels[panel], panel, x_axis) + "\n")
+        return
+    png_plot(panels, x_axis, str(output))
+    typer.echo(str(output))

@@ -76,7 +76,8 @@ def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
     It ended when it last did something: its last metric, or now if it never trained a step.
     """
     if row["status"] in ACTIVE and row["host"] == socket.gethostname() and not run_is_locked(Path(row["run_dir"])):
-        last = [m["time"] for m in db.query("select time from metrics where run_id = ? order by step desc limit 1", [row["id"]])]
+        last = [m["time"] for m in db.query("select time from metrics where run_id = ? and time is not null "
+                                            "order by step desc limit 1", [row["id"]])]
         ended = row["ended_at"] or (datetime.fromtimestamp(last[0], timezone.utc).isoformat(timespec="seconds") if last else now())
         update_run(db, row["id"], status="stale", ended_at=ended)
         row = {**row, "status": "stale", "ended_at": ended}
