@@ -142,7 +142,7 @@ def queue(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None
 
 
 def follow(settings: TrainSettings) -> int:
-    """A node other than node 0: start its workers, which get the run from global rank 0; write nothing."""
+    """A node other than node 0: start its workers, which get the run from node 0's; write nothing."""
     code, forwarded = launch.run_workers(launch.torchrun_command(settings, home_dir().resolve(), None))
     return 128 + forwarded if forwarded else code
 

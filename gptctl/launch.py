@@ -36,12 +36,13 @@ def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None) ->
     if settings.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += [
-            f"--nnodes={settings.nnodes}",
-            f"--node-rank={settings.node_rank}",
-            f"--master-addr={settings.master_addr}",
-            f"--master-port={settings.master_port}",
-        ]
+        cmd.append(f"--nnodes={settings.nnodes}")
+        if settings.rdzv_endpoint:  # c10d: ranks in arrival order; the workers elect node 0's as main
+            rdzv_id = settings.rdzv_id or settings.run_name or settings.kind
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        else:
+            cmd += [f"--node-rank={settings.node_rank}", f"--master-addr={settings.master_addr}",
+                    f"--master-port={settings.master_port}"]
     if settings.max_restarts:
         cmd.append(f"--max-restarts={settings.max_restarts}")
     cmd += ["-m", ENGINE_MODULE, "--home", str(home)]

@@ -111,6 +111,9 @@ class TrainSettings(BaseModel):
     node_rank: int = Field(0, ge=0, description="This node's rank.")
     master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node).")
     master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node).")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of a c10d rendezvous, instead of the static "
+                                      "--master-addr/--master-port (nodes may then join in any order).")
+    rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes of one job. (default: the run name)")
     max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
                               "newest valid checkpoint.")
 

@@ -127,3 +127,27 @@ def test_two_nodes_train_together_like_one_node(shakespeare, gptctl_home):
     for step, (loss, val) in one_node.items():
         assert two_nodes[step][0] == pytest.approx(loss, abs=1e-5)
         assert (val is None) == (two_nodes[step][1] is None)
+
+
+@pytest.mark.slow
+def test_c10d_rendezvous_nodes_join_in_any_order(shakespeare, gptctl_home):
+    """With c10d, ranks follow arrival order: node 1 starts first, so its worker likely gets rank 0, yet
+    node 0's worker (the one whose launcher created the run) writes the registry and checkpoints."""
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--checkpoint-interval", "4"]
+    gptctl("pretrain", *args, "--nproc-per-node", "2", "--run-name", "one-node", home=gptctl_home)
+    one_node = losses(gptctl_home, only_run_id(gptctl_home, "one-node"))
+
+    multi = ["pretrain", *args, "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "job1",
+             "--run-name", "c10d"]
+    env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
+    follower = subprocess.Popen([sys.executable, "-m", "gptctl", *multi, "--node-rank", "1"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    leader = subprocess.Popen([sys.executable, "-m", "gptctl", *multi, "--node-rank", "0", "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=300) for p in (leader, follower)]
+    assert [leader.returncode, follower.returncode] == [0, 0], outputs
+    summary = json.loads(outputs[0][0])
+    assert summary["status"] == "completed" and len(summary["checkpoints"]) == 1
+    c10d = losses(gptctl_home, summary["run_id"])
+    assert all(c10d[s][0] == pytest.approx(one_node[s][0], abs=1e-5) for s in one_node)

@@ -2,7 +2,7 @@
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -14,10 +14,11 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    main_rank: int = 0  # the one rank that writes the registry and checkpoints
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.main_rank
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -70,6 +71,22 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def elect_main(d: Dist, run: dict | None) -> tuple[Dist, dict | None]:
+    """The lowest rank whose launcher created the run becomes main, and every rank gets that run.
+
+    With static rendezvous that is global rank 0; with c10d rendezvous ranks are handed out in
+    arrival order, so node 0's workers may hold any ranks.
+    """
+    if not dist.is_initialized():
+        return d, run
+    runs = [None] * d.world_size
+    dist.all_gather_object(runs, run)
+    holders = [rank for rank, r in enumerate(runs) if r is not None]
+    if not holders:
+        return d, None
+    return replace(d, main_rank=holders[0]), runs[holders[0]]
 
 
 def teardown() -> None:

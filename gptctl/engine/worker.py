@@ -1,8 +1,8 @@
 """Entry point of every torchrun worker: `python -m gptctl.engine.worker --home H --run-id ID`.
 
 A worker always continues its run from the newest verified checkpoint if one exists, so a
-resumed run and a worker restarted by torchrun take the same path. Only global rank 0 writes
-the registry and checkpoint files.
+resumed run and a worker restarted by torchrun take the same path. Only the main rank (global
+rank 0, or with c10d rendezvous the lowest rank on node 0) writes the registry and checkpoint files.
 """
 
 import argparse
@@ -27,7 +27,7 @@ import torch
 
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine import parallel
-from gptctl.engine.distributed import autocast_for, broadcast_object, resolve_dtype, setup, teardown
+from gptctl.engine.distributed import autocast_for, broadcast_object, elect_main, resolve_dtype, setup, teardown
 from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.sft import InstructionBatchLoader
@@ -90,10 +90,10 @@ class MetricsSink:
         self.last_flush = time.monotonic()
 
 
-def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) -> str | None:
-    """Rank 0 picks the checkpoint to start from; every rank loads the same file."""
+def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> str | None:
+    """The main rank picks the checkpoint to start from; every rank loads the same file."""
     path = None
-    if is_main:
+    if d.is_main:
         files.reconcile(db, queries.get_run(db, run_id))  # e.g. a file saved but not registered before a kill
         row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
@@ -103,7 +103,7 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, is_main: bool) ->
                                "(`gptctl ckpt verify --run RUN`); start a new run from a good file with "
                                "--resume --checkpoint-path")
         path = row["path"] if row else init_checkpoint
-    return broadcast_object(path)
+    return broadcast_object(path, src=d.main_rank)
 
 
 def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", help="The run to train (node 0).")
-    target.add_argument("--settings", help="Settings JSON, on nodes other than node 0: the run comes from rank 0.")
+    target.add_argument("--settings", help="Settings JSON, on nodes other than node 0: the run comes from node 0.")
     parser.add_argument("--init-checkpoint", default=None)
     args = parser.parse_args(argv)
     die_with_parent()
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         run = queries.get_run(db, args.run_id)
     settings = TrainSettings.model_validate_json(run["settings"] if run else args.settings)
     d = setup(settings.device)
-    run = broadcast_object(run if d.is_main else None)  # every node trains the run node 0 created
+    d, run = elect_main(d, run)  # every node trains the run node 0 created
     if run is None:
-        print("error: global rank 0 has no run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
+        print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
     settings = TrainSettings.model_validate_json(run["settings"])  # node 0's settings win over a follower's own
     write = d.is_main
@@ -182,7 +182,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
 
     start_step, history = 0, []
-    start_path = choose_start(db, run["id"], init_checkpoint, d.is_main)
+    start_path = choose_start(db, run["id"], init_checkpoint, d)
     if start_path is None and settings.pretrained_checkpoint:
         # A finetune's first start: the parent's weights, but a fresh optimizer, schedule and step count.
         parallel.load_full_state(raw_model, None, ckpt.load(Path(settings.pretrained_checkpoint))["model"])
@@ -219,6 +219,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
         f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
         f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
         + (f", resuming from step {start_step}" if start_step else "")
+        + (f"; writing as rank {d.main_rank}" if d.main_rank else "")
     )
     checkpoints = ckpt.CheckpointManager(db, run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
                                          set(settings.permanent_checkpoints), write)
@@ -282,8 +283,8 @@ def hellaswag_eval(settings: TrainSettings, raw_model, d, dtype):
     from gptctl.engine.evaluate import hellaswag_accuracy
 
     path = settings.hellaswag_file
-    if path is None:  # one download, by rank 0, into the shared cache
-        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None))
+    if path is None:  # one download, by the main rank, into the shared cache
+        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None, src=d.main_rank))
     items = hellaswag.encode(hellaswag.read_items(path), get_encoding())
     # A sharded model's forward passes are collective, so every rank must score the same items
     # (the counts summed over ranks then cancel out in the accuracy).
