@@ -84,6 +84,8 @@ class TrainSettings(BaseModel):
     eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
     eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")
     checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.")
+    async_checkpoint: bool = Field(True, description="Write checkpoints in a background thread; training waits "
+                                   "only for a copy of the state in CPU memory.")
     keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
     permanent_checkpoints: list[int] = Field(
         default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."

@@ -137,3 +137,61 @@ def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert (size, sha) == (path.stat().st_size, sha256_of(path))
     assert torch.equal(load(path)["weights"], state["weights"])
+
+
+def _manager(home, run_dir, asynchronous=True):
+    from gptctl.engine.checkpoint import CheckpointManager
+    from gptctl.registry import open_registry, queries
+
+    db = open_registry(home)
+    queries.insert_run(db, {"id": "r1", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
+    return db, CheckpointManager(lambda: open_registry(home), "r1", run_dir / "checkpoints", 2, set(), True, asynchronous)
+
+
+def test_asynchronous_save_snapshots_the_state_and_registers_when_durable(gptctl_home, tmp_path, monkeypatch):
+    from gptctl.engine.checkpoint import load
+    from gptctl.registry import queries
+
+    db, manager = _manager(gptctl_home, tmp_path / "run")
+    weights = torch.zeros(1000)
+    monkeypatch.setenv("GPTCTL_TEST_SLOW_SAVE", "1.0")  # the write stalls after its first bytes
+    manager.save(1, {"model": {"w": weights}, "step": 1})
+    weights += 1  # the next optimizer step, while the checkpoint is still being written
+    assert queries.checkpoints_of(db, "r1") == []  # not registered before it is durable
+    manager.wait()
+    [row] = queries.checkpoints_of(db, "r1")
+    assert row["step"] == 1 and torch.equal(load(Path(row["path"]))["model"]["w"], torch.zeros(1000))
+
+
+def test_a_failed_background_save_is_raised_by_wait_and_registers_nothing(gptctl_home, tmp_path, monkeypatch):
+    from gptctl.engine.checkpoint import CheckpointWriteError
+    from gptctl.registry import queries
+
+    db, manager = _manager(gptctl_home, tmp_path / "run")
+    manager.save(1, {"w": torch.zeros(10)})
+    manager.wait()
+    monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "100")
+    manager.save(2, {"w": torch.zeros(1000)})  # fails in the background; training would carry on
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        manager.wait()
+    assert [r["step"] for r in queries.checkpoints_of(db, "r1")] == [1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["model_00001.pt"]
+
+
+def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
+    from gptctl.cli.ckpt import PLAIN_ABOVE
+    from gptctl.registry import files, open_registry, queries
+
+    db = open_registry(gptctl_home)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    queries.insert_run(db, {"id": "r1", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
+    for step in range(1, PLAIN_ABOVE + 11):
+        path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
+        path.write_bytes(b"x")
+        queries.register_checkpoint(db, "r1", step, path, 1, files.sha256_of(path), pinned=step == 7)
+    lines = runner.invoke(app, ["ckpt", "list"]).stdout.splitlines()
+    assert lines[0].split() == ["run", "step", "size", "age", "val", "loss", "pinned", "state", "path"]
+    assert len(lines) == 1 + PLAIN_ABOVE + 10 + 1  # header, rows, total
+    assert lines[7].split()[:2] == ["r1", "7"] and "yes" in lines[7] and lines[7].endswith("model_00007.pt")
+    assert len({line.index("valid") for line in lines[1:-1]}) == 1  # columns line up

@@ -4,7 +4,9 @@ import errno
 import hashlib
 import os
 import pickle
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +122,35 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UnsafeCheckpoint(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
 
 
+def cpu_copy(obj: Any) -> Any:
+    """A copy of a state whose tensors the training loop can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 class CheckpointManager:
     """Where checkpoints live and what is kept. The loop only calls `save(step, state)`.
 
     Registration happens after the rename, so a registered checkpoint is always complete;
     retention runs after registration and never touches the newest checkpoint.
+
+    Asynchronous saves block the loop only while the state is copied into CPU memory; a background
+    thread (with its own registry connection from `connect`) writes, registers and applies retention.
+    One save is in flight at a time, and a failed background save is raised by the next `save` or
+    by `wait`, which the trainer calls before it reports the run's outcome.
     """
 
-    def __init__(self, db, run_id: str, directory: Path, keep_last: int, permanent: set[int], write: bool):
-        self.db, self.run_id, self.directory = db, run_id, directory
-        self.keep_last, self.permanent, self.write = keep_last, permanent, write
+    def __init__(self, connect: Callable[[], Any], run_id: str, directory: Path, keep_last: int, permanent: set[int],
+                 write: bool, asynchronous: bool = False):
+        self.connect, self.run_id, self.directory = connect, run_id, directory
+        self.keep_last, self.permanent, self.write, self.asynchronous = keep_last, permanent, write, asynchronous
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
         if write:
             directory.mkdir(parents=True, exist_ok=True)
             for leftover in directory.glob(TMP_PREFIX + "*"):
@@ -138,6 +159,31 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> None:
         if not self.write:
             return
+        if not self.asynchronous:
+            self._write(step, state)
+            return
+        self.wait()
+        snapshot = cpu_copy(state)
+        self._pending = threading.Thread(target=self._write_in_background, args=(step, snapshot),
+                                         name=f"checkpoint-{step}")
+        self._pending.start()
+
+    def wait(self) -> None:
+        """Until the save in flight is durable and registered; raises its error if it failed."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_in_background(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            self._write(step, state)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
         from gptctl.registry import queries, retention
 
         path = self.directory / checkpoint_name(step)
@@ -148,9 +194,10 @@ class CheckpointManager:
                 f"could not write the checkpoint of step {step} in {self.directory}: {exc.strerror or exc}; "
                 f"earlier checkpoints are intact; fix this (e.g. free disk space), then `gptctl resume {self.run_id}`"
             ) from exc
-        queries.register_checkpoint(self.db, self.run_id, step, path, size, sha, pinned=step in self.permanent)
-        run = queries.get_run(self.db, self.run_id)
-        retention.delete(self.db, retention.plan(self.db, run, self.keep_last, _warn), _warn)
+        db = self.connect()  # sqlite connections belong to the thread that opened them
+        queries.register_checkpoint(db, self.run_id, step, path, size, sha, pinned=step in self.permanent)
+        run = queries.get_run(db, self.run_id)
+        retention.delete(db, retention.plan(db, run, self.keep_last, _warn), _warn)
 
 
 def _warn(message: str) -> None:

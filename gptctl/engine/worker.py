@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             lock = RunLock(Path(run["run_dir"]))
             if not lock.acquire():
                 raise UserError(f"run {run['id']} is being trained by another process")
-        return _train(db, run, settings, d, args.init_checkpoint, stop, write)
+        return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
         if write:
             queries.update_run(db, run["id"], status="failed", ended_at=queries.now(), error=f"{type(exc).__name__}: {exc}")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
 
 
-def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:
+def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:
     run_dir = Path(run["run_dir"])
     accumulation = settings.resolved_accumulation(d.world_size)
     dtype = resolve_dtype(settings.dtype, d.device)
@@ -221,8 +221,9 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
         + (f", resuming from step {start_step}" if start_step else "")
         + (f"; writing as rank {d.main_rank}" if d.main_rank else "")
     )
-    checkpoints = ckpt.CheckpointManager(db, run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
-                                         set(settings.permanent_checkpoints), write)
+    checkpoints = ckpt.CheckpointManager(lambda: open_registry(home), run["id"], run_dir / "checkpoints",
+                                         settings.keep_last_n_checkpoints, set(settings.permanent_checkpoints), write,
+                                         asynchronous=settings.async_checkpoint)
 
     loggers = ExternalLoggers(settings, run, run_dir, start_step, write)
     if write and loggers.wandb_id:
@@ -263,6 +264,7 @@ def _train(db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag,
     try:
         result = train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg, d, start_step, dtype,
                        checkpoints, state_fn, on_metrics, progress, stop, evals, on_gradients)
+        checkpoints.wait()  # the last checkpoint is durable and registered before the run says it ended
     finally:
         sink.flush()
         progress.close()
