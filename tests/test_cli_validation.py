@@ -100,3 +100,20 @@ def test_light_commands_do_not_import_heavy_modules(argv, gptctl_home):
     assert proc.returncode == 0, proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "datasets", "tiktoken", "numpy"}, imported & {"torch", "datasets", "tiktoken", "numpy"}
+
+
+def test_save_config_writes_toml_that_config_reads_back(shakespeare, gptctl_home):
+    """--print-command creates the run (and its config.toml) without training: enough to check the round trip."""
+    import json
+
+    args = base(shakespeare) + ["--lr-scheduler", "cosine_with_restarts", "--lr-restarts", "2", "--max-lr", "1e-3",
+                                "--permanent-checkpoints", "4,8", "--no-async-checkpoint", "--run-name", "orig"]
+    assert runner.invoke(app, args + ["--save-config", "--print-command"]).exit_code == 0
+    runs = json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout)
+    original = json.loads(runner.invoke(app, ["runs", "show", runs[0]["id"], "--json"]).stdout)
+    toml = f"{original['run_dir']}/config.toml"
+    result = runner.invoke(app, ["pretrain", "--config", toml, "--run-name", "copy", "--print-command"])
+    assert result.exit_code == 0, result.output
+    copy_id = [r["id"] for r in json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout) if r["name"] == "copy"][0]
+    copy = json.loads(runner.invoke(app, ["runs", "show", copy_id, "--json"]).stdout)
+    assert {**copy["settings"], "run_name": "orig"} == original["settings"]
