@@ -149,5 +149,9 @@ def test_c10d_rendezvous_nodes_join_in_any_order(shakespeare, gptctl_home):
     assert [leader.returncode, follower.returncode] == [0, 0], outputs
     summary = json.loads(outputs[0][0])
     assert summary["status"] == "completed" and len(summary["checkpoints"]) == 1
+    import torch
+
+    state = torch.load(summary["checkpoints"][0], weights_only=True)  # whoever got rank 0 wrote a full state
+    assert "transformer.wte.weight" in state["model"] and state["optimizer"]["state"]
     c10d = losses(gptctl_home, summary["run_id"])
     assert all(c10d[s][0] == pytest.approx(one_node[s][0], abs=1e-5) for s in one_node)

@@ -2,7 +2,7 @@
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,11 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
-    main_rank: int = 0  # the one rank that writes the registry and checkpoints
 
     @property
     def is_main(self) -> bool:
-        return self.rank == self.main_rank
+        """Global rank 0 writes the registry and checkpoints (it alone receives gathered full state dicts)."""
+        return self.rank == 0
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -73,20 +73,14 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def elect_main(d: Dist, run: dict | None) -> tuple[Dist, dict | None]:
-    """The lowest rank whose launcher created the run becomes main, and every rank gets that run.
-
-    With static rendezvous that is global rank 0; with c10d rendezvous ranks are handed out in
-    arrival order, so node 0's workers may hold any ranks.
-    """
+def share_run(d: Dist, run: dict | None) -> dict | None:
+    """Every rank gets the run that node 0's workers hold. With c10d rendezvous ranks follow arrival
+    order, so global rank 0 (the writer) may be on another node and learns the run here."""
     if not dist.is_initialized():
-        return d, run
+        return run
     runs = [None] * d.world_size
     dist.all_gather_object(runs, run)
-    holders = [rank for rank, r in enumerate(runs) if r is not None]
-    if not holders:
-        return d, None
-    return replace(d, main_rank=holders[0]), runs[holders[0]]
+    return next((r for r in runs if r is not None), None)
 
 
 def teardown() -> None:

@@ -19,15 +19,15 @@ from gptctl.launch import LAUNCHED_ENV, die_with_parent
 if __name__ == "__main__":
     # Before the slow imports below: a launcher killed while they run must not leave this process behind.
     die_with_parent()
-    if os.getppid() == 1:  # torchrun is already gone
-        sys.exit(1)
+    if os.environ.get(LAUNCHED_ENV) and os.getppid() == 1:  # gptctl's torchrun is already gone (a bare
+        sys.exit(1)  # torchrun may itself be PID 1, in a container)
 
 import numpy as np
 import torch
 
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine import parallel
-from gptctl.engine.distributed import autocast_for, broadcast_object, elect_main, resolve_dtype, setup, teardown
+from gptctl.engine.distributed import autocast_for, broadcast_object, resolve_dtype, setup, share_run, teardown
 from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.sft import InstructionBatchLoader
@@ -42,6 +42,10 @@ from gptctl.registry.locks import RunLock
 from gptctl.settings import TrainSettings
 
 METRICS_FLUSH_SECONDS = 5.0
+
+
+class RunRefused(UserError):
+    """This worker may not train the run (another trainer holds it, or it is already done): change nothing."""
 
 
 def rng_state() -> dict:
@@ -91,19 +95,21 @@ class MetricsSink:
 
 
 def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> str | None:
-    """The main rank picks the checkpoint to start from; every rank loads the same file."""
-    path = None
+    """The main rank picks the checkpoint to start from; every rank loads the same file, or fails alike."""
+    path = error = None
     if d.is_main:
         files.reconcile(db, queries.get_run(db, run_id))  # e.g. a file saved but not registered before a kill
         row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:
             # Starting over from step 0 would silently throw the run's progress away.
-            raise UserError(f"all {len(bad)} checkpoint(s) of run {run_id} are missing or corrupt "
-                               "(`gptctl ckpt verify --run RUN`); start a new run from a good file with "
-                               "--resume --checkpoint-path")
+            error = (f"all {len(bad)} checkpoint(s) of run {run_id} are missing or corrupt "
+                     "(`gptctl ckpt verify --run RUN`); start a new run from a good file with --resume --checkpoint-path")
         path = row["path"] if row else init_checkpoint
-    return broadcast_object(path, src=d.main_rank)
+    path, error = broadcast_object((path, error))  # the other ranks must not wait in a collective for a dead rank
+    if error:
+        raise UserError(error)
+    return path
 
 
 def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
@@ -137,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         run = queries.get_run(db, args.run_id)
     settings = TrainSettings.model_validate_json(run["settings"] if run else args.settings)
     d = setup(settings.device)
-    d, run = elect_main(d, run)  # every node trains the run node 0 created
+    run = share_run(d, run)  # every node trains the run node 0 created
+    if run is not None and d.is_main and db is None:  # rank 0 landed on another node: the home is shared
+        db = open_registry(args.home)
     if run is None:
         print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
@@ -148,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         if write and not os.environ.get(LAUNCHED_ENV):  # a bare torchrun: nobody holds the run for us
             lock = RunLock(Path(run["run_dir"]))
             if not lock.acquire():
-                raise UserError(f"run {run['id']} is being trained by another process")
+                raise RunRefused(f"run {run['id']} is being trained by another process")
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
-        if write:
+        if write and not isinstance(exc, RunRefused):  # a refusal leaves the run as it was
             queries.update_run(db, run["id"], status="failed", ended_at=queries.now(), error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, (ckpt.CheckpointWriteError, UserError)):
             print(f"error: {exc}", flush=True)  # the user's problem to fix, not a bug: no traceback
@@ -195,7 +203,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         start_step = int(state["step"])
         history = [m for m in state.get("metrics", []) if m["step"] <= start_step]
     if start_step >= settings.max_steps:
-        raise UserError(f"the run is already at step {start_step}; raise --max-steps above it to continue")
+        raise RunRefused(f"the run is already at step {start_step}; raise --max-steps above it to continue")
 
     model = parallel.wrap(raw_model, d, settings.model_parallel, settings.compile)
 
@@ -219,11 +227,12 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
         f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
         + (f", resuming from step {start_step}" if start_step else "")
-        + (f"; writing as rank {d.main_rank}" if d.main_rank else "")
+
     )
     checkpoints = ckpt.CheckpointManager(lambda: open_registry(home), run["id"], run_dir / "checkpoints",
                                          settings.keep_last_n_checkpoints, set(settings.permanent_checkpoints), write,
-                                         asynchronous=settings.async_checkpoint)
+                                         asynchronous=settings.async_checkpoint,
+                                         copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
 
     loggers = ExternalLoggers(settings, run, run_dir, start_step, write)
     if write and loggers.wandb_id:
@@ -286,7 +295,7 @@ def hellaswag_eval(settings: TrainSettings, raw_model, d, dtype):
 
     path = settings.hellaswag_file
     if path is None:  # one download, by the main rank, into the shared cache
-        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None, src=d.main_rank))
+        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None))
     items = hellaswag.encode(hellaswag.read_items(path), get_encoding())
     # A sharded model's forward passes are collective, so every rank must score the same items
     # (the counts summed over ranks then cancel out in the accuracy).
