@@ -60,12 +60,12 @@ def gptctl_save_atomic(state, directory: Path, step: int, manager) -> None:
 
 
 def gptctl_manager_save(state, directory: Path, step: int, manager) -> None:
-    manager.synchronous.save(step, state)  # save_atomic, then register, then retention, all in the loop
+    manager.synchronous.save(step, lambda: state)  # save_atomic, then register, then retention, all in the loop
 
 
 def gptctl_manager_save_async(state, directory: Path, step: int, manager) -> None:
     """What the loop waits for by default: the copy into CPU memory (and any save still in flight)."""
-    manager.asynchronous.save(step, state)
+    manager.asynchronous.save(step, lambda: state)
 
 
 def _settle(manager) -> None:

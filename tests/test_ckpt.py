@@ -2,6 +2,7 @@
 
 import errno
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_asynchronous_save_snapshots_the_state_and_registers_when_durable(gptctl
     db, manager = _manager(gptctl_home, tmp_path / "run")
     weights = torch.zeros(1000)
     monkeypatch.setenv("GPTCTL_TEST_SLOW_SAVE", "1.0")  # the write stalls after its first bytes
-    manager.save(1, {"model": {"w": weights}, "step": 1})
+    manager.save(1, lambda: {"model": {"w": weights}, "step": 1})
     weights += 1  # the next optimizer step, while the checkpoint is still being written
     assert queries.checkpoints_of(db, "r1") == []  # not registered before it is durable
     manager.wait()
@@ -168,10 +169,14 @@ def test_a_failed_background_save_is_raised_by_wait_and_registers_nothing(gptctl
     from gptctl.registry import queries
 
     db, manager = _manager(gptctl_home, tmp_path / "run")
-    manager.save(1, {"w": torch.zeros(10)})
+    manager.save(1, lambda: {"w": torch.zeros(10)})
     manager.wait()
     monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "100")
-    manager.save(2, {"w": torch.zeros(1000)})  # fails in the background; training would carry on
+    manager.save(2, lambda: {"w": torch.zeros(1000)})  # fails in the background; training would carry on
+    deadline = time.time() + 30
+    while not manager.failed and time.time() < deadline:  # the loop sees this flag at its next step
+        time.sleep(0.05)
+    assert manager.failed
     with pytest.raises(CheckpointWriteError, match="No space left"):
         manager.wait()
     assert [r["step"] for r in queries.checkpoints_of(db, "r1")] == [1]

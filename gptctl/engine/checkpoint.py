@@ -139,16 +139,19 @@ class CheckpointManager:
     Registration happens after the rename, so a registered checkpoint is always complete;
     retention runs after registration and never touches the newest checkpoint.
 
-    Asynchronous saves block the loop only while the state is copied into CPU memory; a background
-    thread (with its own registry connection from `connect`) writes, registers and applies retention.
-    One save is in flight at a time, and a failed background save is raised by the next `save` or
-    by `wait`, which the trainer calls before it reports the run's outcome.
+    Asynchronous saves block the loop only while the state is copied into CPU memory (`copy_state`:
+    not needed where the state is already a fresh copy, e.g. gathered from CUDA with cpu_offload); a
+    background thread (with its own registry connection from `connect`) writes, registers and applies
+    retention. One save is in flight at a time. A failed background save shows in `failed` at once
+    (the loop votes on it every step, so all ranks stop together) and is raised by `raise_failure`,
+    the next `save`, or `wait`, which the trainer calls before it reports the run's outcome.
     """
 
     def __init__(self, connect: Callable[[], Any], run_id: str, directory: Path, keep_last: int, permanent: set[int],
-                 write: bool, asynchronous: bool = False):
+                 write: bool, asynchronous: bool = False, copy_state: bool = True):
         self.connect, self.run_id, self.directory = connect, run_id, directory
         self.keep_last, self.permanent, self.write, self.asynchronous = keep_last, permanent, write, asynchronous
+        self.copy_state = copy_state
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
         if write:
@@ -156,14 +159,27 @@ class CheckpointManager:
             for leftover in directory.glob(TMP_PREFIX + "*"):
                 leftover.unlink(missing_ok=True)  # an interrupted save; never a valid checkpoint
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def raise_failure(self) -> None:
+        """Called on every rank once any rank reported `failed`."""
+        if self.write:
+            self.wait()
+        raise CheckpointWriteError("the rank that writes checkpoints could not write one; see its error")
+
+    def save(self, step: int, make_state: Callable[[], dict[str, Any]]) -> None:
+        """Every rank calls this (gathering a sharded model's state is collective); rank 0 writes."""
+        if self.write:
+            self.wait()  # before the next state exists: at most one snapshot besides the live state
+        state = make_state()
         if not self.write:
             return
         if not self.asynchronous:
             self._write(step, state)
             return
-        self.wait()
-        snapshot = cpu_copy(state)
+        snapshot = cpu_copy(state) if self.copy_state else state
         self._pending = threading.Thread(target=self._write_in_background, args=(step, snapshot),
                                          name=f"checkpoint-{step}")
         self._pending.start()

@@ -90,10 +90,14 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
             scaler.update()
             if watch:
                 on_gradients(step, update_ratios(raw_model, before))
-        # One all-reduce carries the loss and whether any rank was asked to stop.
-        packed = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
+        # One all-reduce carries the loss, whether any rank was asked to stop, and whether a background
+        # checkpoint save failed (so that every rank stops, not only the writer).
+        flags = torch.tensor([float(stop.requested), float(checkpoints.failed)], device=device)
+        packed = torch.cat([loss_sum.reshape(1), flags])
         all_reduce_sum(packed)
-        loss_total, stop_votes = packed.tolist()  # the step's one host-device sync, for logging
+        loss_total, stop_votes, save_failures = packed.tolist()  # the step's one host-device sync, for logging
+        if save_failures:
+            checkpoints.raise_failure()
         loss_value, stop_now = loss_total / dist_.world_size, stop_votes > 0
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.tokens_per_step / dt
@@ -114,7 +118,7 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
         progress.update(row)
         with phases("checkpoint"):
             if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now:
-                checkpoints.save(step, state_fn(step))
+                checkpoints.save(step, lambda: state_fn(step))
         if cfg.timing:
             progress.message(f"step {step} timing: {phases.report()}")
         if stop_now:
