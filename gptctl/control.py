@@ -126,9 +126,9 @@ def lock_existing(run: dict[str, Any]) -> RunLock:
     return lock
 
 
-def _command(run: dict[str, Any], init_checkpoint: str | None) -> list[str]:
+def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool = False) -> list[str]:
     settings = TrainSettings.model_validate_json(run["settings"])
-    cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"])
+    cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"], job_script)
     if init_checkpoint:
         cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
     return cmd
@@ -138,7 +138,7 @@ def queue(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
     queries.update_run(open_registry(home_dir()), run["id"], status="queued")
     lock.release()
-    return shlex.join(_command(run, init_checkpoint))
+    return shlex.join(_command(run, init_checkpoint, job_script=True))
 
 
 def follow(settings: TrainSettings) -> int:

@@ -29,10 +29,12 @@ def processes_per_node(settings: TrainSettings) -> int:
 LAUNCHED_ENV = "GPTCTL_LAUNCHED"
 
 
-def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None) -> list[str]:
+def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None, job_script: bool = False) -> list[str]:
     """The torchrun command line; `run_id` is None on nodes other than node 0, whose workers learn
-    the run from global rank 0 once the process group is up."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes_per_node(settings)}"]
+    the run from node 0's once the process group is up. For a job script, `--nproc-per-node gpu`
+    stays "gpu": the GPUs are counted on the node that runs it, not on the one that submits it."""
+    nproc = "gpu" if job_script and settings.nproc_per_node == "gpu" else processes_per_node(settings)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if settings.nnodes == 1:
         cmd.append("--standalone")
     else:

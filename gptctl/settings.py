@@ -119,6 +119,16 @@ class TrainSettings(BaseModel):
     max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
                               "newest valid checkpoint.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_settings(cls, values: Any) -> Any:
+        """Settings stored by earlier versions (runs, checkpoints, config files) still load."""
+        if isinstance(values, dict) and "decay_lr" in values:
+            values = dict(values)
+            decay = values.pop("decay_lr")
+            values.setdefault("lr_scheduler", "cosine" if decay else "constant")
+        return values
+
     @field_validator("permanent_checkpoints", mode="before")
     @classmethod
     def _parse_steps(cls, value: Any) -> Any:

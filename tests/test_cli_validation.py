@@ -117,3 +117,10 @@ def test_save_config_writes_toml_that_config_reads_back(shakespeare, gptctl_home
     copy_id = [r["id"] for r in json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout) if r["name"] == "copy"][0]
     copy = json.loads(runner.invoke(app, ["runs", "show", copy_id, "--json"]).stdout)
     assert {**copy["settings"], "run_name": "orig"} == original["settings"]
+
+
+def test_settings_stored_by_earlier_versions_still_load():
+    from gptctl.settings import TrainSettings
+
+    assert TrainSettings.model_validate_json('{"decay_lr": true}').lr_scheduler == "cosine"
+    assert TrainSettings.model_validate({"decay_lr": False}).lr_scheduler == "constant"

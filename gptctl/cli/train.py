@@ -93,7 +93,8 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
     control.check_extras(settings)
     if settings.node_rank > 0:
         if print_command:
-            raise UserError("--print-command: run it on node 0 (--node-rank 0); every node runs the command it prints")
+            raise UserError("--print-command: run it for node 0 (--node-rank 0); each node then runs the printed "
+                            "command (with its own --node-rank unless --rdzv-endpoint is used)")
         typer.echo(f"node {settings.node_rank} of {settings.nnodes}: joining the run node 0 trains "
                    f"(rendezvous at {settings.master_addr}:{settings.master_port})", err=True)
         raise typer.Exit(control.follow(settings))
@@ -113,6 +114,9 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
     if print_command:
         typer.echo(control.queue(run, lock, init_checkpoint=init))
+        if settings.nnodes > 1 and not settings.rdzv_endpoint:
+            typer.echo("every node runs this command with its own --node-rank=R (0 as printed is node 0's); "
+                       "with --rdzv-endpoint the command is the same on every node", err=True)
         return
     _finish(control.execute(run, lock, init_checkpoint=init), as_json)
 
