@@ -200,3 +200,16 @@ def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
     assert len(lines) == 1 + PLAIN_ABOVE + 10 + 1  # header, rows, total
     assert lines[7].split()[:2] == ["r1", "7"] and "yes" in lines[7] and lines[7].endswith("model_00007.pt")
     assert len({line.index("valid") for line in lines[1:-1]}) == 1  # columns line up
+
+
+def test_the_asynchronous_snapshot_keeps_tied_weights_tied(tmp_path):
+    from gptctl.engine.checkpoint import cpu_copy
+    from gptctl.engine.model import GPT, GPTConfig
+
+    state = {"model": GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)).state_dict()}
+    copy = cpu_copy(state)
+    assert copy["model"]["lm_head.weight"] is copy["model"]["transformer.wte.weight"]
+    assert copy["model"]["lm_head.weight"].data_ptr() != state["model"]["lm_head.weight"].data_ptr()
+    torch.save(state, tmp_path / "a.pt")
+    torch.save(copy, tmp_path / "b.pt")
+    assert abs((tmp_path / "a.pt").stat().st_size - (tmp_path / "b.pt").stat().st_size) < 4096

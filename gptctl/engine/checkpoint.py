@@ -122,14 +122,19 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise UnsafeCheckpoint(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
 
 
-def cpu_copy(obj: Any) -> Any:
-    """A copy of a state whose tensors the training loop can no longer change."""
+def cpu_copy(obj: Any, memo: dict | None = None) -> Any:
+    """A copy of a state whose tensors the training loop can no longer change. A tensor that appears
+    twice (the tied wte/lm_head weight) is copied once, so the file stores it once, as torch.save does."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
+        return {k: cpu_copy(v, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
+        return type(obj)(cpu_copy(v, memo) for v in obj)
     return obj
 
 
