@@ -62,3 +62,25 @@ def only_run_id(home: Path, name: str | None = None) -> str:
             sql, params = sql + " where name = ?", [name]
         ids = [r[0] for r in conn.execute(sql + " order by created_at desc, rowid desc", params)]
     return ids[0]
+
+
+def save_tiny_checkpoint(path: Path, kind: str = "pretrain", edit=None, data_root: Path | None = None,
+                         batch_size: int = 16, step: int = 7, block: int = 16) -> Path:
+    """A checkpoint file shaped like the worker's, of a tiny model with sharpened weights (at init the
+    output hardly depends on the input); `edit(model)` may change it before saving."""
+    import torch
+
+    from gptctl.engine.checkpoint import save_atomic
+    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.settings import TrainSettings
+
+    settings = TrainSettings(kind=kind, model="tiny", n_embd=32, seq_len=block, batch_size=batch_size, data_root=data_root)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_shape(settings.shape))
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.mul_(20)
+    if edit:
+        edit(model)
+    save_atomic({"model": model.state_dict(), "settings": settings.model_dump(mode="json"), "step": step}, path)
+    return path

@@ -14,19 +14,17 @@ import torch
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, TINY_RUN, gptctl, losses, only_run_id
+from conftest import SHAKESPEARE, TINY_RUN, gptctl, losses, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data import hellaswag
 from gptctl.data.shards import find_shards
 from gptctl.data.tokenizer import get_encoding
-from gptctl.engine.checkpoint import save_atomic
 from gptctl.engine.distributed import Dist
 from gptctl.engine.evaluate import IGNORE, ending_batch, ending_losses, hellaswag_accuracy
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.loop import evaluate
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.engine.sample import Sampler
-from gptctl.settings import TrainSettings
 
 runner = CliRunner()
 BLOCK = 16
@@ -51,16 +49,7 @@ def write_items(path: Path, items=ITEMS) -> Path:
 
 
 def save_tiny(path: Path, data_root: Path | None = None, edit=None, kind: str = "pretrain") -> Path:
-    settings = TrainSettings(kind=kind, model="tiny", n_embd=32, seq_len=BLOCK, batch_size=4, data_root=data_root)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_shape(settings.shape))
-    with torch.no_grad():  # at init the output hardly depends on the input; sharper weights make it depend
-        for weight in (p for p in model.parameters() if p.dim() == 2):
-            weight.mul_(20)
-    if edit:
-        edit(model)
-    save_atomic({"model": model.state_dict(), "settings": settings.model_dump(mode="json"), "step": 3}, path)
-    return path
+    return save_tiny_checkpoint(path, kind, edit, data_root, batch_size=4, step=3, block=BLOCK)
 
 
 def load_model(path: Path) -> GPT:

@@ -8,31 +8,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, only_run_id
+from conftest import TINY_RUN, gptctl, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
-from gptctl.engine.checkpoint import save_atomic
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.engine.sample import Sampler, generate
 from gptctl.presets import GPT2_VOCAB_SIZE
 from gptctl.prompt import format_prompt
-from gptctl.settings import TrainSettings
 
 runner = CliRunner()
 BLOCK = 16  # small, so a prompt plus 20 new tokens must slide the context
 
 
 def save_tiny(path: Path, kind: str = "pretrain", edit=None) -> Path:
-    settings = TrainSettings(kind=kind, model="tiny", n_embd=32, seq_len=BLOCK)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_shape(settings.shape))
-    with torch.no_grad():  # at init the output hardly depends on the input; sharper weights make it depend
-        for weight in (p for p in model.parameters() if p.dim() == 2):
-            weight.mul_(20)
-    if edit:
-        edit(model)
-    save_atomic({"model": model.state_dict(), "settings": settings.model_dump(mode="json"), "step": 7}, path)
-    return path
+    return save_tiny_checkpoint(path, kind, edit, step=7, block=BLOCK)
 
 
 @pytest.fixture
