@@ -126,6 +126,21 @@ def lock_existing(run: dict[str, Any]) -> RunLock:
     return lock
 
 
+def resume_step(run: dict[str, Any], settings: TrainSettings) -> int:
+    """The step a resume of `run` (locked by the caller) starts from, by the rules the workers apply:
+    its newest checkpoint that verifies (bad ones are marked, with a warning). A run already at its
+    --max-steps is refused here, before its status changes."""
+    from gptctl.registry import files
+
+    db = open_registry(home_dir())
+    files.reconcile(db, run, inspect=files.load_check)
+    row = files.newest_verified_checkpoint(db, run["id"], warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    step = row["step"] if row else 0
+    if step >= settings.max_steps:
+        raise UserError(f"run {run['id']} is already at step {step}; raise --max-steps above it to continue")
+    return step
+
+
 def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool = False) -> list[str]:
     settings = TrainSettings.model_validate_json(run["settings"])
     cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"], job_script)

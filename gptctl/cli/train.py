@@ -123,9 +123,14 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
 
 def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None:
     lock = control.lock_existing(run)
+    try:
+        step = control.resume_step(run, settings)
+    except UserError:
+        lock.release()  # refused: the run stays as it was
+        raise
     db = open_registry(home_dir())
     queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
-    typer.echo(f"resuming run {run['id']} ({run['name']}) from step {run['last_step'] or 0}", err=True)
+    typer.echo(f"resuming run {run['id']} ({run['name']}) from step {step}", err=True)
     _finish(control.execute(queries.get_run(db, run["id"]), lock), as_json)
 
 
