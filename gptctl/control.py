@@ -126,19 +126,20 @@ def lock_existing(run: dict[str, Any]) -> RunLock:
     return lock
 
 
-def resume_step(run: dict[str, Any], settings: TrainSettings) -> int:
-    """The step a resume of `run` (locked by the caller) starts from, by the rules the workers apply:
-    its newest checkpoint that verifies (bad ones are marked, with a warning). A run already at its
-    --max-steps is refused here, before its status changes."""
+def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
+    """A resume of `run` (locked by the caller) that could train nothing is refused before its status
+    changes. Its start is found by the workers' rules: the newest checkpoint that verifies and, when
+    it would end the run, loads as plain data (a file that does not is marked corrupt)."""
     from gptctl.registry import files
 
     db = open_registry(home_dir())
     files.reconcile(db, run, inspect=files.load_check)
-    row = files.newest_verified_checkpoint(db, run["id"], warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    step = row["step"] if row else 0
-    if step >= settings.max_steps:
-        raise UserError(f"run {run['id']} is already at step {step}; raise --max-steps above it to continue")
-    return step
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    while (row := files.newest_verified_checkpoint(db, run["id"], warn)) and row["step"] >= settings.max_steps:
+        if files.load_check(Path(row["path"])) == row["step"]:
+            raise UserError(f"run {run['id']} is already at step {row['step']}; raise --max-steps above it to continue")
+        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid")
+        warn(f"checkpoint step {row['step']} ({row['path']}) does not load as a gptctl checkpoint; marked corrupt")
 
 
 def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool = False) -> list[str]:

@@ -61,26 +61,38 @@ def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
     files.reconcile(db, run, inspect=files.load_check)
     if step:
         try:
-            candidates = [queries.checkpoint_at(db, run["id"], int(step))]
+            row = queries.checkpoint_at(db, run["id"], int(step))
         except UserError as exc:
             raise UserError(f"{option}: {exc}") from None
-    else:
-        candidates = list(reversed(queries.checkpoints_of(db, run["id"], states=["valid"])))
-    for row in candidates:
-        lease = queries.acquire_lease(db, Path(row["path"]), require_valid=True)
-        if lease is None:  # not valid (any more): deleted by retention meanwhile, or known bad
-            state = next(iter(db.query("select state from checkpoints where id = ?", [row["id"]])))["state"]
-        else:
-            state = files.check_file(db, row, full=True)
-            if state == "valid":
-                return Path(row["path"]), lease
-            queries.release_lease(db, lease)
-            queries.mark_checkpoint(db, row["id"], state, only_if="valid")
-            print(f"warning: checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one",
-                  file=sys.stderr)
-        if step:
+        lease, state = _lease_verified(db, row)
+        if lease is None:
             raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {state}")
+        return Path(row["path"]), lease
+    # Newest first; the list is read again after each miss, since a trainer may have saved a newer one
+    # and deleted the one looked at.
+    while rows := queries.checkpoints_of(db, run["id"], states=["valid"]):
+        lease, state = _lease_verified(db, rows[-1])
+        if lease is not None:
+            return Path(rows[-1]["path"]), lease
+        if state != "deleted":
+            print(f"warning: checkpoint step {rows[-1]['step']} ({rows[-1]['path']}) is {state}; trying the previous one",
+                  file=sys.stderr)
     raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
+
+
+def _lease_verified(db, row: dict) -> tuple[int | None, str]:
+    """A lease on a checkpoint row's file once it verifies; else (None, its state), a bad file marked."""
+    from gptctl.registry import files, queries
+
+    lease = queries.acquire_lease(db, Path(row["path"]), require_valid=True)
+    if lease is None:  # not valid (any more): deleted by retention meanwhile, or known bad
+        return None, next(iter(db.query("select state from checkpoints where id = ?", [row["id"]])))["state"]
+    state = files.check_file(db, row, full=True)
+    if state == "valid":
+        return lease, state
+    queries.release_lease(db, lease)
+    queries.mark_checkpoint(db, row["id"], state, only_if="valid")
+    return None, state
 
 
 def _import_hf(dir_or_name: str, option: str) -> Path:
