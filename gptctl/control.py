@@ -133,12 +133,12 @@ def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
     from gptctl.registry import files
 
     db = open_registry(home_dir())
-    files.reconcile(db, run, inspect=files.load_check)
+    files.reconcile(db, run, inspect=files.load_check, by_trainer=True)  # the caller holds the run for its workers
     warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
     while (row := files.newest_verified_checkpoint(db, run["id"], warn)) and row["step"] >= settings.max_steps:
         if files.load_check(Path(row["path"])) == row["step"]:
             raise UserError(f"run {run['id']} is already at step {row['step']}; raise --max-steps above it to continue")
-        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid")
+        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
         warn(f"checkpoint step {row['step']} ({row['path']}) does not load as a gptctl checkpoint; marked corrupt")
 
 

@@ -91,7 +91,7 @@ def _lease_verified(db, row: dict) -> tuple[int | None, str]:
     if state == "valid":
         return lease, state
     queries.release_lease(db, lease)
-    queries.mark_checkpoint(db, row["id"], state, only_if="valid")
+    queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
     return None, state
 
 

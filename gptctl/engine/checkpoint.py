@@ -137,8 +137,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     except pickle.UnpicklingError as exc:
         code = _PICKLED_GLOBAL.search(str(exc))
         if code:
-            raise UnsafeCheckpoint(f"{path} is not a plain-data checkpoint: it holds pickled code: {code.group(1)}; "
-                                   "gptctl loads checkpoints as data only and did not load it") from None
+            raise UnsafeCheckpoint(f"{path} is not a plain-data checkpoint and was not loaded: it holds pickled code: "
+                                   f"{code.group(1)}; gptctl loads checkpoints as data only") from None
         raise UnsafeCheckpoint(f"{path} is not a checkpoint: {_what_it_looks_like(head)}") from None
     except Exception:  # random bytes make the unpickler fail in many ways (KeyError, IndexError, UnicodeDecodeError…)
         raise UnsafeCheckpoint(f"{path} is not a readable checkpoint: {_what_it_looks_like(head)}") from None

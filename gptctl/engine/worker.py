@@ -111,13 +111,14 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
         def warn(message: str) -> None:
             print(f"warning: {message}", flush=True)
 
-        files.reconcile(db, queries.get_run(db, run_id), inspect=ckpt.stored_step)  # e.g. saved, killed before registered
+        # e.g. a file saved but not registered before a kill; this worker's launcher holds the run
+        files.reconcile(db, queries.get_run(db, run_id), inspect=ckpt.stored_step, by_trainer=True)
         while (row := files.newest_verified_checkpoint(db, run_id, warn)) is not None:
             try:
                 state = ckpt.load(Path(row["path"]))
                 break
             except (ckpt.UnsafeCheckpoint, OSError) as exc:
-                queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid")
+                queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
                 warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt, trying the previous one")
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:

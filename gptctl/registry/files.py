@@ -56,7 +56,7 @@ def newest_verified_checkpoint(db: Database, run_id: str, warn=print) -> dict[st
         state = check_file(db, row, full=True)
         if state == "valid":
             return row
-        queries.mark_checkpoint(db, row["id"], state, only_if="valid")
+        queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
         warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
     return None
 
@@ -110,7 +110,8 @@ def remove_checkpoint(db: Database, run: dict[str, Any], row: dict[str, Any]) ->
     return freed
 
 
-def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int | None] | None = None) -> list[str]:
+def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int | None] | None = None,
+              by_trainer: bool = False) -> list[str]:
     """Make the registry agree with a run's checkpoint directory; returns what it changed or found.
 
     - a registered file that vanished is marked missing, one whose size changed corrupt (stat only);
@@ -119,7 +120,8 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
       `inspect` (engine.checkpoint.stored_step: a torch load as plain data) finds in it the step its
       name says, and it is a regular file really inside the run's checkpoints directory. A partial
       manual copy, a symlink or a foreign file is never trusted. Torch-free callers (ckpt list) pass
-      no `inspect`: such files then stay unregistered, and unlisted, until a torch path looks;
+      no `inspect`: such files then stay unregistered, and unlisted, until a torch path looks. While
+      a trainer holds the run, only it (`by_trainer`) registers them: it is about to register its own;
     - leftover temporary files of an interrupted save are removed, unless a trainer holds the run.
     """
     from gptctl.registry.locks import run_is_locked
@@ -132,7 +134,7 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
                 changes.append(f"step {row['step']}: finished deleting it")
             continue
         state = check_file(db, row, full=False)
-        if state != "valid" and queries.mark_checkpoint(db, row["id"], state, only_if="valid"):
+        if state != "valid" and queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"]):
             changes.append(f"step {row['step']}: file vanished, marked missing" if state == "missing" else
                            f"step {row['step']}: file size changed (registered {row['bytes']} bytes), marked corrupt")
     if not directory.is_dir():
@@ -144,12 +146,11 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
         if not CHECKPOINT_NAME.fullmatch(path.name):
             continue
         step = int(path.stem.removeprefix("model_"))
-        if seen.get(step, "deleted") != "deleted":
+        if seen.get(step, "deleted") != "deleted" or (trainer_active and not by_trainer):
             continue
         refusal = _orphan_refusal(run, path, step, inspect)
         if refusal:
-            if not trainer_active:  # a live trainer registers its own new file in a moment
-                changes.append(f"step {step}: {path.name} not registered: {refusal}")
+            changes.append(f"step {step}: {path.name} not registered: {refusal}")
             continue
         try:
             size, sha, verified = path.stat().st_size, sha256_of(path), stat_key(path)

@@ -171,12 +171,16 @@ def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str
     return list(db.query(sql, params))
 
 
-def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None) -> bool:
+def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None,
+                    sha256: str | None = None) -> bool:
     """Set a checkpoint's state; with `only_if`, only while it still has that state (another process,
-    e.g. retention, may have moved it on since it was read). Returns whether the row changed."""
+    e.g. retention, may have moved it on since it was read), and with `sha256` only while the row still
+    describes that file (a trainer may have saved the step again meanwhile). Returns whether the row changed."""
     sql, params = "update checkpoints set state = ? where id = ?", [state, checkpoint_id]
     if only_if is not None:
         sql, params = sql + " and state = ?", params + [only_if]
+    if sha256 is not None:
+        sql, params = sql + " and sha256 = ?", params + [sha256]
     return db.execute(sql, params).rowcount == 1
 
 
