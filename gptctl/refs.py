@@ -86,7 +86,7 @@ def _lease_verified(db, row: dict) -> tuple[int | None, str]:
 
     lease = queries.acquire_lease(db, Path(row["path"]), require_valid=True)
     if lease is None:  # not valid (any more): deleted by retention meanwhile, or known bad
-        return None, next(iter(db.query("select state from checkpoints where id = ?", [row["id"]])))["state"]
+        return None, queries.checkpoint_state(db, row["id"])
     state = files.check_file(db, row, full=True)
     if state == "valid":
         return lease, state

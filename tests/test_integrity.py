@@ -185,16 +185,19 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
     make_run(db, gptctl_home / "r-r1", keep_last_n_checkpoints=1)
     paths = {step: save(db, "r1", step) for step in (2, 4)}
 
+    warnings = []
+
     def trainer_saves(step: int) -> None:
         """What the trainer does after each save: register the new file, then apply retention."""
         paths[step] = save(db, "r1", step)
-        retention.delete(db, retention.plan(db, queries.get_run(db, "r1")))
+        retention.delete(db, retention.plan(db, queries.get_run(db, "r1")), warn=warnings.append)
 
     with checkpoint_for_reading("r", "--pretrained-checkpoint") as path:
         assert path == paths[4]
         trainer_saves(6)
         trainer_saves(8)
         assert path.exists() and states(db, "r1")[4] == "valid"  # leased: retention passed it over
+        assert warnings == ["kept step 4 of run r1: a reader is loading it, or a run now starts from it"] * 2
         assert states(db, "r1")[6] == "deleted"
     trainer_saves(10)
     assert states(db, "r1") == {2: "deleted", 4: "deleted", 6: "deleted", 8: "deleted", 10: "valid"}

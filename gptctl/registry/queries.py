@@ -184,6 +184,10 @@ def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str |
     return db.execute(sql, params).rowcount == 1
 
 
+def checkpoint_state(db: Database, checkpoint_id: int) -> str:
+    return next(iter(db.query("select state from checkpoints where id = ?", [checkpoint_id])))["state"]
+
+
 def mark_deleting(db: Database, checkpoint_id: int, only_if: str) -> bool:
     """Retention's claim on a checkpoint, in one statement: only while it still has state `only_if`, no
     live reader lease holds its path and no run records it as its parent. A reader's lease and a

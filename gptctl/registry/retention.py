@@ -69,7 +69,10 @@ def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None]
         if not files.is_own_checkpoint_file(run, row["path"]):
             warn(_foreign(run, row))
             continue
-        freed += files.remove_checkpoint(db, run, row) or 0
+        removed = files.remove_checkpoint(db, run, row)
+        if removed is None and queries.checkpoint_state(db, row["id"]) == row["state"]:  # not taken by another deleter meanwhile
+            warn(f"kept step {row['step']} of run {run['id']}: a reader is loading it, or a run now starts from it")
+        freed += removed or 0
     return freed
 
 
