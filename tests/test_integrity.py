@@ -297,6 +297,13 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
     run = queries.get_run(db, run_id)
     assert (run["status"], run["error"]) == ("interrupted", None)
 
+    # A new run from a file already at its --max-steps: refused, and never a failure without a reason.
+    step8 = queries.checkpoint_at(db, run_id, 8)["path"]
+    proc = gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+                  "--checkpoint-path", step8, "--run-name", "t3", home=gptctl_home, check=False)
+    assert proc.returncode != 0 and "already at step 8; raise --max-steps above it" in proc.stderr, proc.stderr
+    assert not list(db.query("select id from runs where status = 'failed' and error is null"))
+
 
 @pytest.mark.slow
 def test_readers_keep_their_checkpoint_while_the_run_prunes(shakespeare, gptctl_home, tmp_path):

@@ -134,6 +134,8 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
                 changes.append(f"step {row['step']}: finished deleting it")
             continue
         state = check_file(db, row, full=False)
+        if state == "corrupt" and not is_own_checkpoint_file(run, row["path"]):
+            continue  # a row edited to point elsewhere: retention reports it on every prune, and never deletes it
         if state != "valid" and queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"]):
             changes.append(f"step {row['step']}: file vanished, marked missing" if state == "missing" else
                            f"step {row['step']}: file size changed (registered {row['bytes']} bytes), marked corrupt")
