@@ -8,7 +8,9 @@ import json
 import os
 import pickle
 import subprocess
+import socket
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -228,7 +230,7 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     db.execute("insert into checkpoint_leases (path, pid, host, expires_at) values (?, ?, ?, ?)",
-               [str(paths[12]), dead.pid, __import__("socket").gethostname(), 4e9])
+               [str(paths[12]), dead.pid, socket.gethostname(), 4e9])
     trainer_saves(14)
     assert states(db, "r1")[12] == "deleted" and list(db.query("select * from checkpoint_leases")) == []
 
@@ -315,15 +317,15 @@ def test_readers_keep_their_checkpoint_while_the_run_prunes(shakespeare, gptctl_
     write_dolly(data, n=50)
     log = open(tmp_path / "train.log", "wb")
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "gptctl", "pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "400",
+        [sys.executable, "-m", "gptctl", "pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "5000",
          "--keep-last-n-checkpoints", "1", "--no-async-checkpoint", "--eval-interval", "1000", "--run-name", "busy"],
         env={**os.environ, "GPTCTL_HOME": str(gptctl_home)}, stdout=log, stderr=log)
     try:
         db = open_registry(gptctl_home)
-        deadline = __import__("time").time() + 120
+        deadline = time.time() + 120
         while not list(db.query("select 1 from checkpoints where state = 'valid'")):
-            assert trainer.poll() is None and __import__("time").time() < deadline, (tmp_path / "train.log").read_text()
-            __import__("time").sleep(0.2)
+            assert trainer.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.2)
         parents = set()
         for _ in range(3):
             proc = gptctl("finetune", "--pretrained-checkpoint", "busy", "--dataset-path", str(data), "--max-steps",
