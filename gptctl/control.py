@@ -126,6 +126,22 @@ def lock_existing(run: dict[str, Any]) -> RunLock:
     return lock
 
 
+def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
+    """A resume of `run` (locked by the caller) that could train nothing is refused before its status
+    changes. Its start is found by the workers' rules: the newest checkpoint that verifies and, when
+    it would end the run, loads as plain data (a file that does not is marked corrupt)."""
+    from gptctl.registry import files
+
+    db = open_registry(home_dir())
+    files.reconcile(db, run, inspect=files.load_check, by_trainer=True)  # the caller holds the run for its workers
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    while (row := files.newest_verified_checkpoint(db, run["id"], warn)) and row["step"] >= settings.max_steps:
+        if files.load_check(Path(row["path"])) == row["step"]:
+            raise UserError(f"run {run['id']} is already at step {row['step']}; raise --max-steps above it to continue")
+        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+        warn(f"checkpoint step {row['step']} ({row['path']}) does not load as a gptctl checkpoint; marked corrupt")
+
+
 def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool = False) -> list[str]:
     settings = TrainSettings.model_validate_json(run["settings"])
     cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"], job_script)

@@ -3,49 +3,96 @@ or hf:DIR_OR_NAME (a Hugging Face GPT-2, converted once into a gptctl checkpoint
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gptctl.errors import UserError
 
 
 def resolve_checkpoint(ref: str, option: str) -> Path:
-    """The checkpoint file `ref` names; `option` is the option or argument name for error messages.
+    """The checkpoint file `ref` names, unprotected once this returns: readers use checkpoint_for_reading."""
+    with checkpoint_for_reading(ref, option) as path:
+        return path
+
+
+@contextmanager
+def checkpoint_for_reading(ref: str, option: str) -> Iterator[Path]:
+    """The checkpoint file `ref` names, which retention cannot delete until the block ends (a reader
+    lease in the registry, see queries.mark_deleting). `option` names the option in error messages.
 
     An existing file wins, so paths that contain a colon still work. A registered checkpoint must
-    match its size and sha256; RUN alone skips (and marks) bad ones for the newest good one.
+    match its size and sha256; RUN alone skips (and marks) bad ones for the newest good one, and one
+    that retention deletes between the look and the lease is passed over for the next newest.
     """
     if ref.startswith("hf:"):
-        return _import_hf(ref.removeprefix("hf:"), option)
+        yield _import_hf(ref.removeprefix("hf:"), option)
+        return
+    from gptctl.paths import home_dir
+    from gptctl.registry import open_registry, queries
+
+    db = open_registry(home_dir(), create=False)
     path = Path(ref).expanduser()
     if path.is_file():
-        return path.resolve()
-    from gptctl.paths import home_dir
-    from gptctl.registry import files, open_registry, queries
+        path = path.resolve()
+        lease = queries.acquire_lease(db, path, require_valid=False)
+        if lease is None or not path.is_file():
+            raise UserError(f"{option}: {path} is being deleted by checkpoint retention; choose another checkpoint")
+    else:
+        path, lease = _lease_registered(db, ref, option)
+    try:
+        yield path
+    finally:
+        queries.release_lease(db, lease)
+
+
+def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
+    """RUN[:STEP]'s verified checkpoint file and a lease on it."""
+    from gptctl.registry import files, queries
 
     run_ref, _, step = ref.partition(":")
     if not run_ref or (step and not step.isdigit()):
         raise UserError(f"{option}: {ref!r} is neither a file nor RUN[:STEP]")
     try:
-        db = open_registry(home_dir(), create=False)
         run = queries.resolve_run(db, run_ref)
     except UserError:
         raise UserError(f"{option}: {ref!r} is neither an existing file nor a run in the registry "
                         "(`gptctl runs list` shows the runs)") from None
-    files.reconcile(db, run)
+    files.reconcile(db, run, inspect=files.load_check)
     if step:
         try:
             row = queries.checkpoint_at(db, run["id"], int(step))
         except UserError as exc:
             raise UserError(f"{option}: {exc}") from None
-        state = files.check_file(row, full=True) if row["state"] == "valid" else row["state"]
-        if state != "valid":
-            queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])
+        lease, state = _lease_verified(db, row)
+        if lease is None:
             raise UserError(f"{option}: checkpoint step {step} of run {run['id']} is {state}")
-        return Path(row["path"])
-    row = files.newest_verified_checkpoint(db, run["id"], warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    if row is None:
-        raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
-    return Path(row["path"])
+        return Path(row["path"]), lease
+    # Newest first; the list is read again after each miss, since a trainer may have saved a newer one
+    # and deleted the one looked at.
+    while rows := queries.checkpoints_of(db, run["id"], states=["valid"]):
+        lease, state = _lease_verified(db, rows[-1])
+        if lease is not None:
+            return Path(rows[-1]["path"]), lease
+        if state != "deleted":
+            print(f"warning: checkpoint step {rows[-1]['step']} ({rows[-1]['path']}) is {state}; trying the previous one",
+                  file=sys.stderr)
+    raise UserError(f"{option}: run {run['id']} has no valid checkpoint")
+
+
+def _lease_verified(db, row: dict) -> tuple[int | None, str]:
+    """A lease on a checkpoint row's file once it verifies; else (None, its state), a bad file marked."""
+    from gptctl.registry import files, queries
+
+    lease = queries.acquire_lease(db, Path(row["path"]), require_valid=True)
+    if lease is None:  # not valid (any more): deleted by retention meanwhile, or known bad
+        return None, queries.checkpoint_state(db, row["id"])
+    state = files.check_file(db, row, full=True)
+    if state == "valid":
+        return lease, state
+    queries.release_lease(db, lease)
+    queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
+    return None, state
 
 
 def _import_hf(dir_or_name: str, option: str) -> Path:

@@ -26,7 +26,8 @@ def test_migrations_are_recorded_and_idempotent(gptctl_home):
     open_registry()
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         applied = conn.execute("select name from _sqlite_migrations").fetchall()
-        assert applied == [("0001_initial",), ("0002_val_loss_steps_index",), ("0003_watching",)]
+        assert applied == [("0001_initial",), ("0002_val_loss_steps_index",), ("0003_watching",),
+                           ("0004_checkpoint_integrity",)]
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -111,7 +112,7 @@ def test_reconcile_registers_orphans_marks_vanished_and_removes_temporaries(gptc
     files.reconcile(db, queries.get_run(db, run))
     assert (ckpts / ".tmp-model_00004.pt.123").exists()  # a live trainer may be writing it
     lock.release()
-    changes = files.reconcile(db, queries.get_run(db, run))
+    changes = files.reconcile(db, queries.get_run(db, run), inspect=lambda path: 3)  # it loads as step 3's
     assert any("removed leftover" in c for c in changes)
     assert [p.name for p in ckpts.iterdir()] == ["model_00003.pt"]
     rows = {c["step"]: c for c in queries.checkpoints_of(db, run)}

@@ -24,7 +24,9 @@ Retention runs after every save (keeping the run's --keep-last-n-checkpoints) an
 - a checkpoint another run started from (a finetune's parent);
 - a file outside the run's own checkpoints directory, whatever the registry says.
 
-A file is removed before its row is marked deleted; an interrupted deletion is finished later. Every look (list, prune, verify) first reconciles the registry with the disk: vanished files are marked missing, unregistered complete files are registered.
+Retention decides on verified facts: before anything is deleted, the checkpoint it keeps as a run's newest must match its size and sha256 (cached by size, mtime and inode); one that does not is marked corrupt and the newest verified one takes its place. A checkpoint a reader (sample, export, eval, a finetune choosing its parent) holds is never deleted.
+
+A file is removed before its row is marked deleted; an interrupted deletion is finished later. Every look (list, prune, verify) first reconciles the registry with the disk: vanished files are marked missing, files whose size changed corrupt. An unregistered model_*.pt is registered only by prune, verify and the commands that load checkpoints, and only if it is a regular file in the run's checkpoints directory that loads as a plain-data gptctl checkpoint of the step its name says.
 """
 
 ckpt_app = typer.Typer(help=RETENTION_HELP, no_args_is_help=True)
@@ -84,16 +86,18 @@ def _short(path: str) -> str:
         return path
 
 
-def _scope(db, run_ref: str | None) -> str | None:
+def _scope(db, run_ref: str | None, inspect=None) -> str | None:
     """The run id that --run names (None: all runs), with those runs reconciled with the disk first."""
     run = queries.resolve_run(db, run_ref) if run_ref else None
-    _reconcile(db, [run] if run else queries.list_runs(db))
+    _reconcile(db, [run] if run else queries.list_runs(db), inspect)
     return run["id"] if run else None
 
 
-def _reconcile(db, runs: list[dict]) -> None:
+def _reconcile(db, runs: list[dict], inspect=None) -> None:
+    """`inspect` (files.load_check, which imports torch) lets unregistered files that load as checkpoints
+    of their step be registered; `ckpt list` stays torch-free and leaves them unregistered."""
     for run in runs:
-        for change in files.reconcile(db, run):
+        for change in files.reconcile(db, run, inspect):
             typer.echo(f"run {run['id']}: {change}", err=True)
 
 
@@ -143,7 +147,7 @@ def prune_cmd(
         raise UserError("--run and --all exclude each other; give one")
     db = open_registry(home_dir(), create=False)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
-    _reconcile(db, runs)
+    _reconcile(db, runs, files.load_check)
     doomed = [row for run in runs for row in retention.plan(db, run, keep_last, warn=_warn)]
     for r in doomed:
         typer.echo(f"delete {r['run_id']} step {r['step']} ({format_size(r['bytes'])}) {r['path']}")
@@ -169,10 +173,10 @@ def verify_cmd(
     from gptctl.engine.checkpoint import UnsafeCheckpoint, load  # torch: verification really loads the file
 
     db = open_registry(home_dir(), create=False)
-    run_id = _scope(db, run_ref)
+    run_id = _scope(db, run_ref, files.load_check)
     report = []
     for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
-        state, detail = files.check_file(row, full=True), ""
+        state, detail = files.check_file(db, row, full=True), ""
         if state == "valid":
             try:
                 load(row["path"])

@@ -10,7 +10,7 @@ import typer
 from gptctl.cli import app
 from gptctl.cli.sample import DEVICES
 from gptctl.errors import UserError
-from gptctl.refs import resolve_checkpoint
+from gptctl.refs import checkpoint_for_reading
 
 TASKS = ("hellaswag", "val-loss")
 CHECKPOINT = "RUN[:STEP]|PATH"
@@ -68,14 +68,14 @@ def eval_cmd(
 ):
     """Evaluate a checkpoint: HellaSwag accuracy, or the mean loss over the val split of prepared shards."""
     _check(task, data_root, hellaswag_file, limit, batch_size, device)
-    path = resolve_checkpoint(checkpoint, CHECKPOINT)
-    if task == "hellaswag":
-        from gptctl.data.hellaswag import fetch_val_file, read_items
+    with checkpoint_for_reading(checkpoint, CHECKPOINT) as path:  # retention spares it while it loads
+        if task == "hellaswag":
+            from gptctl.data.hellaswag import fetch_val_file, read_items
 
-        items = read_items(hellaswag_file or fetch_val_file(), limit)  # a bad file fails before the model loads
-    from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
+            items = read_items(hellaswag_file or fetch_val_file(), limit)  # a bad file fails before the model loads
+        from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
 
-    loaded = Sampler(path, device, option=CHECKPOINT)
+        loaded = Sampler(path, device, option=CHECKPOINT)
     if task == "hellaswag":
         result = _hellaswag(loaded, path, items)
         summary = (f"hellaswag: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}); "

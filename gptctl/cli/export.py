@@ -7,7 +7,7 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
-from gptctl.refs import resolve_checkpoint
+from gptctl.refs import checkpoint_for_reading
 
 FORMATS = ("hf", "safetensors")  # gptctl.engine.hf.WRITERS; repeated here so a bad --format never imports torch
 
@@ -34,16 +34,16 @@ def export_cmd(
         raise UserError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = output.expanduser().resolve()
     _check_output(out, force)
-    path = resolve_checkpoint(checkpoint, "RUN[:STEP]|PATH")
-    if path.is_relative_to(out):
-        raise UserError(f"--output: {out} holds the checkpoint being exported; choose another directory")
+    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH") as path:  # retention spares it while it loads
+        if path.is_relative_to(out):
+            raise UserError(f"--output: {out} holds the checkpoint being exported; choose another directory")
+        from gptctl.engine import hf
+        from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
+
+        hf.require_safetensors("--format")  # a missing package fails before the model is loaded
+        loaded = Sampler(path, "cpu", option="RUN[:STEP]|PATH")
     from rich.console import Console
 
-    from gptctl.engine import hf
-    from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
-
-    hf.require_safetensors("--format")  # a missing package fails before the model is loaded
-    loaded = Sampler(path, "cpu", option="RUN[:STEP]|PATH")
     typer.echo(f"exporting {path}: {loaded.describe()}", err=True)
     console = Console(stderr=True)
     info = {"model": loaded.settings.model, "kind": loaded.settings.kind, "step": loaded.step}

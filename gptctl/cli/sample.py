@@ -8,7 +8,7 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
-from gptctl.refs import resolve_checkpoint
+from gptctl.refs import checkpoint_for_reading
 from gptctl.settings import TrainSettings
 
 DEVICES = typing.get_args(TrainSettings.model_fields["device"].annotation)
@@ -51,10 +51,10 @@ def sample_cmd(
 ):
     """Generate text from a checkpoint, streaming tokens to stdout as they are generated."""
     _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, device)
-    path = resolve_checkpoint(checkpoint, "RUN[:STEP]|PATH")
-    from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
+    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH") as path:  # retention spares it while it loads
+        from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
 
-    sampler = Sampler(path, device, option="RUN[:STEP]|PATH")
+        sampler = Sampler(path, device, option="RUN[:STEP]|PATH")
     typer.echo(f"sampling from {path}: {sampler.describe()}", err=True)
     prompt_tokens = sampler.encode(prompt, instruction, context)
     block_size = sampler.model.config.block_size

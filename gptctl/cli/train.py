@@ -1,6 +1,7 @@
 """`gptctl pretrain`, `gptctl finetune` and `gptctl resume`."""
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,18 +42,19 @@ def pretrain(
 ):
     """Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun workers; DDP or FSDP)."""
     defaults, fixed = slurm.launch_defaults(dict(os.environ)), {}
-    if init_from is not None:
-        from gptctl.refs import resolve_checkpoint
+    with ExitStack() as reading:  # the parent is leased until the run row records it (then retention spares it)
+        if init_from is not None:
+            from gptctl.refs import checkpoint_for_reading
 
-        shape_options = [o for o in ("model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
-        if shape_options:
-            raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
-        parent = resolve_checkpoint(init_from, "--init-from")
-        fixed = {"pretrained_checkpoint": str(parent), **control.parent_model(parent, "--init-from")}
-        defaults["seq_len"] = fixed["block_size"]
-    settings = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
-    control.check_data(settings)
-    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+            shape_options = [o for o in ("model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
+            if shape_options:
+                raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
+            parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from"))
+            fixed = {"pretrained_checkpoint": str(parent), **control.parent_model(parent, "--init-from")}
+            defaults["seq_len"] = fixed["block_size"]
+        settings = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
+        control.check_data(settings)
+        _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
 @app.command()
@@ -75,14 +77,16 @@ def finetune(
 
     The loss counts only response tokens; the model's shape comes from the checkpoint.
     """
-    from gptctl.refs import resolve_checkpoint
+    from gptctl.refs import checkpoint_for_reading
 
-    parent = resolve_checkpoint(pretrained_checkpoint, "--pretrained-checkpoint")
-    model = control.parent_model(parent, "--pretrained-checkpoint")
-    defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
-    settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent), **model)
-    control.check_dataset(settings)
-    _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+    # The parent is leased from the moment it is chosen until the run row records it (then retention spares it).
+    with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint") as parent:
+        model = control.parent_model(parent, "--pretrained-checkpoint")
+        defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
+        settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent),
+                                  **model)
+        control.check_dataset(settings)
+        _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
 def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, auto_resume: bool, resume: bool,
@@ -123,9 +127,14 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
 
 def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None:
     lock = control.lock_existing(run)
+    try:
+        control.refuse_if_done(run, settings)
+    except UserError:
+        lock.release()  # refused: the run stays as it was
+        raise
     db = open_registry(home_dir())
     queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
-    typer.echo(f"resuming run {run['id']} ({run['name']}) from step {run['last_step'] or 0}", err=True)
+    typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
     _finish(control.execute(queries.get_run(db, run["id"]), lock), as_json)
 
 

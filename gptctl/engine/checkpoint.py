@@ -4,8 +4,10 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,14 +114,57 @@ class UnsafeCheckpoint(Exception):
     """The file is not a checkpoint gptctl can load as plain data."""
 
 
+_LFS_POINTER = b"version https://git-lfs"
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    """Load with weights_only=True: tensors and plain containers only, never pickled code.
+
+    Whatever the file holds, a failure is an UnsafeCheckpoint in gptctl's words naming what was found:
+    torch's own message advises re-running with weights_only=False, i.e. running the file's code.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise UnsafeCheckpoint(f"{path} is empty, not a checkpoint")
+    if head.startswith(_LFS_POINTER):
+        raise UnsafeCheckpoint(f"{path} is not a checkpoint but a git-lfs pointer; fetch the file itself (git lfs pull)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles before failing: one line is ours to say
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpoint(f"{path} is not a plain-data checkpoint and was not loaded: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise UnsafeCheckpoint(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+        code = _PICKLED_GLOBAL.search(str(exc))
+        if code:
+            raise UnsafeCheckpoint(f"{path} is not a plain-data checkpoint and was not loaded: it holds pickled code: "
+                                   f"{code.group(1)}; gptctl loads checkpoints as data only") from None
+        raise UnsafeCheckpoint(f"{path} is not a checkpoint: {_what_it_looks_like(head)}") from None
+    except Exception:  # random bytes make the unpickler fail in many ways (KeyError, IndexError, UnicodeDecodeError…)
+        raise UnsafeCheckpoint(f"{path} is not a readable checkpoint: {_what_it_looks_like(head)}") from None
+
+
+def _what_it_looks_like(head: bytes) -> str:
+    if head.startswith(b"PK\x03\x04"):
+        return "a damaged or truncated torch file, or a zip archive that torch did not write"
+    if head[:1] == b"\x80":
+        return "a pickle that is not plain checkpoint data"
+    return f"unrecognized content starting with {head[:16]!r}"
+
+
+def stored_step(path: Path) -> int | None:
+    """The step a gptctl checkpoint file holds, or None when it is not one (loaded as plain data only).
+
+    How an unregistered `model_*.pt` found in a checkpoints directory earns a row: a partial manual
+    copy or a foreign file never becomes a checkpoint that resume or retention trusts."""
+    try:
+        state = load(path)
+    except (UnsafeCheckpoint, OSError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "settings" not in state:
+        return None
+    step = state.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def cpu_copy(obj: Any, memo: dict | None = None) -> Any:
@@ -205,7 +250,7 @@ class CheckpointManager:
             self._error = exc
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
-        from gptctl.registry import queries, retention
+        from gptctl.registry import files, queries, retention
 
         path = self.directory / checkpoint_name(step)
         try:
@@ -216,7 +261,10 @@ class CheckpointManager:
                 f"earlier checkpoints are intact; fix this (e.g. free disk space), then `gptctl resume {self.run_id}`"
             ) from exc
         db = self.connect()  # sqlite connections belong to the thread that opened them
-        queries.register_checkpoint(db, self.run_id, step, path, size, sha, pinned=step in self.permanent)
+        # The sha256 was computed from the very bytes written: retention's verification of this newest
+        # checkpoint is then a stat, not a second read of the file.
+        queries.register_checkpoint(db, self.run_id, step, path, size, sha, pinned=step in self.permanent,
+                                    verified=files.stat_key(path))
         run = queries.get_run(db, self.run_id)
         retention.delete(db, retention.plan(db, run, self.keep_last, _warn), _warn)
 

@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 from gptctl.launch import LAUNCHED_ENV, die_with_parent
 
@@ -94,22 +95,47 @@ class MetricsSink:
         self.last_flush = time.monotonic()
 
 
-def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> str | None:
-    """The main rank picks the checkpoint to start from; every rank loads the same file, or fails alike."""
-    path = error = None
+class Start(NamedTuple):
+    path: str | None  # the file every rank loads; None: a fresh start
+    state: dict | None  # the main rank's loaded copy of it (other ranks load it themselves)
+    skipped: str  # newer checkpoints that were not used, and why: "step 18 is corrupt"
+
+
+def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
+    """The main rank picks the checkpoint to start from and loads it: a registered file that fails its
+    sha256 or does not load as plain data is marked corrupt, and the previous verified one is tried.
+    Only then is the choice broadcast, so every rank loads the same good file, or fails alike."""
+    path = error = state = None
+    skipped = ""
     if d.is_main:
-        files.reconcile(db, queries.get_run(db, run_id))  # e.g. a file saved but not registered before a kill
-        row = files.newest_verified_checkpoint(db, run_id, warn=lambda m: print(f"warning: {m}", flush=True))
+        def warn(message: str) -> None:
+            print(f"warning: {message}", flush=True)
+
+        # e.g. a file saved but not registered before a kill; this worker's launcher holds the run
+        files.reconcile(db, queries.get_run(db, run_id), inspect=ckpt.stored_step, by_trainer=True)
+        while (row := files.newest_verified_checkpoint(db, run_id, warn)) is not None:
+            try:
+                state = ckpt.load(Path(row["path"]))
+                break
+            except (ckpt.UnsafeCheckpoint, OSError) as exc:
+                queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+                warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt, trying the previous one")
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:
             # Starting over from step 0 would silently throw the run's progress away.
             error = (f"all {len(bad)} checkpoint(s) of run {run_id} are missing or corrupt "
                      "(`gptctl ckpt verify --run RUN`); start a new run from a good file with --resume --checkpoint-path")
+        elif row is None and init_checkpoint:
+            try:
+                state = ckpt.load(Path(init_checkpoint))
+            except (ckpt.UnsafeCheckpoint, OSError) as exc:
+                error = f"--checkpoint-path: {exc}"
         path = row["path"] if row else init_checkpoint
-    path, error = broadcast_object((path, error))  # the other ranks must not wait in a collective for a dead rank
+        skipped = "; ".join(f"step {c['step']} is {c['state']}" for c in reversed(bad) if row and c["step"] > row["step"])
+    path, error, skipped = broadcast_object((path, error, skipped))  # no rank may wait in a collective for a dead one
     if error:
         raise UserError(error)
-    return path
+    return Start(path, state if d.is_main else None, skipped)
 
 
 def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
@@ -190,12 +216,12 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
 
     start_step, history = 0, []
-    start_path = choose_start(db, run["id"], init_checkpoint, d)
-    if start_path is None and settings.pretrained_checkpoint:
+    start = choose_start(db, run["id"], init_checkpoint, d)
+    if start.path is None and settings.pretrained_checkpoint:
         # A finetune's first start: the parent's weights, but a fresh optimizer, schedule and step count.
         parallel.load_full_state(raw_model, None, ckpt.load(Path(settings.pretrained_checkpoint))["model"])
-    if start_path:
-        state = ckpt.load(Path(start_path))
+    if start.path:
+        state = start.state if start.state is not None else ckpt.load(Path(start.path))
         parallel.load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -203,7 +229,10 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         start_step = int(state["step"])
         history = [m for m in state.get("metrics", []) if m["step"] <= start_step]
     if start_step >= settings.max_steps:
-        raise RunRefused(f"the run is already at step {start_step}; raise --max-steps above it to continue")
+        message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
+        if write:  # the launcher reports a run whose workers recorded no outcome as failed: say why
+            queries.update_run(db, run["id"], error=message)
+        raise RunRefused(message)
 
     model = parallel.wrap(raw_model, d, settings.model_parallel, settings.compile)
 
@@ -227,6 +256,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
         f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
         + (f", resuming from step {start_step}" if start_step else "")
+        + (f" ({start.skipped})" if start.skipped else "")
 
     )
     checkpoints = ckpt.CheckpointManager(lambda: open_registry(home), run["id"], run_dir / "checkpoints",

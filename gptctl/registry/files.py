@@ -3,12 +3,13 @@
 import hashlib
 import json
 import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlite_utils import Database
 
-from gptctl.registry.queries import checkpoints_of, mark_checkpoint
+from gptctl.registry import queries
 
 
 def sha256_of(path: Path) -> str:
@@ -19,27 +20,53 @@ def sha256_of(path: Path) -> str:
     return sha.hexdigest()
 
 
-def check_file(row: dict[str, Any], full: bool) -> str:
-    """'valid', 'missing' or 'corrupt' for a checkpoint row: stat always, sha256 when `full`."""
+def check_file(db: Database, row: dict[str, Any], full: bool) -> str:
+    """'valid', 'missing' or 'corrupt' for a checkpoint row: its size on every look (a stat is free),
+    its sha256 when `full`. A match is cached by the file's (size, mtime_ns, inode): a later full look
+    at an unchanged file does not read it again, and any write or replacement changes the key."""
     path = Path(row["path"])
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except OSError:
         return "missing"
-    if path.stat().st_size != row["bytes"]:
+    if not stat.S_ISREG(info.st_mode):
+        return "missing"
+    if info.st_size != row["bytes"]:
         return "corrupt"
-    if full and sha256_of(path) != row["sha256"]:
+    if not full:
+        return "valid"
+    key = (info.st_size, info.st_mtime_ns, info.st_ino)
+    if key == (row.get("verified_size"), row.get("verified_mtime_ns"), row.get("verified_inode")):
+        return "valid"
+    if sha256_of(path) != row["sha256"]:
         return "corrupt"
+    queries.record_verified(db, row["id"], key)
     return "valid"
+
+
+def stat_key(path: Path) -> tuple[int, int, int]:
+    """What check_file compares to trust a file without hashing it again."""
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 def newest_verified_checkpoint(db: Database, run_id: str, warn=print) -> dict[str, Any] | None:
     """The newest checkpoint of a run that exists and matches its size and sha256; bad ones are marked."""
-    for row in reversed(checkpoints_of(db, run_id, states=["valid"])):
-        state = check_file(row, full=True)
+    for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
+        state = check_file(db, row, full=True)
         if state == "valid":
             return row
-        mark_checkpoint(db, row["id"], state, only_if="valid")
+        queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
         warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
     return None
+
+
+def load_check(path: Path) -> int | None:
+    """`reconcile`'s `inspect` for commands that may import torch: it is imported only once an
+    unregistered file needs loading (engine.checkpoint.stored_step)."""
+    from gptctl.engine.checkpoint import stored_step
+
+    return stored_step(path)
 
 
 CHECKPOINT_GLOB = "model_*.pt"
@@ -71,57 +98,87 @@ def remove_checkpoint(db: Database, run: dict[str, Any], row: dict[str, Any]) ->
     """
     if not is_own_checkpoint_file(run, row["path"]):
         return None
-    if row["state"] != "deleting" and not mark_checkpoint(db, row["id"], "deleting", only_if=row["state"]):
-        return None
+    if row["state"] != "deleting" and not queries.mark_deleting(db, row["id"], only_if=row["state"]):
+        return None  # changed meanwhile, leased by a reader, or become a run's parent
     path = Path(row["path"])
     try:
         freed = path.stat().st_size
         path.unlink()
     except FileNotFoundError:  # already gone: a crash after the unlink, or someone finishing the same deletion
         freed = 0
-    mark_checkpoint(db, row["id"], "deleted")
+    queries.mark_checkpoint(db, row["id"], "deleted")
     return freed
 
 
-def reconcile(db: Database, run: dict[str, Any]) -> list[str]:
-    """Make the registry agree with a run's checkpoint directory; returns what it changed.
+def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int | None] | None = None,
+              by_trainer: bool = False) -> list[str]:
+    """Make the registry agree with a run's checkpoint directory; returns what it changed or found.
 
-    - a registered file that vanished is marked missing (stat only);
+    - a registered file that vanished is marked missing, one whose size changed corrupt (stat only);
     - a deletion that was interrupted (a 'deleting' row) is finished;
-    - a checkpoint file without a row (killed between rename and insert) is registered: the name is
-      only ever given by an atomic rename of a complete file, so hashing it is all that is needed;
+    - a checkpoint file without a row (e.g. killed between rename and insert) is registered only when
+      `inspect` (engine.checkpoint.stored_step: a torch load as plain data) finds in it the step its
+      name says, and it is a regular file really inside the run's checkpoints directory. A partial
+      manual copy, a symlink or a foreign file is never trusted. Torch-free callers (ckpt list) pass
+      no `inspect`: such files then stay unregistered, and unlisted, until a torch path looks. While
+      a trainer holds the run, only it (`by_trainer`) registers them: it is about to register its own;
     - leftover temporary files of an interrupted save are removed, unless a trainer holds the run.
     """
     from gptctl.registry.locks import run_is_locked
-    from gptctl.registry.queries import register_checkpoint
 
     changes = []
     directory = checkpoints_dir(run)
-    for row in checkpoints_of(db, run["id"], states=["valid", "deleting"]):
+    for row in queries.checkpoints_of(db, run["id"], states=["valid", "deleting"]):
         if row["state"] == "deleting":
             if remove_checkpoint(db, run, row) is not None:
                 changes.append(f"step {row['step']}: finished deleting it")
-        elif not Path(row["path"]).is_file() and mark_checkpoint(db, row["id"], "missing", only_if="valid"):
-            changes.append(f"step {row['step']}: file vanished, marked missing")
+            continue
+        state = check_file(db, row, full=False)
+        if state == "corrupt" and not is_own_checkpoint_file(run, row["path"]):
+            continue  # a row edited to point elsewhere: retention reports it on every prune, and never deletes it
+        if state != "valid" and queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"]):
+            changes.append(f"step {row['step']}: file vanished, marked missing" if state == "missing" else
+                           f"step {row['step']}: file size changed (registered {row['bytes']} bytes), marked corrupt")
     if not directory.is_dir():
         return changes
-    seen = {row["step"]: row["state"] for row in checkpoints_of(db, run["id"])}
+    trainer_active = run_is_locked(Path(run["run_dir"]))
+    seen = {row["step"]: row["state"] for row in queries.checkpoints_of(db, run["id"])}
     settings_permanent = set(json.loads(run["settings"]).get("permanent_checkpoints", []))
     for path in sorted(directory.glob(CHECKPOINT_GLOB)):
         if not CHECKPOINT_NAME.fullmatch(path.name):
             continue
         step = int(path.stem.removeprefix("model_"))
-        if seen.get(step, "deleted") != "deleted":
+        if seen.get(step, "deleted") != "deleted" or (trainer_active and not by_trainer):
+            continue
+        refusal = _orphan_refusal(run, path, step, inspect)
+        if refusal:
+            changes.append(f"step {step}: {path.name} not registered: {refusal}")
             continue
         try:
-            size, sha = path.stat().st_size, sha256_of(path)
+            size, sha, verified = path.stat().st_size, sha256_of(path), stat_key(path)
         except FileNotFoundError:  # registered and deleted by a live trainer while we looked
             continue
-        if register_checkpoint(db, run["id"], step, path, size, sha, pinned=step in settings_permanent,
-                               replacing=seen.get(step)):
+        if queries.register_checkpoint(db, run["id"], step, path, size, sha, pinned=step in settings_permanent,
+                                       replacing=seen.get(step), verified=verified):
             changes.append(f"step {step}: unregistered checkpoint file registered")
-    if not run_is_locked(Path(run["run_dir"])):
+    if not trainer_active:
         for tmp in directory.glob(TMP_PREFIX + "*"):
             tmp.unlink(missing_ok=True)
             changes.append(f"removed leftover {tmp.name}")
     return changes
+
+
+def _orphan_refusal(run: dict[str, Any], path: Path, step: int, inspect: Callable[[Path], int | None] | None) -> str | None:
+    """Why an unregistered checkpoint-named file may not be registered, or None when it may."""
+    if path.is_symlink():
+        return "it is a symlink; only a regular file in the run's checkpoints directory is a checkpoint"
+    if not path.is_file() or not is_own_checkpoint_file(run, path):
+        return "it is not a regular file in the run's checkpoints directory"
+    if inspect is None:
+        return "not checked yet; `gptctl ckpt verify` loads it and registers it if it is a checkpoint of this step"
+    stored = inspect(path)
+    if stored is None:
+        return "it does not load as a plain-data gptctl checkpoint"
+    if stored != step:
+        return f"it holds step {stored}, not the step {step} its name says"
+    return None

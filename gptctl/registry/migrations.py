@@ -93,3 +93,21 @@ def m0003_watching(db: Database) -> None:
         foreign_keys=[("run_id", "runs", "id")],
         if_not_exists=True,
     )
+
+
+@migrations(name="0004_checkpoint_integrity")
+def m0004_checkpoint_integrity(db: Database) -> None:
+    # The (size, mtime_ns, inode) a checkpoint's file had when its sha256 last matched: a later look
+    # with the same stat trusts the file without reading it again (files.check_file).
+    for column in ("verified_size", "verified_mtime_ns", "verified_inode"):
+        if column not in db["checkpoints"].columns_dict:
+            db["checkpoints"].add_column(column, int)
+    # Readers (sample, export, eval, a finetune choosing its parent) lease the file they read;
+    # retention never starts deleting a leased path (queries.mark_deleting).
+    db["checkpoint_leases"].create(
+        {"id": int, "path": str, "pid": int, "host": str, "expires_at": float, "created_at": str},
+        pk="id",
+        not_null={"path", "pid", "host", "expires_at"},
+        if_not_exists=True,
+    )
+    db["checkpoint_leases"].create_index(["path"], if_not_exists=True)

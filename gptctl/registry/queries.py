@@ -1,8 +1,10 @@
 """Reads and writes of runs, checkpoints and metrics. Only the launcher and global rank 0 write."""
 
 import json
+import os
 import secrets
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -122,25 +124,38 @@ def seconds_between(start: str, end: str | None = None) -> float:
 
 
 # checkpoints: state is valid | missing | corrupt | deleting (retention removing the file) | deleted
+# (corrupt: its size or sha256 no longer matches, or it does not load as a plain-data checkpoint)
 
 
 _ANY = object()
 
 
 def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, pinned: bool,
-                        replacing: Any = _ANY) -> bool:
+                        replacing: Any = _ANY, verified: tuple[int, int, int] | None = None) -> bool:
     """Record a complete checkpoint file as valid; returns whether a row was written. With `replacing`,
     an existing row of that step is only overwritten while it still has that state (None: only a new
-    row is inserted), so a reader registering a file it found cannot revive a row a trainer changed meanwhile."""
+    row is inserted), so a reader registering a file it found cannot revive a row a trainer changed meanwhile.
+    `verified`: the file's (size, mtime_ns, inode) when its sha256 was computed, as `record_verified`."""
     condition = "" if replacing is _ANY else " where checkpoints.state is ?"
+    size_, mtime_ns, inode = verified or (None, None, None)
     return db.execute(
-        """insert into checkpoints (run_id, step, path, bytes, sha256, created_at, pinned, state)
-           values (?, ?, ?, ?, ?, ?, ?, 'valid')
+        """insert into checkpoints (run_id, step, path, bytes, sha256, created_at, pinned, state,
+                                    verified_size, verified_mtime_ns, verified_inode)
+           values (?, ?, ?, ?, ?, ?, ?, 'valid', ?, ?, ?)
            on conflict(run_id, step) do update set path = excluded.path, bytes = excluded.bytes,
              sha256 = excluded.sha256, created_at = excluded.created_at,
-             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid'""" + condition,
-        [run_id, step, str(path), size, sha256, now(), int(pinned)] + ([] if replacing is _ANY else [replacing]),
+             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid',
+             verified_size = excluded.verified_size, verified_mtime_ns = excluded.verified_mtime_ns,
+             verified_inode = excluded.verified_inode""" + condition,
+        [run_id, step, str(path), size, sha256, now(), int(pinned), size_, mtime_ns, inode]
+        + ([] if replacing is _ANY else [replacing]),
     ).rowcount == 1
+
+
+def record_verified(db: Database, checkpoint_id: int, stat_key: tuple[int, int, int]) -> None:
+    """The file matched its sha256 with this (size, mtime_ns, inode): later looks with the same stat trust it."""
+    db.execute("update checkpoints set verified_size = ?, verified_mtime_ns = ?, verified_inode = ? where id = ?",
+               [*stat_key, checkpoint_id])
 
 
 def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str] | None = None) -> list[dict]:
@@ -156,13 +171,76 @@ def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str
     return list(db.query(sql, params))
 
 
-def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None) -> bool:
+def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None,
+                    sha256: str | None = None) -> bool:
     """Set a checkpoint's state; with `only_if`, only while it still has that state (another process,
-    e.g. retention, may have moved it on since it was read). Returns whether the row changed."""
+    e.g. retention, may have moved it on since it was read), and with `sha256` only while the row still
+    describes that file (a trainer may have saved the step again meanwhile). Returns whether the row changed."""
     sql, params = "update checkpoints set state = ? where id = ?", [state, checkpoint_id]
     if only_if is not None:
         sql, params = sql + " and state = ?", params + [only_if]
+    if sha256 is not None:
+        sql, params = sql + " and sha256 = ?", params + [sha256]
     return db.execute(sql, params).rowcount == 1
+
+
+def checkpoint_state(db: Database, checkpoint_id: int) -> str:
+    return next(iter(db.query("select state from checkpoints where id = ?", [checkpoint_id])))["state"]
+
+
+def mark_deleting(db: Database, checkpoint_id: int, only_if: str) -> bool:
+    """Retention's claim on a checkpoint, in one statement: only while it still has state `only_if`, no
+    live reader lease holds its path and no run records it as its parent. A reader's lease and a
+    finetune's run row are written in statements of their own, so each comes strictly before or after
+    this one: either the reader sees the row valid and keeps its file, or it sees it gone and moves on."""
+    purge_stale_leases(db)
+    return db.execute(
+        """update checkpoints set state = 'deleting' where id = ? and state = ?
+           and not exists (select 1 from checkpoint_leases l where l.path = checkpoints.path and l.expires_at > ?)
+           and not exists (select 1 from runs r where r.parent_checkpoint = checkpoints.path)""",
+        [checkpoint_id, only_if, time.time()],
+    ).rowcount == 1
+
+
+# checkpoint_leases: a reader's claim on a file (see refs.checkpoint_for_reading)
+
+LEASE_SECONDS = 24 * 3600  # bounds a lease whose holder cannot be checked: a process on another host
+
+
+def acquire_lease(db: Database, path: Path, require_valid: bool) -> int | None:
+    """Lease `path` for this process; returns the lease id, or None when the file is not there to read:
+    with `require_valid`, its checkpoint row is no longer valid, else a row of that path is being deleted."""
+    purge_stale_leases(db)
+    condition = ("exists (select 1 from checkpoints where path = ? and state = 'valid')" if require_valid
+                 else "not exists (select 1 from checkpoints where path = ? and state in ('deleting', 'deleted'))")
+    cursor = db.execute(
+        f"insert into checkpoint_leases (path, pid, host, expires_at, created_at) select ?, ?, ?, ?, ? where {condition}",
+        [str(path), os.getpid(), socket.gethostname(), time.time() + LEASE_SECONDS, now(), str(path)],
+    )
+    return cursor.lastrowid if cursor.rowcount == 1 else None
+
+
+def release_lease(db: Database, lease_id: int) -> None:
+    db.execute("delete from checkpoint_leases where id = ?", [lease_id])
+
+
+def purge_stale_leases(db: Database) -> None:
+    """Expired leases, and those of processes on this host that are gone (killed readers)."""
+    db.execute("delete from checkpoint_leases where expires_at <= ?", [time.time()])
+    host = socket.gethostname()
+    for lease in list(db.query("select id, pid from checkpoint_leases where host = ?", [host])):
+        if not _alive(lease["pid"]):
+            release_lease(db, lease["id"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def checkpoint_listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:

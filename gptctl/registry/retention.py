@@ -14,6 +14,7 @@ def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[
 
     Never deleted: pinned rows, permanent steps, the newest valid checkpoint, the last
     `keep_last` valid checkpoints, and any path another run started from (`protected_paths`).
+    At deletion, queries.mark_deleting also spares a path a reader has leased.
     """
     valid = sorted((c for c in checkpoints if c["state"] == "valid"), key=lambda c: c["step"])
     kept_by_recency = {c["step"] for c in valid[-max(keep_last, 1):]}
@@ -30,11 +31,18 @@ def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[
 def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """What retention deletes for `run`: its own --keep-last-n-checkpoints unless `keep_last` is given.
 
+    Decided on verified facts: the checkpoint kept as the run's newest must match its size and
+    sha256 first (cached by stat, so cheap after its first look); one that does not is marked and
+    the newest verified one takes its place. With none verified, nothing is deleted. Rows newer
+    than the verified newest (registered meanwhile) are left for a later look.
     A row whose path is not in the run's own checkpoints directory is left alone, with a warning.
     """
+    newest = files.newest_verified_checkpoint(db, run["id"], warn)
+    if newest is None:
+        return []
     settings = json.loads(run["settings"])
     keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", 1)
-    rows = queries.checkpoints_of(db, run["id"])
+    rows = [r for r in queries.checkpoints_of(db, run["id"]) if r["step"] <= newest["step"]]
     # A finetune may record its parent by another spelling of the same file (a symlinked home).
     parents = {str(Path(r["parent_checkpoint"]).resolve())
                for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
@@ -61,7 +69,10 @@ def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None]
         if not files.is_own_checkpoint_file(run, row["path"]):
             warn(_foreign(run, row))
             continue
-        freed += files.remove_checkpoint(db, run, row) or 0
+        removed = files.remove_checkpoint(db, run, row)
+        if removed is None and queries.checkpoint_state(db, row["id"]) == row["state"]:  # not taken by another deleter meanwhile
+            warn(f"kept step {row['step']} of run {run['id']}: a reader is loading it, or a run now starts from it")
+        freed += removed or 0
     return freed
 
 
