@@ -50,8 +50,22 @@ def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None, jo
                     f"--master-port={settings.master_port}"]
     if settings.max_restarts:
         cmd.append(f"--max-restarts={settings.max_restarts}")
+    if job_script and _torchrun_accepts("--shutdown-timeout"):
+        # There torchrun itself is signalled: it must give the workers our stop timeout to save, not its 30 s.
+        cmd.append(f"--shutdown-timeout={math.ceil(settings.stop_timeout)}")
     cmd += ["-m", ENGINE_MODULE, "--home", str(home)]
     return cmd + (["--run-id", run_id] if run_id else ["--settings", settings.model_dump_json()])
+
+
+def _torchrun_accepts(option: str) -> bool:
+    """Whether the installed torchrun has `option` (read from its source: importing torch is slow)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("torch")
+    try:
+        return option in (Path(spec.submodule_search_locations[0]) / "distributed" / "run.py").read_text()
+    except (AttributeError, TypeError, OSError):
+        return False
 
 
 def die_with_parent() -> None:

@@ -202,3 +202,67 @@ def test_second_ctrl_c_during_the_final_save_stops_now_and_leaves_no_valid_looki
     assert {c["step"]: c["state"] for c in shown["checkpoints"]} == {1: "valid"}  # the run resumes from step 1
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names[0].startswith(".tmp-model_") and names[1:] == ["model_00001.pt"]  # the cut-off file has no name
+
+
+# Which steps the loop saves (in process: a tiny model, batches of random tokens, a recording saver).
+
+class _RandomTokens:
+    def __init__(self, vocab: int, stop, stop_during: int | None):
+        self.vocab, self.stop, self.stop_during = vocab, stop, stop_during
+
+    def batch(self, step: int, micro: int):
+        import torch
+
+        if step == self.stop_during:  # as a signal handler would, in the middle of the step
+            self.stop.requested = True
+        g = torch.Generator().manual_seed(step * 100 + micro)
+        x = torch.randint(0, self.vocab, (2, 8), generator=g)
+        return x, torch.roll(x, -1, dims=1)
+
+    def scale(self, step: int, micro: int) -> float:
+        return 1.0
+
+
+class _RecordingSaver:
+    failed = False
+
+    def __init__(self):
+        self.steps = []
+
+    def save(self, step, make_state):
+        self.steps.append(step)
+
+
+class _Quiet:
+    def update(self, row):
+        pass
+
+    def message(self, text):
+        self.last = text
+
+
+def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int | None = None) -> list[int]:
+    import torch
+
+    from gptctl.engine.distributed import Dist
+    from gptctl.engine.loop import LoopConfig, train
+    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.optim import Schedule, make_optimizer
+    from gptctl.engine.startup import StopFlag
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    optimizer = make_optimizer(model, 0.1, 1e-3, "cpu")
+    cfg = LoopConfig(max_steps=max_steps, accumulation=1, tokens_per_step=16,
+                     schedule=Schedule("constant", 1e-3, 1e-4, 0, max_steps), grad_clip=1.0, eval_interval=1000,
+                     eval_steps=1, checkpoint_interval=interval, permanent_steps=frozenset(permanent))
+    saver, stop = _RecordingSaver(), StopFlag()
+    data = _RandomTokens(64, stop, stop_at)
+    train(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data, data, cfg,
+          Dist(0, 0, 1, torch.device("cpu")), 0, torch.float32, saver, lambda step: {}, lambda row: None, _Quiet(), stop)
+    return saver.steps
+
+
+def test_permanent_steps_are_saved_even_off_the_checkpoint_interval():
+    assert _train_tiny(12, 5, {3, 5, 11}) == [3, 5, 10, 11, 12]
+    assert _train_tiny(12, 5, set(), stop_at=7) == [5, 7]  # a stop saves the step it finished
