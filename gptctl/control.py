@@ -159,30 +159,31 @@ def queue(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None
 
 def follow(settings: TrainSettings) -> int:
     """A node other than node 0: start its workers, which get the run from node 0's; write nothing."""
-    code, forwarded = launch.run_workers(launch.torchrun_command(settings, home_dir().resolve(), None))
-    return 128 + forwarded if forwarded else code
+    code, stopped_by = launch.run_workers(launch.torchrun_command(settings, home_dir().resolve(), None),
+                                          settings.stop_timeout)
+    return 128 + stopped_by if stopped_by else code
 
 
 def execute(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
     home = home_dir().resolve()
     cmd = _command(run, init_checkpoint)
+    stop_timeout = TrainSettings.model_validate_json(run["settings"]).stop_timeout
     try:
-        code, forwarded = launch.run_workers(cmd)
+        code, stopped_by = launch.run_workers(cmd, stop_timeout)
     finally:
         db = open_registry(home)
         row = queries.get_run(db, run["id"])
         if row["status"] in queries.ACTIVE:
             # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
-            status = "interrupted" if forwarded else "failed"
+            status = "interrupted" if stopped_by else "failed"
             queries.update_run(db, run["id"], status=status, ended_at=queries.now())
         lock.release()
     db = open_registry(home)
+    if queries.get_run(db, run["id"])["status"] == "interrupted":
+        code = 128 + (stopped_by or signal.SIGINT)  # the workers exit 0 after a clean stop
     queries.update_run(db, run["id"], exit_code=code)
-    row = queries.get_run(db, run["id"])
-    if row["status"] == "interrupted":
-        code = 128 + (forwarded or signal.SIGINT)
-    return Outcome(row, code)
+    return Outcome(queries.get_run(db, run["id"]), code)
 
 
 def resume_settings(run: dict[str, Any], max_steps: int | None) -> TrainSettings:

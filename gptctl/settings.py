@@ -118,6 +118,11 @@ class TrainSettings(BaseModel):
     rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes of one job. (default: the run name)")
     max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
                               "newest valid checkpoint.")
+    # stopping and exactness
+    stop_timeout: float = Field(1800, gt=0, allow_inf_nan=False, description="Seconds the workers get after Ctrl-C "
+                                "or SIGTERM to finish their step and save a checkpoint; then they are killed.")
+    deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
+                                "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
 
     @model_validator(mode="before")
     @classmethod

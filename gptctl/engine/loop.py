@@ -3,7 +3,6 @@
 It knows nothing of files or the registry: it reports through `on_metrics` and `checkpoints.save`.
 """
 
-import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for
 from gptctl.engine.parallel import gradient_sync, scalar
 from gptctl.engine.optim import Schedule
+from gptctl.engine.startup import StopFlag
 
 
 @dataclass
@@ -25,25 +25,11 @@ class LoopConfig:
     eval_interval: int
     eval_steps: int
     checkpoint_interval: int
+    permanent_steps: frozenset[int] = frozenset()  # saved whatever the interval: a permanent step is a promise
     flops_per_token: float | None = None
     peak_flops: float | None = None  # all processes together, for MFU
     log_gradients: int = 0  # every N steps: per-parameter gradient norms and update/weight ratios
     timing: bool = False  # per-phase wall times (synchronising the device: debug only)
-
-
-@dataclass
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the step, checkpoints and stops."""
-
-    requested: bool = False
-    signum: int | None = None
-
-    def install(self) -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.requested, self.signum = True, signum
 
 
 @dataclass
@@ -117,13 +103,19 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
         on_metrics(row)
         progress.update(row)
         with phases("checkpoint"):
-            if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now:
+            if stop_now:
+                progress.message(f"step {step} finished: saving its checkpoint before stopping")
+            if should_save(step, cfg) or stop_now:
                 checkpoints.save(step, lambda: state_fn(step))
         if cfg.timing:
             progress.message(f"step {step} timing: {phases.report()}")
         if stop_now:
             return LoopResult(step, True, _mean(speeds))
     return LoopResult(step, False, _mean(speeds))
+
+
+def should_save(step: int, cfg: LoopConfig) -> bool:
+    return step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or step in cfg.permanent_steps
 
 
 @torch.no_grad()

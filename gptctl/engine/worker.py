@@ -15,10 +15,17 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
+from gptctl.engine.startup import StopFlag, pin_thread_pools
 from gptctl.launch import LAUNCHED_ENV, die_with_parent
 
+STOP = StopFlag()
+
 if __name__ == "__main__":
-    # Before the slow imports below: a launcher killed while they run must not leave this process behind.
+    # Before the slow imports below: a stop signal that arrives while they run is kept, not fatal;
+    # the thread pools are fixed before torch loads them; and a launcher killed meanwhile must not
+    # leave this process behind.
+    STOP.install()
+    pin_thread_pools()
     die_with_parent()
     if os.environ.get(LAUNCHED_ENV) and os.getppid() == 1:  # gptctl's torchrun is already gone (a bare
         sys.exit(1)  # torchrun may itself be PID 1, in a container)
@@ -33,7 +40,7 @@ from gptctl.data import dolly
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.sft import InstructionBatchLoader
 from gptctl.engine.loggers import ExternalLoggers
-from gptctl.engine.loop import LoopConfig, StopFlag, train
+from gptctl.engine.loop import LoopConfig, train
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
@@ -151,6 +158,17 @@ def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
             BatchLoader(TokenStream(settings.data_root, "val"), *common, settings.eval_steps, d.rank, d.world_size, d.device))
 
 
+def pin_numerics(settings: TrainSettings) -> None:
+    """The same inputs give the same bits. Always: a fixed number of threads (torch.set_num_threads also
+    turns MKL's dynamic thread choice off). With --deterministic, also deterministic algorithms only;
+    cuBLAS reads its workspace setting when CUDA creates its handle, so this runs before that."""
+    torch.set_num_threads(torch.get_num_threads())
+    if settings.deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", type=Path, required=True)
@@ -161,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()
 
-    stop = StopFlag()
+    stop = STOP
     stop.install()
     db = run = None
     if args.run_id:
         db = open_registry(args.home)
         run = queries.get_run(db, args.run_id)
     settings = TrainSettings.model_validate_json(run["settings"] if run else args.settings)
+    pin_numerics(settings)  # before CUDA starts (setup)
     d = setup(settings.device)
     run = share_run(d, run)  # every node trains the run node 0 created
     if run is not None and d.is_main and db is None:  # rank 0 landed on another node: the home is shared
@@ -176,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
     settings = TrainSettings.model_validate_json(run["settings"])  # node 0's settings win over a follower's own
+    pin_numerics(settings)  # node 0's --deterministic, before the first cuBLAS call
     write = d.is_main
     lock = None
     try:
@@ -294,6 +314,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
                           settings.max_steps, settings.lr_restarts),
         grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
         eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
+        permanent_steps=frozenset(settings.permanent_checkpoints),
         flops_per_token=flops_per_token, peak_flops=peak, log_gradients=settings.log_gradients,
         timing=settings.log_level == "debug",
     )
@@ -313,8 +334,18 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         queries.update_run(db, run["id"], status=status, last_step=result.last_step, ended_at=queries.now(),
                            tokens_per_s=result.tokens_per_s,
                            mfu=(flops_per_token * result.tokens_per_s / peak) if (peak and result.tokens_per_s) else None)
-        print(f"run {run['id']} {status} at step {result.last_step}", flush=True)
-    return 128 + stop.signum if result.interrupted and stop.signum else 0
+        print(f"stopped at step {result.last_step}, checkpoint saved" if result.interrupted
+              else f"run {run['id']} completed at step {result.last_step}", flush=True)
+    return stopped_exit_code(stop) if result.interrupted else 0
+
+
+def stopped_exit_code(stop: StopFlag) -> int:
+    """Under gptctl's launcher a clean stop is a success for torchrun, which then neither restarts the
+    workers nor reports them failed; the launcher and the registry say the run was interrupted (128+signal).
+    Under a bare torchrun, the signal's exit code."""
+    if os.environ.get(LAUNCHED_ENV) or not stop.signum:
+        return 0
+    return 128 + stop.signum
 
 
 def hellaswag_eval(settings: TrainSettings, raw_model, d, dtype):

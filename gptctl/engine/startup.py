@@ -1,0 +1,37 @@
+"""What a worker sets up before it imports torch: how it takes a stop signal, and the math libraries'
+thread pools. Imports no torch, so the worker can call it first thing."""
+
+import os
+import signal
+from dataclasses import dataclass
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes the step, checkpoints and stops. Installed before the
+    slow imports, so a stop asked for during start-up is kept rather than killing the worker (gptctl's
+    launcher only signals a worker once this handler is in place: see `launch.ready_to_stop`)."""
+
+    requested: bool = False
+    signum: int | None = None
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if not self.requested:  # the first signal says why the run stopped
+            self.requested, self.signum = True, signum
+
+
+# libgomp and MKL may pick fewer threads than asked for ("dynamic" adjustment, MKL's default), and a
+# reduction split over another number of threads sums in another order: the last bits of a loss change
+# from run to run. Read by the libraries when torch loads them, so set before the import.
+FIXED_THREAD_POOLS = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+
+
+def pin_thread_pools() -> None:
+    for name, value in FIXED_THREAD_POOLS.items():
+        os.environ[name] = value
