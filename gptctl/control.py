@@ -49,6 +49,8 @@ def check_extras(settings: TrainSettings) -> None:
             raise UserError(f"{option}: the {package} package is not installed; pip install 'gptctl[{package}]'")
     if settings.hellaswag_file is not None and not settings.hellaswag_file.is_file():
         raise UserError(f"--hellaswag-file: {settings.hellaswag_file} does not exist")
+    if settings.log_dir is not None and settings.log_dir.exists() and not settings.log_dir.is_dir():
+        raise UserError(f"--log-dir: {settings.log_dir} is not a directory")
 
 
 def prepare_dataset(settings: TrainSettings):

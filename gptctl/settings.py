@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gptctl.errors import UserError
 from gptctl.presets import PRESETS, ModelShape
@@ -157,6 +157,20 @@ class TrainSettings(BaseModel):
     def _safe_name(cls, value: str | None) -> str | None:
         if value is not None and not _RUN_NAME.fullmatch(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
+        return value
+
+    @field_validator("master_addr", "rdzv_endpoint")
+    @classmethod
+    def _address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A host (and for --rdzv-endpoint an optional :PORT) that torchrun can read: a typo fails here, not there."""
+        if value is None:
+            return value
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"expected a host name or address without spaces, got {value!r}")
+        host, colon, port = value.rpartition(":")
+        if info.field_name == "rdzv_endpoint" and colon and not value.endswith("]") and not (
+                host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"expected HOST or HOST:PORT with a port from 1 to 65535, got {value!r}")
         return value
 
     @field_validator("nproc_per_node")

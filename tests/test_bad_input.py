@@ -63,6 +63,26 @@ def test_numbers_out_of_range_are_refused(shakespeare, gptctl_home, extra, optio
     refused(base(shakespeare) + extra, option, gptctl_home)
 
 
+@pytest.mark.parametrize("extra, option", [
+    (["--rdzv-endpoint", "node0:99999"], "--rdzv-endpoint"),
+    (["--rdzv-endpoint", "node0 :29400"], "--rdzv-endpoint"),
+    (["--master-addr", ""], "--master-addr"),
+    (["--log-dir", "conftest.py"], "--log-dir"),
+])
+def test_launch_and_log_options(shakespeare, gptctl_home, monkeypatch, extra, option):
+    monkeypatch.chdir(Path(__file__).parent)
+    refused(base(shakespeare) + extra, option, gptctl_home)
+
+
+def test_resume_max_steps_out_of_range_changes_nothing(shakespeare, gptctl_home):
+    assert runner.invoke(app, base(shakespeare) + ["--run-name", "r"]).exit_code == 0
+    before = json.loads(runner.invoke(app, ["runs", "show", "r", "--json"]).stdout)
+    result = runner.invoke(app, ["resume", "r", "--max-steps", str(10**30)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "--max-steps" in lines[0], result.output
+    assert json.loads(runner.invoke(app, ["runs", "show", "r", "--json"]).stdout) == before
+
+
 def test_seed_bounds_are_inclusive(shakespeare, gptctl_home):
     for seed in ("0", str(2**32 - 1)):
         result = runner.invoke(app, base(shakespeare) + ["--seed", seed])

@@ -26,7 +26,7 @@ def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if not 0 <= temperature < math.inf:
-        raise UserError(f"--temperature: must be a finite number, 0 (greedy) or more, got {temperature}")
+        raise UserError(f"--temperature: must be 0 (greedy) or more, and finite; got {temperature}")
     if top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {top_k}")
     if num_samples < 1:
