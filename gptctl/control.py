@@ -25,12 +25,12 @@ class Outcome:
 
 
 def check_data(settings: TrainSettings) -> None:
-    from gptctl.data.shards import find_shards
+    from gptctl.data.shards import check_split_size
 
     if settings.data_root is None:
         raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
     for split in ("train", "val"):
-        find_shards(settings.data_root, split)
+        check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
 
 
 def check_dataset(settings: TrainSettings) -> None:
@@ -49,6 +49,8 @@ def check_extras(settings: TrainSettings) -> None:
             raise UserError(f"{option}: the {package} package is not installed; pip install 'gptctl[{package}]'")
     if settings.hellaswag_file is not None and not settings.hellaswag_file.is_file():
         raise UserError(f"--hellaswag-file: {settings.hellaswag_file} does not exist")
+    if settings.log_dir is not None and settings.log_dir.exists() and not settings.log_dir.is_dir():
+        raise UserError(f"--log-dir: {settings.log_dir} is not a directory")
 
 
 def prepare_dataset(settings: TrainSettings):
@@ -68,25 +70,70 @@ def check_world_size(settings: TrainSettings) -> None:
         raise UserError(str(exc)) from None
 
 
-def check_checkpoint_path(path: Path | None, resume: bool) -> None:
+# What the workers read from a checkpoint they resume from (engine/worker.py), besides its settings.
+TRAINING_STATE = ("model", "optimizer", "step", "rng")
+
+
+def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettings) -> None:
+    """--resume --checkpoint-path: a gptctl training state of this model, short of --max-steps, read now,
+    before the run exists (the workers would otherwise fail on it after a run was created)."""
     if resume and path is None:
         raise UserError("--resume needs --checkpoint-path PATH (or use --auto-resume, or `gptctl resume RUN`)")
-    if path is not None and not path.is_file():
+    if path is None:
+        return
+    if not resume:
+        raise UserError("--checkpoint-path: only used with --resume; add --resume (or start from its weights alone "
+                        "with --init-from)")
+    if not path.is_file():
         raise UserError(f"--checkpoint-path: {path} does not exist")
+    state, stored = read_checkpoint(path, "--checkpoint-path")
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise UserError(f"--checkpoint-path: {path} holds no training state ({', '.join(missing)} missing), so a run "
+                        "cannot resume from it; start from its weights with --init-from")
+    differs = [f"{k} {getattr(stored.shape, k)} vs {getattr(settings.shape, k)}"
+               for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(stored.shape, k) != getattr(settings.shape, k)]
+    if differs:
+        raise UserError(f"--checkpoint-path: {path} holds another model than these settings make ({', '.join(differs)});"
+                        f" give the checkpoint's own --model/--n-*/--seq-len")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"--checkpoint-path: {path} has no valid step number ({step!r}); is it a gptctl checkpoint?")
+    if step >= settings.max_steps:
+        raise UserError(f"--checkpoint-path: {path} is at step {step}; --max-steps ({settings.max_steps}) must be "
+                        "above it to train further")
+
+
+def check_run_dir(run: dict[str, Any]) -> None:
+    """A run is continued in its directory: one that was deleted cannot be resumed (nor silently re-created)."""
+    if not Path(run["run_dir"]).is_dir():
+        raise UserError(f"run {run['id']} ({run['name']}): its run directory {run['run_dir']} is gone, with its "
+                        "checkpoints; start a new run (--resume --checkpoint-path FILE continues from a copy)")
+
+
+def read_checkpoint(path: Path, option: str) -> tuple[dict[str, Any], TrainSettings]:
+    """(state, its settings) of a checkpoint a run would start from, loaded as plain data only, and checked to
+    be gptctl's own: a dict with model weights and the settings that made it. UserError naming `option` otherwise."""
+    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
+
+    try:
+        state = load(path)
+    except UnsafeCheckpoint as exc:
+        raise UserError(f"{option}: {exc}") from None
+    stored = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(stored, dict) or not isinstance(state.get("model"), dict):
+        found = "no settings" if isinstance(state, dict) else f"a {type(state).__name__}, not a dict of state"
+        raise UserError(f"{option}: {path} is not a gptctl checkpoint ({found}); gptctl starts only from its own "
+                        "checkpoints, or from Hugging Face weights with hf:DIR_OR_NAME")
+    try:
+        return state, TrainSettings.model_validate(stored)
+    except ValidationError as exc:
+        raise UserError(f"{option}: {path} holds settings gptctl cannot use ({describe(exc)})") from None
 
 
 def parent_model(path: Path, option: str) -> dict[str, Any]:
     """The model settings of the checkpoint a run starts from (loaded as plain data only)."""
-    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
-
-    try:
-        stored = load(path).get("settings")
-    except UnsafeCheckpoint as exc:
-        raise UserError(f"{option}: {exc}") from None
-    try:
-        parent = TrainSettings.model_validate(stored)
-    except ValidationError:
-        raise UserError(f"{option}: {path} has no gptctl model settings; is it a gptctl checkpoint?") from None
+    parent = read_checkpoint(path, option)[1]
     shape = parent.shape
     return {"model": parent.model, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
             "block_size": shape.block_size}

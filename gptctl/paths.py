@@ -3,11 +3,30 @@
 import os
 from pathlib import Path
 
+from gptctl.errors import UserError
+
 DB_NAME = "gptctl.db"
 
 
 def home_dir() -> Path:
-    return Path(os.environ.get("GPTCTL_HOME") or "runs")
+    """The home directory (it need not exist yet); UserError when something else is in its place."""
+    home = Path(os.environ.get("GPTCTL_HOME") or "runs")
+    if home.exists() and not home.is_dir():
+        raise UserError(f"GPTCTL_HOME: {home} is not a directory; point GPTCTL_HOME (or --home) at a directory")
+    return home
+
+
+def writable_home() -> Path:
+    """The home, created if it is missing, as a directory this process can write in; UserError otherwise."""
+    home = home_dir()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"GPTCTL_HOME: cannot create {home} ({exc.strerror}); point GPTCTL_HOME (or --home) "
+                        "at a directory you can write") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise UserError(f"GPTCTL_HOME: {home} is not writable; point GPTCTL_HOME (or --home) at a directory you can write")
+    return home
 
 
 def registry_path(home: Path | None = None) -> Path:

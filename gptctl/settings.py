@@ -6,14 +6,17 @@ Every invalid combination is caught here, before a run directory or registry row
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gptctl.errors import UserError
 from gptctl.presets import PRESETS, ModelShape
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let "name\n" through
+# Every integer setting must fit the registry's (and torch's) 64-bit integers; seeds also numpy's 32 bits.
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
 # Settings that only one kind of run has as command-line options: a finetune takes its model
 # from the pretrained checkpoint, a pretrain reads token shards rather than an instruction set.
 PRETRAIN_ONLY = {"json_schema_extra": {"only": "pretrain"}}
@@ -26,7 +29,8 @@ FINETUNE_DEFAULTS = {"max_lr": 3e-5, "max_steps": 1750, "warmup_steps": 100, "ba
 
 
 class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf and nan are never meaningful settings (and JSON would store them as null).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
     # model
@@ -70,7 +74,7 @@ class TrainSettings(BaseModel):
                                  "instead of replicating the model (DDP).")
     model_parallel_size: int | None = Field(None, gt=0, description="Processes that share one copy of the model; "
                                             "groups replicate each other (HSDP). (default: all processes)")
-    seed: int = Field(1337, description="Random seed for initialisation.")
+    seed: int = Field(1337, ge=0, le=SEED_MAX, description="Random seed for initialisation (0 to 2**32-1).")
     # data
     data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
     pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
@@ -87,7 +91,7 @@ class TrainSettings(BaseModel):
     async_checkpoint: bool = Field(True, description="Write checkpoints in a background thread; training waits "
                                    "only for a copy of the state in CPU memory.")
     keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
-    permanent_checkpoints: list[int] = Field(
+    permanent_checkpoints: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
     )
     # watching
@@ -144,11 +148,34 @@ class TrainSettings(BaseModel):
             return [int(p) for p in parts]
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        """Every integer, whatever its field: the registry stores them as SQLite's 64-bit integers."""
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, int) and not isinstance(number, bool) and not -INT64_MAX <= number <= INT64_MAX:
+                raise ValueError(f"{number} is too large; at most {INT64_MAX} (2**63-1)")
+        return value
+
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not _RUN_NAME.match(value):
+        if value is not None and not _RUN_NAME.fullmatch(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
+        return value
+
+    @field_validator("master_addr", "rdzv_endpoint")
+    @classmethod
+    def _address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A host (and for --rdzv-endpoint an optional :PORT) that torchrun can read: a typo fails here, not there."""
+        if value is None:
+            return value
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"expected a host name or address without spaces, got {value!r}")
+        host, colon, port = value.rpartition(":")
+        if info.field_name == "rdzv_endpoint" and colon and not value.endswith("]") and not (
+                host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"expected HOST or HOST:PORT with a port from 1 to 65535, got {value!r}")
         return value
 
     @field_validator("nproc_per_node")
@@ -180,6 +207,9 @@ class TrainSettings(BaseModel):
                                  "by a power of two, e.g. 128 for 1024")
         if self.lr_restarts and self.lr_scheduler != "cosine_with_restarts":
             raise ValueError("--lr-restarts needs --lr-scheduler cosine_with_restarts")
+        if self.lr_restarts >= self.max_steps - self.warmup_steps:
+            raise ValueError(f"--lr-restarts ({self.lr_restarts}) makes cycles shorter than a step: at most "
+                             f"--max-steps - --warmup-steps - 1 ({self.max_steps - self.warmup_steps - 1})")
         if self.model_parallel_size is not None and not self.model_parallel:
             raise ValueError("--model-parallel-size needs --model-parallel")
         if self.min_lr is not None and self.min_lr > self.max_lr:
@@ -208,7 +238,10 @@ class TrainSettings(BaseModel):
 
     def check_world(self, world_size: int) -> None:
         """Raise ValueError when the batch or the sharding does not split over `world_size` processes."""
-        self.resolved_accumulation(world_size)
+        tokens = self.tokens_per_step(world_size)
+        if tokens * self.max_steps > INT64_MAX:  # the registry counts tokens seen in a 64-bit integer
+            raise ValueError(f"--max-steps ({self.max_steps}) × {tokens} tokens per step is more tokens than the "
+                             f"registry can count (2**63-1); lower --max-steps")
         if self.model_parallel:
             self.mesh_shape(world_size)
 
@@ -256,12 +289,28 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def is_option(field: str, kind: str) -> bool:
+    """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file)."""
+    extra = TrainSettings.model_fields[field].json_schema_extra
+    extra = extra if isinstance(extra, dict) else {}
+    return extra.get("cli") is not False and extra.get("only", kind) == kind
+
+
+# Why a setting that is not an option cannot come from a --config file, and what to do instead.
+_NOT_IN_CONFIG = {
+    "pretrained_checkpoint": "pass the checkpoint on the command line (pretrain --init-from, finetune "
+                             "--pretrained-checkpoint)",
+    "block_size": "it comes from the checkpoint a run starts from",
+    "kind": "the command (pretrain or finetune) sets it",
+}
+
+
 def build_settings(overrides: dict[str, Any], config_file: Path | None = None, defaults: dict[str, Any] | None = None,
                    **fixed: Any) -> TrainSettings:
     """Merge `defaults` < config file < command-line overrides < `fixed` into validated settings, or raise UserError."""
     values: dict[str, Any] = dict(defaults or {})
     if config_file is not None:
-        values.update(read_config(config_file))
+        values.update(read_config(config_file, fixed.get("kind", "pretrain")))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.update(fixed)
     try:
@@ -282,23 +331,36 @@ def describe(exc: ValidationError) -> str:
     return msg
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path, kind: str) -> dict[str, Any]:
+    """The settings of a --config file: only those `gptctl KIND` takes as options, as on its command line."""
     if not path.is_file():
         raise UserError(f"--config: file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"--config: {path} is not valid TOML ({exc})") from None
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    for key in values:
+        if key not in TrainSettings.model_fields:
+            raise UserError(f"--config: unknown setting {key!r} in {path}; `gptctl {kind} --help` lists the settings")
+        if not is_option(key, kind):
+            extra = TrainSettings.model_fields[key].json_schema_extra
+            only = extra.get("only") if isinstance(extra, dict) else None
+            why = _NOT_IN_CONFIG.get(key) or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`"
+            raise UserError(f"--config: {path} sets {key!r}, which a config file may not: {why}")
+    return values
 
 
 def to_toml(settings: TrainSettings) -> str:
-    """The settings as TOML that --config reads back (flat keys, so a tiny writer suffices)."""
+    """The settings as TOML that --config reads back (flat keys, so a tiny writer suffices).
+
+    Only the options of the run's kind are settings; the rest (e.g. the checkpoint it started from)
+    are kept as comments, since a config file may not set them."""
     lines = []
-    for key, value in settings.model_dump(mode="json", exclude={"kind"}).items():
-        if value is None:
+    for key, value in settings.model_dump(mode="json").items():
+        if value is None or key == "kind":
             continue
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(("" if is_option(key, settings.kind) else "# ") + f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

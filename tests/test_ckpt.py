@@ -114,11 +114,10 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_
     torch.save({"model": {}, "step": 4, "x": Evil()}, evil)
     proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
                   "--checkpoint-path", str(evil), "--json", home=gptctl_home, check=False)
-    assert proc.returncode != 0
-    summary = json.loads(proc.stdout)
-    assert summary["status"] == "failed"
-    shown = json.loads(gptctl("runs", "show", summary["run_id"], "--json", home=gptctl_home).stdout)
-    assert "not a plain-data checkpoint" in shown["error"]
+    # Refused before a run exists (issue 12): no summary, no run, no registry, torchrun never started.
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith(f"Error: --checkpoint-path: {evil}") and "Traceback" not in proc.stderr
+    assert not gptctl_home.exists()
     assert not (tmp_path / "pwned").exists()
 
 

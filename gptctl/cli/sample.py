@@ -1,6 +1,7 @@
 """`gptctl sample`: generate text from a checkpoint, streaming it to stdout."""
 
 import json
+import math
 import typing
 from typing import Optional
 
@@ -9,13 +10,13 @@ import typer
 from gptctl.cli import app
 from gptctl.errors import UserError
 from gptctl.refs import checkpoint_for_reading
-from gptctl.settings import TrainSettings
+from gptctl.settings import SEED_MAX, TrainSettings
 
 DEVICES = typing.get_args(TrainSettings.model_fields["device"].annotation)
 SEPARATOR = "-" * 15  # between streamed samples, as nanoGPT's sample.py prints them
 
 
-def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, device) -> None:
+def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, seed, device) -> None:
     if prompt is not None and instruction is not None:
         raise UserError("--prompt and --instruction exclude each other; give one")
     if prompt is None and instruction is None:
@@ -24,12 +25,14 @@ def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num
         raise UserError("--context: only goes with --instruction; add --instruction TEXT")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise UserError(f"--temperature: must be 0 (greedy) or more, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise UserError(f"--temperature: must be 0 (greedy) or more, and finite; got {temperature}")
     if top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {top_k}")
     if num_samples < 1:
         raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed: must be between 0 and {SEED_MAX} (2**32-1), got {seed}")
     if device not in DEVICES:
         raise UserError(f"--device: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
@@ -50,7 +53,7 @@ def sample_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a list of {sample, text, tokens} at the end instead of streaming."),
 ):
     """Generate text from a checkpoint, streaming tokens to stdout as they are generated."""
-    _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, device)
+    _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, seed, device)
     with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH") as path:  # retention spares it while it loads
         from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic_core import PydanticUndefined
 
-from gptctl.settings import TrainSettings, option_name
+from gptctl.settings import TrainSettings, is_option, option_name
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -41,9 +41,9 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> 
         params = []
         annotations = {p.name: fn.__annotations__.get(p.name, p.annotation) for p in own}
         for name, field in TrainSettings.model_fields.items():
-            extra = field.json_schema_extra or {}
-            if isinstance(extra, dict) and (extra.get("cli") is False or extra.get("only", kind) != kind):
+            if not is_option(name, kind):
                 continue
+            extra = field.json_schema_extra or {}
             cli_type = _cli_type(field.annotation)
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}"] if cli_type is Optional[bool] else [option_name(name)]
             decls += extra.get("aliases", []) if isinstance(extra, dict) else []

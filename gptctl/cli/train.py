@@ -11,7 +11,7 @@ from gptctl import control, slurm
 from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
-from gptctl.paths import home_dir
+from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings, build_settings
 
@@ -92,7 +92,7 @@ def finetune(
 def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, auto_resume: bool, resume: bool,
            checkpoint_path: Path | None, print_command: bool, as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
-    control.check_checkpoint_path(checkpoint_path, resume)
+    control.check_checkpoint_path(checkpoint_path, resume, settings)
     control.check_world_size(settings)
     control.check_extras(settings)
     if settings.node_rank > 0:
@@ -112,6 +112,7 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
                    + (f"; {prepared.skipped:,} skipped (empty, or the response does not fit --seq-len)" if prepared.skipped else ""),
                    err=True)
+    writable_home()  # the last check: the run is created next
     init = str(checkpoint_path.resolve()) if resume else None
     run, lock = control.create_run(settings, control.command_line(), save_config,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
@@ -126,6 +127,7 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
 
 
 def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None:
+    control.check_run_dir(run)
     lock = control.lock_existing(run)
     try:
         control.refuse_if_done(run, settings)

@@ -13,7 +13,9 @@ on the hub again and always sees exactly the same examples.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +45,45 @@ class InstructionData:
     skipped: int  # examples whose response does not fit the context
 
 
-def load_records(dataset_path: Path | None):
-    """Dolly's records through `datasets`: the hub dataset, or a local JSONL/Parquet file in the same schema."""
+def load_records(dataset_path: Path | None) -> Iterator[tuple[str, dict]]:
+    """(where, record) of each example, `where` naming it for error messages. A local JSONL file is read here,
+    line by line, so a bad line is named by its number; the hub dataset and other files come through `datasets`."""
+    if dataset_path is not None and dataset_path.suffix.lower() == ".jsonl":
+        return _read_jsonl(dataset_path)
+    ds = _load_dataset(dataset_path)
+    return ((f"{dataset_path or DOLLY_HUB_NAME} record {i + 1}", r) for i, r in enumerate(ds))
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError as exc:
+                    raise UserError(f"--dataset-path: {path}:{lineno} is not valid JSON ({exc})") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"--dataset-path: {path}:{lineno} is not a JSON object; expected Dolly's schema "
+                                    f"({', '.join(FIELDS)})")
+                yield f"{path}:{lineno}", record
+    except OSError as exc:
+        raise UserError(f"--dataset-path: cannot read {path} ({exc.strerror})") from None
+
+
+def check_record(where: str, record: dict) -> None:
+    """Instruction and response are text (empty ones are skipped, not refused); context is text or absent."""
+    for field in FIELDS:
+        value = record.get(field)
+        if field != "context" and field not in record:
+            raise UserError(f"--dataset-path: {where} has no field {field!r}; expected Dolly's schema: {', '.join(FIELDS)}")
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"--dataset-path: {where} field {field!r} is a {type(value).__name__} "
+                            f"({json.dumps(value)[:40]}), not text")
+
+
+def _load_dataset(dataset_path: Path | None):
     from datasets import load_dataset
 
     try:
@@ -81,9 +120,9 @@ def build(dataset_path: Path | None, seq_len: int, val_fraction: float, seed: in
     from gptctl.data.tokenizer import get_encoding
 
     enc = get_encoding("gpt2")
-    records = load_records(dataset_path)
     examples, skipped = [], 0
-    for r in records:
+    for where, r in load_records(dataset_path):
+        check_record(where, r)
         if not (r.get("instruction") or "").strip() or not (r.get("response") or "").strip():
             skipped += 1
             continue

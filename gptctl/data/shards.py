@@ -30,7 +30,26 @@ def read_manifest(data_root: Path) -> dict | None:
         raise UserError(f"--data-root: cannot read {path}: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise UserError(f"--data-root: {path} is not a gptctl manifest (no 'shards' list)")
+    for i, entry in enumerate(manifest["shards"]):
+        problem = _shard_entry_problem(entry)
+        if problem:
+            raise UserError(f"--data-root: {path} shard entry {i} ({json.dumps(entry)[:60]}) {problem}; "
+                            "re-run `gptctl data prepare --force`")
     return manifest
+
+
+def _shard_entry_problem(entry) -> str | None:
+    """What is wrong with one manifest entry, or None: an object naming a file inside the data root and its split."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    file = entry.get("file")
+    if not isinstance(file, str) or not file:
+        return "has no 'file' name"
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        return "names a file outside the data root"
+    if entry.get("split") not in ("train", "val"):
+        return "has no 'split' of train or val"
+    return None
 
 
 def find_shards(data_root: Path, split: str) -> list[Path]:
@@ -76,3 +95,13 @@ def load_tokens(path: Path) -> np.ndarray:
 def count_tokens(data_root: Path, split: str) -> int:
     """Total tokens over all shards of `split` (reads only the .npy headers)."""
     return int(sum(load_tokens(p).shape[0] for p in find_shards(data_root, split)))
+
+
+def check_split_size(data_root: Path, split: str, batch_size: int, seq_len: int) -> None:
+    """A split must hold one micro-batch: batch_size rows of seq_len inputs and their next-token targets.
+    Rows wrap around the split, so this is enough for any step, rank or world size (engine/loader.py)."""
+    tokens, needed = count_tokens(data_root, split), batch_size * seq_len + 1
+    if tokens < needed:
+        raise UserError(f"--data-root: the {split} split of {data_root} has {tokens:,} tokens, fewer than one micro-batch "
+                        f"needs (--batch-size × --seq-len + 1 = {batch_size}×{seq_len}+1 = {needed:,}); prepare more "
+                        f"{split} data or lower --batch-size/--seq-len")
