@@ -276,3 +276,32 @@ def test_finetune_and_pretrain_start_from_hugging_face_weights(hf_dir, shakespea
         trained = torch.load(summary["checkpoints"][-1], weights_only=True)["model"]
         for name in ("transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"):
             assert (trained[name] - hf_state[name]).abs().max() < 0.05, name
+
+
+@pytest.mark.parametrize("target", ["home", "run dir", "inside run", "data root", "holds data", "holds a run"])
+def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_path, gptctl_home):
+    """`export -o $GPTCTL_HOME --force` deleted the registry and every run."""
+    from gptctl.registry import open_registry, queries
+
+    db = open_registry(gptctl_home)
+    run_dir = gptctl_home / "r-0000aaaa"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    data_root = tmp_path / "data" / "shakespeare"
+    data_root.mkdir(parents=True)
+    (data_root / "shakespeare_train_000000.npy").write_bytes(b"0")
+    queries.insert_run(db, {"id": "0000aaaa", "name": "r", "kind": "pretrain", "run_dir": str(run_dir),
+                            "settings": json.dumps({"data_root": str(data_root)})})
+    out = {"home": gptctl_home, "run dir": run_dir, "inside run": run_dir / "notes",
+           "data root": data_root, "holds data": data_root.parent, "holds a run": tmp_path / "elsewhere"}[target]
+    if target == "inside run":
+        (out / "mine.txt").parent.mkdir()
+        (out / "mine.txt").write_text("notes")
+    if target == "holds a run":  # a run directory the registry does not know, e.g. copied by hand
+        (out / "copied-run" / "checkpoints").mkdir(parents=True)
+        (out / "copied-run" / "checkpoints" / "model_00010.pt").write_bytes(b"x")
+    before = sorted(tmp_path.rglob("*"))
+    result = export(str(checkpoint), "-o", str(out), "--format", "safetensors", "--force")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: --output: ") and "--force never removes" in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before
