@@ -305,3 +305,28 @@ def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error: --output: ") and "--force never removes" in result.stderr
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_hf_imports_are_named_by_content_and_never_overwritten(hf_dir, tmp_path, gptctl_home):
+    """hf:a/b and hf:a_b mapped to the same imports/a_b.pt; a later import rewrote a queued run's parent."""
+    import shutil
+
+    from gptctl.refs import resolve_checkpoint
+    from gptctl.registry.files import sha256_of
+
+    nested, flat = tmp_path / "a" / "b", tmp_path / "a_b"
+    shutil.copytree(hf_dir, nested)
+    other = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2)  # tied: other weights, same shape
+    other.save_pretrained(flat)
+
+    first = resolve_checkpoint(f"hf:{nested}", "--init-from")
+    identity = (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first))
+    second = resolve_checkpoint(f"hf:{flat}", "--init-from")
+    assert first != second and first.parent == second.parent == (gptctl_home / "imports").resolve()
+    assert resolve_checkpoint(f"hf:{nested}", "--init-from") == first  # the same weights: the same file, reused
+    assert (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first)) == identity
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])  # no staging left
+    assert not torch.equal(torch.load(first, weights_only=True)["model"]["lm_head.weight"],
+                           torch.load(second, weights_only=True)["model"]["lm_head.weight"])
