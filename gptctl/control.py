@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from gptctl import launch
+from gptctl.atomic import write_text_atomic
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
 from gptctl.registry.locks import RunLock
+from gptctl.registry.rebuild import write_run_info
 from pydantic import ValidationError
 
 from gptctl.settings import TrainSettings, describe, to_toml
@@ -151,9 +153,9 @@ def create_run(settings: TrainSettings, command: list[str], save_config: bool, p
     lock = RunLock(run_dir)
     lock.acquire()
     stored = settings.model_copy(update={"run_name": name})
-    (run_dir / "config.json").write_text(stored.model_dump_json(indent=2) + "\n")
+    write_text_atomic(run_dir / "config.json", stored.model_dump_json(indent=2) + "\n")
     if save_config:
-        (run_dir / "config.toml").write_text(to_toml(stored))
+        write_text_atomic(run_dir / "config.toml", to_toml(stored))
     if dataset is not None:
         from gptctl.data import dolly
 
@@ -163,7 +165,9 @@ def create_run(settings: TrainSettings, command: list[str], save_config: bool, p
         "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,
         "parent_checkpoint": parent_checkpoint, "last_step": 0,
     })
-    return queries.get_run(db, run_id), lock
+    run = queries.get_run(db, run_id)
+    write_run_info(run)  # so that `gptctl registry rebuild` can re-create the row from the directory
+    return run, lock
 
 
 def lock_existing(run: dict[str, Any]) -> RunLock:

@@ -96,11 +96,53 @@ def _lease_verified(db, row: dict) -> tuple[int | None, str]:
 
 
 def _import_hf(dir_or_name: str, option: str) -> Path:
-    """The converted file stays at a stable path: runs record it as their parent, and retention protects it."""
+    """Convert once into `HOME/imports/NAME-SHA.pt`, named by its content.
+
+    Runs record the file as their parent and retention protects it, so an import never overwrites a
+    file: the same weights give the same name (and the file is reused), different weights or sources
+    (`hf:a/b` and `hf:a_b`) different names.
+    """
+    import os
+
     from gptctl.engine.hf import write_checkpoint
     from gptctl.paths import home_dir
+    from gptctl.registry.files import TMP_PREFIX, sha256_of
 
-    path = (home_dir() / "imports" / (re.sub(r"[^A-Za-z0-9._-]", "_", dir_or_name.strip("/")) + ".pt")).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(dir_or_name, path, option)
+    imports = (home_dir() / "imports").resolve()
+    imports.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_imports(imports, TMP_PREFIX)
+    staging = imports / f"{TMP_PREFIX}import-{os.getpid()}.pt"
+    try:
+        write_checkpoint(dir_or_name, staging, option)
+        sha = sha256_of(staging)
+        path = imports / f"{re.sub(r'[^A-Za-z0-9._-]', '_', dir_or_name.strip('/'))[-80:]}-{sha[:16]}.pt"
+        try:
+            os.link(staging, path)  # fails if the name exists: never replaces a file a run may point at
+        except FileExistsError:
+            if sha256_of(path) != sha:
+                raise UserError(f"{option}: {path} exists with other contents (damaged?); move it away and retry") from None
+    finally:
+        staging.unlink(missing_ok=True)
     return path
+
+
+def _remove_abandoned_imports(imports: Path, prefix: str) -> None:
+    """Staging files of conversions whose process died (killed mid-import)."""
+    import os
+
+    for leftover in imports.glob(f"{prefix}import-*.pt"):
+        pid = leftover.stem.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -276,3 +276,57 @@ def test_finetune_and_pretrain_start_from_hugging_face_weights(hf_dir, shakespea
         trained = torch.load(summary["checkpoints"][-1], weights_only=True)["model"]
         for name in ("transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"):
             assert (trained[name] - hf_state[name]).abs().max() < 0.05, name
+
+
+@pytest.mark.parametrize("target", ["home", "run dir", "inside run", "data root", "holds data", "holds a run"])
+def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_path, gptctl_home):
+    """`export -o $GPTCTL_HOME --force` deleted the registry and every run."""
+    from gptctl.registry import open_registry, queries
+
+    db = open_registry(gptctl_home)
+    run_dir = gptctl_home / "r-0000aaaa"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    data_root = tmp_path / "data" / "shakespeare"
+    data_root.mkdir(parents=True)
+    (data_root / "shakespeare_train_000000.npy").write_bytes(b"0")
+    queries.insert_run(db, {"id": "0000aaaa", "name": "r", "kind": "pretrain", "run_dir": str(run_dir),
+                            "settings": json.dumps({"data_root": str(data_root)})})
+    out = {"home": gptctl_home, "run dir": run_dir, "inside run": run_dir / "notes",
+           "data root": data_root, "holds data": data_root.parent, "holds a run": tmp_path / "elsewhere"}[target]
+    if target == "inside run":
+        (out / "mine.txt").parent.mkdir()
+        (out / "mine.txt").write_text("notes")
+    if target == "holds a run":  # a run directory the registry does not know, e.g. copied by hand
+        (out / "copied-run" / "checkpoints").mkdir(parents=True)
+        (out / "copied-run" / "checkpoints" / "model_00010.pt").write_bytes(b"x")
+    before = sorted(tmp_path.rglob("*"))
+    result = export(str(checkpoint), "-o", str(out), "--format", "safetensors", "--force")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: --output: ") and "--force never removes" in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_hf_imports_are_named_by_content_and_never_overwritten(hf_dir, tmp_path, gptctl_home):
+    """hf:a/b and hf:a_b mapped to the same imports/a_b.pt; a later import rewrote a queued run's parent."""
+    import shutil
+
+    from gptctl.refs import resolve_checkpoint
+    from gptctl.registry.files import sha256_of
+
+    nested, flat = tmp_path / "a" / "b", tmp_path / "a_b"
+    shutil.copytree(hf_dir, nested)
+    other = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2)  # tied: other weights, same shape
+    other.save_pretrained(flat)
+
+    first = resolve_checkpoint(f"hf:{nested}", "--init-from")
+    identity = (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first))
+    second = resolve_checkpoint(f"hf:{flat}", "--init-from")
+    assert first != second and first.parent == second.parent == (gptctl_home / "imports").resolve()
+    assert resolve_checkpoint(f"hf:{nested}", "--init-from") == first  # the same weights: the same file, reused
+    assert (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first)) == identity
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])  # no staging left
+    assert not torch.equal(torch.load(first, weights_only=True)["model"]["lm_head.weight"],
+                           torch.load(second, weights_only=True)["model"]["lm_head.weight"])

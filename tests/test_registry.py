@@ -43,6 +43,25 @@ def test_resolve_by_id_prefix_and_name(gptctl_home):
         queries.resolve_run(db, "zzz")
 
 
+def test_a_reference_means_one_run_exactly(gptctl_home):
+    """Exact id, then exact name, then a unique prefix of the hex id: never a LIKE pattern, never case-folded."""
+    db = open_registry()
+    make_run(db, gptctl_home / "a", "643a273d", name="alpha")
+    make_run(db, gptctl_home / "b", "9f00aa11", name="643")  # a name that is a prefix of another run's id
+    make_run(db, gptctl_home / "c", "12ab34cd", name="9f00aa11")  # a name equal to another run's id
+    make_run(db, gptctl_home / "d", "77777777", name="a_b%")
+    assert queries.resolve_run(db, "643")["id"] == "9f00aa11"  # the exact name beats the id prefix
+    assert queries.resolve_run(db, "9f00aa11")["id"] == "9f00aa11"  # the exact id beats the name
+    assert queries.resolve_run(db, "643a")["id"] == "643a273d"
+    assert queries.resolve_run(db, "a_b%")["id"] == "77777777"
+    for pattern in ("%", "_", "6_3", "643A", "ALPHA", "a_b", "a%", "7777777%", "__"):
+        with pytest.raises(UserError, match="no run"):
+            queries.resolve_run(db, pattern)
+    make_run(db, gptctl_home / "e", "643b0000", name="other")
+    with pytest.raises(UserError, match="643a273d.*643b0000|643b0000.*643a273d"):
+        queries.resolve_run(db, "64")
+
+
 def test_a_run_whose_process_vanished_is_stale(gptctl_home):
     db = open_registry()
     held = make_run(db, gptctl_home / "held", name="held", status="running")

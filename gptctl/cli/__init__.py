@@ -2,6 +2,7 @@
 
 import os
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from gptctl.errors import UserError
+from gptctl.paths import home_dir
 
 # The old scripts took `--max_steps`; their users still type it. Rewriting the option name
 # once, before Click parses, makes every snake_case spelling an alias without doubling --help.
@@ -36,6 +38,10 @@ class GptctlGroup(TyperGroup):
         except UserError as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(exc.exit_code)
+        except sqlite3.DatabaseError as exc:  # damage found past opening (a corrupt page, a foreign file)
+            typer.echo(f"Error: the registry in {home_dir()} is damaged ({exc}); `gptctl registry rebuild` "
+                       "moves it aside and re-creates it from the run directories", err=True)
+            raise typer.Exit(2)
 
 
 app = typer.Typer(
@@ -63,7 +69,7 @@ def root(
 
 def _register_commands() -> None:
     # Each module adds its commands to `app`; imported here so `gptctl --help` lists them all.
-    from gptctl.cli import ckpt, data, estimate, eval, export, runs, sample, train  # noqa: F401
+    from gptctl.cli import ckpt, data, estimate, eval, export, registry, runs, sample, train  # noqa: F401
 
 
 def main() -> None:

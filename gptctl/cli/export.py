@@ -7,7 +7,9 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
+from gptctl.paths import home_dir
 from gptctl.refs import checkpoint_for_reading
+from gptctl.registry.protected import why_protected
 
 FORMATS = ("hf", "safetensors")  # gptctl.engine.hf.WRITERS; repeated here so a bad --format never imports torch
 
@@ -15,8 +17,12 @@ FORMATS = ("hf", "safetensors")  # gptctl.engine.hf.WRITERS; repeated here so a 
 def _check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output: {out} is a file; give a directory to create")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--output: {out} is not empty; give a new or empty directory, or --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--output: {out} is not empty; give a new or empty directory, or --force to replace it")
+        reason = why_protected(out, home_dir())
+        if reason:
+            raise UserError(f"--output: {reason}, and --force never removes those; give a new directory")
 
 
 @app.command("export")

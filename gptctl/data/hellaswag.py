@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptctl.atomic import atomic_write
 from gptctl.data.tokenizer import EOT_TOKEN
 from gptctl.errors import UserError
 
@@ -49,17 +50,12 @@ def fetch_val_file() -> Path:
     import urllib.request
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     print(f"downloading {url} to {path}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(path) as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:  # URLError, timeouts, HTTP errors, a full disk
-        tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise UserError(f"--hellaswag-file: cannot download {url} ({reason}); without network pass a local copy "
                         "in HellaSwag's JSONL schema (ctx, endings, label): --hellaswag-file FILE") from None

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gptctl.atomic import TMP_PREFIX, write_text_atomic
 from gptctl.data.resume import (
-    STATE_FILE, Batch, Position, atomic_write_text, batches_from, mismatch, new_state, read_state, write_state,
+    STATE_FILE, Batch, Position, batches_from, mismatch, new_state, read_state, write_state,
 )
 from gptctl.data.shards import MANIFEST
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding, resolve_name
@@ -109,7 +110,7 @@ def existing_outputs(data_root: Path) -> list[Path]:
 
 
 def _remove_outputs(data_root: Path) -> None:
-    for path in [*existing_outputs(data_root), data_root / STATE_FILE, *data_root.glob(".*.tmp")]:
+    for path in [*existing_outputs(data_root), data_root / STATE_FILE, *data_root.glob(TMP_PREFIX + "*")]:
         path.unlink(missing_ok=True)
 
 
@@ -323,7 +324,7 @@ def _finish(plan: Plan, writer, documents: int) -> dict:
         "train_tokens": totals["train"],
         "val_tokens": totals["val"],
     }
-    atomic_write_text(plan.opts.data_root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(plan.opts.data_root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (plan.opts.data_root / STATE_FILE).unlink(missing_ok=True)
     return manifest
 

@@ -10,12 +10,12 @@ deterministic, so re-encoding that record and dropping those tokens continues th
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gptctl.atomic import write_text_atomic
 from gptctl.errors import UserError
 
 STATE_FILE = ".gptctl-prepare.json"
@@ -65,7 +65,7 @@ def read_state(data_root: Path) -> dict | None:
 
 
 def write_state(data_root: Path, state: dict) -> None:
-    atomic_write_text(data_root / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    write_text_atomic(data_root / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
 
 def new_state(arguments: dict, total_tokens: int | None = None) -> dict:
@@ -85,9 +85,3 @@ def mismatch(saved: dict, arguments: dict) -> str | None:
         if saved.get(key) != arguments.get(key):
             return key
     return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

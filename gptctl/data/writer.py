@@ -8,10 +8,11 @@ Memory: one shard-sized buffer.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from gptctl.atomic import atomic_write
 
 
 class ShardWriter:
@@ -77,7 +78,5 @@ def _save_once(path: Path, tokens: np.ndarray) -> None:
                 return
         except (OSError, ValueError):
             pass  # unreadable: replace it
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic_write(path) as f:
         np.save(f, tokens)
-    os.replace(tmp, path)

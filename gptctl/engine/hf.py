@@ -32,7 +32,7 @@ def require_safetensors(option: str):
     try:
         import safetensors.torch
     except ImportError:
-        raise UserError(f"{option}: needs the safetensors package; pip install 'gptctl[hf]'") from None
+        raise UserError(f"{option}: needs the safetensors package; pip install safetensors") from None
     return safetensors.torch
 
 

@@ -45,7 +45,7 @@ class TrainingProgress:
             self.bar.update(self.task, completed=step, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:,.0f}")
             if row.get("val_loss") is not None:
                 self.bar.console.print(line)
-        elif self.verbosity and step % self.log_every == 0 or step == self.max_steps or row.get("val_loss") is not None:
+        elif self.verbosity and (step % self.log_every == 0 or step == self.max_steps or row.get("val_loss") is not None):
             done = step - self.start_step
             eta = (time.perf_counter() - self.t0) / done * (self.max_steps - step) if done else 0
             print(f"{line} | eta {eta:,.0f}s", flush=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -42,15 +43,22 @@ def get_run(db: Database, run_id: str) -> dict[str, Any]:
     return db["runs"].get(run_id)
 
 
+_HEX = re.compile(r"[0-9a-f]+")
+
+
 def resolve_run(db: Database, ref: str) -> dict[str, Any]:
-    """A run by id, unique id prefix, or name (the newest run of that name)."""
+    """The one run `ref` names: its exact id, else the newest run of that exact name, else the run whose
+    hex id starts with `ref` (two such runs are an error). Compared as plain strings, case and all:
+    no LIKE, so `%` and `_` in a reference are characters, not wildcards."""
     rows = list(db.query("select * from runs where id = ?", [ref]))
     if not rows:
-        rows = list(db.query("select * from runs where id like ? order by created_at desc", [ref + "%"]))
-        if len(rows) > 1:
-            raise UserError(f"run {ref!r} is ambiguous: matches {', '.join(r['id'] for r in rows)}; give more characters")
-    if not rows:
         rows = list(db.query("select * from runs where name = ? order by created_at desc, rowid desc limit 1", [ref]))
+    if not rows and _HEX.fullmatch(ref):
+        rows = list(db.query("select * from runs where substr(id, 1, ?) = ? order by created_at desc",
+                             [len(ref), ref]))
+        if len(rows) > 1:
+            raise UserError(f"run {ref!r} is ambiguous: it begins the ids {', '.join(r['id'] for r in rows)}; "
+                            "give more characters")
     if not rows:
         raise UserError(f"no run {ref!r} in the registry; `gptctl runs list` shows the runs")
     return refresh_status(db, rows[0])
