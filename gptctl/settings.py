@@ -118,6 +118,11 @@ class TrainSettings(BaseModel):
     rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes of one job. (default: the run name)")
     max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
                               "newest valid checkpoint.")
+    # memory
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute transformer blocks in backward instead of keeping their activations: "
+        "none, selective (every other block: about half the activation memory) or full (every block: only "
+        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.")
 
     @model_validator(mode="before")
     @classmethod
