@@ -186,15 +186,18 @@ def _chunked_loss_and_grads(h, weight, targets, chunk_rows, with_grads):
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h_chunk, t = h[rows].to(compute_dtype), targets[rows]
-            logits = (h_chunk @ w.t()).float()  # the only V-wide tensor of this chunk, and its in-place successors
+            logits = (h_chunk @ w.t()).float()  # the chunk's one V-wide fp32 tensor: the rest is done in place
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            token_loss = (lse - logits.gather(1, safe_t)).squeeze(1)
+            target_logit = logits.gather(1, safe_t)
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # torch.logsumexp would allocate a second V-wide temporary
+            row_sum = probs.sum(dim=1, keepdim=True)
+            token_loss = (row_max + row_sum.log() - target_logit).squeeze(1)
             loss_sum = loss_sum + torch.where(valid, token_loss, 0.0).sum()
             if with_grads:
-                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                probs.scatter_add_(1, safe_t, torch.full_like(lse, -1.0))
+                probs.div_(row_sum)  # the softmax
+                probs.scatter_add_(1, safe_t, torch.full_like(row_sum, -1.0))
                 probs.mul_(valid.unsqueeze(1))
                 grad_logits = probs.to(compute_dtype)
                 del logits, probs
