@@ -131,3 +131,32 @@ def test_compile_with_fsdp2_and_full_activation_checkpointing(shakespeare, gptct
                            "--compile", "--activation-checkpointing", "full")
     assert close(losses(gptctl_home, sharded_run["run_id"]), single)
     assert list(ckpt.load(step_checkpoint(sharded_run, 3))["model"]) == PLAIN_KEYS
+
+
+def test_gpu_check_smoke_runs_the_same_code_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py --smoke: the GPU check's code at tiny size, so that it cannot rot."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--batches", "2",
+                           "--steps", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    sides = {(r["side"], r["batch"], r["compile"]) for r in result["throughput"]}
+    assert sides == {("engine", 2, False), ("bare", 2, False)}
+    engine, bare = sorted(result["throughput"], key=lambda r: r["side"] != "engine")
+    assert engine["tokens_per_s"] > 0 and bare["tokens_per_s"] > 0
+    # Same weights and batch: the chunked loss and the whole-logits loss agree (bf16 autocast).
+    assert engine["first_loss"] == pytest.approx(bare["first_loss"], rel=1e-3)
+    assert result["checkpoint_stall"]["synchronous"] > 0 and result["checkpoint_stall"]["asynchronous"] > 0
+    assert "engine/bare" in proc.stdout
+
+
+def test_unknown_activation_checkpointing_mode_is_refused(shakespeare, gptctl_home):
+    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--activation-checkpointing", "half",
+                  home=gptctl_home, check=False)
+    assert proc.returncode == 2 and "--activation-checkpointing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not gptctl_home.exists() or not any(gptctl_home.rglob("*.pt"))
