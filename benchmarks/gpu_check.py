@@ -211,7 +211,13 @@ def measure_side(side, shape, seq_len, batch, steps, warmup, compile_, device, d
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     fn = engine_rows if side == "engine" else bare_rows
-    rows = fn(shape, seq_len, batch, steps, compile_, device, dtype)
+    try:
+        rows = fn(shape, seq_len, batch, steps, compile_, device, dtype)
+    except torch.cuda.OutOfMemoryError:  # e.g. the bare loop's whole logits at B=64 on an 80 GB card
+        torch.cuda.empty_cache()
+        return {"side": side, "batch": batch, "compile": compile_, "oom": True, "first_loss": math.nan,
+                "tokens_per_s": math.nan, "step_s": math.nan, "mfu": None,
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(), "compile_and_warmup_s": None}
     timed = sorted(r["tokens_per_s"] for r in rows[warmup:-1] or rows[-1:])  # the last step evaluates
     tokens_per_s = timed[len(timed) // 2]
     fpt = flops_per_token(shape, seq_len)
@@ -231,18 +237,23 @@ def syncs_per_step(shape, seq_len, batch, device, dtype) -> dict:
     if device.type != "cuda":
         return {"syncs_per_step": None, "where": "n/a: torch.cuda.set_sync_debug_mode needs CUDA"}
     marks = []
+
+    def syncs(caught):
+        return [w for w in caught if "synchroniz" in str(w.message)]
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            engine_rows(shape, seq_len, batch, 6, False, device, dtype, on_row=lambda row: marks.append(len(caught)))
+            engine_rows(shape, seq_len, batch, 6, False, device, dtype,
+                        on_row=lambda row: marks.append(len(syncs(caught))))
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        found = syncs(caught)
     counts = [b - a for a, b in zip(marks[2:-2], marks[3:-1])]  # steady steps, not the first or the final one
-    spots = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught[marks[2]:marks[3]]}) if len(marks) > 3 else []
+    spots = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in found[marks[2]:marks[3]]}) if len(marks) > 3 else []
     return {"syncs_per_step": max(counts) if counts else None, "per_step": counts, "where": ", ".join(spots),
-            "all_warnings": len(syncs)}
+            "all_syncs": len(found)}
 
 
 def checkpoint_stall(shape, device, work: Path) -> dict:
@@ -326,20 +337,29 @@ def main() -> None:
             e, b = pair["engine"], pair["bare"]
             mem = lambda r: r["peak_memory_bytes"] / 2**30 if r["peak_memory_bytes"] is not None else "-"  # noqa: E731
             pct = lambda r: f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"  # noqa: E731
-            rows.append([batch, "on" if compile_ else "off", e["tokens_per_s"], b["tokens_per_s"],
-                         f"{e['tokens_per_s'] / b['tokens_per_s']:.3f}", pct(e), pct(b), 1000 * e["step_s"],
+            tps = lambda r: "OOM" if r.get("oom") else r["tokens_per_s"]  # noqa: E731
+            ratio = "-" if e.get("oom") or b.get("oom") else f"{e['tokens_per_s'] / b['tokens_per_s']:.3f}"
+            rows.append([batch, "on" if compile_ else "off", tps(e), tps(b), ratio, pct(e), pct(b), 1000 * e["step_s"],
                          1000 * b["step_s"], mem(e), mem(b), f"{e['first_loss']:.4f}/{b['first_loss']:.4f}"])
             print(f"  B={batch} compile={compile_}: {rows[-1][2:5]} ({time.perf_counter() - started:.0f} s)", flush=True)
     print_table(f"throughput, {'tiny' if smoke else 'gpt2 124M'}, T={seq_len}, bf16 (median step after {warmup} warm-up)",
                 ["B", "compile", "engine tok/s", "bare tok/s", "engine/bare", "engine MFU", "bare MFU", "engine ms",
                  "bare ms", "engine GiB", "bare GiB", "first loss e/b"], rows)
 
-    syncs = syncs_per_step(shape, seq_len, batches[0], device, dtype)
-    print(f"\nhost-device syncs per engine step: {syncs['syncs_per_step']} ({syncs['where']})")
-    with scratch_dir() as work:
-        stall = checkpoint_stall(shape, device, work)
-    print(f"checkpoint stall from {device.type}: synchronous {stall['synchronous']:.3f} s, asynchronous "
-          f"{stall['asynchronous']:.3f} s (ratio {stall['asynchronous_over_synchronous']:.2f})")
+    try:  # the throughput figures above are kept whatever happens below
+        syncs = syncs_per_step(shape, seq_len, batches[0], device, dtype)
+        print(f"\nhost-device syncs per engine step: {syncs['syncs_per_step']} ({syncs['where']})")
+    except Exception as exc:  # noqa: BLE001
+        syncs = {"error": repr(exc)}
+        print(f"\nhost-device sync check failed: {exc!r}")
+    try:
+        with scratch_dir() as work:
+            stall = checkpoint_stall(shape, device, work)
+        print(f"checkpoint stall from {device.type}: synchronous {stall['synchronous']:.3f} s, asynchronous "
+              f"{stall['asynchronous']:.3f} s (ratio {stall['asynchronous_over_synchronous']:.2f})")
+    except Exception as exc:  # noqa: BLE001
+        stall = {"error": repr(exc)}
+        print(f"checkpoint stall check failed: {exc!r}")
     total = time.perf_counter() - started
     print(f"total {total:.0f} s")
     if args.json:

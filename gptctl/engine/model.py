@@ -199,8 +199,11 @@ def _chunked_loss_and_grads(h, weight, targets, chunk_rows, with_grads):
                 probs.div_(row_sum)  # the softmax
                 probs.scatter_add_(1, safe_t, torch.full_like(row_sum, -1.0))
                 probs.mul_(valid.unsqueeze(1))
-                grad_logits = probs.to(compute_dtype)
+                grad_logits = probs.to(compute_dtype)  # in fp32 the same tensor as probs
                 del logits, probs
                 grad_h[rows] = (grad_logits @ w).to(h.dtype)
                 grad_w += (grad_logits.t() @ h_chunk).float()
+                del grad_logits
+            else:
+                del logits, probs  # before the next chunk's logits exist: one chunk alive at a time
     return loss_sum, grad_h, grad_w
