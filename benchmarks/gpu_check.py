@@ -1,5 +1,5 @@
-"""The GPU check: is gptctl's engine fast and correct on this GPU? One command, about 5-8 minutes on one
-H100/H200 (most of it torch.compile):
+"""The GPU check: is gptctl's engine fast and correct on this GPU? One command, sized for at most 8 minutes on one
+H100/H200 (most of it torch.compile; not yet run on a GPU: no task so far was lent one):
 
     python benchmarks/gpu_check.py                       # gpt2 124M, T=1024, bf16, B=16/32/64 × compile off/on
     python benchmarks/gpu_check.py --json gpu_check.json

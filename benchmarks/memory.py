@@ -1,7 +1,7 @@
 """Peak training memory: `gptctl estimate`'s formula against a measured peak, and what the chunked loss
 and activation checkpointing save.
 
-Reproduce (CPU, about 5 minutes on one core):
+Reproduce (CPU: about 10 minutes on a shared 2-core machine, one core at a time):
 
     python benchmarks/memory.py
     python benchmarks/memory.py --json memory.json
