@@ -26,6 +26,7 @@ CheckpointManager.save blocks the loop, synchronous and asynchronous, for the wo
 """
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -207,6 +208,7 @@ def measure_side(side, shape, seq_len, batch, steps, warmup, compile_, device, d
     from gptctl.estimate import flops_per_token
 
     torch._dynamo.reset()  # each side compiles its own graphs from scratch, with static shapes
+    gc.collect()  # the previous side's model and optimizer are gone before the peak is reset
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
