@@ -196,9 +196,8 @@ def _chunked_loss_and_grads(h, weight, targets, chunk_rows, with_grads):
             token_loss = (row_max + row_sum.log() - target_logit).squeeze(1)
             loss_sum = loss_sum + torch.where(valid, token_loss, 0.0).sum()
             if with_grads:
-                probs.div_(row_sum)  # the softmax
-                probs.scatter_add_(1, safe_t, torch.full_like(row_sum, -1.0))
-                probs.mul_(valid.unsqueeze(1))
+                probs.mul_(valid.unsqueeze(1) / row_sum)  # the softmax, zero on ignored rows: one pass
+                probs.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(probs.dtype))  # − one-hot
                 grad_logits = probs.to(compute_dtype)  # in fp32 the same tensor as probs
                 del logits, probs
                 grad_h[rows] = (grad_logits @ w).to(h.dtype)
