@@ -3,7 +3,8 @@ compiled checkpoints that resume anywhere, bf16/fp16 autocast (GradScaler) with 
 
 What truly needs CUDA (NCCL, TF32 flags, pinned memory) is a few lines that benchmarks/gpu_check.py
 runs. Inductor compiles on CPU with the system C compiler, slowly: the compiled end-to-end tests are
-few, tiny and marked slow (each took 2-4 minutes on a loaded 2-core machine)."""
+few, tiny and marked slow (2-5 minutes each on a loaded 2-core machine with a cold inductor cache,
+under a minute with a warm one)."""
 
 import json
 
