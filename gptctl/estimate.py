@@ -13,18 +13,25 @@ Assumptions (all stated in the output's `assumptions` too):
   counted by keeping wte in N. This is exactly nanoGPT's ``get_num_params()`` (non_embedding=True
   subtracts only wpe). 12·L·d·T counts the attention score and value matmuls (QKᵀ and AV) without
   crediting causal masking, as PaLM/nanoGPT do.
-* Memory per GPU with mixed precision (autocast bf16/fp16): parameters and gradients stay fp32
-  (4 + 4 bytes/param), AdamW keeps two fp32 moments (8 bytes/param); the fp32 parameters *are*
-  the master weights, so there is no extra copy. Autocast additionally caches a 16-bit copy of
-  the weights during forward/backward (2 bytes/param). Plus 1 GiB for CUDA context, cuBLAS
-  workspace and allocator fragmentation. DDP: every GPU holds the full replica (no ZeRO).
-* Activations of one micro-batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in
-  Large Transformer Models"), per layer ``s·b·h·(34 + 5·a·s/h)`` bytes with 16-bit activations.
-  gptctl uses F.scaled_dot_product_attention (flash attention), which never stores the s×s
-  attention matrix, so the ``5·a·s/h`` term is dropped: ``34·s·b·h`` per layer (scaled by 2 for
-  fp32 activations). Plus the logits: ``s·b·V·(act_bytes + 8)`` -- the lm_head output in the
-  activation dtype, plus the fp32 log-softmax that cross-entropy saves and its fp32 gradient at
-  the start of backward.
+* Memory per GPU with mixed precision (autocast bf16/fp16): parameters stay fp32 (4 bytes/param)
+  and AdamW keeps two fp32 moments (8 bytes/param); the fp32 parameters *are* the master weights.
+  Autocast caches a 16-bit copy of the weights that backward still holds (2 bytes/param). Gradients
+  (4 bytes/param) are created during backward while the activations are being freed (the loop zeroes
+  them with set_to_none), so the peak holds ``max(gradients, activations)``, not their sum. Plus
+  1 GiB for CUDA context, cuBLAS workspace and allocator fragmentation. DDP: the full replica on
+  every GPU (no ZeRO).
+* Activations of one micro-batch, counted tensor by tensor for gptctl's block (Korthikanti et al.
+  2022's method; flash attention, so no s×s term; no dropout): per layer and per s·b·h, with
+  autocast, the two LayerNorm inputs of the fp32 residual stream (4 + 4 bytes), the 16-bit inputs
+  of c_attn and c_fc (2 + 2), q, k, v (6), the attention output and its contiguous copy (2 + 2), the
+  MLP's c_fc and GELU outputs (8 + 8): 38 bytes; in fp32 the same 17 values at 4 bytes: 68 bytes.
+  A recomputed block (--activation-checkpointing) keeps only its fp32 input (4 bytes) and, during
+  backward, one block is rebuilt at a time (+ one block's worth). selective recomputes blocks
+  0, 2, 4, …; full all of them. After the blocks: ln_f's input (4 bytes per s·b·h) and the loss.
+  The chunked loss keeps the gradient of the head's input (4·s·b·h) and weight (4·V·h) and
+  LOSS_CHUNK_ROWS rows of logits at a time (V·(4 + 2) bytes per row with autocast, V·4 in fp32);
+  the whole-logits loss it replaced kept ``s·b·V·(act bytes + 8)``. benchmarks/memory.py measures
+  these against real peaks.
 * Checkpoints: model weights in fp32 (4 bytes/param; tied wte/lm_head stored once) and, with the
   optimizer, + 8 bytes/param of AdamW moments.
 * Multi-GPU: DDP ring allreduce of the fp32 gradients once per optimizer step,
@@ -48,7 +55,11 @@ from gptctl.presets import PRESETS, ModelShape
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
-KORTHIKANTI_FLASH_COEFF = 34  # bytes per s·b·h per layer with 16-bit activations, minus the 5as/h term
+BLOCK_BYTES = {2: 38, 4: 68}  # bytes per s·b·h one block keeps for backward, by activation bytes (see above)
+RESIDUAL_BYTES = 4  # the fp32 residual stream: all a recomputed block keeps
+LOSS_CHUNK_ROWS = 2048  # rows of logits alive at once; the engine's gptctl.engine.model.LOSS_CHUNK_ROWS
+CHECKPOINTING_MODES = ("none", "selective", "full")
+MAX_SEARCHED_BATCH = 1 << 20
 
 
 def flop_params(shape: ModelShape) -> int:
@@ -66,13 +77,62 @@ def total_params(shape: ModelShape, seq_len: int) -> int:
     return flop_params(shape) + seq_len * shape.n_embd
 
 
-def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str) -> int:
-    """Activation memory of one micro-batch (Korthikanti et al. 2022 without the attention matrix, + logits)."""
-    act_bytes = 4 if normalize_dtype(dtype) == "float32" else 2
-    s, b, h = seq_len, micro_batch, shape.n_embd
-    per_layer = KORTHIKANTI_FLASH_COEFF * s * b * h * act_bytes // 2
-    logits = s * b * shape.vocab_size * (act_bytes + 8)
-    return shape.n_layer * per_layer + logits
+def recomputed_blocks(n_layer: int, checkpointing: str) -> int:
+    """Blocks that --activation-checkpointing recomputes: none, every other one (0, 2, …), or all."""
+    if checkpointing not in CHECKPOINTING_MODES:
+        raise UserError(f"--activation-checkpointing: unknown mode {checkpointing!r}; choose none, selective or full")
+    return {"none": 0, "selective": (n_layer + 1) // 2, "full": n_layer}[checkpointing]
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str,
+                     checkpointing: str = "none", chunked_loss: bool = True) -> int:
+    """Activation memory of one micro-batch at its peak (end of forward), see the module docstring."""
+    act = 4 if normalize_dtype(dtype) == "float32" else 2
+    rows, h, V = seq_len * micro_batch, shape.n_embd, shape.vocab_size
+    block = BLOCK_BYTES[act] * rows * h
+    recomputed = recomputed_blocks(shape.n_layer, checkpointing)
+    blocks = (shape.n_layer - recomputed) * block + recomputed * RESIDUAL_BYTES * rows * h
+    if recomputed:
+        blocks += block  # the one block rebuilt in backward
+    if chunked_loss:
+        loss = 4 * rows * h + 4 * V * h + min(LOSS_CHUNK_ROWS, rows) * V * (4 + (act if act == 2 else 0))
+    else:
+        loss = rows * V * (act + 12)  # logits, log-softmax, its gradient and the logits gradient
+    return blocks + 4 * rows * h + loss
+
+
+def memory_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str, checkpointing: str = "none",
+                 chunked_loss: bool = True, overhead: int = CUDA_OVERHEAD_BYTES) -> dict[str, int]:
+    """Peak memory of one training process, by part (see the module docstring)."""
+    params = total_params(shape, seq_len)
+    activations = activation_bytes(shape, seq_len, micro_batch, dtype, checkpointing, chunked_loss)
+    parts = {
+        "weights_bytes": 4 * params,
+        "gradients_bytes": 4 * params,
+        "adam_moments_bytes": 8 * params,
+        "other_bytes": (0 if normalize_dtype(dtype) == "float32" else 2 * params) + overhead,
+        "activations_bytes": activations,
+    }
+    parts["total_bytes"] = (parts["weights_bytes"] + parts["adam_moments_bytes"] + parts["other_bytes"]
+                            + max(parts["gradients_bytes"], activations))
+    return parts
+
+
+def largest_micro_batch(shape: ModelShape, seq_len: int, dtype: str, capacity: int, checkpointing: str = "none",
+                        chunked_loss: bool = True) -> int:
+    """The largest micro-batch whose peak fits in `capacity` bytes (0: not even one sequence)."""
+    def fits(b: int) -> bool:
+        return memory_bytes(shape, seq_len, b, dtype, checkpointing, chunked_loss)["total_bytes"] <= capacity
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_SEARCHED_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def human_duration(seconds: float) -> str:
@@ -107,6 +167,7 @@ class EstimateInputs:
     keep_last_n_checkpoints: int = 3
     permanent_checkpoints: list[int] = field(default_factory=list)
     interconnect: str | None = None
+    activation_checkpointing: str = "none"
 
 
 def resolve_shape(inp: EstimateInputs) -> ModelShape:
@@ -134,6 +195,7 @@ def validate(inp: EstimateInputs) -> None:
         raise UserError(f"--permanent-checkpoints: steps must be positive, got {inp.permanent_checkpoints}")
     if inp.mfu is not None and not (0 < inp.mfu <= 1):
         raise UserError(f"--mfu: must be in (0, 1], got {inp.mfu}")
+    recomputed_blocks(1, inp.activation_checkpointing)  # names the option when the mode is unknown
     if inp.interconnect is not None and inp.interconnect not in INTERCONNECTS:
         raise UserError(f"--interconnect: unknown {inp.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
     per_micro = inp.batch_size * inp.seq_len * inp.num_gpus
@@ -231,16 +293,9 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
 
     # memory per GPU
     params = total_params(shape, inp.seq_len)
-    weights = 4 * params
-    gradients = 4 * params
-    adam = 8 * params
-    other = (0 if dtype == "float32" else 2 * params) + CUDA_OVERHEAD_BYTES
-    activations = activation_bytes(shape, inp.seq_len, inp.batch_size, dtype)
-    static = weights + gradients + adam + other
-    total_mem = static + activations
     capacity = int(spec.memory_gib * GIB)
-    per_sample = activation_bytes(shape, inp.seq_len, 1, dtype)
-    max_micro_batch = max(0, (capacity - static) // per_sample)
+    memory = memory_bytes(shape, inp.seq_len, inp.batch_size, dtype, inp.activation_checkpointing)
+    by_mode = memory_by_mode(shape, inp.seq_len, inp.batch_size, dtype, capacity)
 
     # disk
     ckpt = 4 * params
@@ -270,17 +325,12 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         "mfu_source": mfu_source,
         "tokens_per_second": tokens_per_second,
         "compute_seconds_per_step": compute_seconds,
-        "memory": {
-            "weights_bytes": weights,
-            "gradients_bytes": gradients,
-            "adam_moments_bytes": adam,
-            "other_bytes": other,
-            "activations_bytes": activations,
-            "total_bytes": total_mem,
-            "gpu_memory_bytes": capacity,
-        },
-        "fits": total_mem <= capacity,
-        "max_micro_batch": max_micro_batch,
+        "activation_checkpointing": inp.activation_checkpointing,
+        "memory": {**memory, "gpu_memory_bytes": capacity},
+        "fits": memory["total_bytes"] <= capacity,
+        "max_micro_batch": largest_micro_batch(shape, inp.seq_len, dtype, capacity, inp.activation_checkpointing),
+        "memory_by_mode": by_mode,
+        "fit_advice": fit_advice(by_mode, inp.batch_size, inp.activation_checkpointing, spec.name),
         "checkpoint_bytes": ckpt,
         "checkpoint_bytes_with_optimizer": ckpt_opt,
         "checkpoints_retained": retained,
@@ -313,12 +363,50 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             + (f"; {dtype} autocast activations + 2 B/param autocast weight cache" if dtype != "float32"
                else "; fp32 activations")
             + "; + 1 GiB CUDA overhead",
-            "activations: Korthikanti et al. 2022, 34·s·b·h per layer (flash attention: no 5as/h term)"
-            " + logits s·b·V·(act bytes + 8)",
+            "activations counted per tensor (Korthikanti et al. 2022's method): per layer 38·s·b·h bytes with "
+            "autocast (68 in fp32), 4·s·b·h for a recomputed block; chunked loss: 2048 rows of logits at a time; "
+            "gradients (4 B/param) replace activations during backward, so the peak holds the larger of the two",
             "allreduce not overlapped with compute" if n > 1 else "single GPU: no communication",
         ],
     )
     return result
+
+
+def memory_by_mode(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str, capacity: int) -> list[dict]:
+    """Peak memory, fit and largest micro-batch for each --activation-checkpointing mode (chunked loss),
+    and for the whole-logits loss the engine used before, to show what chunking saves."""
+    rows = []
+    for mode, chunked in [("none", False)] + [(m, True) for m in CHECKPOINTING_MODES]:
+        mem = memory_bytes(shape, seq_len, micro_batch, dtype, mode, chunked)
+        rows.append({
+            "activation_checkpointing": mode, "chunked_loss": chunked,
+            "activations_bytes": mem["activations_bytes"], "total_bytes": mem["total_bytes"],
+            "fits": mem["total_bytes"] <= capacity,
+            "max_micro_batch": largest_micro_batch(shape, seq_len, dtype, capacity, mode, chunked),
+        })
+    return rows
+
+
+def fit_advice(by_mode: list[dict], micro_batch: int, chosen: str, gpu_name: str) -> str:
+    """One sentence: whether the run fits as asked and, if not, which settings do."""
+    modes = {r["activation_checkpointing"]: r for r in by_mode if r["chunked_loss"]}
+    asked = modes[chosen]
+    if asked["fits"]:
+        return (f"fits on one {gpu_name} at micro-batch {micro_batch} with --activation-checkpointing {chosen} "
+                f"(up to micro-batch {asked['max_micro_batch']})")
+    text = f"does not fit on one {gpu_name} at micro-batch {micro_batch} with --activation-checkpointing {chosen}"
+    fitting = [m for m in CHECKPOINTING_MODES if modes[m]["fits"]]  # cheapest recomputation first
+    smaller = [m for m in CHECKPOINTING_MODES if m not in fitting and modes[m]["max_micro_batch"] > 0]
+    if fitting:
+        text += f"; it fits with --activation-checkpointing {fitting[0]} (up to micro-batch {modes[fitting[0]]['max_micro_batch']})"
+    if smaller:
+        text += ("; or " if fitting else "; it fits with ") + ", ".join(
+            f"--activation-checkpointing {m} --batch-size {modes[m]['max_micro_batch']}" for m in smaller)
+        text += " (the same --total-batch-size, in more accumulation steps)"
+    if not fitting and not smaller:
+        text += (" nor at micro-batch 1 with full activation checkpointing: the weights, gradients and AdamW state "
+                 "alone are too large; shard them over several GPUs (--model-parallel) or choose a larger GPU")
+    return text
 
 
 def gpu_table() -> list[dict[str, Any]]:

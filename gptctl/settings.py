@@ -127,6 +127,11 @@ class TrainSettings(BaseModel):
                                 "or SIGTERM to finish their step and save a checkpoint; then they are killed.")
     deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
                                 "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
+    # memory
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute transformer blocks in backward instead of keeping their activations: "
+        "none, selective (every other block: about half the activation memory) or full (every block: only "
+        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.")
 
     @model_validator(mode="before")
     @classmethod

@@ -71,10 +71,26 @@ def test_flops_per_token_odd_shape():
 
 
 def test_activation_bytes_odd_shape():
-    # bf16: 3 layers × 34·s·b·h = 3 × 34·128·2·96 = 2,506,752; logits 128·2·50304·(2 + 8) = 128,778,240
-    assert activation_bytes(ODD, 128, 2, "bfloat16") == 2_506_752 + 128_778_240
-    # fp32: activations twice as large, logits 4 + 8 bytes
-    assert activation_bytes(ODD, 128, 2, "float32") == 2 * 2_506_752 + 128 * 2 * 50304 * 12
+    # s·b·h = 128·2·96 = 24,576 (256 rows). bf16 autocast: a block keeps 38 bytes per s·b·h = 933,888, ×3 =
+    # 2,801,664; ln_f input 4·24,576 = 98,304; chunked loss: head-input gradient 98,304 + head-weight
+    # gradient 4·50304·96 = 19,316,736 + 256 rows of logits × 50304 × (4 + 2) = 77,266,944.
+    loss = 98_304 + 19_316_736 + 77_266_944
+    assert activation_bytes(ODD, 128, 2, "bfloat16") == 2_801_664 + 98_304 + loss == 99_581_952
+    # fp32: 68 bytes per s·b·h per block (×3 = 5,013,504), 4 bytes per logit in the chunk (51,511,296)
+    assert activation_bytes(ODD, 128, 2, "float32") == 5_013_504 + 98_304 + 98_304 + 19_316_736 + 51_511_296
+    # full: every block keeps its fp32 input (4·24,576 each) + one block rebuilt in backward
+    assert activation_bytes(ODD, 128, 2, "bfloat16", "full") == 3 * 98_304 + 933_888 + 98_304 + loss == 98_009_088
+    # selective: blocks 0 and 2 recomputed, block 1 kept whole
+    assert activation_bytes(ODD, 128, 2, "bfloat16", "selective") == 933_888 + 2 * 98_304 + 933_888 + 98_304 + loss
+    # the whole-logits loss it replaced: s·b·V·(2 + 12) = 180,289,536
+    assert activation_bytes(ODD, 128, 2, "bfloat16", "none", chunked_loss=False) == 2_801_664 + 98_304 + 180_289_536
+
+
+def test_engine_and_estimate_agree_on_the_loss_chunk():
+    from gptctl.engine import model
+    from gptctl.estimate import CHECKPOINTING_MODES, LOSS_CHUNK_ROWS
+
+    assert LOSS_CHUNK_ROWS == model.LOSS_CHUNK_ROWS and CHECKPOINTING_MODES == model.CHECKPOINTING_MODES
 
 
 def test_gpt2_rtx3090_defaults():
@@ -93,13 +109,17 @@ def test_gpt2_rtx3090_defaults():
     assert mem["gradients_bytes"] == 4 * GPT2_P
     assert mem["adam_moments_bytes"] == 8 * GPT2_P
     assert mem["other_bytes"] == 2 * GPT2_P + 1024**3
-    # 12 layers × 34·1024·16·768 + 1024·16·50304·10
-    assert mem["activations_bytes"] == 12 * 34 * 1024 * 16 * 768 + 1024 * 16 * 50304 * 10
-    assert mem["total_bytes"] == 18 * GPT2_P + 1024**3 + mem["activations_bytes"]
+    # 12 layers × 38·1024·16·768, ln_f input and head-input gradient 2 × 4·1024·16·768, head-weight
+    # gradient 4·50304·768, 2048 rows of logits × 50304 × 6
+    per_sample = 12 * 38 * 1024 * 768 + 8 * 1024 * 768
+    fixed = 4 * 50304 * 768 + 2048 * 50304 * 6
+    assert mem["activations_bytes"] == 16 * per_sample + fixed
+    # gradients (4P) come while activations go: the peak holds the larger (here the activations)
+    assert mem["total_bytes"] == 14 * GPT2_P + 1024**3 + mem["activations_bytes"]
     assert mem["gpu_memory_bytes"] == 24 * 1024**3
     assert r["fits"] is True
-    per_sample = 12 * 34 * 1024 * 768 + 1024 * 50304 * 10
-    assert r["max_micro_batch"] == (24 * 1024**3 - 18 * GPT2_P - 1024**3) // per_sample
+    assert r["max_micro_batch"] == (24 * 1024**3 - 14 * GPT2_P - 1024**3 - fixed) // per_sample == 60
+    assert r["fit_advice"].startswith("fits on one NVIDIA GeForce RTX 3090 at micro-batch 16")
     assert r["checkpoint_bytes"] == 4 * GPT2_P == 497_903_616
     assert r["checkpoint_bytes_with_optimizer"] == 12 * GPT2_P
     assert r["disk_for_retention"] == 3 * 12 * GPT2_P
@@ -125,11 +145,52 @@ def test_odd_shape_custom_and_permanent_checkpoints():
     assert r["grad_accum_steps"] == 8
     assert r["mfu_source"] == "--mfu"
     assert r["tokens_per_second"] == pytest.approx(0.5 * 312e12 / ODD_FPT)
-    assert r["memory"]["activations_bytes"] == 2_506_752 + 128_778_240
+    assert r["memory"]["activations_bytes"] == 99_581_952  # test_activation_bytes_odd_shape
     assert r["checkpoint_bytes"] == 4 * ODD_P
     # permanent steps beyond --max-steps are never written: 2 + 2 checkpoints
     assert r["checkpoints_retained"] == 4
     assert r["disk_for_retention"] == 4 * 12 * ODD_P
+
+
+def test_gpt2_large_on_rtx3090_says_how_it_fits():
+    r = est_json("--gpu", "rtx3090", "--model", "gpt2-large")
+    P, h, L = 774_090_240, 1280, 36  # 36·(12·1280² + 13·1280) + 2·1280 + 50304·1280 + 1024·1280
+    assert r["model"]["params"] == P
+    rows = {(m["activation_checkpointing"], m["chunked_loss"]): m for m in r["memory_by_mode"]}
+    static = 14 * P + 1024**3 + 4 * 50304 * h + 2048 * 50304 * 6  # weights, AdamW, autocast copy, CUDA; loss
+    capacity = 24 * 1024**3
+    per_sample = {  # bytes per sequence of 1024 tokens: blocks kept, + ln_f input and head-input gradient
+        "none": L * 38 * 1024 * h + 8 * 1024 * h,
+        "selective": 18 * 38 * 1024 * h + 18 * 4 * 1024 * h + 38 * 1024 * h + 8 * 1024 * h,
+        "full": L * 4 * 1024 * h + 38 * 1024 * h + 8 * 1024 * h,
+    }
+    for mode, per in per_sample.items():
+        assert rows[(mode, True)]["total_bytes"] == static + 16 * per
+        assert rows[(mode, True)]["max_micro_batch"] == (capacity - static) // per
+    assert [rows[(m, True)]["max_micro_batch"] for m in per_sample] == [7, 12, 52]
+    assert [rows[(m, True)]["fits"] for m in per_sample] == [False, False, True]
+    assert rows[("none", False)]["max_micro_batch"] < 7  # the whole-logits loss fit even less
+    assert r["fits"] is False
+    assert r["fit_advice"] == (
+        "does not fit on one NVIDIA GeForce RTX 3090 at micro-batch 16 with --activation-checkpointing none; it fits "
+        "with --activation-checkpointing full (up to micro-batch 52); or --activation-checkpointing none --batch-size 7, "
+        "--activation-checkpointing selective --batch-size 12 (the same --total-batch-size, in more accumulation steps)")
+    chosen = est_json("--gpu", "rtx3090", "--model", "gpt2-large", "--activation-checkpointing", "full")
+    assert chosen["fits"] is True and chosen["max_micro_batch"] == 52
+    assert chosen["memory"]["total_bytes"] == rows[("full", True)]["total_bytes"]
+    table = est("--gpu", "rtx3090", "--model", "gpt2-large")
+    assert table.exit_code == 0 and "memory per GPU by setting" in table.output and "52" in table.output
+
+
+def test_a_model_too_large_for_any_setting_is_told_to_shard():
+    r = est_json("--gpu", "rtx3090", "--model", "gpt2-xl")
+    assert all(m["max_micro_batch"] == 0 for m in r["memory_by_mode"])
+    assert "--model-parallel" in r["fit_advice"]
+
+
+def test_unknown_activation_checkpointing_mode_exits_2():
+    result = est("--activation-checkpointing", "half")
+    assert result.exit_code == 2 and "--activation-checkpointing" in result.output
 
 
 def test_multi_gpu_allreduce():
@@ -154,9 +215,10 @@ def test_finetune_defaults():
 
 def test_dtypes_and_no_bf16():
     assert est_json("--dtype", "float32")["peak_flops"] == 35.6e12
-    r = est_json("--gpu", "t4", "--dtype", "float16", "--batch-size", 32)
+    # 64: with the chunked loss gpt2 at micro-batch 32 now fits in a T4's 15 GiB (it did not before)
+    r = est_json("--gpu", "t4", "--dtype", "float16", "--batch-size", 64)
     assert r["peak_flops"] == 65e12
-    assert r["fits"] is False and 0 < r["max_micro_batch"] < 32
+    assert r["fits"] is False and 0 < r["max_micro_batch"] < 64
 
 
 def test_table_output_and_list_gpus():

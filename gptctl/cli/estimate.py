@@ -45,6 +45,9 @@ def estimate_cmd(
     interconnect: str = typer.Option(
         None, "--interconnect", help="pcie3, pcie4, pcie5, nvlink-bridge, nvlink2, nvlink3, nvlink4. [default: the GPU's usual one]"
     ),
+    activation_checkpointing: str = typer.Option(
+        "none", "--activation-checkpointing", help="none, selective or full: as `gptctl pretrain` would run. "
+        "Every mode's memory and largest micro-batch are shown either way."),
     list_gpus: bool = typer.Option(False, "--list-gpus", help="Show the known GPUs and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -68,6 +71,7 @@ def estimate_cmd(
         max_steps=defaults["max_steps"] if max_steps is None else max_steps,
         dtype=dtype, mfu=mfu, keep_last_n_checkpoints=keep_last_n_checkpoints,
         permanent_checkpoints=_parse_steps(permanent_checkpoints), interconnect=interconnect,
+        activation_checkpointing=activation_checkpointing,
     )
     est.validate(inp)
     runs = est.registry_runs() if mfu is None else []
@@ -118,8 +122,9 @@ def _print_estimate(r) -> None:
         ("memory: gradients (fp32)", hb(mem["gradients_bytes"])),
         ("memory: AdamW moments (fp32)", hb(mem["adam_moments_bytes"])),
         ("memory: autocast cache + CUDA", hb(mem["other_bytes"])),
-        ("memory: activations (1 micro-batch)", hb(mem["activations_bytes"])),
-        ("memory: total per GPU", f"{hb(mem['total_bytes'])} of {hb(mem['gpu_memory_bytes'])}"),
+        (f"memory: activations (1 micro-batch, checkpointing {r['activation_checkpointing']})",
+         hb(mem["activations_bytes"])),
+        ("memory: peak per GPU", f"{hb(mem['total_bytes'])} of {hb(mem['gpu_memory_bytes'])}"),
         ("fits", ("yes" if r["fits"] else "[red]no[/red]") + f" (max micro-batch {r['max_micro_batch']})"),
         ("checkpoint (weights)", hb(r["checkpoint_bytes"])),
         ("checkpoint (+ optimizer)", hb(r["checkpoint_bytes_with_optimizer"])),
@@ -129,5 +134,12 @@ def _print_estimate(r) -> None:
         table.add_row(name, value)
     console = Console()
     console.print(table)
+    modes = Table("--activation-checkpointing", "loss", f"peak at micro-batch {r['batch_size']}", "fits",
+                  "largest micro-batch", title="memory per GPU by setting")
+    for row in r["memory_by_mode"]:
+        modes.add_row(row["activation_checkpointing"], "chunked" if row["chunked_loss"] else "whole logits (before)",
+                      hb(row["total_bytes"]), "yes" if row["fits"] else "no", str(row["max_micro_batch"]))
+    console.print(modes)
+    console.print(r["fit_advice"][0].upper() + r["fit_advice"][1:] + ".")
     for line in r["assumptions"]:
         console.print(f"[dim]• {line}[/dim]")

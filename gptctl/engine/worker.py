@@ -229,7 +229,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     np.random.seed(settings.seed)
-    raw_model = GPT(GPTConfig.from_shape(settings.shape)).to(d.device)
+    raw_model = GPT(GPTConfig.from_shape(settings.shape), settings.activation_checkpointing).to(d.device)
     if settings.model_parallel:
         parallel.shard(raw_model, d, settings.mesh_shape(d.world_size))
     optimizer = make_optimizer(raw_model, settings.weight_decay, settings.max_lr, d.device.type)
