@@ -106,7 +106,8 @@ def _import_hf(dir_or_name: str, option: str) -> Path:
 
     from gptctl.engine.hf import write_checkpoint
     from gptctl.paths import home_dir
-    from gptctl.registry.files import TMP_PREFIX, sha256_of
+    from gptctl.atomic import TMP_PREFIX
+    from gptctl.registry.files import sha256_of
 
     imports = (home_dir() / "imports").resolve()
     imports.mkdir(parents=True, exist_ok=True)
@@ -128,21 +129,10 @@ def _import_hf(dir_or_name: str, option: str) -> Path:
 
 def _remove_abandoned_imports(imports: Path, prefix: str) -> None:
     """Staging files of conversions whose process died (killed mid-import)."""
-    import os
+    from gptctl.registry.queries import pid_alive
 
     for leftover in imports.glob(f"{prefix}import-*.pt"):
         pid = leftover.stem.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             leftover.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

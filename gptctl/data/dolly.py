@@ -14,11 +14,11 @@ on the hub again and always sees exactly the same examples.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptctl.atomic import atomic_write
 from gptctl.errors import UserError
 from gptctl.prompt import format_prompt
 
@@ -153,13 +153,9 @@ def save(data: InstructionData, directory: Path) -> Path:
     import numpy as np
 
     path = directory / DATA_FILE
-    tmp = directory / f".tmp-{DATA_FILE}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, skipped=data.skipped, **{f"{name}_{field}": getattr(getattr(data, name), field)
                                              for name in ("train", "val") for field in ("tokens", "offsets", "prompt_lens")})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gptctl.registry.files import TMP_PREFIX
+from gptctl.atomic import TMP_PREFIX, atomic_write
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,27 +86,14 @@ def save_atomic(state: dict[str, Any], path: Path) -> tuple[int, str]:
     temporary file never has a checkpoint's name. A failed write removes its temporary file.
     Returns (bytes, sha256 hex). Tests inject faults here: see `_InjectedFaults`.
     """
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            writer = _HashingWriter(f, _InjectedFaults.from_env(int(state.get("step", 0))))
-            try:
-                torch.save(state, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None  # e.g. ENOSPC: say what really went wrong
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_write(path) as f:
+        writer = _HashingWriter(f, _InjectedFaults.from_env(int(state.get("step", 0))))
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None  # e.g. ENOSPC: say what really went wrong
+            raise
     return writer.size, writer.sha.hexdigest()
 
 

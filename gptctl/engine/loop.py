@@ -4,7 +4,7 @@ It knows nothing of files or the registry: it reports through `on_metrics` and `
 """
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 

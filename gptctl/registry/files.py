@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from sqlite_utils import Database
 
+from gptctl.atomic import TMP_PREFIX
 from gptctl.registry import queries
 
 
@@ -71,7 +72,6 @@ def load_check(path: Path) -> int | None:
 
 CHECKPOINT_GLOB = "model_*.pt"
 CHECKPOINT_NAME = re.compile(r"model_\d+\.pt")
-TMP_PREFIX = ".tmp-"  # temporary files of a save in progress; never a checkpoint name
 
 
 def checkpoints_dir(run: dict[str, Any]) -> Path:

@@ -237,11 +237,12 @@ def purge_stale_leases(db: Database) -> None:
     db.execute("delete from checkpoint_leases where expires_at <= ?", [time.time()])
     host = socket.gethostname()
     for lease in list(db.query("select id, pid from checkpoint_leases where host = ?", [host])):
-        if not _alive(lease["pid"]):
+        if not pid_alive(lease["pid"]):
             release_lease(db, lease["id"])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
