@@ -303,7 +303,7 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
     step8 = queries.checkpoint_at(db, run_id, 8)["path"]
     proc = gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
                   "--checkpoint-path", step8, "--run-name", "t3", home=gptctl_home, check=False)
-    assert proc.returncode != 0 and "already at step 8; raise --max-steps above it" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is at step 8; --max-steps (8) must be above it" in proc.stderr, proc.stderr
     assert not list(db.query("select id from runs where status = 'failed' and error is null"))
 
 

@@ -341,6 +341,8 @@ def run(plan: Plan, on_progress: ProgressFn | None = None) -> dict:
     if not lock.acquire():
         raise UserError(f"--data-root: another `gptctl data prepare` is writing to {root}; wait for it to finish")
     state = plan.resume
+    for leftover in root.glob(TMP_PREFIX + "*"):  # a killed prepare's half-written file; we hold the lock
+        leftover.unlink(missing_ok=True)
     try:
         if state is None:
             total = _count_tokens(plan, on_progress) if plan.val_fraction is not None else None
