@@ -266,3 +266,13 @@ def test_checkpoint_listing_has_val_loss_age_and_permanence(gptctl_home):
     assert rows[2]["val_loss"] == 2.5 and rows[3]["val_loss"] is None
     assert rows[2]["permanent"] and not rows[3]["permanent"]
     assert all(r["age_s"] >= 0 for r in rows.values())
+
+
+def test_a_run_whose_settings_lack_keep_last_keeps_the_default_three(gptctl_home):
+    db = open_registry()
+    run = make_run(db, gptctl_home / "r")
+    db["runs"].update(run, {"settings": json.dumps({})})  # stored before the option existed
+    for step in range(1, 6):
+        save_file(db, run, step)
+    doomed = retention.plan(db, queries.get_run(db, run))
+    assert [c["step"] for c in doomed] == [1, 2]

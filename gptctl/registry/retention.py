@@ -7,6 +7,10 @@ from typing import Any, Callable
 from sqlite_utils import Database
 
 from gptctl.registry import files, queries
+from gptctl.settings import TrainSettings
+
+# A run whose stored settings predate the option keeps what a new run keeps by default.
+DEFAULT_KEEP_LAST = TrainSettings.model_fields["keep_last_n_checkpoints"].default
 
 
 def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[int], protected_paths: set[str]) -> list[dict[str, Any]]:
@@ -41,7 +45,7 @@ def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: 
     if newest is None:
         return []
     settings = json.loads(run["settings"])
-    keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", 1)
+    keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", DEFAULT_KEEP_LAST)
     rows = [r for r in queries.checkpoints_of(db, run["id"]) if r["step"] <= newest["step"]]
     # A finetune may record its parent by another spelling of the same file (a symlinked home).
     parents = {str(Path(r["parent_checkpoint"]).resolve())
