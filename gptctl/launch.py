@@ -42,7 +42,7 @@ def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None, jo
         cmd.append("--standalone")
     else:
         cmd.append(f"--nnodes={settings.nnodes}")
-        if settings.rdzv_endpoint:  # c10d: ranks in arrival order; the workers elect node 0's as main
+        if settings.rdzv_endpoint:  # c10d: ranks in arrival order; node 0's workers tell the others the run
             rdzv_id = settings.rdzv_id or settings.run_name or settings.kind
             cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
         else:
