@@ -83,7 +83,8 @@ class TrainSettings(BaseModel):
         "(default: databricks/databricks-dolly-15k from the Hugging Face hub)", **FINETUNE_ONLY)
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the instruction examples held out for val loss.",
                                 **FINETUNE_ONLY)
-    num_workers: int = Field(1, ge=0, description="Background threads prefetching batches (0 = none).")
+    num_workers: int = Field(0, ge=0, le=64, description="Background threads reading the next N micro-batches while "
+                             "the model computes (0: read in the training thread; on CPU that is faster).")
     # evaluation and checkpoints
     eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
     eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")

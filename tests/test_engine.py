@@ -155,6 +155,16 @@ def test_prefetching_gives_the_same_batches(tmp_path):
             assert torch.equal(plain.batch(step, micro)[0], fetched.batch(step, micro)[0])
 
 
+def test_num_workers_threads_read_that_many_micro_batches_ahead(tmp_path):
+    write_shards(tmp_path / "d", [500])
+    stream = TokenStream(tmp_path / "d", "train")
+    plain = BatchLoader(stream, 2, 8, 2, 0, 1, torch.device("cpu"))
+    ahead = BatchLoader(stream, 2, 8, 2, 0, 1, torch.device("cpu"), prefetch=3)
+    for step, micro in [(1, 0), (1, 1), (2, 0), (7, 1), (8, 0)]:  # 7: a jump, as after a rollback or resume
+        assert torch.equal(plain.batch(step, micro)[1], ahead.batch(step, micro)[1])
+        assert len(ahead.pending) == 3 and ahead._next(step, micro) in ahead.pending
+
+
 def test_atomic_save_returns_size_and_hash_and_loads_safely(tmp_path):
     from gptctl.registry.files import sha256_of
 

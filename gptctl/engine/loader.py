@@ -56,6 +56,8 @@ class BatchLoader:
         self.device = device
         # Sequence-length warmup: shorter rows, proportionally more of them, at the same token offsets.
         self.seq_len_at = seq_len_at or (lambda step: seq_len)
+        # `prefetch` threads read the next `prefetch` micro-batches while the model computes.
+        self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(max_workers=prefetch) if prefetch > 0 else None
         self.pending: dict[tuple[int, int], object] = {}
 
@@ -76,12 +78,18 @@ class BatchLoader:
         """Weight of a micro-batch's mean loss in the step's loss: every micro-batch has B×T targets."""
         return 1.0 / self.accumulation
 
+    def _next(self, step: int, micro_step: int) -> tuple[int, int]:
+        return (step, micro_step + 1) if micro_step + 1 < self.accumulation else (step + 1, 0)
+
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (step, micro_step)
         future = self.pending.pop(key, None)
         x, y = future.result() if future is not None else self._rows(step, micro_step)
         if self.pool is not None:
-            nxt = (step, micro_step + 1) if micro_step + 1 < self.accumulation else (step + 1, 0)
-            self.pending = {nxt: self.pool.submit(self._rows, *nxt)}
+            ahead, pending = key, {}
+            for _ in range(self.prefetch):  # keep what is already on its way; drop what a jump skipped
+                ahead = self._next(*ahead)
+                pending[ahead] = self.pending.pop(ahead, None) or self.pool.submit(self._rows, *ahead)
+            self.pending = pending
         non_blocking = self.device.type == "cuda"
         return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
