@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gptctl.cli import app
-from gptctl.cli import kebab_args
+from gptctl.cli import COMMANDS, kebab_args
 
 runner = CliRunner()
 
@@ -100,6 +100,33 @@ def test_light_commands_do_not_import_heavy_modules(argv, gptctl_home):
     assert proc.returncode == 0, proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "datasets", "tiktoken", "numpy"}, imported & {"torch", "datasets", "tiktoken", "numpy"}
+
+
+def test_help_lists_every_command_without_importing_their_modules(gptctl_home):
+    probe = ("import sys; from gptctl.cli import main; sys.argv = ['gptctl', '--help']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith('gptctl.cli.')), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**__import__("os").environ, "GPTCTL_HOME": str(gptctl_home), "COLUMNS": "200"})
+    assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr
+    for name in COMMANDS:
+        assert f" {name} " in proc.stdout
+
+
+def test_the_help_index_says_what_each_command_says_of_itself():
+    """gptctl --help lists the commands from gptctl.cli.COMMANDS; each line is the command's own."""
+    from typer.main import get_command
+
+    group = get_command(app)
+    for name, (_, line) in COMMANDS.items():
+        assert group.get_command(None, name).get_short_help_str(limit=1000) == line, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["ckpt", "prune", "--help"]])
+def test_flags_show_no_value_in_help(argv):
+    result = runner.invoke(app, argv, env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--help" in result.output
+    assert "<bool>" not in result.output
 
 
 def test_save_config_writes_toml_that_config_reads_back(shakespeare, gptctl_home):

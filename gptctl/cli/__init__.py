@@ -1,13 +1,13 @@
 """The command-line interface: parses, calls into gptctl, prints. Nothing heavy is imported here."""
 
+import importlib
 import os
 import re
-import sqlite3
 import sys
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from gptctl.errors import UserError
 from gptctl.paths import home_dir
@@ -27,10 +27,54 @@ def kebab_args(args: list[str]) -> list[str]:
     return out
 
 
+# Top-level commands, the module that defines each and its one-line help. `gptctl --help` lists them
+# from here without importing any command module; a command's module is imported only when that
+# command runs (or shows its own help). tests/test_cli_validation.py checks these lines against the
+# commands' own docstrings, so they cannot drift.
+COMMANDS = {
+    "pretrain": ("train", "Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun "
+                          "workers; DDP or FSDP)."),
+    "finetune": ("train", "Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its "
+                          "schema)."),
+    "resume": ("train", "Continue a run from its newest valid checkpoint with its stored settings."),
+    "data": ("data", "Prepare tokenized datasets."),
+    "estimate": ("estimate", "Estimate FLOPs, training time, GPU memory, checkpoint disk and communication of a run."),
+    "runs": ("runs", "The run registry."),
+    "ckpt": ("ckpt", "Checkpoints and their retention."),
+    "sample": ("sample", "Generate text from a checkpoint, streaming tokens to stdout as they are generated."),
+    "eval": ("eval", "Evaluate a checkpoint: HellaSwag accuracy, or the mean loss over the val split of prepared "
+                     "shards."),
+    "export": ("export", "Export a checkpoint's model for Hugging Face transformers or as plain safetensors weights."),
+    "registry": ("registry", "The registry file itself (gptctl.db)."),
+}
+
+
 class GptctlGroup(TyperGroup):
+    _listing = False  # set while the group's own help is drawn: commands are then only names and lines
+
     def main(self, args=None, *pargs, **kwargs):
         args = sys.argv[1:] if args is None else list(args)
         return super().main(kebab_args(args), *pargs, **kwargs)
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return super().get_command(ctx, name)
+        if self._listing:
+            return TyperCommand(name, short_help=COMMANDS[name][1])
+        if name not in self.commands:
+            importlib.import_module(f"gptctl.cli.{COMMANDS[name][0]}")  # registers its commands on `app`
+            self.commands.update(typer.main.get_command(app).commands)  # click commands of those imported
+        return self.commands[name]
+
+    def format_help(self, ctx, formatter):
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
     def invoke(self, ctx):
         try:
@@ -38,7 +82,11 @@ class GptctlGroup(TyperGroup):
         except UserError as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(exc.exit_code)
-        except sqlite3.DatabaseError as exc:  # damage found past opening (a corrupt page, a foreign file)
+        except Exception as exc:
+            sqlite3 = sys.modules.get("sqlite3")  # not imported at start: --help does not need it
+            if sqlite3 is None or not isinstance(exc, sqlite3.DatabaseError):
+                raise
+            # damage found past opening (a corrupt page, a foreign file)
             typer.echo(f"Error: the registry in {home_dir()} is damaged ({exc}); `gptctl registry rebuild` "
                        "moves it aside and re-creates it from the run directories", err=True)
             raise typer.Exit(2)
@@ -67,13 +115,15 @@ def root(
         os.environ["GPTCTL_HOME"] = str(home)
 
 
-def _register_commands() -> None:
-    # Each module adds its commands to `app`; imported here so `gptctl --help` lists them all.
-    from gptctl.cli import ckpt, data, estimate, eval, export, registry, runs, sample, train  # noqa: F401
+def _flag_shows_no_type(display_type_rich):
+    """Typer labels a flag `<bool>` in help, which reads as if it took a value (`--help <bool>`)."""
+    def display(self, ctx):
+        return None if self.is_flag else display_type_rich(self, ctx)
+    return display
+
+
+TyperOption.display_type_rich = _flag_shows_no_type(TyperOption.display_type_rich)
 
 
 def main() -> None:
     app()
-
-
-_register_commands()
