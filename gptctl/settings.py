@@ -213,7 +213,7 @@ class TrainSettings(BaseModel):
                                  "by a power of two, e.g. 128 for 1024")
         if self.lr_restarts and self.lr_scheduler != "cosine_with_restarts":
             raise ValueError("--lr-restarts needs --lr-scheduler cosine_with_restarts")
-        if self.lr_restarts >= self.max_steps - self.warmup_steps:
+        if self.lr_restarts and self.lr_restarts >= self.max_steps - self.warmup_steps:
             raise ValueError(f"--lr-restarts ({self.lr_restarts}) makes cycles shorter than a step: at most "
                              f"--max-steps - --warmup-steps - 1 ({self.max_steps - self.warmup_steps - 1})")
         if self.model_parallel_size is not None and not self.model_parallel:

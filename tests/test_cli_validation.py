@@ -86,6 +86,15 @@ def test_kebab_args_leaves_values_alone():
         "--data-root", "my_dir", "--run-name=a_b", "--", "--x_y"]
 
 
+def test_the_old_scripts_flags_mean_what_they_meant():
+    assert kebab_args(["--log_gradients", "--max_steps", "5"]) == ["--log-gradients", "100", "--max-steps", "5"]
+    assert kebab_args(["--log_gradients"]) == ["--log-gradients", "100"]
+    assert kebab_args(["--log_gradients", "7"]) == ["--log-gradients", "7"]
+    assert kebab_args(["--log-gradients", "-1"]) == ["--log-gradients", "-1"]  # refused by validation, not defaulted
+    assert kebab_args(["--decay_lr", "--x"]) == ["--lr-scheduler", "cosine", "--x"]
+    assert kebab_args(["--no-decay_lr"]) == kebab_args(["--decay_lr=False"]) == ["--lr-scheduler", "constant"]
+
+
 def test_unknown_run_is_a_clean_error(gptctl_home):
     result = runner.invoke(app, ["resume", "deadbeef"])
     assert result.exit_code == 2 and "no run 'deadbeef'" in result.output
@@ -151,3 +160,12 @@ def test_settings_stored_by_earlier_versions_still_load():
 
     assert TrainSettings.model_validate_json('{"decay_lr": true}').lr_scheduler == "cosine"
     assert TrainSettings.model_validate({"decay_lr": False}).lr_scheduler == "constant"
+
+
+def test_a_run_shorter_than_its_warmup_is_told_about_warmup_not_restarts():
+    from gptctl.settings import TrainSettings
+
+    with pytest.raises(ValueError, match=r"--warmup-steps \(5\) must be smaller than --max-steps \(3\)"):
+        TrainSettings(max_steps=3, warmup_steps=5)
+    with pytest.raises(ValueError, match="--lr-restarts"):
+        TrainSettings(max_steps=8, warmup_steps=5, lr_scheduler="cosine_with_restarts", lr_restarts=3)

@@ -14,7 +14,16 @@ from gptctl.paths import home_dir
 
 # The old scripts took `--max_steps`; their users still type it. Rewriting the option name
 # once, before Click parses, makes every snake_case spelling an alias without doubling --help.
-_SNAKE_OPTION = re.compile(r"^(--[a-z0-9]+(?:_[a-z0-9]+)+)(=.*)?$", re.DOTALL)
+_SNAKE_OPTION = re.compile(r"^(--[a-z0-9]+(?:[-_][a-z0-9]+)*)(=.*)?$", re.DOTALL)
+
+
+# Flags of the old scripts that are now options with values: written as they were, they mean this.
+DEFAULT_LOG_GRADIENTS = "100"  # bare --log_gradients: every 100 steps
+_SEED_FLAGS = {
+    "--decay-lr": ["--lr-scheduler", "cosine"], "--decay-lr=true": ["--lr-scheduler", "cosine"],
+    "--no-decay-lr": ["--lr-scheduler", "constant"], "--decay-lr=false": ["--lr-scheduler", "constant"],
+}
+_INTEGER = re.compile(r"^[-+]?\d+$")
 
 
 def kebab_args(args: list[str]) -> list[str]:
@@ -23,7 +32,13 @@ def kebab_args(args: list[str]) -> list[str]:
         if arg == "--":
             return out + list(args[i:])
         match = _SNAKE_OPTION.match(arg)
-        out.append(match.group(1).replace("_", "-") + (match.group(2) or "") if match else arg)
+        arg = match.group(1).replace("_", "-") + (match.group(2) or "") if match else arg
+        if arg.lower() in _SEED_FLAGS:
+            out += _SEED_FLAGS[arg.lower()]
+        elif arg == "--log-gradients" and not (i + 1 < len(args) and _INTEGER.match(args[i + 1])):
+            out += [arg, DEFAULT_LOG_GRADIENTS]
+        else:
+            out.append(arg)
     return out
 
 
