@@ -4,6 +4,7 @@ Every invalid combination is caught here, before a run directory or registry row
 """
 
 import re
+import typing
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,10 @@ NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
 # What `gptctl finetune` changes from the pretraining defaults (the old finetune_dolly script's).
 FINETUNE_DEFAULTS = {"max_lr": 3e-5, "max_steps": 1750, "warmup_steps": 100, "batch_size": 8, "eval_interval": 50,
                      "total_batch_size": None}
+
+
+Device = Literal["auto", "cuda", "cpu", "mps"]
+DEVICES = typing.get_args(Device)  # also what sample, eval and export accept
 
 
 class TrainSettings(BaseModel):
@@ -68,7 +73,7 @@ class TrainSettings(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
     )
-    device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="Device: auto, cuda, cpu or mps.")
+    device: Device = Field("auto", description="Device: auto, cuda, cpu or mps.")
     compile: bool = Field(False, description="torch.compile the model.")
     model_parallel: bool = Field(False, description="Shard parameters, gradients and optimizer state with FSDP2 "
                                  "instead of replicating the model (DDP).")

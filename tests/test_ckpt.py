@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_RUN, gptctl, only_run_id
 from gptctl.cli import app
-from gptctl.cli.runs import format_size
+from gptctl.cli.listing import format_size
 
 runner = CliRunner()
 
@@ -183,7 +183,7 @@ def test_a_failed_background_save_is_raised_by_wait_and_registers_nothing(gptctl
 
 
 def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
-    from gptctl.cli.ckpt import PLAIN_ABOVE
+    from gptctl.cli.listing import PLAIN_ABOVE
     from gptctl.registry import files, open_registry, queries
 
     db = open_registry(gptctl_home)
@@ -194,7 +194,7 @@ def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         path.write_bytes(b"x")
         queries.register_checkpoint(db, "r1", step, path, 1, files.sha256_of(path), pinned=step == 7)
-    lines = runner.invoke(app, ["ckpt", "list"]).stdout.splitlines()
+    lines = runner.invoke(app, ["ckpt", "list"], env={"COLUMNS": "400"}).stdout.splitlines()
     assert lines[0].split() == ["run", "step", "size", "age", "val", "loss", "pinned", "state", "path"]
     assert len(lines) == 1 + PLAIN_ABOVE + 10 + 1  # header, rows, total
     assert lines[7].split()[:2] == ["r1", "7"] and "yes" in lines[7] and lines[7].endswith("model_00007.pt")
@@ -212,3 +212,33 @@ def test_the_asynchronous_snapshot_keeps_tied_weights_tied(tmp_path):
     torch.save(state, tmp_path / "a.pt")
     torch.save(copy, tmp_path / "b.pt")
     assert abs((tmp_path / "a.pt").stat().st_size - (tmp_path / "b.pt").stat().st_size) < 4096
+
+
+def test_listings_at_80_columns_show_every_field_whole(gptctl_home, tmp_path):
+    """A pipe, a log or a small terminal: no value cut with "…" or broken across lines."""
+    import json
+
+    from gptctl.registry import files, open_registry, queries
+
+    db = open_registry(gptctl_home)
+    run_dir = tmp_path / "a-rather-long-directory-name-for-runs" / "shakespeare-deep-and-wide-d2c4"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    name = "shakespeare-deep-and-wide-with-a-long-name"
+    queries.insert_run(db, {"id": "d2c4e6f8", "name": name, "kind": "pretrain", "settings": "{}",
+                            "run_dir": str(run_dir), "max_steps": 300000, "status": "interrupted"})
+    paths = []
+    for step in (100000, 200000):
+        path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
+        path.write_bytes(b"x" * 10)
+        queries.register_checkpoint(db, "d2c4e6f8", step, path, 10, files.sha256_of(path), pinned=False)
+        paths.append(str(path))
+    queries.write_metrics(db, "d2c4e6f8", [{"step": 200000, "loss": 3.2817, "tokens_seen": 104857600000}])
+    for argv, whole in ((["ckpt", "list"], paths), (["runs", "list"], [name, "interrupted", "200000/300000"])):
+        out = runner.invoke(app, argv, env={"COLUMNS": "80"}).stdout
+        lines = out.splitlines()
+        assert "…" not in out and all(len(line) <= 80 or any(p in line for p in paths) for line in lines), out
+        for value in whole:
+            assert value in out, (value, out)
+        wide = runner.invoke(app, argv, env={"COLUMNS": "400"}).stdout  # room: still one table row each
+        assert all(value in wide for value in whole) and "…" not in wide
+    assert json.loads(runner.invoke(app, ["ckpt", "list", "--json"]).stdout)[0]["path"] == paths[0]

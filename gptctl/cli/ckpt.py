@@ -5,12 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from gptctl.cli import app
+from gptctl.cli.listing import format_duration, format_size, print_listing
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.paths import home_dir
@@ -39,8 +35,6 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Registered checkpoints: step, size, age, val loss at that step, pinned or permanent, state, path."""
-    from gptctl.cli.runs import format_duration, format_size
-
     db = open_registry(home_dir(), create=False)
     rows = queries.checkpoint_listing(db, _scope(db, run_ref))
     if as_json:
@@ -53,29 +47,9 @@ def list_cmd(
          "permanent" if r["permanent"] else "yes" if r["pinned"] else "", r["state"], _short(r["path"]))
         for r in rows
     ]
-    if len(cells) > PLAIN_ABOVE:
-        _print_plain(headers, cells)  # rich lays out ~1 ms per row: 17 s for 10,000 checkpoints
-    else:
-        table = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
-        for name in headers:
-            table.add_column(name, no_wrap=name != "path", overflow="fold",
-                             justify="right" if name in ("step", "size") else "left")
-        for row in cells:
-            table.add_row(*row[:-1], escape(row[-1]))
-        Console().print(table)
+    print_listing(headers, [list(row) for row in cells], right=frozenset({"step", "size"}))
     valid = [r for r in rows if r["state"] == "valid"]
     typer.echo(f"{len(rows)} checkpoint(s); {len(valid)} valid, {format_size(sum(r['bytes'] or 0 for r in valid))}")
-
-
-PLAIN_ABOVE = 200
-
-
-def _print_plain(headers: tuple[str, ...], cells: list[tuple[str, ...]]) -> None:
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    right = {1, 2}  # step and size
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [headers, *cells]]
-    typer.echo("\n".join(lines))
 
 
 def _short(path: str) -> str:
@@ -140,7 +114,6 @@ def prune_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ):
     """Delete checkpoints that retention allows: never pinned, permanent, newest, or a finetune's parent."""
-    from gptctl.cli.runs import format_size
     from gptctl.registry import retention
 
     if run_ref and all_runs:

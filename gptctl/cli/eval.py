@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from gptctl.cli import app
-from gptctl.cli.sample import DEVICES
 from gptctl.errors import UserError
 from gptctl.refs import checkpoint_for_reading
+from gptctl.settings import DEVICES
 
 TASKS = ("hellaswag", "val-loss")
 CHECKPOINT = "RUN[:STEP]|PATH"

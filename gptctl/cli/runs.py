@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from gptctl.cli import app
+from gptctl.cli.listing import format_count, format_duration, format_size, print_listing
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
@@ -21,36 +20,6 @@ app.add_typer(runs_app, name="runs")
 
 def _fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def format_size(n: int | None) -> str:
-    n = n or 0
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} B"
-
-
-def format_count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
 
 
 def _progress(r: dict) -> str:
@@ -79,24 +48,10 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     if as_json:
         typer.echo(json.dumps([{k: v for k, v in r.items() if k != "settings"} for r in rows], indent=2))
         return
-    console = Console()
-    cells = [_cells(r) for r in rows]
-    table = Table(*_COLUMNS, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
-    for column in table.columns:
-        column.no_wrap = True
-    # The parent checkpoint and the command line get what the terminal has left, one line each and
-    # cut with "…" (`runs show` prints them whole); on a terminal too narrow for them, only there.
-    used = sum(max(len(c) for c in column) + 2 for column in zip(_COLUMNS, *cells))  # 2: the gap
-    room = console.width - used - 2  # and the gap before the command
-    if rows and room >= 16:
-        parents, commands = [_fmt(r["parent_checkpoint"]) for r in rows], [_fmt(r["command"]) for r in rows]
-        parent_width = max(min(max(map(len, parents)), room // 3), len("parent"))
-        table.add_column("parent", no_wrap=True, overflow="ellipsis", max_width=parent_width)
-        table.add_column("command", no_wrap=True, overflow="ellipsis", max_width=room - parent_width - 1)
-        cells = [row + [escape(parent), escape(command)] for row, parent, command in zip(cells, parents, commands)]
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
+    headers, cells = _COLUMNS, [_cells(r) for r in rows]
+    if any(r["parent_checkpoint"] for r in rows):  # finetunes: what they started from
+        headers, cells = (*headers, "parent"), [row + [_fmt(r["parent_checkpoint"])] for row, r in zip(cells, rows)]
+    print_listing(headers, cells, extra=("command", [_fmt(r["command"]) for r in rows]))
 
 
 @runs_app.command("show")

@@ -2,7 +2,6 @@
 
 import json
 import math
-import typing
 from typing import Optional
 
 import typer
@@ -10,9 +9,8 @@ import typer
 from gptctl.cli import app
 from gptctl.errors import UserError
 from gptctl.refs import checkpoint_for_reading
-from gptctl.settings import SEED_MAX, TrainSettings
+from gptctl.settings import DEVICES, SEED_MAX
 
-DEVICES = typing.get_args(TrainSettings.model_fields["device"].annotation)
 SEPARATOR = "-" * 15  # between streamed samples, as nanoGPT's sample.py prints them
 
 
