@@ -160,9 +160,9 @@ class EstimateInputs:
     n_embd: int | None = None
     seq_len: int = 1024
     batch_size: int = 16
-    total_batch_size: int = 524288
+    total_batch_size: int | None = 524288  # None: one micro-step per GPU (a finetune's default)
     max_steps: int = 40000
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # as training: bfloat16 where the GPU supports it, else float32
     mfu: float | None = None
     keep_last_n_checkpoints: int = 3
     permanent_checkpoints: list[int] = field(default_factory=list)
@@ -185,6 +185,14 @@ def resolve_shape(inp: EstimateInputs) -> ModelShape:
     return shape
 
 
+def resolve_dtype(dtype: str, spec) -> str:
+    """What training's --dtype auto picks on this GPU (engine.distributed.resolve_dtype): bfloat16 where
+    the card supports it, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if spec.bf16_tflops is not None else "float32"
+    return normalize_dtype(dtype)
+
+
 def validate(inp: EstimateInputs) -> None:
     for name in ("num_gpus", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
                  "max_steps", "keep_last_n_checkpoints"):
@@ -199,6 +207,8 @@ def validate(inp: EstimateInputs) -> None:
     if inp.interconnect is not None and inp.interconnect not in INTERCONNECTS:
         raise UserError(f"--interconnect: unknown {inp.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
     per_micro = inp.batch_size * inp.seq_len * inp.num_gpus
+    if inp.total_batch_size is None:
+        inp.total_batch_size = per_micro
     if inp.total_batch_size % per_micro:
         raise UserError(
             f"--total-batch-size ({inp.total_batch_size}) must be divisible by --batch-size × --seq-len × "
@@ -270,7 +280,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
     """Every figure of `gptctl estimate` as one JSON-able dict. `runs`: registry rows for calibration."""
     validate(inp)
     spec = get_gpu(inp.gpu)
-    dtype = normalize_dtype(inp.dtype)
+    dtype = resolve_dtype(inp.dtype, spec)
     shape = resolve_shape(inp)
     peak = peak_flops(spec.key, dtype)  # raises for bf16 on T4/V100
     n = inp.num_gpus

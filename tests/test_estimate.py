@@ -208,9 +208,17 @@ def test_multi_gpu_allreduce():
 
 def test_finetune_defaults():
     r = est_json("--finetune")
-    assert r["max_steps"] == 1750 and r["batch_size"] == 8 and r["grad_accum_steps"] == 64
+    # as `gptctl finetune` trains: one micro-step per GPU unless --total-batch-size says otherwise
+    assert r["max_steps"] == 1750 and r["batch_size"] == 8 and r["grad_accum_steps"] == 1
+    assert r["total_batch_size"] == 8 * 1024
     r = est_json("--finetune", "--max-steps", 10)
     assert r["max_steps"] == 10
+
+
+def test_dtype_auto_picks_what_training_would():
+    """--dtype auto (training's default): bfloat16 where the card has it, float32 on a T4 or V100."""
+    assert est_json()["dtype"] == "bfloat16"
+    assert est_json("--gpu", "t4")["dtype"] == "float32"
 
 
 def test_dtypes_and_no_bf16():
@@ -284,7 +292,6 @@ def test_peak_flops():
     (["--mfu", "0"], "--mfu"),
     (["--mfu", "1.5"], "--mfu"),
     (["--model", "gpt5"], "--model"),
-    (["--gpu", "t4"], "--dtype"),  # bfloat16 default on a GPU without it
     (["--gpu", "v100", "--dtype", "bfloat16"], "--dtype"),
     (["--dtype", "int8"], "--dtype"),
     (["--num-gpus", "2", "--interconnect", "carrier-pigeon"], "--interconnect"),

@@ -8,10 +8,25 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
+from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings
 
 DEFAULT_GPU = "rtx3090"  # the single consumer card most nanoGPT users train GPT-2 124M on
-PRETRAIN_DEFAULTS = {"max_steps": 40000, "batch_size": 16}
-FINETUNE_DEFAULTS = {"max_steps": 1750, "batch_size": 8}
+
+
+def _default(name: str, finetune: bool):
+    """The value `gptctl pretrain` (or `finetune`) would use: one source of defaults for both commands."""
+    if finetune and name in FINETUNE_DEFAULTS:
+        return FINETUNE_DEFAULTS[name]
+    return TrainSettings.model_fields[name].default
+
+
+def _help(name: str) -> str:
+    """The training option's own help, with its defaults for pretrain and finetune."""
+    text = (TrainSettings.model_fields[name].description or "").split(" (default:")[0]
+    pretrain, finetune = _default(name, False), _default(name, True)
+    finetune = "one micro-step per GPU" if finetune is None else finetune
+    default = f"{pretrain}" if pretrain == finetune else f"{pretrain}; {finetune} with --finetune"
+    return f"{text} (default: {default})" if pretrain is not None else text
 
 
 def _parse_steps(value: str | None) -> list[int]:
@@ -27,27 +42,30 @@ def _parse_steps(value: str | None) -> list[int]:
 def estimate_cmd(
     gpu: str = typer.Option(DEFAULT_GPU, "--gpu", help="GPU kind (see --list-gpus)."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together (DDP)."),
-    model: str = typer.Option("gpt2", "--model", help="Model preset: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl."),
-    n_layer: int = typer.Option(None, "--n-layer", help="Override the preset's number of layers."),
-    n_head: int = typer.Option(None, "--n-head", help="Override the preset's number of heads."),
-    n_embd: int = typer.Option(None, "--n-embd", help="Override the preset's embedding width."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per sequence."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Micro-batch per GPU. [default: 16; 8 with --finetune]"),
-    total_batch_size: int = typer.Option(524288, "--total-batch-size", help="Tokens per optimizer step, all GPUs."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps. [default: 40000; 1750 with --finetune]"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32 (TF32 matmuls)."),
+    model: str = typer.Option(None, "--model", help=_help("model"), show_default=False),
+    n_layer: int = typer.Option(None, "--n-layer", help=_help("n_layer")),
+    n_head: int = typer.Option(None, "--n-head", help=_help("n_head")),
+    n_embd: int = typer.Option(None, "--n-embd", help=_help("n_embd")),
+    seq_len: int = typer.Option(None, "--seq-len", help=_help("seq_len"), show_default=False),
+    batch_size: int = typer.Option(None, "--batch-size", help=_help("batch_size"), show_default=False),
+    total_batch_size: int = typer.Option(None, "--total-batch-size", help=_help("total_batch_size"),
+                                         show_default=False),
+    max_steps: int = typer.Option(None, "--max-steps", help=_help("max_steps"), show_default=False),
+    dtype: str = typer.Option(None, "--dtype", help=_help("dtype"), show_default=False),
     mfu: float = typer.Option(
-        None, "--mfu", help="Assumed model FLOPs utilisation in (0, 1]. [default: median of registry runs on this GPU, else a per-GPU default]"
+        None, "--mfu", help="Assumed model FLOPs utilisation in (0, 1]. (default: the median of registry runs on this GPU, else a per-GPU "
+        "figure)"
     ),
-    finetune: bool = typer.Option(False, "--finetune", help="Use finetune defaults (max steps 1750, batch 8)."),
-    keep_last_n_checkpoints: int = typer.Option(3, "--keep-last-n-checkpoints", help="Checkpoints kept besides permanent ones."),
+    finetune: bool = typer.Option(False, "--finetune", help="Estimate a finetune: its defaults, as each option says."),
+    keep_last_n_checkpoints: int = typer.Option(None, "--keep-last-n-checkpoints", help=_help("keep_last_n_checkpoints"),
+                                                show_default=False),
     permanent_checkpoints: str = typer.Option(None, "--permanent-checkpoints", help="Steps never deleted, e.g. 10000,20000,30000."),
     interconnect: str = typer.Option(
-        None, "--interconnect", help="pcie3, pcie4, pcie5, nvlink-bridge, nvlink2, nvlink3, nvlink4. [default: the GPU's usual one]"
+        None, "--interconnect", help="pcie3, pcie4, pcie5, nvlink-bridge, nvlink2, nvlink3, nvlink4. (default: the GPU's usual one)"
     ),
     activation_checkpointing: str = typer.Option(
-        "none", "--activation-checkpointing", help="none, selective or full: as `gptctl pretrain` would run. "
-        "Every mode's memory and largest micro-batch are shown either way."),
+        None, "--activation-checkpointing", help=_help("activation_checkpointing")
+        + " Every mode's memory and largest micro-batch are shown either way.", show_default=False),
     list_gpus: bool = typer.Option(False, "--list-gpus", help="Show the known GPUs and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -62,16 +80,13 @@ def estimate_cmd(
             _print_gpus(rows)
         return
 
-    defaults = FINETUNE_DEFAULTS if finetune else PRETRAIN_DEFAULTS
+    given = {"model": model, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "seq_len": seq_len,
+             "batch_size": batch_size, "total_batch_size": total_batch_size, "max_steps": max_steps, "dtype": dtype,
+             "keep_last_n_checkpoints": keep_last_n_checkpoints, "activation_checkpointing": activation_checkpointing}
     inp = est.EstimateInputs(
-        gpu=gpu, num_gpus=num_gpus, model=model, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        seq_len=seq_len,
-        batch_size=defaults["batch_size"] if batch_size is None else batch_size,
-        total_batch_size=total_batch_size,
-        max_steps=defaults["max_steps"] if max_steps is None else max_steps,
-        dtype=dtype, mfu=mfu, keep_last_n_checkpoints=keep_last_n_checkpoints,
-        permanent_checkpoints=_parse_steps(permanent_checkpoints), interconnect=interconnect,
-        activation_checkpointing=activation_checkpointing,
+        gpu=gpu, num_gpus=num_gpus, mfu=mfu, permanent_checkpoints=_parse_steps(permanent_checkpoints),
+        interconnect=interconnect,
+        **{name: _default(name, finetune) if value is None else value for name, value in given.items()},
     )
     est.validate(inp)
     runs = est.registry_runs() if mfu is None else []
