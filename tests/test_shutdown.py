@@ -241,7 +241,8 @@ class _Quiet:
         self.last = text
 
 
-def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int | None = None) -> list[int]:
+def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int | None = None,
+                on_metrics=lambda row: None, accumulation: int = 1) -> list[int]:
     import torch
 
     from gptctl.engine.distributed import Dist
@@ -253,16 +254,58 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     optimizer = make_optimizer(model, 0.1, 1e-3, "cpu")
-    cfg = LoopConfig(max_steps=max_steps, accumulation=1, tokens_per_step=16,
+    cfg = LoopConfig(max_steps=max_steps, accumulation=accumulation, tokens_per_step=16,
                      schedule=Schedule("constant", 1e-3, 1e-4, 0, max_steps), grad_clip=1.0, eval_interval=1000,
                      eval_steps=1, checkpoint_interval=interval, permanent_steps=frozenset(permanent))
     saver, stop = _RecordingSaver(), StopFlag()
     data = _RandomTokens(64, stop, stop_at)
     train(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data, data, cfg,
-          Dist(0, 0, 1, torch.device("cpu")), 0, torch.float32, saver, lambda step: {}, lambda row: None, _Quiet(), stop)
+          Dist(0, 0, 1, torch.device("cpu")), 0, torch.float32, saver, lambda step: {}, on_metrics, _Quiet(), stop)
     return saver.steps
 
 
 def test_permanent_steps_are_saved_even_off_the_checkpoint_interval():
     assert _train_tiny(12, 5, {3, 5, 11}) == [3, 5, 10, 11, 12]
     assert _train_tiny(12, 5, set(), stop_at=7) == [5, 7]  # a stop saves the step it finished
+
+
+def test_a_training_step_reads_the_device_once(monkeypatch):
+    """Issue 14: one host-device sync per step. On CPU, count what would sync on CUDA when gptctl's engine
+    does it: every read of a tensor's value into Python (tolist, item, float, int, bool) and every tensor
+    built from host values, between the metrics rows of consecutive steps. (torch's own reads, such as
+    AdamW's step counter, which lives on the host, are torch's; benchmarks/gpu_check.py counts real CUDA
+    syncs of the whole step.)"""
+    import sys
+
+    import torch
+
+    counts, rows = {"reads": 0, "host_tensors": 0}, []
+
+    def by_engine() -> bool:
+        return "/gptctl/engine/" in sys._getframe(2).f_code.co_filename.replace("\\", "/")
+
+    def counting(name, key):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            counts[key] += by_engine()
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
+        counting(name, "reads")
+    real_tensor = torch.tensor
+
+    def host_tensor(*args, **kwargs):
+        counts["host_tensors"] += by_engine()
+        return real_tensor(*args, **kwargs)
+    monkeypatch.setattr(torch, "tensor", host_tensor)
+
+    def on_metrics(row):
+        rows.append(dict(counts))
+        assert isinstance(row["grad_norm"], float) and isinstance(row["loss"], float)
+
+    _train_tiny(6, 100, set(), on_metrics=on_metrics, accumulation=2)
+    per_step = [{k: b[k] - a[k] for k in b} for a, b in zip(rows, rows[1:])]
+    assert per_step[:-1] and all(step == {"reads": 1, "host_tensors": 0} for step in per_step[:-1]), per_step
+    assert per_step[-1] == {"reads": 2, "host_tensors": 0}  # the last step also evaluates: one read more

@@ -77,11 +77,13 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
             if watch:
                 on_gradients(step, update_ratios(raw_model, before))
         # One all-reduce carries the loss, whether any rank was asked to stop, and whether a background
-        # checkpoint save failed (so that every rank stops, not only the writer).
-        flags = torch.tensor([float(stop.requested), float(checkpoints.failed)], device=device)
-        packed = torch.cat([loss_sum.reshape(1), flags])
+        # checkpoint save failed (so that every rank stops, not only the writer); one read brings it and
+        # the grad norm to the host: the step's only host-device sync. The flags are filled on the device
+        # (torch.tensor of host values would copy, and wait, on CUDA).
+        packed = torch.stack([loss_sum, loss_sum.new_full((), float(stop.requested)),
+                              loss_sum.new_full((), float(checkpoints.failed))])
         all_reduce_sum(packed)
-        loss_total, stop_votes, save_failures = packed.tolist()  # the step's one host-device sync, for logging
+        loss_total, stop_votes, save_failures, grad_norm = torch.cat([packed, grad_norm.float().reshape(1)]).tolist()
         if save_failures:
             checkpoints.raise_failure()
         loss_value, stop_now = loss_total / dist_.world_size, stop_votes > 0
@@ -90,7 +92,7 @@ def train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg: Lo
         if step > start_step + 1:  # the first step pays for warm-up and compilation
             speeds.append(tokens_per_s)
         row = {
-            "step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+            "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_seen": step * cfg.tokens_per_step, "time": time.time(),
             "mfu": (cfg.flops_per_token * tokens_per_s / cfg.peak_flops) if cfg.peak_flops and cfg.flops_per_token else None,
         }
