@@ -13,7 +13,7 @@ from gptctl.atomic import write_text_atomic
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
-from gptctl.registry.locks import RunLock
+from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.rebuild import write_run_info
 from pydantic import ValidationError
 
@@ -142,7 +142,7 @@ def parent_model(path: Path, option: str) -> dict[str, Any]:
 
 
 def create_run(settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
-               dataset=None) -> tuple[dict, RunLock]:
+               dataset=None) -> tuple[dict, DirectoryLock]:
     """Everything has been validated before this: from here on the run exists on disk and in the registry."""
     home = home_dir()
     db = open_registry(home)
@@ -150,7 +150,7 @@ def create_run(settings: TrainSettings, command: list[str], save_config: bool, p
     name = settings.run_name or settings.kind
     run_dir = (home / f"{name}-{run_id}").resolve()
     run_dir.mkdir(parents=True)
-    lock = RunLock(run_dir)
+    lock = DirectoryLock(run_dir)
     lock.acquire()
     stored = settings.model_copy(update={"run_name": name})
     write_text_atomic(run_dir / "config.json", stored.model_dump_json(indent=2) + "\n")
@@ -170,8 +170,8 @@ def create_run(settings: TrainSettings, command: list[str], save_config: bool, p
     return run, lock
 
 
-def lock_existing(run: dict[str, Any]) -> RunLock:
-    lock = RunLock(Path(run["run_dir"]))
+def lock_existing(run: dict[str, Any]) -> DirectoryLock:
+    lock = DirectoryLock(Path(run["run_dir"]))
     if not lock.acquire():
         raise UserError(f"run {run['id']} is being trained by another process; wait for it or stop it first")
     return lock
@@ -201,7 +201,7 @@ def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool 
     return cmd
 
 
-def queue(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> str:
+def queue(run: dict[str, Any], lock: DirectoryLock, init_checkpoint: str | None = None) -> str:
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
     queries.update_run(open_registry(home_dir()), run["id"], status="queued")
     lock.release()
@@ -215,7 +215,7 @@ def follow(settings: TrainSettings) -> int:
     return 128 + stopped_by if stopped_by else code
 
 
-def execute(run: dict[str, Any], lock: RunLock, init_checkpoint: str | None = None) -> Outcome:
+def execute(run: dict[str, Any], lock: DirectoryLock, init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
     home = home_dir().resolve()
     cmd = _command(run, init_checkpoint)

@@ -317,13 +317,13 @@ def test_refuses_stray_npy_without_force(tmp_path):
 
 
 def test_one_prepare_at_a_time_per_data_root(tmp_path):
-    from gptctl.registry.locks import RunLock
+    from gptctl.registry.locks import DirectoryLock
 
     src = tmp_path / "in.txt"
     src.write_text("hello there")
     root = tmp_path / "data"
     root.mkdir()
-    held = RunLock(root)  # a real flock, as a running prepare holds it
+    held = DirectoryLock(root)  # a real flock, as a running prepare holds it
     assert held.acquire()
     try:
         result = prepare("-i", src, "--data-root", root)

@@ -9,7 +9,7 @@ import pytest
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.registry import retention
-from gptctl.registry.locks import RunLock
+from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.retention import deletable
 
 
@@ -66,9 +66,9 @@ def test_a_run_whose_process_vanished_is_stale(gptctl_home):
     db = open_registry()
     held = make_run(db, gptctl_home / "held", name="held", status="running")
     gone = make_run(db, gptctl_home / "gone", name="gone", status="running")
-    lock = RunLock(gptctl_home / "held")
+    lock = DirectoryLock(gptctl_home / "held")
     assert lock.acquire()
-    assert not RunLock(gptctl_home / "held").acquire()  # a second trainer is refused
+    assert not DirectoryLock(gptctl_home / "held").acquire()  # a second trainer is refused
     statuses = {r["id"]: r["status"] for r in queries.list_runs(db)}
     assert statuses == {held: "running", gone: "stale"}
     lock.release()
@@ -126,7 +126,7 @@ def test_reconcile_registers_orphans_marks_vanished_and_removes_temporaries(gptc
     orphan = ckpts / "model_00003.pt"
     orphan.write_bytes(b"complete checkpoint")  # renamed into place, killed before the insert
     (ckpts / ".tmp-model_00004.pt.123").write_bytes(b"half")
-    lock = RunLock(run_dir)
+    lock = DirectoryLock(run_dir)
     assert lock.acquire()
     files.reconcile(db, queries.get_run(db, run))
     assert (ckpts / ".tmp-model_00004.pt.123").exists()  # a live trainer may be writing it

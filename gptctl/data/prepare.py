@@ -332,12 +332,12 @@ def _finish(plan: Plan, writer, documents: int) -> dict:
 def run(plan: Plan, on_progress: ProgressFn | None = None) -> dict:
     """Write (or finish writing) the shards and manifest that `plan` describes; return the manifest."""
     from gptctl.data.writer import ShardWriter
-    from gptctl.registry.locks import LOCK_NAME, RunLock
+    from gptctl.registry.locks import LOCK_NAME, DirectoryLock
 
     root = plan.opts.data_root
     created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(root)
+    lock = DirectoryLock(root)
     if not lock.acquire():
         raise UserError(f"--data-root: another `gptctl data prepare` is writing to {root}; wait for it to finish")
     state = plan.resume

@@ -1,8 +1,9 @@
 """Entry point of every torchrun worker: `python -m gptctl.engine.worker --home H --run-id ID`.
 
 A worker always continues its run from the newest verified checkpoint if one exists, so a
-resumed run and a worker restarted by torchrun take the same path. Only the main rank (global
-rank 0, or with c10d rendezvous the lowest rank on node 0) writes the registry and checkpoint files.
+resumed run and a worker restarted by torchrun take the same path. Only global rank 0 writes
+the registry and checkpoint files (it alone receives gathered full state; under c10d it may sit on any
+node, which is why the home must be shared).
 """
 
 import argparse
@@ -46,7 +47,7 @@ from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
-from gptctl.registry.locks import RunLock
+from gptctl.registry.locks import DirectoryLock
 from gptctl.settings import TrainSettings
 
 METRICS_FLUSH_SECONDS = 5.0
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         if write and not os.environ.get(LAUNCHED_ENV):  # a bare torchrun: nobody holds the run for us
-            lock = RunLock(Path(run["run_dir"]))
+            lock = DirectoryLock(Path(run["run_dir"]))
             if not lock.acquire():
                 raise RunRefused(f"run {run['id']} is being trained by another process")
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)

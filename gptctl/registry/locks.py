@@ -1,4 +1,5 @@
-"""One lock per run directory, held by the process that trains it; the OS drops it when that process dies."""
+"""One lock per directory, held by the one process that writes it (the trainer of a run directory, the
+`data prepare` of a data root); the OS drops it when that process dies."""
 
 import fcntl
 import os
@@ -7,9 +8,9 @@ from pathlib import Path
 LOCK_NAME = ".lock"
 
 
-class RunLock:
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_NAME
+class DirectoryLock:
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_NAME
         self.fd: int | None = None
 
     def acquire(self) -> bool:
