@@ -70,9 +70,8 @@ def _scope(db, run_ref: str | None, inspect=None) -> str | None:
 def _reconcile(db, runs: list[dict], inspect=None) -> None:
     """`inspect` (files.load_check, which imports torch) lets unregistered files that load as checkpoints
     of their step be registered; `ckpt list` stays torch-free and leaves them unregistered."""
-    for run in runs:
-        for change in files.reconcile(db, run, inspect):
-            typer.echo(f"run {run['id']}: {change}", err=True)
+    for change in files.reconcile_runs(db, runs, inspect):
+        typer.echo(change, err=True)
 
 
 def _run_or_latest(db, run_ref: str | None) -> dict:
@@ -143,21 +142,8 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Check every registered checkpoint: exists, size, sha256, and loads as plain data. Marks bad ones."""
-    from gptctl.engine.checkpoint import UnsafeCheckpoint, load  # torch: verification really loads the file
-
     db = open_registry(home_dir(), create=False)
-    run_id = _scope(db, run_ref, files.load_check)
-    report = []
-    for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
-        state, detail = files.check_file(db, row, full=True), ""
-        if state == "valid":
-            try:
-                load(row["path"])
-            except UnsafeCheckpoint as exc:
-                state, detail = "corrupt", str(exc)
-        if state != row["state"]:
-            queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])  # unless retention got there first
-        report.append({"run_id": row["run_id"], "step": row["step"], "path": row["path"], "state": state, "detail": detail})
+    report = files.verify(db, _scope(db, run_ref, files.load_check))
     bad = [r for r in report if r["state"] != "valid"]
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -70,6 +70,31 @@ def load_check(path: Path) -> int | None:
     return stored_step(path)
 
 
+def verify(db: Database, run_id: str | None) -> list[dict[str, Any]]:
+    """Check every registered checkpoint of `run_id` (None: all runs): exists, size, sha256, and loads as
+    plain data; mark the ones whose state changed. Imports torch (a verification really loads the file)."""
+    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
+
+    report = []
+    for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
+        state, detail = check_file(db, row, full=True), ""
+        if state == "valid":
+            try:
+                load(row["path"])
+            except UnsafeCheckpoint as exc:
+                state, detail = "corrupt", str(exc)
+        if state != row["state"]:
+            queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])  # unless retention got there first
+        report.append({"run_id": row["run_id"], "step": row["step"], "path": row["path"], "state": state, "detail": detail})
+    return report
+
+
+def reconcile_runs(db: Database, runs: list[dict[str, Any]], inspect: Callable[[Path], int | None] | None = None
+                   ) -> list[str]:
+    """`reconcile` each run; what changed, each line naming its run."""
+    return [f"run {run['id']}: {change}" for run in runs for change in reconcile(db, run, inspect)]
+
+
 CHECKPOINT_GLOB = "model_*.pt"
 CHECKPOINT_NAME = re.compile(r"model_\d+\.pt")
 
