@@ -20,7 +20,8 @@ from gptctl.data import hellaswag
 from gptctl.data.shards import find_shards
 from gptctl.data.tokenizer import get_encoding
 from gptctl.engine.distributed import Dist
-from gptctl.engine.evaluate import IGNORE, ending_batch, ending_losses, hellaswag_accuracy
+from gptctl.engine.model import IGNORE_INDEX as IGNORE
+from gptctl.engine.evaluate import ending_batch, ending_losses, hellaswag_accuracy
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.loop import evaluate
 from gptctl.engine.model import GPT

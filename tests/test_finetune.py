@@ -17,7 +17,8 @@ from gptctl.data import dolly
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine.checkpoint import save_atomic
 from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.sft import IGNORE, InstructionBatchLoader
+from gptctl.engine.model import IGNORE_INDEX as IGNORE
+from gptctl.engine.sft import InstructionBatchLoader
 from gptctl.prompt import format_prompt
 from gptctl.settings import TrainSettings
 

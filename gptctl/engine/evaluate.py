@@ -17,13 +17,13 @@ from gptctl.data.hellaswag import EncodedItem
 from gptctl.engine.distributed import Dist, all_reduce_sum
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.loop import evaluate
+from gptctl.engine.model import IGNORE_INDEX
 from gptctl.errors import UserError
 
-IGNORE = -100  # targets the loss skips, as in GPT.forward
 
 
 def ending_batch(item: EncodedItem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets, (endings, T), right-padded: targets are the ending tokens, IGNORE elsewhere.
+    """Inputs and targets, (endings, T), right-padded: targets are the ending tokens, IGNORE_INDEX elsewhere.
 
     A row longer than the model's context loses tokens from the left, i.e. from the context, so the
     ending is always scored whole (unless it alone exceeds the context).
@@ -31,7 +31,7 @@ def ending_batch(item: EncodedItem, block_size: int) -> tuple[torch.Tensor, torc
     rows = [(item.context + ending)[-(block_size + 1):] for ending in item.endings]
     width = max(map(len, rows)) - 1
     x = torch.zeros((len(rows), width), dtype=torch.long)
-    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (tokens, ending) in enumerate(zip(rows, item.endings)):
         n = len(tokens) - 1
         scored = min(len(ending), n)  # the last `scored` targets are the ending's tokens
@@ -46,9 +46,9 @@ def ending_losses(model, item: EncodedItem, device: torch.device, autocast=nullc
     x, y = (t.to(device) for t in ending_batch(item, model.config.block_size))
     with autocast:
         logits, _ = model(x)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+    losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     sums = losses.view_as(y).sum(dim=1)
-    return sums / (y != IGNORE).sum(dim=1), sums
+    return sums / (y != IGNORE_INDEX).sum(dim=1), sums
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for
 from gptctl.engine.parallel import gradient_sync, scalar
 from gptctl.engine.optim import Schedule
+from gptctl.engine.model import IGNORE_INDEX
 from gptctl.engine.startup import StopFlag
 
 
@@ -129,7 +130,7 @@ def evaluate(model, val_loader, eval_steps: int, autocast, dist_: Dist) -> float
         x, y = val_loader.batch(1, k)
         with autocast:
             _, loss = model(x, y)
-        targets = (y != -100).sum()
+        targets = (y != IGNORE_INDEX).sum()
         totals += torch.stack([loss.float() * targets, targets.float()])
     model.train()
     all_reduce_sum(totals)

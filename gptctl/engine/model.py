@@ -143,7 +143,7 @@ class GPT(nn.Module):
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ weightᵀ over targets != IGNORE_INDEX, as
-    F.cross_entropy(logits.float(), targets, ignore_index=-100) computes it, chunk_rows rows at a time."""
+    F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX) computes it, chunk_rows rows at a time."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_rows)
     loss_sum, _, _ = _chunked_loss_and_grads(h, weight, targets, chunk_rows, with_grads=False)

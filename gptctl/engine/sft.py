@@ -4,7 +4,7 @@ Like the token loader, a batch is a pure function of (step, micro-step, rank, wo
 takes the examples [(s-1)·R, s·R) of an endless stream of epochs (R = examples per step), each
 epoch a seeded permutation. Sequences are right-padded with <|endoftext|> to the batch's longest,
 rounded up to a multiple of 64 (capped at seq_len); padding and prompt positions get the target
--100, which the model's cross-entropy ignores.
+IGNORE_INDEX (-100), which the model's cross-entropy ignores.
 
 A micro-batch's mean loss is scaled by its share of the step's target tokens (all micro-steps,
 all ranks), times the world size that DDP divides by: the step's gradient is then exactly that
@@ -16,8 +16,8 @@ import torch
 
 from gptctl.data.dolly import Split
 from gptctl.data.tokenizer import EOT_TOKEN
+from gptctl.engine.model import IGNORE_INDEX
 
-IGNORE = -100
 PAD_MULTIPLE = 64
 
 
@@ -51,7 +51,7 @@ class InstructionBatchLoader:
         longest = max(int(offsets[i + 1] - offsets[i]) - 1 for i in examples)
         width = min(self.T, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
         x = np.full((self.B, width), EOT_TOKEN, dtype=np.int64)
-        y = np.full((self.B, width), IGNORE, dtype=np.int64)
+        y = np.full((self.B, width), IGNORE_INDEX, dtype=np.int64)
         for b, i in enumerate(examples):
             tokens = self.split.tokens[offsets[i] : offsets[i + 1]].astype(np.int64)
             n, p = len(tokens) - 1, int(prompt_lens[i])
