@@ -4,7 +4,7 @@ Reproduce:
 
     python benchmarks/checkpoint_stall.py --presets small,gpt2 --repeats 3
 
-The state is what the worker saves (gptctl.engine.worker's state_fn): full model and AdamW state
+The state is what the worker saves (gptctl.engine.trainer's Trainer.state_dict): full model and AdamW state
 (both moments, created by one optimizer step) gathered by parallel.full_state, the step, settings,
 RNG states and --metrics-rows rows of metric history; built on the CPU. Every mode writes that same
 state into the same directory (--dir, default a temporary directory on /tmp's disk); dirty pages of
@@ -89,7 +89,7 @@ def build_state(preset: str, metrics_rows: int) -> tuple[dict, float]:
     from gptctl.engine import parallel
     from gptctl.engine.model import GPT, GPTConfig
     from gptctl.engine.optim import make_optimizer
-    from gptctl.engine.worker import rng_state
+    from gptctl.engine.trainer import rng_state
     from gptctl.presets import PRESETS
     from gptctl.settings import TrainSettings
 

@@ -10,7 +10,7 @@ alternating, each with a fresh model from the same seed:
 
 * engine: gptctl's own training step, not a copy of it: GPT (chunked loss, --activation-checkpointing),
   make_optimizer (fused AdamW on CUDA), parallel.wrap (torch.compile), autocast_for, and
-  gptctl.engine.loop.train itself, fed device-resident batches (data loading is measured elsewhere:
+  gptctl.engine.trainer.Trainer itself, fed device-resident batches (data loading is measured elsewhere:
   benchmarks/data_loading.py);
 * bare: a build-nanogpt-style loop written here: its own GPT with the whole-logits loss,
   fused AdamW, clipping, loss.item() and torch.cuda.synchronize() once per step.
@@ -113,21 +113,6 @@ class DeviceBatches:
         return 1.0
 
 
-class NoCheckpoints:
-    failed = False
-
-    def save(self, step, make_state):
-        pass
-
-
-class Quiet:
-    def update(self, row):
-        pass
-
-    def message(self, text):
-        pass
-
-
 def engine_model(shape, device, checkpointing="none"):
     import torch
 
@@ -138,32 +123,27 @@ def engine_model(shape, device, checkpointing="none"):
 
 
 def engine_rows(shape, seq_len, batch, steps, compile_, device, dtype, on_row=None) -> list[dict]:
-    """`steps` steps of gptctl's own loop (loop.train) over the engine's model, optimizer and compile."""
-    import torch
-
-    from gptctl.engine import parallel
+    """`steps` steps of gptctl's own Trainer (its model, optimizer, compile and loop) on device-resident batches."""
     from gptctl.engine.distributed import Dist
-    from gptctl.engine.loop import LoopConfig, StopFlag, train
-    from gptctl.engine.optim import Schedule, make_optimizer
+    from gptctl.engine.trainer import Metrics, Trainer
+    from gptctl.settings import TrainSettings
 
-    d = Dist(0, 0, 1, device)
-    raw_model = engine_model(shape, device)
-    optimizer = make_optimizer(raw_model, 0.1, LR, device.type)
-    model = parallel.wrap(raw_model, d, False, compile_)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    settings = TrainSettings(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, seq_len=seq_len,
+                             batch_size=batch, total_batch_size=None, max_steps=steps, warmup_steps=2, max_lr=LR,
+                             min_lr=LR / 10, eval_interval=10**9, eval_steps=1, checkpoint_interval=10**9,
+                             compile=compile_, device=device.type, dtype=str(dtype).removeprefix("torch."), seed=SEED)
     batches = DeviceBatches(batch, seq_len, device)
-    cfg = LoopConfig(max_steps=steps, accumulation=1, tokens_per_step=batch * seq_len,
-                     schedule=Schedule("cosine", LR, LR / 10, 2, steps), grad_clip=1.0, eval_interval=10**9,
-                     eval_steps=1, checkpoint_interval=10**9)
     rows = []
 
-    def collect(row):
-        rows.append(row)
-        if on_row:
-            on_row(row)
+    class Collect(Metrics):
+        def log(self, row):
+            rows.append(row)
+            if on_row:
+                on_row(row)
 
-    train(model, raw_model, optimizer, scaler, batches, batches, cfg, d, 0, dtype, NoCheckpoints(), lambda s: {},
-          collect, Quiet(), StopFlag())
+    trainer = Trainer(settings, Dist(0, 0, 1, device), loaders=(batches, batches))
+    trainer.metrics = Collect()
+    trainer.train()
     return rows
 
 

@@ -6,7 +6,7 @@ Reproduce:
 
 One run in a fresh registry (opened by gptctl.registry.open_registry: WAL, synchronous=NORMAL)
 is filled to each level of existing metric rows, then --batches calls of queries.write_metrics with
---batch-rows new steps each are timed, as the worker's MetricsSink flushes them (one transaction per
+--batch-rows new steps each are timed, as the worker's RegistryMetrics flushes them (one transaction per
 batch, every few seconds). Baseline: the first level. Filling between levels uses one executemany
 per 10,000 rows of the same columns (untimed; only the measured batches go through gptctl's code).
 """

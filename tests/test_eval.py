@@ -21,9 +21,8 @@ from gptctl.data.shards import find_shards
 from gptctl.data.tokenizer import get_encoding
 from gptctl.engine.distributed import Dist
 from gptctl.engine.model import IGNORE_INDEX as IGNORE
-from gptctl.engine.evaluate import ending_batch, ending_losses, hellaswag_accuracy
+from gptctl.engine.evaluate import ending_batch, ending_losses, hellaswag_accuracy, mean_loss
 from gptctl.engine.loader import BatchLoader, TokenStream
-from gptctl.engine.loop import evaluate
 from gptctl.engine.model import GPT
 from gptctl.engine.sample import Sampler
 
@@ -267,9 +266,9 @@ def test_val_loss_is_trainings_eval_on_the_same_batches(tmp_path, shakespeare):
     model = load_model(ckpt)
     out = json.loads(run_eval(str(ckpt), "--task", "val-loss", "--limit", "3", "--json").stdout)
     assert out["tokens"] == 3 * 4 * BLOCK and out["batches"] == 3 and out["data_root"] == str(shakespeare)
-    # The loader training builds for its evals (batch 4 from the settings, eval_steps=3), and loop.evaluate.
+    # The loader training builds for its evals (batch 4 from the settings, eval_steps=3), and mean_loss.
     loader = BatchLoader(TokenStream(shakespeare, "val"), 4, BLOCK, 3, 0, 1, CPU)
-    assert out["val_loss"] == pytest.approx(evaluate(model, loader, 3, nullcontext(), Dist(0, 0, 1, CPU)), rel=1e-6)
+    assert out["val_loss"] == pytest.approx(mean_loss(model, loader, 3, nullcontext(), Dist(0, 0, 1, CPU)), rel=1e-6)
     assert out["val_loss"] == pytest.approx(numpy_val_loss(model, shakespeare, 12), rel=1e-5)
 
 

@@ -223,45 +223,36 @@ class _RandomTokens:
         return 1.0
 
 
-class _RecordingSaver:
-    failed = False
-
-    def __init__(self):
-        self.steps = []
-
-    def save(self, step, make_state):
-        self.steps.append(step)
-
-
-class _Quiet:
-    def update(self, row):
-        pass
-
-    def message(self, text):
-        self.last = text
-
-
 def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int | None = None,
                 on_metrics=lambda row: None, accumulation: int = 1) -> list[int]:
+    """The steps a Trainer saves, driven in-process with a recording checkpointer."""
     import torch
 
     from gptctl.engine.distributed import Dist
-    from gptctl.engine.loop import LoopConfig, train
-    from gptctl.engine.model import GPT, GPTConfig
-    from gptctl.engine.optim import Schedule, make_optimizer
-    from gptctl.engine.startup import StopFlag
+    from gptctl.engine.trainer import Metrics, NoCheckpoints, Trainer
+    from gptctl.settings import TrainSettings
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    optimizer = make_optimizer(model, 0.1, 1e-3, "cpu")
-    cfg = LoopConfig(max_steps=max_steps, accumulation=accumulation, tokens_per_step=16,
-                     schedule=Schedule("constant", 1e-3, 1e-4, 0, max_steps), grad_clip=1.0, eval_interval=1000,
-                     eval_steps=1, checkpoint_interval=interval, permanent_steps=frozenset(permanent))
-    saver, stop = _RecordingSaver(), StopFlag()
-    data = _RandomTokens(64, stop, stop_at)
-    train(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data, data, cfg,
-          Dist(0, 0, 1, torch.device("cpu")), 0, torch.float32, saver, lambda step: {}, on_metrics, _Quiet(), stop)
-    return saver.steps
+    class Recording(NoCheckpoints):
+        def __init__(self):
+            self.steps = []
+
+        def save(self, step, make_state):
+            self.steps.append(step)
+
+    class Rows(Metrics):
+        def log(self, row):
+            on_metrics(row)
+
+    settings = TrainSettings(model="tiny", n_layer=1, n_head=2, n_embd=16, seq_len=8, batch_size=2,
+                             total_batch_size=None, grad_accumulation_steps=accumulation, max_steps=max_steps,
+                             warmup_steps=0, lr_scheduler="constant", max_lr=1e-3, eval_interval=1000, eval_steps=1,
+                             checkpoint_interval=interval, permanent_checkpoints=sorted(permanent), device="cpu")
+    trainer = Trainer(settings, Dist(0, 0, 1, torch.device("cpu")),
+                      loaders=(_RandomTokens(64, None, stop_at),) * 2)
+    trainer.train_loader.stop = trainer.stop
+    trainer.checkpointer, trainer.metrics = Recording(), Rows()
+    trainer.train()
+    return trainer.checkpointer.steps
 
 
 def test_permanent_steps_are_saved_even_off_the_checkpoint_interval():

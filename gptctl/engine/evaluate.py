@@ -16,11 +16,25 @@ from torch.nn import functional as F
 from gptctl.data.hellaswag import EncodedItem
 from gptctl.engine.distributed import Dist, all_reduce_sum
 from gptctl.engine.loader import BatchLoader, TokenStream
-from gptctl.engine.loop import evaluate
 from gptctl.engine.model import IGNORE_INDEX
 from gptctl.errors import UserError
 
 
+@torch.no_grad()
+def mean_loss(model, val_loader, eval_steps: int, autocast, dist_: Dist) -> float:
+    """Mean loss over every target token of `eval_steps` micro-batches on every rank (training's val loss)."""
+    model.eval()
+    totals = torch.zeros(2, device=dist_.device, dtype=torch.float32)  # sum of token losses, target tokens
+    for k in range(eval_steps):
+        x, y = val_loader.batch(1, k)
+        with autocast:
+            _, loss = model(x, y)
+        targets = (y != IGNORE_INDEX).sum()
+        totals += torch.stack([loss.float() * targets, targets.float()])
+    model.train()
+    all_reduce_sum(totals)
+    loss_sum, count = totals.tolist()
+    return loss_sum / count
 
 def ending_batch(item: EncodedItem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets, (endings, T), right-padded: targets are the ending tokens, IGNORE_INDEX elsewhere.
@@ -91,7 +105,7 @@ def hellaswag_accuracy(model, items: Sequence[EncodedItem], device: torch.device
 
 
 class _Reporting:
-    """A loader that reports every batch it hands out, so a progress bar can follow loop.evaluate."""
+    """A loader that reports every batch it hands out, so a progress bar can follow mean_loss."""
 
     def __init__(self, loader: BatchLoader, on_batch: Callable[[], None]):
         self.loader, self.on_batch = loader, on_batch
@@ -124,6 +138,6 @@ def val_loss(model, stream: TokenStream, batches: int, seq_len: int, batch_size:
     """Mean loss over every target token of the first `batches` val batches: the rows training's eval reads first."""
     loader = BatchLoader(stream, batch_size, seq_len, batches, rank=0, world_size=1, device=device)
     reporting = _Reporting(loader, on_batch or (lambda: None))
-    loss = evaluate(model, reporting, batches, autocast, Dist(0, 0, 1, device))
-    model.eval()  # evaluate leaves the model in training mode, for the training loop
+    loss = mean_loss(model, reporting, batches, autocast, Dist(0, 0, 1, device))
+    model.eval()  # mean_loss leaves the model in training mode, for the training loop
     return ValLoss(loss, batches * batch_size * seq_len, batches)

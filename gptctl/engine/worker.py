@@ -8,7 +8,6 @@ node, which is why the home must be shared).
 
 import argparse
 import os
-import random
 import socket
 import sys
 import time
@@ -31,20 +30,13 @@ if __name__ == "__main__":
     if os.environ.get(LAUNCHED_ENV) and os.getppid() == 1:  # gptctl's torchrun is already gone (a bare
         sys.exit(1)  # torchrun may itself be PID 1, in a container)
 
-import numpy as np
 import torch
 
 from gptctl.engine import checkpoint as ckpt
-from gptctl.engine import parallel
-from gptctl.engine.distributed import autocast_for, broadcast_object, resolve_dtype, setup, share_run, teardown
-from gptctl.data import dolly
-from gptctl.engine.loader import BatchLoader, TokenStream
-from gptctl.engine.sft import InstructionBatchLoader
+from gptctl.engine.distributed import broadcast_object, setup, share_run, teardown
 from gptctl.engine.loggers import ExternalLoggers
-from gptctl.engine.loop import LoopConfig, train
-from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
+from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.registry.locks import DirectoryLock
@@ -57,50 +49,40 @@ class RunRefused(UserError):
     """This worker may not train the run (another trainer holds it, or it is already done): change nothing."""
 
 
-def rng_state() -> dict:
-    # Plain containers and tensors only, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class RegistryMetrics(Metrics):
+    """Rank 0's metrics: buffered and written to the registry in one transaction every few seconds,
+    and mirrored to W&B and TensorBoard. Other ranks keep nothing."""
 
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricsSink:
-    """Buffers per-step metrics and writes them in one transaction every few seconds."""
-
-    def __init__(self, db, run_id: str, enabled: bool):
-        self.db, self.run_id, self.enabled = db, run_id, enabled
+    def __init__(self, db, run_id: str, enabled: bool, mirrors: ExternalLoggers):
+        self.db, self.run_id, self.enabled, self.mirrors = db, run_id, enabled, mirrors
         self.buffer: list[dict] = []
         self.last_flush = time.monotonic()
 
-    def __call__(self, row: dict) -> None:
+    def log(self, row: dict) -> None:
         if not self.enabled:
             return
         self.buffer.append(row)
+        self.mirrors.log(row["step"], row)
         if time.monotonic() - self.last_flush > METRICS_FLUSH_SECONDS:
             self.flush()
+
+    def gradients(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        queries.write_gradient_stats(self.db, self.run_id, step, rows)
+        self.mirrors.log(step, {r["name"]: r["grad_norm"] for r in rows}, prefix="grad_norm")
+        self.mirrors.log(step, {r["name"]: r["update_ratio"] for r in rows}, prefix="update_ratio")
 
     def flush(self) -> None:
         if self.enabled and self.buffer:
             queries.write_metrics(self.db, self.run_id, self.buffer)
-            queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs list`
+            queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs show`
         self.buffer = []
         self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self.mirrors.close()
 
 
 class Start(NamedTuple):
@@ -144,19 +126,6 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
     if error:
         raise UserError(error)
     return Start(path, state if d.is_main else None, skipped)
-
-
-def make_loaders(settings: TrainSettings, run_dir: Path, accumulation: int, d):
-    """Train and val batches: token shards for pretraining, masked instruction examples for finetuning."""
-    common = (settings.batch_size, settings.seq_len)
-    if settings.kind == "finetune":
-        data = dolly.load(run_dir)
-        return (InstructionBatchLoader(data.train, *common, accumulation, d.rank, d.world_size, d.device, settings.seed),
-                InstructionBatchLoader(data.val, *common, settings.eval_steps, d.rank, d.world_size, d.device,
-                                       settings.seed, shuffle=False))
-    return (BatchLoader(TokenStream(settings.data_root, "train"), *common, accumulation, d.rank, d.world_size, d.device,
-                        settings.num_workers, settings.seq_len_at),
-            BatchLoader(TokenStream(settings.data_root, "val"), *common, settings.eval_steps, d.rank, d.world_size, d.device))
 
 
 def pin_numerics(settings: TrainSettings) -> None:
@@ -220,123 +189,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:
+    """The Trainer built from the run's settings, started from its newest good checkpoint, with the
+    components that write the run's registry rows and files; the run's outcome recorded after."""
     run_dir = Path(run["run_dir"])
-    accumulation = settings.resolved_accumulation(d.world_size)
-    dtype = resolve_dtype(settings.dtype, d.device)
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
-    raw_model = GPT(GPTConfig.from_shape(settings.shape), settings.activation_checkpointing).to(d.device)
-    if settings.model_parallel:
-        parallel.shard(raw_model, d, settings.mesh_shape(d.world_size))
-    optimizer = make_optimizer(raw_model, settings.weight_decay, settings.max_lr, d.device.type)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-
-    start_step, history = 0, []
+    trainer = Trainer(settings, d, stop=stop, run_dir=run_dir)
     start = choose_start(db, run["id"], init_checkpoint, d)
-    if start.path is None and settings.pretrained_checkpoint:
-        # A finetune's first start: the parent's weights, but a fresh optimizer, schedule and step count.
-        parallel.load_full_state(raw_model, None, ckpt.load(Path(settings.pretrained_checkpoint))["model"])
     if start.path:
-        state = start.state if start.state is not None else ckpt.load(Path(start.path))
-        parallel.load_full_state(raw_model, optimizer, state["model"], state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        history = [m for m in state.get("metrics", []) if m["step"] <= start_step]
+        trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
+    elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only
+        trainer.load_weights(ckpt.load(Path(settings.pretrained_checkpoint))["model"])
+    start_step = trainer.state.step
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
         if write:  # the launcher reports a run whose workers recorded no outcome as failed: say why
             queries.update_run(db, run["id"], error=message)
         raise RunRefused(message)
 
-    model = parallel.wrap(raw_model, d, settings.model_parallel, settings.compile)
-
-    train_loader, val_loader = make_loaders(settings, run_dir, accumulation, d)
-
-    device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else d.device.type
-    flops_per_token, peak = _flops(settings, device_name, dtype, d.world_size)
     if write:
         queries.delete_metrics_after(db, run["id"], start_step)
         queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
-                           world_size=d.world_size, device=d.device.type, device_name=device_name,
-                           dtype=str(dtype).removeprefix("torch."), pid=os.getpid(), host=socket.gethostname(),
+                           world_size=d.world_size, device=d.device.type, device_name=trainer.device_name,
+                           dtype=str(trainer.dtype).removeprefix("torch."), pid=os.getpid(), host=socket.gethostname(),
                            max_steps=settings.max_steps, ended_at=None, error=None)
-    sink = MetricsSink(db, run["id"], write)
+    mirrors = ExternalLoggers(settings, run, run_dir, start_step, write)
+    if write and mirrors.wandb_id:
+        queries.update_run(db, run["id"], wandb_run_id=mirrors.wandb_id)
+    trainer.metrics = RegistryMetrics(db, run["id"], write, mirrors)
     log_dir = settings.log_dir or run_dir
     if write:
         log_dir.mkdir(parents=True, exist_ok=True)
-    progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write,
-                                 settings.log_level)
-    progress.message(
-        f"run {run['id']} ({run['name']}): {raw_model.num_params() / 1e6:.2f}M parameters on {d.world_size}×{device_name}, "
-        f"{dtype}, {accumulation} micro-steps of {settings.batch_size}×{settings.seq_len} per step"
+    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level)
+    trainer.checkpointer = ckpt.CheckpointManager(
+        lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
+        set(settings.permanent_checkpoints), write, asynchronous=settings.async_checkpoint,
+        copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
+    trainer.progress.message(
+        f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "
+        f"{d.world_size}×{trainer.device_name}, {trainer.dtype}, {trainer.accumulation} micro-steps of "
+        f"{settings.batch_size}×{settings.seq_len} per step"
         + (f", resuming from step {start_step}" if start_step else "")
         + (f" ({start.skipped})" if start.skipped else "")
-
     )
-    checkpoints = ckpt.CheckpointManager(lambda: open_registry(home), run["id"], run_dir / "checkpoints",
-                                         settings.keep_last_n_checkpoints, set(settings.permanent_checkpoints), write,
-                                         asynchronous=settings.async_checkpoint,
-                                         copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
-
-    loggers = ExternalLoggers(settings, run, run_dir, start_step, write)
-    if write and loggers.wandb_id:
-        queries.update_run(db, run["id"], wandb_run_id=loggers.wandb_id)
-
-    def on_metrics(row: dict) -> None:
-        history.append(row)
-        sink(row)
-        loggers.log(row["step"], row)
-
-    def on_gradients(step: int, rows: list[dict]) -> None:
-        if write:
-            queries.write_gradient_stats(db, run["id"], step, rows)
-        loggers.log(step, {r["name"]: r["grad_norm"] for r in rows}, prefix="grad_norm")
-        loggers.log(step, {r["name"]: r["update_ratio"] for r in rows}, prefix="update_ratio")
-
-    def state_fn(step: int) -> dict:
-        sink.flush()  # metrics reach the registry before the checkpoint that contains them
-        model_state, optimizer_state = parallel.full_state(raw_model, optimizer)  # collective with sharding
-        state = {"model": model_state, "optimizer": optimizer_state, "step": step,
-                 "settings": settings.model_dump(mode="json"), "rng": rng_state(), "metrics": list(history)}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        return state
-
-    cfg = LoopConfig(
-        max_steps=settings.max_steps, accumulation=accumulation, tokens_per_step=settings.tokens_per_step(d.world_size),
-        schedule=Schedule(settings.lr_scheduler, settings.max_lr, settings.final_lr, settings.warmup_steps,
-                          settings.max_steps, settings.lr_restarts),
-        grad_clip=settings.grad_clip, eval_interval=settings.eval_interval,
-        eval_steps=settings.eval_steps, checkpoint_interval=settings.checkpoint_interval,
-        permanent_steps=frozenset(settings.permanent_checkpoints),
-        flops_per_token=flops_per_token, peak_flops=peak, log_gradients=settings.log_gradients,
-        timing=settings.log_level == "debug",
-    )
-    evals = {}
-    if settings.hellaswag_interval:
-        evals["hellaswag_acc"] = (settings.hellaswag_interval, hellaswag_eval(settings, raw_model, d, dtype))
     try:
-        result = train(model, raw_model, optimizer, scaler, train_loader, val_loader, cfg, d, start_step, dtype,
-                       checkpoints, state_fn, on_metrics, progress, stop, evals, on_gradients)
-        checkpoints.wait()  # the last checkpoint is durable and registered before the run says it ended
+        result = trainer.train()
+        trainer.checkpointer.wait()  # the last checkpoint is durable and registered before the run says it ended
     finally:
-        sink.flush()
-        progress.close()
-        loggers.close()
+        trainer.metrics.close()
+        trainer.progress.close()
     if write:
-        status = "interrupted" if result.interrupted else "completed"
-        queries.update_run(db, run["id"], status=status, last_step=result.last_step, ended_at=queries.now(),
-                           tokens_per_s=result.tokens_per_s,
-                           mfu=(flops_per_token * result.tokens_per_s / peak) if (peak and result.tokens_per_s) else None)
-        print(f"stopped at step {result.last_step}, checkpoint saved" if result.interrupted
-              else f"run {run['id']} completed at step {result.last_step}", flush=True)
+        tokens_per_s, peak = result.tokens_per_s, trainer.peak_flops
+        queries.update_run(db, run["id"], status="interrupted" if result.interrupted else "completed",
+                           last_step=result.step, ended_at=queries.now(), tokens_per_s=tokens_per_s,
+                           mfu=(trainer.flops_per_token * tokens_per_s / peak) if (peak and tokens_per_s) else None)
+        print(f"stopped at step {result.step}, checkpoint saved" if result.interrupted
+              else f"run {run['id']} completed at step {result.step}", flush=True)
     return stopped_exit_code(stop) if result.interrupted else 0
 
 
@@ -347,37 +253,6 @@ def stopped_exit_code(stop: StopFlag) -> int:
     if os.environ.get(LAUNCHED_ENV) or not stop.signum:
         return 0
     return 128 + stop.signum
-
-
-def hellaswag_eval(settings: TrainSettings, raw_model, d, dtype):
-    """HellaSwag accuracy of the model as it trains, items spread over the ranks."""
-    from gptctl.data import hellaswag
-    from gptctl.data.tokenizer import get_encoding
-    from gptctl.engine.evaluate import hellaswag_accuracy
-
-    path = settings.hellaswag_file
-    if path is None:  # one download, by the main rank, into the shared cache
-        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None))
-    items = hellaswag.encode(hellaswag.read_items(path), get_encoding())
-    # A sharded model's forward passes are collective, so every rank must score the same items
-    # (the counts summed over ranks then cancel out in the accuracy).
-    rank, world = (0, 1) if settings.model_parallel else (d.rank, d.world_size)
-    return lambda: hellaswag_accuracy(raw_model, items, d.device, autocast_for(d.device, dtype), rank, world).accuracy
-
-
-def _flops(settings: TrainSettings, device_name: str, dtype: torch.dtype, world_size: int):
-    """FLOPs per token and the peak FLOP/s of all processes, for MFU; (x, None) where the GPU is unknown."""
-    from gptctl.estimate import flops_per_token
-    from gptctl.gpus import match_gpu, peak_flops
-
-    fpt = flops_per_token(settings.shape, settings.seq_len)
-    key = match_gpu(device_name)
-    if key is None:
-        return fpt, None
-    try:
-        return fpt, peak_flops(key, str(dtype).removeprefix("torch.")) * world_size
-    except UserError:  # e.g. bf16 on a GPU the table says lacks it: no MFU rather than no training
-        return fpt, None
 
 
 if __name__ == "__main__":

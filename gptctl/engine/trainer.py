@@ -1,0 +1,353 @@
+"""The Trainer: a run's model, optimizer, data, checkpointer, metrics and evals as attributes, and the loop.
+
+Built from settings alone (torchtitan's Trainer), so tests drive it in-process on a tiny model; the
+worker swaps in the components that write the registry and the run directory. What the loop carries
+from one step to the next is one explicit block, `LoopState` (nanochat). The loop never knows where a
+checkpoint lives or where metrics go: it calls `checkpointer.save(step, self.state_dict)` and
+`metrics.log(row)`.
+"""
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gptctl.engine import parallel
+from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolve_dtype
+from gptctl.engine.evaluate import mean_loss
+from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.optim import Schedule, make_optimizer
+from gptctl.engine.progress import TrainingProgress
+from gptctl.engine.startup import StopFlag
+from gptctl.errors import UserError
+from gptctl.settings import TrainSettings
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step; a checkpoint restores it."""
+
+    step: int = 0  # the last finished optimizer step
+    history: list[dict] = field(default_factory=list)  # every metrics row up to `step`; checkpoints carry it
+    speeds: list[float] = field(default_factory=list)  # tokens/s of this launch's steps after its first
+    interrupted: bool = False  # a stop request ended the loop (after saving the step it finished)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return sum(self.speeds) / len(self.speeds) if self.speeds else None
+
+
+class Metrics:
+    """Where metrics rows go. This one keeps nothing (the loop's own history is in LoopState); the
+    worker's RegistryMetrics writes the registry and mirrors to W&B and TensorBoard."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def gradients(self, step: int, rows: list[dict]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NoCheckpoints:
+    """A checkpointer that saves nothing: for benchmarks and tests that time or inspect the loop alone."""
+
+    failed = False
+
+    def save(self, step: int, make_state: Callable[[], dict]) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def raise_failure(self) -> None:
+        raise AssertionError("NoCheckpoints never fails")
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings, d: Dist, *, stop: StopFlag | None = None,
+                 run_dir: Path | None = None, loaders: tuple | None = None):
+        self.settings, self.d = settings, d
+        self.stop = stop or StopFlag()
+        self.accumulation = settings.resolved_accumulation(d.world_size)
+        self.tokens_per_step = settings.tokens_per_step(d.world_size)
+        self.dtype = resolve_dtype(settings.dtype, d.device)
+        self.autocast = autocast_for(d.device, self.dtype)
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        torch.manual_seed(settings.seed)
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
+        self.raw_model = GPT(GPTConfig.from_shape(settings.shape), settings.activation_checkpointing).to(d.device)
+        if settings.model_parallel:
+            parallel.shard(self.raw_model, d, settings.mesh_shape(d.world_size))
+        self.optimizer = make_optimizer(self.raw_model, settings.weight_decay, settings.max_lr, d.device.type)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
+        self.schedule = Schedule(settings.lr_scheduler, settings.max_lr, settings.final_lr, settings.warmup_steps,
+                                 settings.max_steps, settings.lr_restarts)
+        # The module the loop calls: compiled and/or DDP-wrapped. Loading a state later copies into the
+        # same parameters, so wrapping first changes nothing.
+        self.model = parallel.wrap(self.raw_model, d, settings.model_parallel, settings.compile)
+        self.train_loader, self.val_loader = loaders or make_loaders(settings, run_dir, self.accumulation, d)
+        # name -> (interval, fn): evaluations besides the val loss, e.g. HellaSwag accuracy
+        self.evals: dict[str, tuple[int, Callable[[], float]]] = {}
+        if settings.hellaswag_interval:
+            self.evals["hellaswag_acc"] = (settings.hellaswag_interval, hellaswag_eval(self))
+        self.checkpointer = NoCheckpoints()
+        self.metrics = Metrics()
+        self.progress = TrainingProgress(0, settings.max_steps, None, enabled=False)
+        self.timer = PhaseTimer(settings.log_level == "debug", d.device)
+        self.flops_per_token, self.peak_flops = _flops(settings, self.device_name, self.dtype, d.world_size)
+        self.state = LoopState()
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.d.device) if self.d.device.type == "cuda" else self.d.device.type
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The checkpoint's contents: full, name-keyed state (collective under sharding: every rank calls it)."""
+        model_state, optimizer_state = parallel.full_state(self.raw_model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state, "step": self.state.step,
+                 "settings": self.settings.model_dump(mode="json"), "rng": rng_state(),
+                 "metrics": list(self.state.history)}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        parallel.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        self.state = LoopState(step=step, history=[m for m in state.get("metrics", []) if m["step"] <= step])
+
+    def load_weights(self, model_state: dict) -> None:
+        """Weights only (a finetune's parent): the optimizer, schedule and step count start fresh."""
+        parallel.load_full_state(self.raw_model, None, model_state)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> LoopState:
+        """Train from the state's step to --max-steps, or until a stop request (the finished step is saved)."""
+        first = self.state.step + 1
+        while self.state.step < self.settings.max_steps and not self.state.interrupted:
+            row, stop_now = self.train_step()
+            if self.state.step > first:  # the launch's first step pays for warm-up and compilation
+                self.state.speeds.append(row["tokens_per_s"])
+            with self.timer("eval"):
+                self.evaluate(row)
+            self.state.history.append(row)
+            self.metrics.log(row)
+            self.progress.update(row)
+            with self.timer("checkpoint"):
+                if stop_now:
+                    self.progress.message(f"step {self.state.step} finished: saving its checkpoint before stopping")
+                if stop_now or self.should_save(self.state.step):
+                    self.save()
+            if self.timer.enabled:
+                self.progress.message(f"step {self.state.step} timing: {self.timer.report()}")
+            self.state.interrupted = stop_now
+        return self.state
+
+    def train_step(self) -> tuple[dict, bool]:
+        """One optimizer step over `accumulation` micro-batches: the step's metrics row, and whether any
+        rank was asked to stop."""
+        step = self.state.step + 1
+        t0 = time.perf_counter()
+        lr = self.schedule.at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.d.device, dtype=torch.float32)
+        for micro in range(self.accumulation):
+            with self.timer("data"):
+                x, y = self.train_loader.batch(step, micro)
+            last = micro == self.accumulation - 1
+            with self.timer("forward/backward"), parallel.gradient_sync(self.model, self.raw_model, last):
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                loss = loss * self.train_loader.scale(step, micro)  # 1/accumulation unless batches differ in targets
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        with self.timer("optimizer"):
+            grad_norm = self._step_optimizer(step)
+        # One all-reduce carries the loss, whether any rank was asked to stop, and whether a background
+        # checkpoint save failed (so that every rank stops, not only the writer); one read brings it and
+        # the grad norm to the host: the step's only host-device sync. The flags are filled on the device
+        # (torch.tensor of host values would copy, and wait, on CUDA).
+        packed = torch.stack([loss_sum, loss_sum.new_full((), float(self.stop.requested)),
+                              loss_sum.new_full((), float(self.checkpointer.failed))])
+        all_reduce_sum(packed)
+        loss_total, stop_votes, save_failures, grad_norm = torch.cat([packed, grad_norm.float().reshape(1)]).tolist()
+        if save_failures:
+            self.checkpointer.raise_failure()
+        self.state.step = step
+        tokens_per_s = self.tokens_per_step / (time.perf_counter() - t0)
+        row = {
+            "step": step, "loss": loss_total / self.d.world_size, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s, "tokens_seen": step * self.tokens_per_step, "time": time.time(),
+            "mfu": (self.flops_per_token * tokens_per_s / self.peak_flops) if self.peak_flops else None,
+        }
+        return row, stop_votes > 0
+
+    def _step_optimizer(self, step: int) -> torch.Tensor:
+        """Unscale, clip, step; every --log-gradients steps also per-parameter norms and update ratios."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+        grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
+        watch = self.settings.log_gradients and step % self.settings.log_gradients == 0
+        before = gradient_norms(self.raw_model) if watch else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if watch:
+            self.metrics.gradients(step, update_ratios(self.raw_model, before))
+        return grad_norm
+
+    def evaluate(self, row: dict) -> None:
+        """Add the evals due at this row's step to it (every rank runs them: they are collective)."""
+        step, last = row["step"], row["step"] == self.settings.max_steps
+        if step % self.settings.eval_interval == 0 or last:
+            row["val_loss"] = mean_loss(self.model, self.val_loader, self.settings.eval_steps, self.autocast, self.d)
+        for name, (interval, fn) in self.evals.items():
+            if step % interval == 0 or last:
+                row[name] = fn()
+
+    def should_save(self, step: int) -> bool:
+        s = self.settings
+        return step % s.checkpoint_interval == 0 or step == s.max_steps or step in s.permanent_checkpoints
+
+    def save(self) -> None:
+        self.metrics.flush()  # metrics reach the registry before the checkpoint that contains them
+        self.checkpointer.save(self.state.step, self.state_dict)
+
+
+def make_loaders(settings: TrainSettings, run_dir: Path | None, accumulation: int, d: Dist):
+    """Train and val batches: token shards for pretraining, masked instruction examples for finetuning."""
+    from gptctl.engine.loader import BatchLoader, TokenStream
+
+    common = (settings.batch_size, settings.seq_len)
+    if settings.kind == "finetune":
+        from gptctl.data import dolly
+        from gptctl.engine.sft import InstructionBatchLoader
+
+        data = dolly.load(run_dir)
+        return (InstructionBatchLoader(data.train, *common, accumulation, d.rank, d.world_size, d.device, settings.seed),
+                InstructionBatchLoader(data.val, *common, settings.eval_steps, d.rank, d.world_size, d.device,
+                                       settings.seed, shuffle=False))
+    return (BatchLoader(TokenStream(settings.data_root, "train"), *common, accumulation, d.rank, d.world_size, d.device,
+                        settings.num_workers, settings.seq_len_at),
+            BatchLoader(TokenStream(settings.data_root, "val"), *common, settings.eval_steps, d.rank, d.world_size, d.device))
+
+
+def hellaswag_eval(trainer: Trainer) -> Callable[[], float]:
+    """HellaSwag accuracy of the model as it trains, items spread over the ranks."""
+    from gptctl.data import hellaswag
+    from gptctl.data.tokenizer import get_encoding
+    from gptctl.engine.distributed import broadcast_object
+    from gptctl.engine.evaluate import hellaswag_accuracy
+
+    settings, d = trainer.settings, trainer.d
+    path = settings.hellaswag_file
+    if path is None:  # one download, by the main rank, into the shared cache
+        path = Path(broadcast_object(str(hellaswag.fetch_val_file()) if d.is_main else None))
+    items = hellaswag.encode(hellaswag.read_items(path), get_encoding())
+    # A sharded model's forward passes are collective, so every rank must score the same items
+    # (the counts summed over ranks then cancel out in the accuracy).
+    rank, world = (0, 1) if settings.model_parallel else (d.rank, d.world_size)
+    return lambda: hellaswag_accuracy(trainer.raw_model, items, d.device, trainer.autocast, rank, world).accuracy
+
+
+def _flops(settings: TrainSettings, device_name: str, dtype: torch.dtype, world_size: int):
+    """FLOPs per token and the peak FLOP/s of all processes, for MFU; (x, None) where the GPU is unknown."""
+    from gptctl.estimate import flops_per_token
+    from gptctl.gpus import match_gpu, peak_flops
+
+    fpt = flops_per_token(settings.shape, settings.seq_len)
+    key = match_gpu(device_name)
+    if key is None:
+        return fpt, None
+    try:
+        return fpt, peak_flops(key, str(dtype).removeprefix("torch.")) * world_size
+    except UserError:  # e.g. bf16 on a GPU the table says lacks it: no MFU rather than no training
+        return fpt, None
+
+
+def rng_state() -> dict:
+    # Plain containers and tensors only, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PhaseTimer:
+    """Wall time per phase of a step, for --log-level debug. Disabled, it costs one branch per phase."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device, self.times = enabled, device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # otherwise the time lands in whichever phase syncs next
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self) -> str:
+        text = ", ".join(f"{name} {1000 * t:.1f} ms" for name, t in self.times.items())
+        self.times = {}
+        return text
+
+
+@torch.no_grad()
+def gradient_norms(raw_model) -> dict[str, tuple[float, torch.Tensor]]:
+    """Per parameter: the (clipped) gradient norm and a copy of the weights before the update."""
+    return {name: (float(parallel.scalar(p.grad.norm())), p.detach().clone())
+            for name, p in raw_model.named_parameters() if p.grad is not None}
+
+
+@torch.no_grad()
+def update_ratios(raw_model, before: dict[str, tuple[float, torch.Tensor]]) -> list[dict]:
+    """Rows of (name, grad_norm, update_ratio = |Δw| / |w|) after the optimizer step."""
+    rows = []
+    for name, p in raw_model.named_parameters():
+        if name in before:
+            grad_norm, old = before[name]
+            weight = float(parallel.scalar(old.norm()))
+            change = float(parallel.scalar((p.detach() - old).norm()))
+            rows.append({"name": name, "grad_norm": grad_norm, "update_ratio": change / weight if weight else None})
+    return rows
