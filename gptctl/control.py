@@ -119,7 +119,7 @@ def read_checkpoint(path: Path, option: str) -> tuple[dict[str, Any], TrainSetti
     from gptctl.engine.checkpoint import UnsafeCheckpoint, load
 
     try:
-        state = load(path)
+        state = load(path, mmap=True)  # the settings and keys; the tensors are not read
     except UnsafeCheckpoint as exc:
         raise UserError(f"{option}: {exc}") from None
     stored = state.get("settings") if isinstance(state, dict) else None

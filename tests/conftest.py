@@ -84,3 +84,38 @@ def save_tiny_checkpoint(path: Path, kind: str = "pretrain", edit=None, data_roo
         edit(model)
     save_atomic({"model": model.state_dict(), "settings": settings.model_dump(mode="json"), "step": step}, path)
     return path
+
+
+# The settings of TINY_RUN, for a Trainer driven in-process.
+TINY_SETTINGS = dict(model="tiny", seq_len=32, batch_size=4, total_batch_size=256, warmup_steps=2, max_lr=3e-3,
+                     eval_interval=4, eval_steps=2, device="cpu")
+
+
+def train_in_process(data_root: Path, directory: Path, resume_from: Path | None = None, **overrides):
+    """A Trainer on one process, built and resumed as the worker does it, saving real checkpoint files
+    (gptctl's format, atomically) into `directory`: ({step: (loss, val_loss)}, {step: checkpoint path}).
+    For what needs no process of its own; the real-process tests cover torchrun, signals and the registry."""
+    import torch
+
+    from gptctl.engine import checkpoint as ckpt
+    from gptctl.engine.distributed import Dist
+    from gptctl.engine.trainer import NoCheckpoints, Trainer
+    from gptctl.settings import TrainSettings
+
+    class Files(NoCheckpoints):
+        def __init__(self):
+            self.paths = {}
+
+        def save(self, step, make_state):
+            path = directory / ckpt.checkpoint_name(step)
+            ckpt.save_atomic(make_state(), path)
+            self.paths[step] = path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}),
+                      Dist(0, 0, 1, torch.device("cpu")))
+    if resume_from is not None:
+        trainer.load_state_dict(ckpt.load(resume_from))
+    trainer.checkpointer, start = Files(), trainer.state.step
+    rows = {r["step"]: (r["loss"], r.get("val_loss")) for r in trainer.train().history if r["step"] > start}
+    return rows, trainer.checkpointer.paths

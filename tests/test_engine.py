@@ -14,6 +14,8 @@ from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.presets import PRESETS, ModelShape
 
+from conftest import TINY_SETTINGS, train_in_process
+
 HF_GPT2_KEYS = [  # Hugging Face GPT2LMHeadModel's names for block 0 and the rest (attn.bias buffers aside)
     "transformer.wte.weight", "transformer.wpe.weight",
     "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
@@ -196,3 +198,69 @@ def test_truncated_checkpoint_is_an_error(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ckpt.UnsafeCheckpoint):
         ckpt.load(path)
+
+
+# ---- the Trainer, in-process ---------------------------------------------------------------------
+
+def test_sequence_length_warmup_and_lr_restarts_train_and_resume_exactly(shakespeare, tmp_path):
+    args = dict(max_steps=10, checkpoint_interval=5, dynamic_seq_length=True, min_seq_length=8,
+                seq_len_warmup_steps=6, lr_scheduler="cosine_with_restarts", lr_restarts=1)
+    reference, saved = train_in_process(shakespeare, tmp_path / "warm", **args)
+    state = ckpt.load(saved[10])
+    lrs = {m["step"]: m["lr"] for m in state["metrics"]}
+    # warmup 2 steps, then two cosine cycles of 4 steps: back at the top at step 6.
+    assert lrs[2] == pytest.approx(3e-3) and lrs[5] < lrs[6] == pytest.approx(3e-3) and lrs[10] == pytest.approx(3e-4)
+    again, _ = train_in_process(shakespeare, tmp_path / "again", resume_from=saved[5], **args)
+    assert again == {s: reference[s] for s in range(6, 11)}
+
+
+def test_the_trainer_state_is_the_checkpoint(shakespeare):
+    """A Trainer asked to stop finishes its step; its state_dict loaded into a fresh Trainer continues the
+    same run to the bit (losses, lr, grad norms, val losses) and carries the metrics history."""
+    from gptctl.engine.distributed import Dist
+    from gptctl.engine.trainer import Metrics, Trainer
+    from gptctl.settings import TrainSettings
+
+    settings = TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare, "max_steps": 6})
+    cpu = Dist(0, 0, 1, torch.device("cpu"))
+    whole = Trainer(settings, cpu).train()
+
+    class StopDuringStep3(Metrics):
+        def log(self, row):
+            if row["step"] == 2:
+                first.stop.requested = True  # as a signal would, before step 3's all-reduce
+
+    first = Trainer(settings, cpu)
+    first.metrics = StopDuringStep3()
+    stopped = first.train()
+    assert stopped.interrupted and stopped.step == 3
+    state = first.state_dict()
+    assert state["step"] == 3 and [m["step"] for m in state["metrics"]] == [1, 2, 3]
+    second = Trainer(settings, cpu)
+    second.load_state_dict(state)
+    assert second.state.step == 3 and not second.state.interrupted
+
+    def facts(history):
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r.get("val_loss")) for r in history]
+    assert facts(second.train().history) == facts(whole.history)
+    assert whole.tokens_per_s > 0
+
+
+def test_mmap_load_reads_settings_without_reading_the_tensors(tmp_path):
+    """Preflight, orphan checks, sampling and a finetune's parent read part of a checkpoint: mapped, the
+    optimizer-sized tensor costs no memory until touched (the issue: every rank read ~19 GB for gpt2-xl)."""
+    path = tmp_path / "model_00001.pt"
+    ckpt.save_atomic({"model": {"w": torch.zeros(2)}, "optimizer": {"big": torch.ones(16 * 2**20)},  # 64 MiB
+                      "settings": {"model": "tiny"}, "step": 1}, path)
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    mapped = ckpt.load(path, mmap=True)
+    assert mapped["settings"] == {"model": "tiny"} and ckpt.stored_step(path) == 1
+    assert rss() - before < 16 * 2**20
+    assert float(mapped["optimizer"]["big"][-1]) == 1.0  # the values are there when read
+    read = ckpt.load(path)
+    assert rss() - before > 48 * 2**20
+    assert torch.equal(read["optimizer"]["big"], mapped["optimizer"]["big"])

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, gptctl, losses
+from conftest import TINY_RUN, gptctl, losses, train_in_process
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import make_optimizer
@@ -93,20 +93,19 @@ def close(a: dict, b: dict, tol=2e-4) -> bool:
 PLAIN_KEYS = list(GPT(GPTConfig.from_shape(PRESETS["tiny"])).state_dict())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_autocast_training_resumes_exactly(shakespeare, gptctl_home, dtype):
-    args = ["--max-steps", "4", "--checkpoint-interval", "2", "--dtype", dtype]
-    full = pretrain(gptctl_home, shakespeare, "full", *args)
-    state = ckpt.load(step_checkpoint(full, 2))
+def test_autocast_training_resumes_exactly(shakespeare, tmp_path, dtype):
+    """In-process Trainer; test_train_e2e resumes through real processes from a --checkpoint-path."""
+    args = dict(max_steps=4, checkpoint_interval=2, dtype=dtype)
+    reference, saved = train_in_process(shakespeare, tmp_path / "full", **args)
+    state = ckpt.load(saved[2])
     assert ("scaler" in state) == (dtype == "float16")  # the GradScaler's scale travels with a float16 run
-    again = pretrain(gptctl_home, shakespeare, "again", *args, "--resume", "--checkpoint-path", step_checkpoint(full, 2))
-    reference = losses(gptctl_home, full["run_id"])
-    assert losses(gptctl_home, again["run_id"]) == {s: reference[s] for s in (3, 4)}
+    again, _ = train_in_process(shakespeare, tmp_path / "again", resume_from=saved[2], **args)
+    assert again == {s: reference[s] for s in (3, 4)}
 
 
 @pytest.mark.slow
-def test_compile_with_ddp_checkpoints_without_prefixes_and_resumes_compiled_and_not(shakespeare, gptctl_home):
+def test_compile_with_ddp_checkpoints_without_prefixes_and_resumes_compiled_and_not(shakespeare, gptctl_home, tmp_path):
     ddp = ["--nproc-per-node", "2", "--batch-size", "2"]
     args = ["--max-steps", "4", "--checkpoint-interval", "2", "--activation-checkpointing", "selective"]
     eager = losses(gptctl_home, pretrain(gptctl_home, shakespeare, "eager", *args, *ddp)["run_id"])
@@ -120,14 +119,15 @@ def test_compile_with_ddp_checkpoints_without_prefixes_and_resumes_compiled_and_
     # Into a compiled run (same graphs, same kernels: to the bit) and into an uncompiled one.
     again = pretrain(gptctl_home, shakespeare, "again", *args, *ddp, "--compile", "--resume", "--checkpoint-path", step2)
     assert losses(gptctl_home, again["run_id"]) == {s: compiled[s] for s in (3, 4)}
-    plain = pretrain(gptctl_home, shakespeare, "plain", *args, "--resume", "--checkpoint-path", step2)
-    assert close(losses(gptctl_home, plain["run_id"]), {s: compiled[s] for s in (3, 4)})
+    plain, _ = train_in_process(shakespeare, tmp_path / "plain", resume_from=step2, max_steps=4,
+                                checkpoint_interval=2, activation_checkpointing="selective")
+    assert close(plain, {s: compiled[s] for s in (3, 4)})
 
 
 @pytest.mark.slow
-def test_compile_with_fsdp2_and_full_activation_checkpointing(shakespeare, gptctl_home):
+def test_compile_with_fsdp2_and_full_activation_checkpointing(shakespeare, gptctl_home, tmp_path):
     args = ["--max-steps", "3", "--checkpoint-interval", "3"]
-    single = losses(gptctl_home, pretrain(gptctl_home, shakespeare, "single", *args)["run_id"])
+    single, _ = train_in_process(shakespeare, tmp_path / "single", max_steps=3, checkpoint_interval=3)
     sharded_run = pretrain(gptctl_home, shakespeare, "sharded", *args, "--nproc-per-node", "2", "--model-parallel",
                            "--compile", "--activation-checkpointing", "full")
     assert close(losses(gptctl_home, sharded_run["run_id"]), single)

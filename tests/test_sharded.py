@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses
+from conftest import TINY_RUN, gptctl, losses, train_in_process
 from gptctl.cli import app
 
 runner = CliRunner()
@@ -37,8 +37,10 @@ def close(a, b, tol=1e-4):
 
 
 @pytest.mark.slow
-def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layouts(shakespeare, gptctl_home):
-    _, single = run(gptctl_home, shakespeare, "single")
+def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layouts(shakespeare, gptctl_home, tmp_path):
+    # The one-process sides run in-process (the same Trainer the worker runs); the sharded ones under torchrun.
+    layout = dict(max_steps=8, checkpoint_interval=4)
+    single, single_files = train_in_process(shakespeare, tmp_path / "single", **layout)
     sharded_run, sharded = run(gptctl_home, shakespeare, "sharded", "--nproc-per-node", "2", "--model-parallel")
     assert close(sharded, single), (sharded, single)
 
@@ -48,18 +50,16 @@ def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layout
                   "--resume", "--checkpoint-path", step4)
     assert same == {s: sharded[s] for s in range(5, 9)}
     # A sharded checkpoint into one unsharded process, and back.
-    _, unsharded = run(gptctl_home, shakespeare, "unsharded", "--resume", "--checkpoint-path", step4)
+    unsharded, _ = train_in_process(shakespeare, tmp_path / "unsharded", resume_from=step4, **layout)
     assert close(unsharded, {s: sharded[s] for s in range(5, 9)})
-    single_dir = json.loads(gptctl("runs", "show", "single", "--json", home=gptctl_home).stdout)["run_dir"]
-    single_step4 = f"{single_dir}/checkpoints/model_00004.pt"
     _, resharded = run(gptctl_home, shakespeare, "resharded", "--nproc-per-node", "2", "--model-parallel",
-                       "--resume", "--checkpoint-path", single_step4)
+                       "--resume", "--checkpoint-path", str(single_files[4]))
     assert close(resharded, {s: single[s] for s in range(5, 9)})
 
 
 @pytest.mark.slow
-def test_hybrid_sharding_two_groups_of_two(shakespeare, gptctl_home):
-    _, single = run(gptctl_home, shakespeare, "single", "--max-steps", "4")
+def test_hybrid_sharding_two_groups_of_two(shakespeare, gptctl_home, tmp_path):
+    single, _ = train_in_process(shakespeare, tmp_path / "single", max_steps=4, checkpoint_interval=4)
     _, hybrid = run(gptctl_home, shakespeare, "hybrid", "--max-steps", "4", "--nproc-per-node", "4",
                     "--model-parallel", "--model-parallel-size", "2", "--batch-size", "2")
     assert close(hybrid, single), (hybrid, single)

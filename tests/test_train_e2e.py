@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id
+from conftest import TINY_RUN, gptctl, losses, only_run_id, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -136,9 +136,8 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
 
 def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
     steps = ["--max-steps", "6", "--checkpoint-interval", "6"]
-    pretrain(gptctl_home, shakespeare, *steps, "--run-name", "one")  # 1 process × 2 micro-steps
+    one, _ = train_in_process(shakespeare, tmp_path / "one", max_steps=6, checkpoint_interval=6)  # 1 × 2 micro-steps
     pretrain(gptctl_home, shakespeare, *steps, "--run-name", "two", "--nproc-per-node", "2")  # 2 × 1
-    one = losses(gptctl_home, only_run_id(gptctl_home, "one"))
     two = losses(gptctl_home, only_run_id(gptctl_home, "two"))
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
@@ -155,19 +154,3 @@ def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
                     "--resume", "--checkpoint-path", path, "--json")
     branch = json.loads(proc.stdout)["run_id"]
     assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
-
-
-def test_sequence_length_warmup_and_lr_restarts_train_and_resume_exactly(shakespeare, gptctl_home):
-    args = ["--max-steps", "10", "--checkpoint-interval", "5", "--keep-last-n-checkpoints", "3",
-            "--dynamic-seq-length", "--min-seq-length", "8", "--seq-len-warmup-steps", "6",
-            "--lr-scheduler", "cosine_with_restarts", "--lr-restarts", "1", "--json"]
-    full = json.loads(pretrain(gptctl_home, shakespeare, *args, "--run-name", "warm").stdout)
-    with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
-        lrs = dict(conn.execute("select step, lr from metrics where run_id = ?", [full["run_id"]]).fetchall())
-    # warmup 2 steps, then two cosine cycles of 4 steps: back at the top at step 6.
-    assert lrs[2] == pytest.approx(3e-3) and lrs[5] < lrs[6] == pytest.approx(3e-3) and lrs[10] == pytest.approx(3e-4)
-    step5 = next(p for p in full["checkpoints"] if p.endswith("model_00005.pt"))
-    again = json.loads(pretrain(gptctl_home, shakespeare, *args, "--run-name", "warm-again", "--resume",
-                                "--checkpoint-path", step5).stdout)
-    reference = losses(gptctl_home, full["run_id"])
-    assert losses(gptctl_home, again["run_id"]) == {s: reference[s] for s in range(6, 11)}

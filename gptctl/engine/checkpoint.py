@@ -105,8 +105,12 @@ _LFS_POINTER = b"version https://git-lfs"
 _PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, never pickled code.
+
+    mmap=True maps the tensors instead of reading them: for callers that need part of a file (its
+    settings and step, or the weights without the optimizer state, which is two thirds of it), and
+    processes on one node then share the page cache instead of holding a copy each.
 
     Whatever the file holds, a failure is an UnsafeCheckpoint in gptctl's words naming what was found:
     torch's own message advises re-running with weights_only=False, i.e. running the file's code.
@@ -120,7 +124,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles before failing: one line is ours to say
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         code = _PICKLED_GLOBAL.search(str(exc))
         if code:
@@ -145,7 +149,7 @@ def stored_step(path: Path) -> int | None:
     How an unregistered `model_*.pt` found in a checkpoints directory earns a row: a partial manual
     copy or a foreign file never becomes a checkpoint that resume or retention trusts."""
     try:
-        state = load(path)
+        state = load(path, mmap=True)
     except (UnsafeCheckpoint, OSError):
         return None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "settings" not in state:

@@ -96,7 +96,7 @@ class Sampler:
         except RuntimeError as exc:
             raise UserError(f"--device: {exc}; use --device auto or cpu") from None
         try:
-            state = ckpt.load(path)  # to the CPU: the optimizer state in it is never needed on the GPU
+            state = ckpt.load(path, mmap=True)  # the weights are copied out; the optimizer state is never read
         except ckpt.UnsafeCheckpoint as exc:
             raise UserError(f"{option}: {exc}") from None
         if not isinstance(state, dict) or not {"model", "settings"} <= state.keys():

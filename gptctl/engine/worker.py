@@ -197,7 +197,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     if start.path:
         trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
     elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only
-        trainer.load_weights(ckpt.load(Path(settings.pretrained_checkpoint))["model"])
+        trainer.load_weights(ckpt.load(Path(settings.pretrained_checkpoint), mmap=True)["model"])
     start_step = trainer.state.step
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
