@@ -63,11 +63,9 @@ CUDA_SHAPES = {"gpt2": Shape("gpt2", 1024, 16, 4)}
 def worker_threads(shape: Shape, device: str, home: Path) -> int:
     """torch.get_num_threads() in a process started by gptctl's own torchrun command line."""
     from gptctl.launch import torchrun_command
-    from gptctl.settings import TrainSettings
+    from gptctl.settings import LaunchSettings
 
-    settings = TrainSettings(model=shape.model, seq_len=shape.seq_len, batch_size=shape.batch_size,
-                             total_batch_size=shape.tokens_per_step, device=device)
-    cmd = torchrun_command(settings, home, "probe")
+    cmd = torchrun_command(LaunchSettings(), home, "probe", "probe")
     launcher = cmd[: cmd.index("-m", 3)]  # torchrun and its flags, without the worker module
     probe = launcher + ["--no-python", sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
     out = subprocess.run(probe, env=cli_env(home), capture_output=True, text=True, check=True).stdout

@@ -17,7 +17,7 @@ from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.rebuild import write_run_info
 from pydantic import ValidationError
 
-from gptctl.settings import TrainSettings, describe, to_toml
+from gptctl.settings import LaunchSettings, TrainSettings, describe, to_toml
 
 
 @dataclass
@@ -64,10 +64,11 @@ def prepare_dataset(settings: TrainSettings):
     return dolly.build(settings.dataset_path, settings.seq_len, settings.val_fraction, settings.seed)
 
 
-def check_world_size(settings: TrainSettings) -> None:
-    """With --nproc-per-node gpu the process count is known only here, so is the batch check."""
+def check_world_size(settings: TrainSettings, launch_settings: LaunchSettings) -> None:
+    """The run's batch and sharding split over this launch's processes (with --nproc-per-node gpu they are
+    counted here); checked for every launch, since a resume may run on another number of processes."""
     try:
-        settings.check_world(launch.world_size(settings))
+        settings.check_world(launch.world_size(launch_settings))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -193,35 +194,36 @@ def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
         warn(f"checkpoint step {row['step']} ({row['path']}) does not load as a gptctl checkpoint; marked corrupt")
 
 
-def _command(run: dict[str, Any], init_checkpoint: str | None, job_script: bool = False) -> list[str]:
-    settings = TrainSettings.model_validate_json(run["settings"])
-    cmd = launch.torchrun_command(settings, home_dir().resolve(), run["id"], job_script)
+def _command(run: dict[str, Any], launch_settings: LaunchSettings, init_checkpoint: str | None,
+             job_script: bool = False) -> list[str]:
+    cmd = launch.torchrun_command(launch_settings, home_dir().resolve(), run["name"], run["id"], job_script=job_script)
     if init_checkpoint:
         cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
     return cmd
 
 
-def queue(run: dict[str, Any], lock: DirectoryLock, init_checkpoint: str | None = None) -> str:
+def queue(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+          init_checkpoint: str | None = None) -> str:
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
     queries.update_run(open_registry(home_dir()), run["id"], status="queued")
     lock.release()
-    return shlex.join(_command(run, init_checkpoint, job_script=True))
+    return shlex.join(_command(run, launch_settings, init_checkpoint, job_script=True))
 
 
-def follow(settings: TrainSettings) -> int:
+def follow(settings: TrainSettings, launch_settings: LaunchSettings) -> int:
     """A node other than node 0: start its workers, which get the run from node 0's; write nothing."""
-    code, stopped_by = launch.run_workers(launch.torchrun_command(settings, home_dir().resolve(), None),
-                                          settings.stop_timeout)
+    cmd = launch.torchrun_command(launch_settings, home_dir().resolve(), settings.run_name or settings.kind,
+                                  device=settings.device)
+    code, stopped_by = launch.run_workers(cmd, launch_settings.stop_timeout)
     return 128 + stopped_by if stopped_by else code
 
 
-def execute(run: dict[str, Any], lock: DirectoryLock, init_checkpoint: str | None = None) -> Outcome:
+def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+            init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
     home = home_dir().resolve()
-    cmd = _command(run, init_checkpoint)
-    stop_timeout = TrainSettings.model_validate_json(run["settings"]).stop_timeout
     try:
-        code, stopped_by = launch.run_workers(cmd, stop_timeout)
+        code, stopped_by = launch.run_workers(_command(run, launch_settings, init_checkpoint), launch_settings.stop_timeout)
     finally:
         db = open_registry(home)
         row = queries.get_run(db, run["id"])

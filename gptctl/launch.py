@@ -10,18 +10,18 @@ import time
 from pathlib import Path
 
 from gptctl.engine.startup import STOP_SIGNALS
-from gptctl.settings import TrainSettings
+from gptctl.settings import LaunchSettings
 
 ENGINE_MODULE = "gptctl.engine.worker"
 
 
-def world_size(settings: TrainSettings) -> int:
-    return processes_per_node(settings) * settings.nnodes
+def world_size(launch: LaunchSettings) -> int:
+    return processes_per_node(launch) * launch.nnodes
 
 
-def processes_per_node(settings: TrainSettings) -> int:
-    if settings.nproc_per_node != "gpu":
-        return int(settings.nproc_per_node)
+def processes_per_node(launch: LaunchSettings) -> int:
+    if launch.nproc_per_node != "gpu":
+        return int(launch.nproc_per_node)
     import torch  # only to count GPUs; the light commands never get here
 
     return max(torch.cuda.device_count(), 1)
@@ -32,29 +32,31 @@ def processes_per_node(settings: TrainSettings) -> int:
 LAUNCHED_ENV = "GPTCTL_LAUNCHED"
 
 
-def torchrun_command(settings: TrainSettings, home: Path, run_id: str | None, job_script: bool = False) -> list[str]:
-    """The torchrun command line; `run_id` is None on nodes other than node 0, whose workers learn
-    the run from node 0's once the process group is up. For a job script, `--nproc-per-node gpu`
-    stays "gpu": the GPUs are counted on the node that runs it, not on the one that submits it."""
-    nproc = "gpu" if job_script and settings.nproc_per_node == "gpu" else processes_per_node(settings)
+def torchrun_command(launch: LaunchSettings, home: Path, run_name: str, run_id: str | None = None,
+                     device: str = "auto", job_script: bool = False) -> list[str]:
+    """The torchrun command line. On node 0 the workers get `run_id` and read the run's settings from the
+    registry; on other nodes (`run_id` None) only the device, and they learn the run from node 0's once
+    the process group is up. For a job script, `--nproc-per-node gpu` stays "gpu": the GPUs are counted
+    on the node that runs it, not on the one that submits it."""
+    nproc = "gpu" if job_script and launch.nproc_per_node == "gpu" else processes_per_node(launch)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if settings.nnodes == 1:
+    if launch.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd.append(f"--nnodes={settings.nnodes}")
-        if settings.rdzv_endpoint:  # c10d: ranks in arrival order; node 0's workers tell the others the run
-            rdzv_id = settings.rdzv_id or settings.run_name or settings.kind
-            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        cmd.append(f"--nnodes={launch.nnodes}")
+        if launch.rdzv_endpoint:  # c10d: ranks in arrival order; node 0's workers tell the others the run
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                    f"--rdzv-id={launch.rdzv_id or run_name}"]
         else:
-            cmd += [f"--node-rank={settings.node_rank}", f"--master-addr={settings.master_addr}",
-                    f"--master-port={settings.master_port}"]
-    if settings.max_restarts:
-        cmd.append(f"--max-restarts={settings.max_restarts}")
+            cmd += [f"--node-rank={launch.node_rank}", f"--master-addr={launch.master_addr}",
+                    f"--master-port={launch.master_port}"]
+    if launch.max_restarts:
+        cmd.append(f"--max-restarts={launch.max_restarts}")
     if job_script and _torchrun_accepts("--shutdown-timeout"):
         # There torchrun itself is signalled: it must give the workers our stop timeout to save, not its 30 s.
-        cmd.append(f"--shutdown-timeout={math.ceil(settings.stop_timeout)}")
+        cmd.append(f"--shutdown-timeout={math.ceil(launch.stop_timeout)}")
     cmd += ["-m", ENGINE_MODULE, "--home", str(home)]
-    return cmd + (["--run-id", run_id] if run_id else ["--settings", settings.model_dump_json()])
+    return cmd + (["--run-id", run_id] if run_id else ["--device", device])
 
 
 def _torchrun_accepts(option: str) -> bool:

@@ -33,9 +33,72 @@ Device = Literal["auto", "cuda", "cpu", "mps"]
 DEVICES = typing.get_args(Device)  # also what sample, eval and export accept
 
 
-class TrainSettings(BaseModel):
+class _Settings(BaseModel):
     # allow_inf_nan=False: inf and nan are never meaningful settings (and JSON would store them as null).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        """Every integer, whatever its field: the registry stores them as SQLite's 64-bit integers."""
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, int) and not isinstance(number, bool) and not -INT64_MAX <= number <= INT64_MAX:
+                raise ValueError(f"{number} is too large; at most {INT64_MAX} (2**63-1)")
+        return value
+
+
+class LaunchSettings(_Settings):
+    """How one launch spreads a run over processes and nodes, and how it stops. They belong to the launch,
+    not to the run: a run resumed or requeued elsewhere (another node list, more GPUs) takes new ones.
+    Never stored with the run or in its checkpoints; the workers never see them."""
+
+    nproc_per_node: str = Field("1", description="Processes per node: a number, or 'gpu' for one per GPU.")
+    nnodes: int = Field(1, gt=0, description="Number of nodes.")
+    node_rank: int = Field(0, ge=0, description="This node's rank.")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node).")
+    master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node).")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of a c10d rendezvous, instead of the static "
+                                      "--master-addr/--master-port (nodes may then join in any order).")
+    rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes of one job. (default: the run name)")
+    max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
+                              "newest valid checkpoint.")
+    stop_timeout: float = Field(1800, gt=0, allow_inf_nan=False, description="Seconds the workers get after Ctrl-C "
+                                "or SIGTERM to finish their step and save a checkpoint; then they are killed.")
+
+    @field_validator("master_addr", "rdzv_endpoint")
+    @classmethod
+    def _address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A host (and for --rdzv-endpoint an optional :PORT) that torchrun can read: a typo fails here, not there."""
+        if value is None:
+            return value
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"expected a host name or address without spaces, got {value!r}")
+        host, colon, port = value.rpartition(":")
+        if info.field_name == "rdzv_endpoint" and colon and not value.endswith("]") and not (
+                host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"expected HOST or HOST:PORT with a port from 1 to 65535, got {value!r}")
+        return value
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc(cls, value: str) -> str:
+        value = str(value)
+        if value != "gpu" and not (value.isdigit() and int(value) > 0):
+            raise ValueError("expected a positive number or 'gpu'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchSettings":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank ({self.node_rank}) must be smaller than --nnodes ({self.nnodes})")
+        return self
+
+
+LAUNCH_FIELDS = frozenset(LaunchSettings.model_fields)
+
+
+class TrainSettings(_Settings):
+    """What makes the run: stored with it and in every checkpoint."""
 
     kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
     # model
@@ -117,20 +180,7 @@ class TrainSettings(BaseModel):
     run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
     log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
-    # launch
-    nproc_per_node: str = Field("1", description="Processes per node: a number, or 'gpu' for one per GPU.")
-    nnodes: int = Field(1, gt=0, description="Number of nodes.")
-    node_rank: int = Field(0, ge=0, description="This node's rank.")
-    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node).")
-    master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node).")
-    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of a c10d rendezvous, instead of the static "
-                                      "--master-addr/--master-port (nodes may then join in any order).")
-    rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes of one job. (default: the run name)")
-    max_restarts: int = Field(0, ge=0, description="Times torchrun restarts failed workers; they continue from the "
-                              "newest valid checkpoint.")
-    # stopping and exactness
-    stop_timeout: float = Field(1800, gt=0, allow_inf_nan=False, description="Seconds the workers get after Ctrl-C "
-                                "or SIGTERM to finish their step and save a checkpoint; then they are killed.")
+    # exactness
     deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
                                 "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
     # memory
@@ -147,6 +197,8 @@ class TrainSettings(BaseModel):
             values = dict(values)
             decay = values.pop("decay_lr")
             values.setdefault("lr_scheduler", "cosine" if decay else "constant")
+        if isinstance(values, dict) and LAUNCH_FIELDS & values.keys():  # stored with the run before launches had their own
+            values = {k: v for k, v in values.items() if k not in LAUNCH_FIELDS}
         return values
 
     @field_validator("permanent_checkpoints", mode="before")
@@ -159,42 +211,11 @@ class TrainSettings(BaseModel):
             return [int(p) for p in parts]
         return value
 
-    @field_validator("*")
-    @classmethod
-    def _fits_64_bits(cls, value: Any) -> Any:
-        """Every integer, whatever its field: the registry stores them as SQLite's 64-bit integers."""
-        for number in value if isinstance(value, list) else [value]:
-            if isinstance(number, int) and not isinstance(number, bool) and not -INT64_MAX <= number <= INT64_MAX:
-                raise ValueError(f"{number} is too large; at most {INT64_MAX} (2**63-1)")
-        return value
-
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
         if value is not None and not _RUN_NAME.fullmatch(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
-        return value
-
-    @field_validator("master_addr", "rdzv_endpoint")
-    @classmethod
-    def _address(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """A host (and for --rdzv-endpoint an optional :PORT) that torchrun can read: a typo fails here, not there."""
-        if value is None:
-            return value
-        if not value or any(c.isspace() for c in value):
-            raise ValueError(f"expected a host name or address without spaces, got {value!r}")
-        host, colon, port = value.rpartition(":")
-        if info.field_name == "rdzv_endpoint" and colon and not value.endswith("]") and not (
-                host and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"expected HOST or HOST:PORT with a port from 1 to 65535, got {value!r}")
-        return value
-
-    @field_validator("nproc_per_node")
-    @classmethod
-    def _nproc(cls, value: str) -> str:
-        value = str(value)
-        if value != "gpu" and not (value.isdigit() and int(value) > 0):
-            raise ValueError("expected a positive number or 'gpu'")
         return value
 
     @field_validator("model")
@@ -227,10 +248,6 @@ class TrainSettings(BaseModel):
             raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
-        if self.nproc_per_node != "gpu":
-            self.check_world(int(self.nproc_per_node) * self.nnodes)
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"--node-rank ({self.node_rank}) must be smaller than --nnodes ({self.nnodes})")
         return self
 
     @property
@@ -300,9 +317,14 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def setting_field(name: str):
+    """The pydantic field of a setting, whichever group it belongs to (names are unique across them)."""
+    return TrainSettings.model_fields.get(name) or LaunchSettings.model_fields.get(name)
+
+
 def is_option(field: str, kind: str) -> bool:
     """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file)."""
-    extra = TrainSettings.model_fields[field].json_schema_extra
+    extra = setting_field(field).json_schema_extra
     extra = extra if isinstance(extra, dict) else {}
     return extra.get("cli") is not False and extra.get("only", kind) == kind
 
@@ -317,15 +339,26 @@ _NOT_IN_CONFIG = {
 
 
 def build_settings(overrides: dict[str, Any], config_file: Path | None = None, defaults: dict[str, Any] | None = None,
-                   **fixed: Any) -> TrainSettings:
-    """Merge `defaults` < config file < command-line overrides < `fixed` into validated settings, or raise UserError."""
+                   **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
+    """Merge `defaults` < config file < command-line overrides < `fixed` into the run's validated settings
+    and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
     values: dict[str, Any] = dict(defaults or {})
     if config_file is not None:
         values.update(read_config(config_file, fixed.get("kind", "pretrain")))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.update(fixed)
+    launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
-        return TrainSettings(**values)
+        return TrainSettings(**values), LaunchSettings(**launch)
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+
+
+def build_launch(overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> LaunchSettings:
+    """A launch of an existing run (resume): `defaults` (e.g. a SLURM allocation's) < command line."""
+    values = {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return LaunchSettings(**values)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
 
@@ -352,10 +385,10 @@ def read_config(path: Path, kind: str) -> dict[str, Any]:
         raise UserError(f"--config: {path} is not valid TOML ({exc})") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
     for key in values:
-        if key not in TrainSettings.model_fields:
+        if setting_field(key) is None:
             raise UserError(f"--config: unknown setting {key!r} in {path}; `gptctl {kind} --help` lists the settings")
         if not is_option(key, kind):
-            extra = TrainSettings.model_fields[key].json_schema_extra
+            extra = setting_field(key).json_schema_extra
             only = extra.get("only") if isinstance(extra, dict) else None
             why = _NOT_IN_CONFIG.get(key) or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`"
             raise UserError(f"--config: {path} sets {key!r}, which a config file may not: {why}")

@@ -169,3 +169,26 @@ def test_a_run_shorter_than_its_warmup_is_told_about_warmup_not_restarts():
         TrainSettings(max_steps=3, warmup_steps=5)
     with pytest.raises(ValueError, match="--lr-restarts"):
         TrainSettings(max_steps=8, warmup_steps=5, lr_scheduler="cosine_with_restarts", lr_restarts=3)
+
+
+def test_launch_settings_are_not_part_of_the_run():
+    """Launch options stay flat on the command line and in config files, but are built apart: the run's
+    settings (stored, in checkpoints, read by the workers) hold none of them; runs stored before keep loading."""
+    from gptctl.settings import LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_settings
+
+    settings, launch = build_settings({"nproc_per_node": "2", "stop_timeout": 60.0, "max_steps": 10}, warmup_steps=2)
+    assert isinstance(launch, LaunchSettings) and launch.nproc_per_node == "2" and launch.stop_timeout == 60
+    assert not LAUNCH_FIELDS & settings.model_dump().keys() and settings.max_steps == 10
+    old = {**settings.model_dump(mode="json"), "nproc_per_node": "8", "master_addr": "gpu11", "stop_timeout": 5}
+    assert TrainSettings.model_validate(old) == settings  # e.g. a run or checkpoint from before the split
+
+
+def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
+    result = runner.invoke(app, ["resume", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                   "--rdzv-endpoint", "--max-restarts", "--stop-timeout"):
+        assert option in result.output, option
+    result = runner.invoke(app, ["resume", "somerun", "--node-rank", "3"])
+    assert result.exit_code == 2 and "--node-rank (3) must be smaller than --nnodes (1)" in result.output
+    assert not (tmp_path / "home").exists()

@@ -82,9 +82,7 @@ def _wait_for_checkpoint(home, min_step, proc, name, timeout=120):
 
 def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     steps = ["--max-steps", "24", "--checkpoint-interval", "4"]
-    reference_home = tmp_path / "reference"
-    pretrain(reference_home, shakespeare, *steps)
-    reference = losses(reference_home, only_run_id(reference_home))
+    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=24, checkpoint_interval=4)
 
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
     proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(shakespeare), *steps,
@@ -154,3 +152,24 @@ def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
                     "--resume", "--checkpoint-path", path, "--json")
     branch = json.loads(proc.stdout)["run_id"]
     assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
+
+
+def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl_home, tmp_path):
+    """Launch settings belong to a launch: `resume RUN --nproc-per-node 2` (a job requeued on a bigger
+    allocation) continues the run with the same batch per step; the losses match one process's."""
+    summary = json.loads(pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4",
+                                  "--run-name", "grow", "--json").stdout)
+    stored = json.loads(gptctl("runs", "show", "grow", "--json", home=gptctl_home).stdout)["settings"]
+    assert "nproc_per_node" not in stored and "stop_timeout" not in stored  # not part of the run
+    proc = gptctl("resume", "grow", "--max-steps", "8", "--nproc-per-node", "2", "--json", home=gptctl_home)
+    resumed = json.loads(proc.stdout)
+    assert resumed["run_id"] == summary["run_id"] and resumed["last_step"] == 8
+    shown = json.loads(gptctl("runs", "show", "grow", "--json", home=gptctl_home).stdout)
+    assert shown["world_size"] == 2 and "nproc_per_node" not in shown["settings"]
+
+    first, saved = train_in_process(shakespeare, tmp_path / "one", max_steps=4, checkpoint_interval=4)
+    second, _ = train_in_process(shakespeare, tmp_path / "one", resume_from=saved[4], max_steps=8, checkpoint_interval=4)
+    two = losses(gptctl_home, summary["run_id"])
+    assert {s: two[s] for s in range(1, 5)} == first  # the same code in-process and in a worker: to the bit
+    for step in range(5, 9):
+        assert two[step][0] == pytest.approx(second[step][0], rel=1e-5, abs=1e-5)

@@ -1,4 +1,4 @@
-"""Command-line options generated from TrainSettings, so each setting is declared exactly once."""
+"""Command-line options generated from the settings groups, so each setting is declared exactly once."""
 
 import inspect
 import typing
@@ -8,7 +8,10 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic_core import PydanticUndefined
 
-from gptctl.settings import TrainSettings, is_option, option_name
+from gptctl.settings import LaunchSettings, TrainSettings, is_option, option_name
+
+# Each group's options under its own heading in --help; on the command line they are all flat.
+GROUPS = ((TrainSettings, "Training settings"), (LaunchSettings, "Launch settings (this launch only)"))
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -27,8 +30,10 @@ def _help(field) -> str:
     return text
 
 
-def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> Callable:
-    """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting of `kind`.
+def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
+                          groups: tuple = GROUPS) -> Callable:
+    """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting of `kind`
+    in `groups`.
 
     Every generated option defaults to None, meaning "not given", so a --config file value
     is overridden only by what the user actually typed.
@@ -40,7 +45,7 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> 
         names = []
         params = []
         annotations = {p.name: fn.__annotations__.get(p.name, p.annotation) for p in own}
-        for name, field in TrainSettings.model_fields.items():
+        for panel, name, field in ((p, n, f) for m, p in groups for n, f in m.model_fields.items()):
             if not is_option(name, kind):
                 continue
             extra = field.json_schema_extra or {}
@@ -50,7 +55,7 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None) -> 
             help_text = _help(field)
             if name in defaults:
                 help_text = help_text.split(" (default:")[0] + f" (default: {defaults[name]})"
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=help_text, rich_help_panel="Training settings"), annotation=cli_type))
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=help_text, rich_help_panel=panel), annotation=cli_type))
             annotations[name] = cli_type
             names.append(name)
 

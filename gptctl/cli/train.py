@@ -9,11 +9,11 @@ import typer
 
 from gptctl import control, slurm
 from gptctl.cli import app
-from gptctl.cli.settings_options import with_settings_options
+from gptctl.cli.settings_options import GROUPS, with_settings_options
 from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
-from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings, build_settings
+from gptctl.settings import FINETUNE_DEFAULTS, LaunchSettings, TrainSettings, build_launch, build_settings
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -52,9 +52,9 @@ def pretrain(
             parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from"))
             fixed = {"pretrained_checkpoint": str(parent), **control.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
-        settings = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
+        settings, launch = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
         control.check_data(settings)
-        _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
 @app.command()
@@ -83,30 +83,30 @@ def finetune(
     with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint") as parent:
         model = control.parent_model(parent, "--pretrained-checkpoint")
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
-        settings = build_settings(values, config, defaults=defaults, kind="finetune", pretrained_checkpoint=str(parent),
-                                  **model)
+        settings, launch = build_settings(values, config, defaults=defaults, kind="finetune",
+                                          pretrained_checkpoint=str(parent), **model)
         control.check_dataset(settings)
-        _start(settings, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
 
 
-def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, auto_resume: bool, resume: bool,
-           checkpoint_path: Path | None, print_command: bool, as_json: bool) -> None:
+def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,
+           auto_resume: bool, resume: bool, checkpoint_path: Path | None, print_command: bool, as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
     control.check_checkpoint_path(checkpoint_path, resume, settings)
-    control.check_world_size(settings)
+    control.check_world_size(settings, launch)
     control.check_extras(settings)
-    if settings.node_rank > 0:
+    if launch.node_rank > 0:
         if print_command:
             raise UserError("--print-command: run it for node 0 (--node-rank 0); each node then runs the printed "
                             "command (with its own --node-rank unless --rdzv-endpoint is used)")
-        typer.echo(f"node {settings.node_rank} of {settings.nnodes}: joining the run node 0 trains "
-                   f"(rendezvous at {settings.master_addr}:{settings.master_port})", err=True)
-        raise typer.Exit(control.follow(settings))
+        typer.echo(f"node {launch.node_rank} of {launch.nnodes}: joining the run node 0 trains "
+                   f"(rendezvous at {launch.master_addr}:{launch.master_port})", err=True)
+        raise typer.Exit(control.follow(settings, launch))
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
         if previous is not None:
-            _resume(previous, control.resume_settings(previous, values.get("max_steps")), as_json)
+            _resume(previous, control.resume_settings(previous, values.get("max_steps")), launch, as_json)
     prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
@@ -118,16 +118,17 @@ def _start(settings: TrainSettings, values: dict[str, Any], save_config: bool, a
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
     if print_command:
-        typer.echo(control.queue(run, lock, init_checkpoint=init))
-        if settings.nnodes > 1 and not settings.rdzv_endpoint:
+        typer.echo(control.queue(run, lock, launch, init_checkpoint=init))
+        if launch.nnodes > 1 and not launch.rdzv_endpoint:
             typer.echo("every node runs this command with its own --node-rank=R (0 as printed is node 0's); "
                        "with --rdzv-endpoint the command is the same on every node", err=True)
         return
-    _finish(control.execute(run, lock, init_checkpoint=init), as_json)
+    _finish(control.execute(run, lock, launch, init_checkpoint=init), as_json)
 
 
-def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None:
+def _resume(run: dict[str, Any], settings: TrainSettings, launch: LaunchSettings, as_json: bool) -> None:
     control.check_run_dir(run)
+    control.check_world_size(settings, launch)
     lock = control.lock_existing(run)
     try:
         control.refuse_if_done(run, settings)
@@ -137,7 +138,7 @@ def _resume(run: dict[str, Any], settings: TrainSettings, as_json: bool) -> None
     db = open_registry(home_dir())
     queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
-    _finish(control.execute(queries.get_run(db, run["id"]), lock), as_json)
+    _finish(control.execute(queries.get_run(db, run["id"]), lock, launch), as_json)
 
 
 def _finish(outcome: control.Outcome, as_json: bool) -> None:
@@ -155,14 +156,21 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
 
 
 @app.command("resume")
+@with_settings_options("resume", groups=GROUPS[1:])
 def resume_cmd(
+    values: dict[str, Any],
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Raise the run's step budget."),
     as_json: bool = JSON,
 ):
-    """Continue a run from its newest valid checkpoint with its stored settings."""
+    """Continue a run from its newest valid checkpoint with its stored settings.
+
+    The launch settings are this launch's own: resume on more processes or other nodes, e.g. a SLURM job
+    requeued elsewhere; the batch per step stays the same.
+    """
+    launch = build_launch(values, defaults=slurm.launch_defaults(dict(os.environ)))
     db = open_registry(home_dir(), create=False)
     run = queries.resolve_run(db, run_ref)
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    _resume(run, control.resume_settings(run, max_steps), as_json)
+    _resume(run, control.resume_settings(run, max_steps), launch, as_json)

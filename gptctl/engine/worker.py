@@ -128,12 +128,12 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
     return Start(path, state if d.is_main else None, skipped)
 
 
-def pin_numerics(settings: TrainSettings) -> None:
+def pin_numerics(deterministic: bool) -> None:
     """The same inputs give the same bits. Always: a fixed number of threads (torch.set_num_threads also
     turns MKL's dynamic thread choice off). With --deterministic, also deterministic algorithms only;
     cuBLAS reads its workspace setting when CUDA creates its handle, so this runs before that."""
     torch.set_num_threads(torch.get_num_threads())
-    if settings.deterministic:
+    if deterministic:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", help="The run to train (node 0).")
-    target.add_argument("--settings", help="Settings JSON, on nodes other than node 0: the run comes from node 0.")
+    target.add_argument("--device", help="On nodes other than node 0, the device to set up: the run and its "
+                        "settings come from node 0 once the process group is up.")
     parser.add_argument("--init-checkpoint", default=None)
     args = parser.parse_args(argv)
     die_with_parent()
@@ -155,17 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_id:
         db = open_registry(args.home)
         run = queries.get_run(db, args.run_id)
-    settings = TrainSettings.model_validate_json(run["settings"] if run else args.settings)
-    pin_numerics(settings)  # before CUDA starts (setup)
-    d = setup(settings.device)
+    settings = TrainSettings.model_validate_json(run["settings"]) if run else None
+    pin_numerics(settings.deterministic if settings else False)  # before CUDA starts (setup)
+    d = setup(settings.device if settings else args.device)
     run = share_run(d, run)  # every node trains the run node 0 created
     if run is not None and d.is_main and db is None:  # rank 0 landed on another node: the home is shared
         db = open_registry(args.home)
     if run is None:
         print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
-    settings = TrainSettings.model_validate_json(run["settings"])  # node 0's settings win over a follower's own
-    pin_numerics(settings)  # node 0's --deterministic, before the first cuBLAS call
+    settings = TrainSettings.model_validate_json(run["settings"])  # node 0's, on every node
+    pin_numerics(settings.deterministic)  # node 0's --deterministic, before the first cuBLAS call
     write = d.is_main
     lock = None
     try:
