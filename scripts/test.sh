@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$(cd .. && pwd)/shared/tiktoken}"
 export HF_DATASETS_OFFLINE=1
-exec .venv/bin/python -m pytest -q "$@"
+# One test process per core (pytest-xdist); worksteal keeps both busy while the long end-to-end tests run.
+exec .venv/bin/python -m pytest -q -n auto --dist worksteal "$@"
