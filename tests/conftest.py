@@ -40,6 +40,17 @@ def shakespeare(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_run(shakespeare, tmp_path_factory) -> tuple[Path, str]:
+    """(home, run id) of one real `gptctl pretrain` (torchrun worker) of 8 steps with checkpoints at 4 and 8
+    and val losses at 4 and 8, shared by the tests that only read a trained run (eval, sample, export).
+    They may take reader leases, never change it."""
+    home = tmp_path_factory.mktemp("trained") / "home"
+    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--checkpoint-interval", "4",
+           "--run-name", "shared", home=home)
+    return home, only_run_id(home, "shared")
+
+
 def gptctl(*args: str, home: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, in a subprocess."""
     env = {**os.environ, "GPTCTL_HOME": str(home)}
@@ -111,6 +122,9 @@ def train_in_process(data_root: Path, directory: Path, resume_from: Path | None 
             ckpt.save_atomic(make_state(), path)
             self.paths[step] = path
 
+    from gptctl.engine.worker import pin_numerics
+
+    pin_numerics(deterministic=False)  # as the worker does: the same thread count, no dynamic threads
     directory.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}),
                       Dist(0, 0, 1, torch.device("cpu")))

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, TINY_RUN, gptctl, losses, only_run_id, save_tiny_checkpoint
+from conftest import SHAKESPEARE, gptctl, losses, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data import hellaswag
 from gptctl.data.shards import find_shards
@@ -285,15 +285,14 @@ def test_val_loss_reads_every_complete_batch_once(tmp_path, several_val_shards):
 
 
 @pytest.mark.slow
-def test_eval_after_a_real_pretrain(tmp_path, shakespeare, gptctl_home):
-    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--run-name", "ev", home=gptctl_home)
-    run_id = only_run_id(gptctl_home, "ev")
+def test_eval_after_a_real_pretrain(tmp_path, trained_run):
+    home, run_id = trained_run
     items_file = write_items(tmp_path / "items.jsonl")
     scored = json.loads(gptctl("eval", run_id, "--task", "hellaswag", "--hellaswag-file", str(items_file), "--json",
-                               home=gptctl_home).stdout)
+                               home=home).stdout)
     assert scored["task"] == "hellaswag" and scored["total"] == 4 and 0 <= scored["correct"] <= 4
-    assert scored["checkpoint"].endswith("model_00004.pt") and scored["accuracy"] == scored["correct"] / 4
-    # Training's last eval (step 4, --eval-steps 2) read the same rows of the same model.
+    assert scored["checkpoint"].endswith("model_00008.pt") and scored["accuracy"] == scored["correct"] / 4
+    # Training's eval at step 4 (--eval-steps 2) read the same rows of the same model.
     measured = json.loads(gptctl("eval", f"{run_id}:4", "--task", "val-loss", "--limit", "2", "--json",
-                                 home=gptctl_home).stdout)
-    assert measured["val_loss"] == pytest.approx(losses(gptctl_home, run_id)[4][1], rel=1e-5)
+                                 home=home).stdout)
+    assert measured["val_loss"] == pytest.approx(losses(home, run_id)[4][1], rel=1e-5)

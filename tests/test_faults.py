@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id
+from conftest import TINY_RUN, gptctl, losses, only_run_id, train_in_process
 from gptctl.registry.files import sha256_of
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,10 @@ def one_thread_per_worker():
 
 @pytest.fixture(scope="module")
 def reference(shakespeare, tmp_path_factory) -> dict[int, tuple]:
-    """Every step's (loss, val loss) of one undisturbed run with ARGS."""
-    home = tmp_path_factory.mktemp("reference")
-    gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), home=home)
-    return losses(home, only_run_id(home))
+    """Every step's (loss, val loss) of one undisturbed run with ARGS: the Trainer in-process, which logs
+    what a worker logs to the bit (test_train_e2e checks that)."""
+    rows, _ = train_in_process(shakespeare, tmp_path_factory.mktemp("reference"), max_steps=30, checkpoint_interval=2)
+    return rows
 
 
 def start(home: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:

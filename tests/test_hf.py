@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, TINY_RUN, gptctl, only_run_id
+from conftest import SHAKESPEARE, TINY_RUN, gptctl
 from gptctl.cli import app
 from gptctl.control import parent_model
 from gptctl.data.tokenizer import get_encoding
@@ -230,15 +230,13 @@ def test_import_refuses_what_is_not_gptctls_gpt2(hf_dir, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trained_run_exports_and_loads_in_transformers(shakespeare, gptctl_home, tmp_path):
-    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--checkpoint-interval", "4",
-           home=gptctl_home)
-    run_id = only_run_id(gptctl_home)
+def test_a_trained_run_exports_and_loads_in_transformers(trained_run, tmp_path):
+    home, run_id = trained_run
     out = tmp_path / "hf"
-    proc = gptctl("export", run_id, "-o", str(out), home=gptctl_home)
+    proc = gptctl("export", run_id, "-o", str(out), home=home)
     assert proc.stdout.strip() == str(out)
-    assert "step 4" in proc.stderr
-    trained = Sampler(next(gptctl_home.glob(f"*-{run_id}/checkpoints/model_00004.pt")), "cpu")
+    assert "step 8" in proc.stderr
+    trained = Sampler(next(home.glob(f"*-{run_id}/checkpoints/model_00008.pt")), "cpu")
     torch.testing.assert_close(hf_logits(out, tokens()), gptctl_logits(trained.model, tokens())[..., :GPT2_VOCAB_SIZE],
                                atol=1e-5, rtol=0)
 
