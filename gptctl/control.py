@@ -20,6 +20,9 @@ from pydantic import ValidationError
 from gptctl.settings import LaunchSettings, TrainSettings, describe, to_toml
 
 
+DIVERGED_EXIT_CODE = 3
+
+
 @dataclass
 class Outcome:
     run: dict[str, Any]
@@ -233,8 +236,11 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
             queries.update_run(db, run["id"], status=status, ended_at=queries.now())
         lock.release()
     db = open_registry(home)
-    if queries.get_run(db, run["id"])["status"] == "interrupted":
+    status = queries.get_run(db, run["id"])["status"]
+    if status == "interrupted":
         code = 128 + (stopped_by or signal.SIGINT)  # the workers exit 0 after a clean stop
+    elif status == "diverged":
+        code = DIVERGED_EXIT_CODE  # the workers exit 0 so that torchrun does not restart them into it
     queries.update_run(db, run["id"], exit_code=code)
     return Outcome(queries.get_run(db, run["id"]), code)
 

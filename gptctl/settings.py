@@ -180,6 +180,16 @@ class TrainSettings(_Settings):
     run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
     log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    # health
+    on_divergence: Literal["rollback", "stop"] = Field(
+        "rollback", description="When the loss spikes or stays non-finite: rollback (to the newest healthy "
+        "checkpoint, skipping the data that led there) or stop (status diverged).")
+    spike_factor: float = Field(2.0, gt=1, description="A step whose loss exceeds this multiple of its moving average "
+                                "(EMA over ~20 steps) is a spike.")
+    nonfinite_streak: int = Field(3, gt=0, description="Consecutive non-finite steps (each skipped: it never reaches "
+                                  "the weights) that count as divergence.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks a run may make; at the next divergence it stops "
+                               "with status diverged.")
     # exactness
     deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
                                 "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")

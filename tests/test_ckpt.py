@@ -195,10 +195,11 @@ def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
         path.write_bytes(b"x")
         queries.register_checkpoint(db, "r1", step, path, 1, files.sha256_of(path), pinned=step == 7)
     lines = runner.invoke(app, ["ckpt", "list"], env={"COLUMNS": "400"}).stdout.splitlines()
-    assert lines[0].split() == ["run", "step", "size", "age", "val", "loss", "pinned", "state", "path"]
+    assert lines[0].split() == ["run", "step", "size", "age", "val", "loss", "pinned", "state", "health", "path"]
     assert len(lines) == 1 + PLAIN_ABOVE + 10 + 1  # header, rows, total
     assert lines[7].split()[:2] == ["r1", "7"] and "yes" in lines[7] and lines[7].endswith("model_00007.pt")
     assert len({line.index("valid") for line in lines[1:-1]}) == 1  # columns line up
+    assert all(line.split()[-2] == "healthy" for line in lines[1:-1])  # as the trainer registers them
 
 
 def test_the_asynchronous_snapshot_keeps_tied_weights_tied(tmp_path):

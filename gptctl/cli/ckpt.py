@@ -40,16 +40,22 @@ def list_cmd(
     if as_json:
         typer.echo(json.dumps([{**r, "pinned": bool(r["pinned"])} for r in rows], indent=2))
         return
-    headers = ("run", "step", "size", "age", "val loss", "pinned", "state", "path")
+    headers = ("run", "step", "size", "age", "val loss", "pinned", "state", "health", "path")
     cells = [
         (r["run_id"], str(r["step"]), format_size(r["bytes"]), format_duration(r["age_s"]),
          "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
-         "permanent" if r["permanent"] else "yes" if r["pinned"] else "", r["state"], _short(r["path"]))
+         "permanent" if r["permanent"] else "yes" if r["pinned"] else "", r["state"],
+         _health(r), _short(r["path"]))
         for r in rows
     ]
     print_listing(headers, [list(row) for row in cells], right=frozenset({"step", "size"}))
     valid = [r for r in rows if r["state"] == "valid"]
     typer.echo(f"{len(rows)} checkpoint(s); {len(valid)} valid, {format_size(sum(r['bytes'] or 0 for r in valid))}")
+
+
+def _health(row) -> str:
+    """healthy, or unhealthy (the why is in --json); blank where it was never judged."""
+    return (row.get("health") or "").split(":")[0]
 
 
 def _short(path: str) -> str:

@@ -65,7 +65,7 @@ def show_cmd(
     checkpoints = queries.checkpoints_of(db, run["id"])
     if as_json:
         info = {**run, "settings": json.loads(run["settings"]), "checkpoints": checkpoints,
-                "metrics": queries.metrics_of(db, run["id"])}
+                "events": queries.events_of(db, run["id"]), "metrics": queries.metrics_of(db, run["id"])}
         typer.echo(json.dumps(info, indent=2))
         return
     val = f"{_fmt(run['val_loss'], '.4f')}" + (f" at step {run['val_step']}" if run["val_step"] is not None else "")
@@ -81,6 +81,12 @@ def show_cmd(
         "run dir": run["run_dir"], "device": f"{_fmt(run['world_size'])}× {_fmt(run['device_name'])}, {_fmt(run['dtype'])}",
         "created": run["created_at"], "error": _fmt(run["error"]), "settings": run["settings"],
     }
+    events = queries.events_of(db, run["id"])
+    if events:  # rollbacks, spikes, skipped steps: before the settings, where a reader looks first
+        fields = {**{k: v for k, v in fields.items() if k != "settings"},
+                  "events": "; ".join(f"step {e['step']} {e['kind']}: {e['detail']}" for e in events[-20:])
+                  + (f" (and {len(events) - 20} earlier)" if len(events) > 20 else ""),
+                  "settings": fields["settings"]}
     console = Console()
     for key, value in fields.items():
         console.print(f"[bold]{key}[/]: {escape(value)}", highlight=False, soft_wrap=True)

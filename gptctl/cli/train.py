@@ -105,6 +105,10 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
+        if previous is not None and previous["status"] == "diverged":
+            raise UserError(f"--auto-resume: run {previous['id']} ({previous['name']}) diverged: {previous['error']}; "
+                            f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
+                            "again from its last good checkpoint, or give a new --run-name")
         if previous is not None:
             _resume(previous, control.resume_settings(previous, values.get("max_steps")), launch, as_json)
     prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
@@ -150,7 +154,7 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
         val = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "-"
         typer.echo(f"run {info['run_id']} {info['status']} at step {info['last_step']}/{info['max_steps']}: "
                    f"loss {loss}, val loss {val}; {len(info['checkpoints'])} checkpoint(s) in {info['run_dir']}", err=True)
-        if info["status"] == "failed" and outcome.run.get("error"):
+        if info["status"] in ("failed", "diverged") and outcome.run.get("error"):
             typer.echo(f"error: {outcome.run['error']}", err=True)
     raise typer.Exit(outcome.exit_code)
 

@@ -234,6 +234,32 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise error
 
+    def newest_healthy(self, distrust: int | None) -> dict[str, Any] | None:
+        """The state of the run's newest healthy checkpoint, loaded on every rank (collective), or None.
+        `distrust`: a step the run already rolled back to and diverged from again; it is marked unhealthy
+        and an older one is taken. A file that fails its sha256 or does not load is marked and passed over."""
+        from gptctl.engine.distributed import broadcast_object
+        from gptctl.registry import files, queries
+
+        path = None
+        if self.write:
+            self.wait()  # a save in flight may be the newest healthy checkpoint
+            db = self.connect()
+            while (row := files.newest_verified_checkpoint(db, self.run_id, _warn, healthy=True)) is not None:
+                if row["step"] == distrust:
+                    queries.mark_unhealthy(db, row["id"], "the run diverged again after rolling back to it")
+                    continue
+                try:
+                    load(Path(row["path"]), mmap=True)
+                except (UnsafeCheckpoint, OSError) as exc:
+                    queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+                    _warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt")
+                    continue
+                path = row["path"]
+                break
+        path = broadcast_object(path)
+        return None if path is None else load(Path(path))
+
     def _write_in_background(self, step: int, state: dict[str, Any]) -> None:
         try:
             self._write(step, state)

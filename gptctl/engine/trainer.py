@@ -7,6 +7,8 @@ checkpoint lives or where metrics go: it calls `checkpointer.save(step, self.sta
 `metrics.log(row)`.
 """
 
+import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ import torch
 from gptctl.engine import parallel
 from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolve_dtype
 from gptctl.engine.evaluate import mean_loss
+from gptctl.engine.health import Health
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import Schedule, make_optimizer
 from gptctl.engine.progress import TrainingProgress
@@ -34,8 +37,12 @@ class LoopState:
 
     step: int = 0  # the last finished optimizer step
     history: list[dict] = field(default_factory=list)  # every metrics row up to `step`; checkpoints carry it
+    data_offset: int = 0  # step N reads the batches of position N + data_offset: rollbacks skip data this way
+    rollbacks: int = 0  # rollbacks made so far (checkpoints carry it: --max-rollbacks bounds the run, not a launch)
     speeds: list[float] = field(default_factory=list)  # tokens/s of this launch's steps after its first
     interrupted: bool = False  # a stop request ended the loop (after saving the step it finished)
+    diverged: str | None = None  # why the run stopped diverged (no rollback left): a sentence
+    rolled_back_to: int | None = None  # the step this launch last rolled back to
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -51,6 +58,12 @@ class Metrics:
 
     def gradients(self, step: int, rows: list[dict]) -> None:
         pass
+
+    def event(self, step: int, kind: str, detail: str) -> None:
+        """skipped (a non-finite step), spike, rollback, diverged."""
+
+    def rewind(self, step: int) -> None:
+        """A rollback to `step`: rows after it will be trained again."""
 
     def flush(self) -> None:
         pass
@@ -72,6 +85,9 @@ class NoCheckpoints:
 
     def raise_failure(self) -> None:
         raise AssertionError("NoCheckpoints never fails")
+
+    def newest_healthy(self, distrust: int | None) -> dict | None:
+        return None  # nothing to roll back to: a divergence stops the run
 
 
 class Trainer:
@@ -110,7 +126,9 @@ class Trainer:
         self.progress = TrainingProgress(0, settings.max_steps, None, enabled=False)
         self.timer = PhaseTimer(settings.log_level == "debug", d.device)
         self.flops_per_token, self.peak_flops = _flops(settings, self.device_name, self.dtype, d.world_size)
+        self.health = Health(settings.spike_factor, settings.nonfinite_streak)
         self.state = LoopState()
+        self.poisoned = _test_spike_positions()
 
     @property
     def device_name(self) -> str:
@@ -122,7 +140,9 @@ class Trainer:
         model_state, optimizer_state = parallel.full_state(self.raw_model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state, "step": self.state.step,
                  "settings": self.settings.model_dump(mode="json"), "rng": rng_state(),
-                 "metrics": list(self.state.history)}
+                 "metrics": [dict(r) for r in self.state.history],  # rows the loop may still add evals to
+                 "loop": {"data_offset": self.state.data_offset, "rollbacks": self.state.rollbacks,
+                          "health": self.health.state_dict()}}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -133,7 +153,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step = int(state["step"])
-        self.state = LoopState(step=step, history=[m for m in state.get("metrics", []) if m["step"] <= step])
+        loop = state.get("loop", {})  # absent from checkpoints written before rollbacks existed
+        self.state = LoopState(step=step, history=[m for m in state.get("metrics", []) if m["step"] <= step],
+                               data_offset=int(loop.get("data_offset", 0)), rollbacks=int(loop.get("rollbacks", 0)))
+        self.health = Health(self.settings.spike_factor, self.settings.nonfinite_streak)
+        self.health.load_state_dict(loop.get("health", {}))
 
     def load_weights(self, model_state: dict) -> None:
         """Weights only (a finetune's parent): the optimizer, schedule and step count start fresh."""
@@ -141,26 +165,66 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> LoopState:
-        """Train from the state's step to --max-steps, or until a stop request (the finished step is saved)."""
+        """Train from the state's step to --max-steps, or until a stop request (the finished step is saved)
+        or a divergence with no rollback left. The last step is saved before its evals: an eval that fails
+        never costs the checkpoint."""
         first = self.state.step + 1
         while self.state.step < self.settings.max_steps and not self.state.interrupted:
             row, stop_now = self.train_step()
             if self.state.step > first:  # the launch's first step pays for warm-up and compilation
                 self.state.speeds.append(row["tokens_per_s"])
+            why = self.health.observe(row["loss"], not row.get("skipped"))
+            if row.get("skipped"):
+                self.metrics.event(row["step"], "skipped", f"non-finite loss {row['loss']} or grad norm "
+                                   f"{row['grad_norm']}: the update was skipped")
+            if why is not None:
+                if self.diverged(row["step"], why):
+                    continue  # rolled back: the loop goes on from the restored step
+                break
+            last = self.state.step == self.settings.max_steps
+            self.state.history.append(row)
+            if last:
+                self.save()
             with self.timer("eval"):
                 self.evaluate(row)
-            self.state.history.append(row)
             self.metrics.log(row)
             self.progress.update(row)
             with self.timer("checkpoint"):
                 if stop_now:
                     self.progress.message(f"step {self.state.step} finished: saving its checkpoint before stopping")
-                if stop_now or self.should_save(self.state.step):
+                if not last and (stop_now or self.should_save(self.state.step)):
                     self.save()
             if self.timer.enabled:
                 self.progress.message(f"step {self.state.step} timing: {self.timer.report()}")
             self.state.interrupted = stop_now
         return self.state
+
+    def diverged(self, step: int, why: str) -> bool:
+        """The run diverged at `step`: roll back to the newest healthy checkpoint and skip the data that
+        led here (True), or record why it stops (False). Every rank decides alike: `why` comes from
+        all-reduced numbers."""
+        kind = "diverged" if self.settings.on_divergence == "stop" else "spike" if "spiked" in why else "non-finite"
+        self.metrics.event(step, kind, why)
+        if self.settings.on_divergence == "rollback" and self.state.rollbacks < self.settings.max_rollbacks:
+            state = self.checkpointer.newest_healthy(distrust=self.state.rolled_back_to)
+            if state is not None:
+                offset = self.state.data_offset + step - int(state["step"])
+                rollbacks, target = self.state.rollbacks + 1, int(state["step"])
+                self.load_state_dict(state)
+                self.state.data_offset, self.state.rollbacks, self.state.rolled_back_to = offset, rollbacks, target
+                self.metrics.rewind(target)
+                detail = (f"{why} at step {step}: rolled back to step {target}, skipping {step - target} steps of "
+                          f"data (rollback {rollbacks} of at most {self.settings.max_rollbacks})")
+                self.metrics.event(target, "rollback", detail)
+                self.progress.message(detail)
+                return True
+        left = ("--on-divergence stop" if self.settings.on_divergence == "stop"
+                else f"--max-rollbacks {self.settings.max_rollbacks} used" if self.state.rollbacks >= self.settings.max_rollbacks
+                else "no healthy checkpoint to roll back to")
+        self.state.diverged = f"{why} at step {step} ({left})"
+        if self.settings.on_divergence == "rollback":
+            self.metrics.event(step, "diverged", self.state.diverged)
+        return False
 
     def train_step(self) -> tuple[dict, bool]:
         """One optimizer step over `accumulation` micro-batches: the step's metrics row, and whether any
@@ -172,49 +236,62 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.d.device, dtype=torch.float32)
+        position = step + self.state.data_offset  # which batches: a rollback skips the ones that led to it
         for micro in range(self.accumulation):
             with self.timer("data"):
-                x, y = self.train_loader.batch(step, micro)
+                x, y = self.train_loader.batch(position, micro)
             last = micro == self.accumulation - 1
             with self.timer("forward/backward"), parallel.gradient_sync(self.model, self.raw_model, last):
                 with self.autocast:
                     _, loss = self.model(x, y)
-                loss = loss * self.train_loader.scale(step, micro)  # 1/accumulation unless batches differ in targets
+                loss = loss * self.train_loader.scale(position, micro)  # 1/accumulation unless batches differ in targets
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
+        if position in self.poisoned:
+            loss_sum = loss_sum * 10  # GPTCTL_TEST_SPIKE_POSITIONS: a reported spike; the gradients are untouched
         with self.timer("optimizer"):
-            grad_norm = self._step_optimizer(step)
+            self.scaler.unscale_(self.optimizer)
+            clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
+            grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
         # One all-reduce carries the loss, whether any rank was asked to stop, and whether a background
         # checkpoint save failed (so that every rank stops, not only the writer); one read brings it and
         # the grad norm to the host: the step's only host-device sync. The flags are filled on the device
-        # (torch.tensor of host values would copy, and wait, on CUDA).
+        # (torch.tensor of host values would copy, and wait, on CUDA). It comes before the update, so
+        # that a non-finite step never reaches the weights.
         packed = torch.stack([loss_sum, loss_sum.new_full((), float(self.stop.requested)),
                               loss_sum.new_full((), float(self.checkpointer.failed))])
         all_reduce_sum(packed)
         loss_total, stop_votes, save_failures, grad_norm = torch.cat([packed, grad_norm.float().reshape(1)]).tolist()
         if save_failures:
             self.checkpointer.raise_failure()
+        loss_value = loss_total / self.d.world_size
+        # Under float16 an infinite gradient is the GradScaler's business (it skips and lowers the scale).
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled())
+        with self.timer("optimizer"):
+            if finite:
+                self._step_optimizer(step)
+            else:
+                self.scaler.update()  # forget this step's unscale; the gradients are dropped at the next zero_grad
         self.state.step = step
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - t0)
         row = {
-            "step": step, "loss": loss_total / self.d.world_size, "lr": lr, "grad_norm": grad_norm,
+            "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_seen": step * self.tokens_per_step, "time": time.time(),
             "mfu": (self.flops_per_token * tokens_per_s / self.peak_flops) if self.peak_flops else None,
         }
+        if not finite:
+            row["skipped"] = True
         return row, stop_votes > 0
 
-    def _step_optimizer(self, step: int) -> torch.Tensor:
-        """Unscale, clip, step; every --log-gradients steps also per-parameter norms and update ratios."""
-        self.scaler.unscale_(self.optimizer)
-        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
+    def _step_optimizer(self, step: int) -> None:
+        """The update (gradients unscaled and clipped); every --log-gradients steps also per-parameter norms
+        and update ratios."""
         watch = self.settings.log_gradients and step % self.settings.log_gradients == 0
         before = gradient_norms(self.raw_model) if watch else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if watch:
             self.metrics.gradients(step, update_ratios(self.raw_model, before))
-        return grad_norm
 
     def evaluate(self, row: dict) -> None:
         """Add the evals due at this row's step to it (every rank runs them: they are collective)."""
@@ -232,6 +309,13 @@ class Trainer:
     def save(self) -> None:
         self.metrics.flush()  # metrics reach the registry before the checkpoint that contains them
         self.checkpointer.save(self.state.step, self.state_dict)
+
+
+def _test_spike_positions() -> frozenset[int]:
+    """Test hook: GPTCTL_TEST_SPIKE_POSITIONS=7,8 reports ten times the loss of the steps that read the
+    batches of those positions (as bad data would show; the weights are not changed by it)."""
+    value = os.environ.get("GPTCTL_TEST_SPIKE_POSITIONS", "")
+    return frozenset(int(p) for p in value.split(",") if p.strip())
 
 
 def make_loaders(settings: TrainSettings, run_dir: Path | None, accumulation: int, d: Dist):

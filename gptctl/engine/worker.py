@@ -73,6 +73,15 @@ class RegistryMetrics(Metrics):
         self.mirrors.log(step, {r["name"]: r["grad_norm"] for r in rows}, prefix="grad_norm")
         self.mirrors.log(step, {r["name"]: r["update_ratio"] for r in rows}, prefix="update_ratio")
 
+    def event(self, step: int, kind: str, detail: str) -> None:
+        if self.enabled:
+            queries.add_event(self.db, self.run_id, step, kind, detail)
+
+    def rewind(self, step: int) -> None:
+        if self.enabled:
+            self.flush()
+            queries.delete_metrics_after(self.db, self.run_id, step)
+
     def flush(self) -> None:
         if self.enabled and self.buffer:
             queries.write_metrics(self.db, self.run_id, self.buffer)
@@ -103,13 +112,16 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
 
         # e.g. a file saved but not registered before a kill; this worker's launcher holds the run
         files.reconcile(db, queries.get_run(db, run_id), inspect=ckpt.stored_step, by_trainer=True)
-        while (row := files.newest_verified_checkpoint(db, run_id, warn)) is not None:
-            try:
-                state = ckpt.load(Path(row["path"]))
+        for healthy in (True, False):  # an unhealthy checkpoint only when no healthy one is left
+            while (row := files.newest_verified_checkpoint(db, run_id, warn, healthy=healthy)) is not None:
+                try:
+                    state = ckpt.load(Path(row["path"]))
+                    break
+                except (ckpt.UnsafeCheckpoint, OSError) as exc:
+                    queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+                    warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt, trying the previous one")
+            if row is not None:
                 break
-            except (ckpt.UnsafeCheckpoint, OSError) as exc:
-                queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
-                warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt, trying the previous one")
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:
             # Starting over from step 0 would silently throw the run's progress away.
@@ -232,19 +244,34 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         + (f" ({start.skipped})" if start.skipped else "")
     )
     try:
-        result = trainer.train()
-        trainer.checkpointer.wait()  # the last checkpoint is durable and registered before the run says it ended
+        try:
+            result = trainer.train()
+        finally:  # also when an eval fails: the last checkpoint is durable and registered before the run ends
+            trainer.checkpointer.wait()
     finally:
         trainer.metrics.close()
         trainer.progress.close()
     if write:
         tokens_per_s, peak = result.tokens_per_s, trainer.peak_flops
-        queries.update_run(db, run["id"], status="interrupted" if result.interrupted else "completed",
-                           last_step=result.step, ended_at=queries.now(), tokens_per_s=tokens_per_s,
+        status = "diverged" if result.diverged else "interrupted" if result.interrupted else "completed"
+        queries.update_run(db, run["id"], status=status, last_step=result.step, ended_at=queries.now(),
+                           tokens_per_s=tokens_per_s, error=_divergence_line(db, run["id"], result.diverged),
                            mfu=(trainer.flops_per_token * tokens_per_s / peak) if (peak and tokens_per_s) else None)
         print(f"stopped at step {result.step}, checkpoint saved" if result.interrupted
+              else f"error: {_divergence_line(db, run['id'], result.diverged)}" if result.diverged
               else f"run {run['id']} completed at step {result.step}", flush=True)
+    # A diverged run exits 0 for torchrun, which would otherwise restart it into the same divergence;
+    # the launcher reads the status from the registry.
     return stopped_exit_code(stop) if result.interrupted else 0
+
+
+def _divergence_line(db, run_id: str, why: str | None) -> str | None:
+    """One line: what happened and which checkpoint is the last good one."""
+    if why is None:
+        return None
+    good = files.newest_verified_checkpoint(db, run_id, lambda message: None, healthy=True)
+    last = f"; the last good checkpoint is step {good['step']} ({good['path']})" if good else ""
+    return f"the run diverged: {why}{last}"
 
 
 def stopped_exit_code(stop: StopFlag) -> int:

@@ -51,9 +51,12 @@ def stat_key(path: Path) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ino
 
 
-def newest_verified_checkpoint(db: Database, run_id: str, warn=print) -> dict[str, Any] | None:
-    """The newest checkpoint of a run that exists and matches its size and sha256; bad ones are marked."""
+def newest_verified_checkpoint(db: Database, run_id: str, warn=print, healthy: bool = False) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that exists and matches its size and sha256 (and with `healthy`,
+    was not judged unhealthy); bad ones are marked."""
     for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
+        if healthy and not queries.is_healthy(row):
+            continue
         state = check_file(db, row, full=True)
         if state == "valid":
             return row

@@ -111,3 +111,20 @@ def m0004_checkpoint_integrity(db: Database) -> None:
         if_not_exists=True,
     )
     db["checkpoint_leases"].create_index(["path"], if_not_exists=True)
+
+
+@migrations(name="0005_health")
+def m0005_health(db: Database) -> None:
+    # A checkpoint's health: 'healthy', or 'unhealthy: why' (a run rolled back to it diverged again).
+    # NULL: registered before gptctl judged health, counted as healthy.
+    if "health" not in db["checkpoints"].columns_dict:
+        db["checkpoints"].add_column("health", str)
+    # What happened to a run besides its steps: skipped non-finite steps, spikes, rollbacks, divergence.
+    db["events"].create(
+        {"id": int, "run_id": str, "step": int, "time": str, "kind": str, "detail": str},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+        not_null={"run_id", "kind"},
+        if_not_exists=True,
+    )
+    db["events"].create_index(["run_id", "step"], if_not_exists=True)

@@ -17,7 +17,7 @@ from gptctl.registry.db import transaction
 from gptctl.registry.locks import run_is_locked
 
 ACTIVE = ("created", "running")
-UNFINISHED = ("created", "running", "interrupted", "failed", "stale")
+UNFINISHED = ("created", "running", "interrupted", "failed", "stale", "diverged")
 
 
 def now() -> str:
@@ -148,11 +148,11 @@ def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: 
     size_, mtime_ns, inode = verified or (None, None, None)
     return db.execute(
         """insert into checkpoints (run_id, step, path, bytes, sha256, created_at, pinned, state,
-                                    verified_size, verified_mtime_ns, verified_inode)
-           values (?, ?, ?, ?, ?, ?, ?, 'valid', ?, ?, ?)
+                                    verified_size, verified_mtime_ns, verified_inode, health)
+           values (?, ?, ?, ?, ?, ?, ?, 'valid', ?, ?, ?, 'healthy')
            on conflict(run_id, step) do update set path = excluded.path, bytes = excluded.bytes,
              sha256 = excluded.sha256, created_at = excluded.created_at,
-             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid',
+             pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid', health = 'healthy',
              verified_size = excluded.verified_size, verified_mtime_ns = excluded.verified_mtime_ns,
              verified_inode = excluded.verified_inode""" + condition,
         [run_id, step, str(path), size, sha256, now(), int(pinned), size_, mtime_ns, inode]
@@ -190,6 +190,23 @@ def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str |
     if sha256 is not None:
         sql, params = sql + " and sha256 = ?", params + [sha256]
     return db.execute(sql, params).rowcount == 1
+
+
+def is_healthy(row: dict[str, Any]) -> bool:
+    return row.get("health") in (None, "healthy")  # None: registered before health was judged
+
+
+def mark_unhealthy(db: Database, checkpoint_id: int, why: str) -> None:
+    db.execute("update checkpoints set health = ? where id = ?", [f"unhealthy: {why}", checkpoint_id])
+
+
+def add_event(db: Database, run_id: str, step: int | None, kind: str, detail: str) -> None:
+    """A run's event: skipped (a non-finite step), spike, rollback, diverged."""
+    db["events"].insert({"run_id": run_id, "step": step, "time": now(), "kind": kind, "detail": detail})
+
+
+def events_of(db: Database, run_id: str) -> list[dict[str, Any]]:
+    return list(db.query("select step, time, kind, detail from events where run_id = ? order by id", [run_id]))
 
 
 def checkpoint_state(db: Database, checkpoint_id: int) -> str:

@@ -16,12 +16,14 @@ DEFAULT_KEEP_LAST = TrainSettings.model_fields["keep_last_n_checkpoints"].defaul
 def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[int], protected_paths: set[str]) -> list[dict[str, Any]]:
     """Checkpoints of one run that retention would delete, oldest first.
 
-    Never deleted: pinned rows, permanent steps, the newest valid checkpoint, the last
-    `keep_last` valid checkpoints, and any path another run started from (`protected_paths`).
-    At deletion, queries.mark_deleting also spares a path a reader has leased.
+    Never deleted: pinned rows, permanent steps, the newest valid checkpoint, the last `keep_last`
+    healthy valid checkpoints (so the newest healthy one, whatever keep-last says: an unhealthy
+    checkpoint, one a rolled-back run diverged from again, does not count), and any path another run
+    started from (`protected_paths`). At deletion, queries.mark_deleting also spares a path a reader has leased.
     """
     valid = sorted((c for c in checkpoints if c["state"] == "valid"), key=lambda c: c["step"])
-    kept_by_recency = {c["step"] for c in valid[-max(keep_last, 1):]}
+    healthy = [c for c in valid if queries.is_healthy(c)]
+    kept_by_recency = {c["step"] for c in healthy[-max(keep_last, 1):] + valid[-1:]}
     return [
         c
         for c in valid
