@@ -127,7 +127,8 @@ def run_bare(shape: Shape, data_root: Path, steps: int, device_name: str, thread
     import torch
     from gptctl.engine.distributed import resolve_dtype
     from gptctl.engine.model import GPT, GPTConfig
-    from gptctl.engine.optim import Schedule, make_optimizer
+    from gptctl.engine.optim import make_optimizer
+    from gptctl.schedule import Schedule
     from gptctl.presets import PRESETS
 
     torch.set_num_threads(threads)

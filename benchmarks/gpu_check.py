@@ -151,7 +151,7 @@ def bare_rows(shape, seq_len, batch, steps, compile_, device, dtype) -> list[dic
     """The build-nanogpt loop: one loss.item() and torch.cuda.synchronize() per step."""
     import torch
 
-    from gptctl.engine.optim import Schedule
+    from gptctl.schedule import Schedule
 
     bare = build_bare_model(shape).to(device)
     bare.load_state_dict(engine_model(shape, device).state_dict())  # the same initial weights as the engine

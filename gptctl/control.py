@@ -15,6 +15,7 @@ from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir
 from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.rebuild import write_run_info
+from gptctl.schedule import Schedule
 from pydantic import ValidationError
 
 from gptctl.settings import LaunchSettings, TrainSettings, describe, to_toml
@@ -245,16 +246,33 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
     return Outcome(queries.get_run(db, run["id"]), code)
 
 
-def resume_settings(run: dict[str, Any], max_steps: int | None) -> TrainSettings:
+def resume_settings(run: dict[str, Any], max_steps: int | None) -> tuple[TrainSettings, str | None]:
+    """The run's settings for a resume, and what a raised --max-steps does to the LR (None: nothing).
+
+    The LR never jumps: the schedule keeps ending where it did (--lr-decay-steps), so the added steps
+    train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
     settings = TrainSettings.model_validate_json(run["settings"])
-    if max_steps is not None:
-        if max_steps <= (run["last_step"] or 0):
-            raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({run['last_step']})")
-        try:
-            settings = TrainSettings(**{**settings.model_dump(), "max_steps": max_steps})
-        except ValidationError as exc:  # e.g. warmup >= max_steps
-            raise UserError(describe(exc)) from None
-    return settings
+    if max_steps is None or max_steps == settings.max_steps:
+        return settings, None
+    last = run["last_step"] or 0
+    if max_steps <= last:
+        raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({last})")
+    update: dict[str, Any] = {"max_steps": max_steps}
+    horizon = settings.schedule_steps
+    wsd_stable = settings.lr_scheduler == "wsd" and settings.lr_decay_steps is None and last < Schedule(
+        "wsd", 1, 0, settings.warmup_steps, horizon, decay_fraction=settings.decay_fraction).decay_start()
+    if wsd_stable:
+        note = f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the wsd decay moves to the new end"
+    elif settings.lr_scheduler == "constant" or horizon >= max_steps:
+        note = None
+    else:
+        update["lr_decay_steps"] = horizon
+        note = (f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the LR schedule still ends at "
+                f"step {horizon}; the added steps train at the final LR ({settings.final_lr:.3g})")
+    try:
+        return TrainSettings(**{**settings.model_dump(), **update}), note
+    except ValidationError as exc:  # e.g. warmup >= max_steps
+        raise UserError(describe(exc)) from None
 
 
 def summary(run: dict[str, Any]) -> dict[str, Any]:

@@ -127,8 +127,13 @@ class TrainSettings(_Settings):
     min_lr: float | None = Field(None, ge=0, description="Final learning rate. (default: max_lr/10)")
     warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
     max_steps: int = Field(40000, gt=0, description="Optimizer steps to train for.")
-    lr_scheduler: Literal["cosine", "cosine_with_restarts", "linear", "constant"] = Field(
-        "cosine", description="Learning rate after warmup: cosine, cosine_with_restarts, linear or constant.")
+    lr_scheduler: Literal["cosine", "cosine_with_restarts", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Learning rate after warmup: cosine, cosine_with_restarts, linear, constant or wsd "
+        "(warmup-stable-decay: max_lr, then straight down over the last --decay-fraction of the steps).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps that decay the LR.")
+    lr_decay_steps: int | None = Field(None, gt=0, description="Step where the LR schedule ends; after it, the final "
+                                       "LR. (default: --max-steps when the run starts; `resume --max-steps` keeps it, "
+                                       "except a wsd run not yet decaying, whose decay moves to the new end)")
     lr_restarts: int = Field(0, ge=0, description="Restarts for cosine_with_restarts: the decay runs as K+1 cycles.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
@@ -258,6 +263,9 @@ class TrainSettings(_Settings):
             raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
+        if self.lr_decay_steps is not None and self.warmup_steps >= self.lr_decay_steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --lr-decay-steps "
+                             f"({self.lr_decay_steps})")
         return self
 
     @property
@@ -269,6 +277,11 @@ class TrainSettings(_Settings):
             n_embd=self.n_embd or preset.n_embd,
             block_size=self.block_size or self.seq_len,
         )
+
+    @property
+    def schedule_steps(self) -> int:
+        """Where the LR schedule ends."""
+        return self.lr_decay_steps or self.max_steps
 
     @property
     def final_lr(self) -> float:

@@ -11,7 +11,8 @@ import torch
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.optim import Schedule, make_optimizer
+from gptctl.engine.optim import make_optimizer
+from gptctl.schedule import Schedule
 from gptctl.presets import PRESETS, ModelShape
 
 from conftest import TINY_SETTINGS, train_in_process
@@ -86,6 +87,13 @@ def test_learning_rate_schedules():
     assert lr(10 + 100 / 3 + 1, "cosine_with_restarts", 2) > 5.9e-4  # restarted near the top
     assert lr(10 + 100 / 3 - 1, "cosine_with_restarts", 2) < 7e-5
     assert lr(60, "cosine_with_restarts", 0) == lr(60)  # no restarts is plain cosine
+    # wsd: max_lr until the last 20% of the steps (from step 88 of 110), then straight down to min_lr.
+    wsd = Schedule("wsd", 6e-4, 6e-5, 10, 110, decay_fraction=0.2)
+    assert wsd.decay_start() == 88 and wsd.at(10) == wsd.at(88) == 6e-4
+    assert wsd.at(99) == pytest.approx(6e-4 - 0.5 * (6e-4 - 6e-5)) and wsd.at(110) == pytest.approx(6e-5)
+    # After the schedule's end (a run extended past --lr-decay-steps), the final LR, never a jump.
+    for kind in ("cosine", "linear", "wsd", "cosine_with_restarts"):
+        assert Schedule(kind, 6e-4, 6e-5, 10, 110, 1).at(150) == pytest.approx(6e-5), kind
 
 
 def write_shards(root: Path, sizes: list[int]) -> np.ndarray:

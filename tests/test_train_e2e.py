@@ -173,3 +173,18 @@ def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl
     assert {s: two[s] for s in range(1, 5)} == first  # the same code in-process and in a worker: to the bit
     for step in range(5, 9):
         assert two[step][0] == pytest.approx(second[step][0], rel=1e-5, abs=1e-5)
+
+
+def test_raising_max_steps_keeps_the_lr_schedule_and_says_so(shakespeare, gptctl_home):
+    """The issue: 20 steps, then `resume --max-steps 30` jumped the LR from its final value back up.
+    Now the schedule still ends where it did and the added steps train at the final LR; recorded."""
+    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "longer")
+    proc = gptctl("resume", "longer", "--max-steps", "6", home=gptctl_home)
+    assert "the LR schedule still ends at step 4" in proc.stderr
+    run_id = only_run_id(gptctl_home, "longer")
+    with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
+        lrs = dict(conn.execute("select step, lr from metrics where run_id = ?", [run_id]).fetchall())
+    assert lrs[4] == pytest.approx(3e-4) and lrs[5] == lrs[6] == lrs[4]  # 3e-3 / 10: no jump
+    shown = json.loads(gptctl("runs", "show", "longer", "--json", home=gptctl_home).stdout)
+    assert [(e["step"], e["kind"]) for e in shown["events"]] == [(4, "schedule")]
+    assert shown["settings"]["lr_decay_steps"] == 4 and shown["settings"]["max_steps"] == 6

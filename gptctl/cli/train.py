@@ -110,7 +110,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                             f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
                             "again from its last good checkpoint, or give a new --run-name")
         if previous is not None:
-            _resume(previous, control.resume_settings(previous, values.get("max_steps")), launch, as_json)
+            _resume(previous, *control.resume_settings(previous, values.get("max_steps")), launch, as_json)
     prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
@@ -130,7 +130,8 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     _finish(control.execute(run, lock, launch, init_checkpoint=init), as_json)
 
 
-def _resume(run: dict[str, Any], settings: TrainSettings, launch: LaunchSettings, as_json: bool) -> None:
+def _resume(run: dict[str, Any], settings: TrainSettings, schedule_note: str | None, launch: LaunchSettings,
+            as_json: bool) -> None:
     control.check_run_dir(run)
     control.check_world_size(settings, launch)
     lock = control.lock_existing(run)
@@ -141,6 +142,9 @@ def _resume(run: dict[str, Any], settings: TrainSettings, launch: LaunchSettings
         raise
     db = open_registry(home_dir())
     queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
+    if schedule_note:
+        queries.add_event(db, run["id"], run["last_step"], "schedule", schedule_note)
+        typer.echo(schedule_note, err=True)
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
     _finish(control.execute(queries.get_run(db, run["id"]), lock, launch), as_json)
 
@@ -177,4 +181,4 @@ def resume_cmd(
     run = queries.resolve_run(db, run_ref)
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    _resume(run, control.resume_settings(run, max_steps), launch, as_json)
+    _resume(run, *control.resume_settings(run, max_steps), launch, as_json)

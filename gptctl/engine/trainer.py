@@ -24,7 +24,8 @@ from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolv
 from gptctl.engine.evaluate import mean_loss
 from gptctl.engine.health import Health
 from gptctl.engine.model import GPT, GPTConfig
-from gptctl.engine.optim import Schedule, make_optimizer
+from gptctl.engine.optim import make_optimizer
+from gptctl.schedule import Schedule
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.startup import StopFlag
 from gptctl.errors import UserError
@@ -112,7 +113,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw_model, settings.weight_decay, settings.max_lr, d.device.type)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.schedule = Schedule(settings.lr_scheduler, settings.max_lr, settings.final_lr, settings.warmup_steps,
-                                 settings.max_steps, settings.lr_restarts)
+                                 settings.schedule_steps, settings.lr_restarts, settings.decay_fraction)
         # The module the loop calls: compiled and/or DDP-wrapped. Loading a state later copies into the
         # same parameters, so wrapping first changes nothing.
         self.model = parallel.wrap(self.raw_model, d, settings.model_parallel, settings.compile)
