@@ -18,7 +18,7 @@ from gptctl.registry.rebuild import write_run_info
 from gptctl.schedule import Schedule
 from pydantic import ValidationError
 
-from gptctl.settings import LaunchSettings, TrainSettings, describe, to_toml
+from gptctl.settings import LaunchSettings, TrainSettings, describe, option_name, to_toml
 
 
 DIVERGED_EXIT_CODE = 3
@@ -246,14 +246,43 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
     return Outcome(queries.get_run(db, run["id"]), code)
 
 
-def resume_settings(run: dict[str, Any], max_steps: int | None) -> tuple[TrainSettings, str | None]:
+# Settings a resume may change: how the run is watched, evaluated, checkpointed and kept, not what it trains.
+# Any other, changed, would silently make another run (shape, data, batch, optimizer, schedule, seed).
+CHANGEABLE_ON_RESUME = frozenset({
+    "eval_interval", "eval_steps", "checkpoint_interval", "async_checkpoint", "keep_last_n_checkpoints",
+    "permanent_checkpoints", "num_workers", "compile", "log_dir", "log_level", "log_gradients", "wandb_log",
+    "wandb_project", "wandb_run_name", "tensorboard", "hellaswag_interval", "hellaswag_file", "on_divergence",
+    "spike_factor", "nonfinite_streak", "max_rollbacks",
+})
+
+
+def resume_changes(run: dict[str, Any], given: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
+    """The options given for an --auto-resume of `run` that differ from its stored settings: those in
+    CHANGEABLE_ON_RESUME, or UserError naming the first that would make another run."""
+    stored = TrainSettings.model_validate_json(run["settings"])
+    changes = {}
+    for name in sorted(k for k, v in given.items() if v is not None and k in TrainSettings.model_fields):
+        if name in ("max_steps", "run_name") or getattr(settings, name) == getattr(stored, name):
+            continue
+        if name not in CHANGEABLE_ON_RESUME:
+            raise UserError(f"{option_name(name)}: run {run['id']} ({run['name']}) was started with "
+                            f"{getattr(stored, name)!r}; resuming cannot change it without making another run. Drop "
+                            "the option, or start a new run with another --run-name")
+        changes[name] = getattr(settings, name)
+    return changes
+
+
+def resume_settings(run: dict[str, Any], max_steps: int | None,
+                    changes: dict[str, Any] | None = None) -> tuple[TrainSettings, str | None]:
     """The run's settings for a resume, and what a raised --max-steps does to the LR (None: nothing).
 
     The LR never jumps: the schedule keeps ending where it did (--lr-decay-steps), so the added steps
     train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
     settings = TrainSettings.model_validate_json(run["settings"])
+    if changes:
+        settings = TrainSettings(**{**settings.model_dump(), **changes})
     if max_steps is None or max_steps == settings.max_steps:
-        return settings, None
+        return settings, _describe_changes(changes, run)
     last = run["last_step"] or 0
     if max_steps <= last:
         raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({last})")
@@ -270,9 +299,16 @@ def resume_settings(run: dict[str, Any], max_steps: int | None) -> tuple[TrainSe
         note = (f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the LR schedule still ends at "
                 f"step {horizon}; the added steps train at the final LR ({settings.final_lr:.3g})")
     try:
-        return TrainSettings(**{**settings.model_dump(), **update}), note
+        settings = TrainSettings(**{**settings.model_dump(), **update})
     except ValidationError as exc:  # e.g. warmup >= max_steps
         raise UserError(describe(exc)) from None
+    return settings, "; ".join(n for n in (note, _describe_changes(changes, run)) if n) or None
+
+
+def _describe_changes(changes: dict[str, Any] | None, run: dict[str, Any]) -> str | None:
+    if not changes:
+        return None
+    return f"changed at step {run['last_step'] or 0}: " + ", ".join(f"{option_name(k)} {v}" for k, v in changes.items())
 
 
 def summary(run: dict[str, Any]) -> dict[str, Any]:

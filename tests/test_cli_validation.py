@@ -192,3 +192,36 @@ def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
     result = runner.invoke(app, ["resume", "somerun", "--node-rank", "3"])
     assert result.exit_code == 2 and "--node-rank (3) must be smaller than --nnodes (1)" in result.output
     assert not (tmp_path / "home").exists()
+
+
+def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gptctl_home):
+    """The issue: `--auto-resume --batch-size 2` on a run started with 4 trained with 4 and said nothing.
+    Now such an option is refused by name, nothing changes; watched and kept settings may change."""
+    import json
+
+    from gptctl.registry import open_registry, queries
+    from gptctl.settings import build_settings
+
+    tiny = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--total-batch-size", "256",
+            "--warmup-steps", "2", "--max-steps", "8", "--data-root", str(shakespeare), "--run-name", "r"]
+    settings, _ = build_settings({"model": "tiny", "seq_len": 32, "batch_size": 4, "total_batch_size": 256,
+                                  "warmup_steps": 2, "max_steps": 8, "data_root": shakespeare, "run_name": "r"})
+    db = open_registry(gptctl_home)
+    queries.insert_run(db, {"id": "abc123", "name": "r", "kind": "pretrain", "status": "interrupted",
+                            "settings": settings.model_dump_json(), "run_dir": str(gptctl_home / "r-abc123"),
+                            "created_at": queries.now(), "last_step": 4})
+    before = (gptctl_home / "gptctl.db").read_bytes()
+    result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--batch_size", "2"])
+    assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
+    assert (gptctl_home / "gptctl.db").read_bytes() == before
+
+    from gptctl import control
+
+    run = queries.get_run(db, "abc123")
+    changes = control.resume_changes(run, {"eval_interval": 2, "batch_size": 4, "max_steps": 12},
+                                     settings.model_copy(update={"eval_interval": 2, "max_steps": 12}))
+    assert changes == {"eval_interval": 2}  # an equal --batch-size is no change
+    resumed, note = control.resume_settings(run, 12, changes)
+    assert resumed.eval_interval == 2 and resumed.max_steps == 12 and resumed.lr_decay_steps == 8
+    assert "--eval-interval 2" in note and "still ends at step 8" in note
+    assert json.loads(run["settings"])["eval_interval"] == settings.eval_interval  # nothing stored by asking

@@ -186,5 +186,5 @@ def test_raising_max_steps_keeps_the_lr_schedule_and_says_so(shakespeare, gptctl
         lrs = dict(conn.execute("select step, lr from metrics where run_id = ?", [run_id]).fetchall())
     assert lrs[4] == pytest.approx(3e-4) and lrs[5] == lrs[6] == lrs[4]  # 3e-3 / 10: no jump
     shown = json.loads(gptctl("runs", "show", "longer", "--json", home=gptctl_home).stdout)
-    assert [(e["step"], e["kind"]) for e in shown["events"]] == [(4, "schedule")]
+    assert [(e["step"], e["kind"]) for e in shown["events"]] == [(4, "resume")]
     assert shown["settings"]["lr_decay_steps"] == 4 and shown["settings"]["max_steps"] == 6

@@ -110,7 +110,8 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                             f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
                             "again from its last good checkpoint, or give a new --run-name")
         if previous is not None:
-            _resume(previous, *control.resume_settings(previous, values.get("max_steps")), launch, as_json)
+            changes = control.resume_changes(previous, values, settings)
+            _resume(previous, *control.resume_settings(previous, values.get("max_steps"), changes), launch, as_json)
     prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
@@ -130,7 +131,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     _finish(control.execute(run, lock, launch, init_checkpoint=init), as_json)
 
 
-def _resume(run: dict[str, Any], settings: TrainSettings, schedule_note: str | None, launch: LaunchSettings,
+def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
             as_json: bool) -> None:
     control.check_run_dir(run)
     control.check_world_size(settings, launch)
@@ -142,9 +143,9 @@ def _resume(run: dict[str, Any], settings: TrainSettings, schedule_note: str | N
         raise
     db = open_registry(home_dir())
     queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
-    if schedule_note:
-        queries.add_event(db, run["id"], run["last_step"], "schedule", schedule_note)
-        typer.echo(schedule_note, err=True)
+    if note:  # what this resume changes: the LR schedule's extension, watched or kept settings
+        queries.add_event(db, run["id"], run["last_step"], "resume", note)
+        typer.echo(note, err=True)
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
     _finish(control.execute(queries.get_run(db, run["id"]), lock, launch), as_json)
 
