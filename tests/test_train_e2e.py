@@ -168,7 +168,9 @@ def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl
     assert shown["world_size"] == 2 and "nproc_per_node" not in shown["settings"]
 
     first, saved = train_in_process(shakespeare, tmp_path / "one", max_steps=4, checkpoint_interval=4)
-    second, _ = train_in_process(shakespeare, tmp_path / "one", resume_from=saved[4], max_steps=8, checkpoint_interval=4)
+    # the resume kept the schedule's end at step 4 (`resume --max-steps` never jumps the LR)
+    second, _ = train_in_process(shakespeare, tmp_path / "one", resume_from=saved[4], max_steps=8, checkpoint_interval=4,
+                                 lr_decay_steps=4)
     two = losses(gptctl_home, summary["run_id"])
     assert {s: two[s] for s in range(1, 5)} == first  # the same code in-process and in a worker: to the bit
     for step in range(5, 9):
