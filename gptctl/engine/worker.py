@@ -254,11 +254,12 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     if write:
         tokens_per_s, peak = result.tokens_per_s, trainer.peak_flops
         status = "diverged" if result.diverged else "interrupted" if result.interrupted else "completed"
+        divergence = _divergence_line(db, run["id"], result.diverged)
         queries.update_run(db, run["id"], status=status, last_step=result.step, ended_at=queries.now(),
-                           tokens_per_s=tokens_per_s, error=_divergence_line(db, run["id"], result.diverged),
+                           tokens_per_s=tokens_per_s, error=divergence,
                            mfu=(trainer.flops_per_token * tokens_per_s / peak) if (peak and tokens_per_s) else None)
         print(f"stopped at step {result.step}, checkpoint saved" if result.interrupted
-              else f"error: {_divergence_line(db, run['id'], result.diverged)}" if result.diverged
+              else f"error: {divergence}" if result.diverged
               else f"run {run['id']} completed at step {result.step}", flush=True)
     # A diverged run exits 0 for torchrun, which would otherwise restart it into the same divergence;
     # the launcher reads the status from the registry.
