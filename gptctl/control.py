@@ -4,24 +4,26 @@ import json
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptctl import launch
 from gptctl.atomic import write_text_atomic
+from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.errors import UserError
-from gptctl.registry import open_registry, queries
+from gptctl.registry import launches, open_registry, queries
 from gptctl.paths import home_dir
 from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.rebuild import write_run_info
-from gptctl.schedule import Schedule
 from pydantic import ValidationError
 
 from gptctl.settings import LaunchSettings, TrainSettings, describe, option_name, to_toml
 
 
 DIVERGED_EXIT_CODE = 3
+DEADLINE_EXIT_CODE = 124  # as timeout(1): stopped, with a checkpoint, because time ran out; resume later
 
 
 @dataclass
@@ -214,11 +216,21 @@ def queue(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSetti
     return shlex.join(_command(run, launch_settings, init_checkpoint, job_script=True))
 
 
+def worker_env(launch_settings: LaunchSettings) -> dict[str, str]:
+    """What the workers learn of this launch: when it began, and the deadline they must stop before
+    (the earlier of --deadline and a SLURM job's end, asked of SLURM once, here)."""
+    env = {launch.LAUNCH_STARTED_ENV: repr(time.time()), MARGIN_ENV: repr(launch_settings.deadline_margin)}
+    deadline = launch_deadline(launch_settings.deadline_at)
+    if deadline is not None:
+        env[DEADLINE_ENV] = repr(deadline)
+    return env
+
+
 def follow(settings: TrainSettings, launch_settings: LaunchSettings) -> int:
     """A node other than node 0: start its workers, which get the run from node 0's; write nothing."""
     cmd = launch.torchrun_command(launch_settings, home_dir().resolve(), settings.run_name or settings.kind,
                                   device=settings.device)
-    code, stopped_by = launch.run_workers(cmd, launch_settings.stop_timeout)
+    code, stopped_by = launch.run_workers(cmd, launch_settings.stop_timeout, worker_env(launch_settings))
     return 128 + stopped_by if stopped_by else code
 
 
@@ -226,10 +238,14 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
             init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
     home = home_dir().resolve()
+    code, stopped_by = None, None
     try:
-        code, stopped_by = launch.run_workers(_command(run, launch_settings, init_checkpoint), launch_settings.stop_timeout)
+        code, stopped_by = launch.run_workers(_command(run, launch_settings, init_checkpoint),
+                                              launch_settings.stop_timeout, worker_env(launch_settings))
     finally:
         db = open_registry(home)
+        # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
+        launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
         row = queries.get_run(db, run["id"])
         if row["status"] in queries.ACTIVE:
             # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
@@ -238,7 +254,10 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
         lock.release()
     db = open_registry(home)
     status = queries.get_run(db, run["id"])["status"]
-    if status == "interrupted":
+    newest = launches.newest(db, run["id"])
+    if status == "interrupted" and not stopped_by and newest and newest["reason"] == "deadline":
+        code = DEADLINE_EXIT_CODE
+    elif status == "interrupted":
         code = 128 + (stopped_by or signal.SIGINT)  # the workers exit 0 after a clean stop
     elif status == "diverged":
         code = DIVERGED_EXIT_CODE  # the workers exit 0 so that torchrun does not restart them into it
@@ -246,52 +265,71 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
     return Outcome(queries.get_run(db, run["id"]), code)
 
 
-# Settings a resume may change: how the run is watched, evaluated, checkpointed and kept, not what it trains.
-# Any other, changed, would silently make another run (shape, data, batch, optimizer, schedule, seed).
+# Settings a resume may change: how the run is watched, evaluated, checkpointed and kept, and how its
+# steps are computed, not what they compute. Any other, changed, would silently make another run (data,
+# batch, optimizer, schedule, seed, dtype): only with --override-settings. The model's shape never.
 CHANGEABLE_ON_RESUME = frozenset({
     "eval_interval", "eval_steps", "checkpoint_interval", "async_checkpoint", "keep_last_n_checkpoints",
     "permanent_checkpoints", "num_workers", "compile", "log_dir", "log_level", "log_gradients", "wandb_log",
     "wandb_project", "wandb_run_name", "tensorboard", "hellaswag_interval", "hellaswag_file", "on_divergence",
-    "spike_factor", "nonfinite_streak", "max_rollbacks",
+    "spike_factor", "nonfinite_streak", "max_rollbacks", "activation_checkpointing", "model_parallel",
+    "model_parallel_size", "device", "deterministic",
 })
+SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
+OVERRIDE = "--override-settings"
 
 
-def resume_changes(run: dict[str, Any], given: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
-    """The options given for an --auto-resume of `run` that differ from its stored settings: those in
-    CHANGEABLE_ON_RESUME, or UserError naming the first that would make another run."""
+def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = False) -> dict[str, Any]:
+    """The options given for a resume of `run` that differ from its stored settings (values as the run's
+    settings hold them). Those in CHANGEABLE_ON_RESUME, any other only with `override`; UserError naming
+    the first that may not change, or that would give the checkpoint's weights another shape."""
     stored = TrainSettings.model_validate_json(run["settings"])
-    changes = {}
-    for name in sorted(k for k, v in given.items() if v is not None and k in TrainSettings.model_fields):
-        if name in ("max_steps", "run_name") or getattr(settings, name) == getattr(stored, name):
-            continue
-        if name not in CHANGEABLE_ON_RESUME:
-            raise UserError(f"{option_name(name)}: run {run['id']} ({run['name']}) was started with "
-                            f"{getattr(stored, name)!r}; resuming cannot change it without making another run. Drop "
-                            "the option, or start a new run with another --run-name")
-        changes[name] = getattr(settings, name)
+    given = {k: v for k, v in given.items()
+             if v is not None and k in TrainSettings.model_fields and k not in ("max_steps", "run_name")}
+    try:
+        wanted = TrainSettings(**{**stored.model_dump(), **given})
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+    changes = {name: getattr(wanted, name) for name in sorted(given) if getattr(wanted, name) != getattr(stored, name)}
+    was = f"run {run['id']} ({run['name']}) was started with"
+    if wanted.shape != stored.shape:
+        name = next(n for n in SHAPE_OPTIONS if n in changes)
+        value = getattr(stored.shape, name, None) or getattr(stored, name)  # n_layer None: the preset's
+        raise UserError(f"{option_name(name)}: {was} {value!r}, and its checkpoints hold weights of that shape; "
+                        "drop the option, or start a new run (--init-from RUN takes its weights)")
+    refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME]
+    if refused and not override:
+        name = refused[0]
+        raise UserError(f"{option_name(name)}: {was} {getattr(stored, name)!r}; resuming cannot change it without "
+                        f"making another run. Drop the option, add {OVERRIDE} to change it all the same (recorded "
+                        "with the step), or start a new run with another --run-name")
     return changes
 
 
 def resume_settings(run: dict[str, Any], max_steps: int | None,
                     changes: dict[str, Any] | None = None) -> tuple[TrainSettings, str | None]:
-    """The run's settings for a resume, and what a raised --max-steps does to the LR (None: nothing).
+    """The run's settings for a resume, and what the resume changes, as one line for the run's events
+    (None: nothing).
 
     The LR never jumps: the schedule keeps ending where it did (--lr-decay-steps), so the added steps
     train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
-    settings = TrainSettings.model_validate_json(run["settings"])
-    if changes:
-        settings = TrainSettings(**{**settings.model_dump(), **changes})
+    stored = TrainSettings.model_validate_json(run["settings"])
+    settings = TrainSettings(**{**stored.model_dump(), **changes}) if changes else stored
+    changed = _describe_changes(changes, stored, run)
     if max_steps is None or max_steps == settings.max_steps:
-        return settings, _describe_changes(changes, run)
+        return settings, changed
     last = run["last_step"] or 0
     if max_steps <= last:
         raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({last})")
     update: dict[str, Any] = {"max_steps": max_steps}
     horizon = settings.schedule_steps
-    wsd_stable = settings.lr_scheduler == "wsd" and settings.lr_decay_steps is None and last < Schedule(
-        "wsd", 1, 0, settings.warmup_steps, horizon, decay_fraction=settings.decay_fraction).decay_start()
+    wsd_stable = settings.lr_scheduler == "wsd" and settings.lr_decay_steps is None and last < settings.schedule().decay_start()
     if wsd_stable:
         note = f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the wsd decay moves to the new end"
+    elif settings.lr_scheduler != "constant" and settings.lr_decay_steps is None and max_steps < horizon:
+        before, after = settings.schedule().at(last + 1), settings.schedule(max_steps).at(last + 1)
+        note = (f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the LR schedule now ends at step "
+                f"{max_steps}; the LR at step {last + 1} goes from {before:.3g} to {after:.3g}")
     elif settings.lr_scheduler == "constant" or horizon >= max_steps:
         note = None
     else:
@@ -302,13 +340,15 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
         settings = TrainSettings(**{**settings.model_dump(), **update})
     except ValidationError as exc:  # e.g. warmup >= max_steps
         raise UserError(describe(exc)) from None
-    return settings, "; ".join(n for n in (note, _describe_changes(changes, run)) if n) or None
+    return settings, "; ".join(n for n in (note, changed) if n) or None
 
 
-def _describe_changes(changes: dict[str, Any] | None, run: dict[str, Any]) -> str | None:
+def _describe_changes(changes: dict[str, Any] | None, stored: TrainSettings, run: dict[str, Any]) -> str | None:
     if not changes:
         return None
-    return f"changed at step {run['last_step'] or 0}: " + ", ".join(f"{option_name(k)} {v}" for k, v in changes.items())
+    return f"changed at step {run['last_step'] or 0}: " + ", ".join(
+        f"{option_name(k)} {v} (was {getattr(stored, k)})"
+        + ("" if k in CHANGEABLE_ON_RESUME else f", by {OVERRIDE}") for k, v in changes.items())
 
 
 def summary(run: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from gptctl.engine.startup import STOP_SIGNALS
 from gptctl.settings import LaunchSettings
 
 ENGINE_MODULE = "gptctl.engine.worker"
+# The signals torchrun passes on to its workers: its own list plus SLURM's time-limit warning, which
+# would otherwise kill torchrun (SIGUSR1's default action) and with it, unsaved, its workers.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def world_size(launch: LaunchSettings) -> int:
@@ -30,6 +33,8 @@ def processes_per_node(launch: LaunchSettings) -> int:
 # Set by gptctl's launcher, which holds the run lock itself; workers started by a bare torchrun
 # (e.g. from `--print-command` in a job script) take the lock on global rank 0 instead.
 LAUNCHED_ENV = "GPTCTL_LAUNCHED"
+# Set by gptctl's launcher: when the launch began (epoch seconds), so that start-up counts torchrun's too.
+LAUNCH_STARTED_ENV = "GPTCTL_LAUNCH_STARTED"
 
 
 def torchrun_command(launch: LaunchSettings, home: Path, run_name: str, run_id: str | None = None,
@@ -55,6 +60,8 @@ def torchrun_command(launch: LaunchSettings, home: Path, run_name: str, run_id: 
     if job_script and _torchrun_accepts("--shutdown-timeout"):
         # There torchrun itself is signalled: it must give the workers our stop timeout to save, not its 30 s.
         cmd.append(f"--shutdown-timeout={math.ceil(launch.stop_timeout)}")
+    if job_script and _torchrun_accepts("--signals-to-handle"):
+        cmd.append(f"--signals-to-handle={TORCHRUN_SIGNALS}")  # else SLURM's SIGUSR1 kills torchrun, and the workers
     cmd += ["-m", ENGINE_MODULE, "--home", str(home)]
     return cmd + (["--run-id", run_id] if run_id else ["--device", device])
 
@@ -93,7 +100,8 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
     """
     # Should torchrun get a signal all the same (a scheduler signalling every process of a job), its own
     # grace period before SIGKILL is ours where the installed torch reads this variable.
-    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(stop_timeout))}
+    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(stop_timeout)),
+                "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}  # torchrun's --signals-to-handle, where it has one
     proc = subprocess.Popen(
         cmd,
         env={**shutdown, **os.environ, LAUNCHED_ENV: "1", **(env or {})},

@@ -6,13 +6,16 @@ Every invalid combination is caught here, before a run directory or registry row
 import re
 import typing
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from gptctl.deadline import parse_deadline
 from gptctl.errors import UserError
 from gptctl.presets import PRESETS, ModelShape
+from gptctl.schedule import Schedule
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let "name\n" through
 # Every integer setting must fit the registry's (and torch's) 64-bit integers; seeds also numpy's 32 bits.
@@ -64,6 +67,24 @@ class LaunchSettings(_Settings):
                               "newest valid checkpoint.")
     stop_timeout: float = Field(1800, gt=0, allow_inf_nan=False, description="Seconds the workers get after Ctrl-C "
                                 "or SIGTERM to finish their step and save a checkpoint; then they are killed.")
+
+    deadline: str | None = Field(None, description="Stop cleanly before this: a duration (90m, 2h30m, 1d), a time "
+                                 "of day (06:00) or a date and time (2026-12-04T06:00). Inside SLURM the job's end "
+                                 "time counts too. The run saves and exits with code 124; resume it later.")
+    deadline_margin: float = Field(60, ge=0, allow_inf_nan=False, description="Seconds kept free before the "
+                                   "deadline, besides the measured time of one step and one save.")
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str | None) -> str | None:
+        """Made absolute when given (a duration counts from now), so every reader sees the same instant."""
+        if value is None:
+            return value
+        return datetime.fromtimestamp(parse_deadline(value), timezone.utc).isoformat(timespec="seconds")
+
+    @property
+    def deadline_at(self) -> float | None:
+        return datetime.fromisoformat(self.deadline).timestamp() if self.deadline else None
 
     @field_validator("master_addr", "rdzv_endpoint")
     @classmethod
@@ -283,6 +304,11 @@ class TrainSettings(_Settings):
         """Where the LR schedule ends."""
         return self.lr_decay_steps or self.max_steps
 
+    def schedule(self, end: int | None = None) -> Schedule:
+        """The LR schedule, ending at `end` (default: where this run's ends)."""
+        return Schedule(self.lr_scheduler, self.max_lr, self.final_lr, self.warmup_steps, end or self.schedule_steps,
+                        self.lr_restarts, self.decay_fraction)
+
     @property
     def final_lr(self) -> float:
         return self.max_lr / 10 if self.min_lr is None else self.min_lr
@@ -346,10 +372,11 @@ def setting_field(name: str):
 
 
 def is_option(field: str, kind: str) -> bool:
-    """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file)."""
+    """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file).
+    `gptctl resume` takes every option of either kind: it judges them against the run's own settings."""
     extra = setting_field(field).json_schema_extra
     extra = extra if isinstance(extra, dict) else {}
-    return extra.get("cli") is not False and extra.get("only", kind) == kind
+    return extra.get("cli") is not False and (kind == "resume" or extra.get("only", kind) == kind)
 
 
 # Why a setting that is not an option cannot come from a --config file, and what to do instead.

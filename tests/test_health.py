@@ -25,7 +25,7 @@ class Events(Metrics):
     def event(self, step, kind, detail):
         self.events.append((step, kind, detail))
 
-    def rewind(self, step):
+    def rewind(self, step, reached):
         self.rewinds.append(step)
 
 

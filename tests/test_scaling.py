@@ -50,8 +50,10 @@ def test_print_command_queues_a_run_that_the_bare_command_trains(shakespeare, gp
     assert listed[0]["status"] == "queued"
     command = shlex.split(proc.stdout.strip())
     assert command[-2:] == ["--run-id", run_id]
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command  # SLURM's USR1 must not kill torchrun
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "GPTCTL_HOME": str(gptctl_home)})
-    assert json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["status"] == "completed"
+    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    assert shown["status"] == "completed" and [r["reason"] for r in shown["launches"]] == ["completed"]
     assert sorted(losses(gptctl_home, run_id)) == [1, 2, 3, 4]
 
 
@@ -90,6 +92,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_untouched(shakespea
     assert launcher.returncode == 0, err
     assert "resuming from step" in err
     assert losses(gptctl_home, run_id) == reference
+    starts = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
+    assert [r["reason"] for r in starts] == ["crash", "completed"]  # torchrun's restart: a start of its own
 
 
 def _only_id(home, name):

@@ -99,6 +99,10 @@ def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     gptctl("resume", run_id[:5], home=gptctl_home)
     resumed = losses(gptctl_home, run_id)
     assert resumed == reference  # every step's loss and val loss, to the last bit
+    # The killed launch's row was left open; the next start closed it, as killed, and counts what it redid.
+    starts = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
+    assert [r["reason"] for r in starts] == ["kill", "completed"] and starts[1]["first_step"] >= 4
+    assert starts[1]["redone_steps"] == max(starts[0]["last_step"] - starts[1]["first_step"], 0)
 
 
 def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gptctl_home):
@@ -124,6 +128,10 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
     assert summary["run_id"] == mine and summary["last_step"] == stopped_at + 3, summary
     assert f"from step {stopped_at}" in proc.stderr
     assert sorted(losses(gptctl_home, mine)) == list(range(1, stopped_at + 4))
+    shown = json.loads(gptctl("runs", "show", mine, "--json", home=gptctl_home).stdout)
+    assert [r["reason"] for r in shown["launches"]] == ["signal", "completed"]
+    usage = shown["goodput"]
+    assert usage["interruptions"] == 1 and usage["redone_steps"] == 0 and usage["suggested_interval_steps"] >= 1
 
     # A completed run is finished: auto-resume under its name starts a new run.
     proc = gptctl("pretrain", *args[:-6], "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other",

@@ -11,7 +11,7 @@ from rich.markup import escape
 from gptctl.cli import app
 from gptctl.cli.listing import format_count, format_duration, format_size, print_listing
 from gptctl.errors import UserError
-from gptctl.registry import open_registry, queries
+from gptctl.registry import launches, open_registry, queries
 from gptctl.paths import home_dir
 
 runs_app = typer.Typer(help="The run registry.", no_args_is_help=True)
@@ -20,6 +20,10 @@ app.add_typer(runs_app, name="runs")
 
 def _fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
 def _progress(r: dict) -> str:
@@ -63,9 +67,12 @@ def show_cmd(
     db = open_registry(home_dir(), create=False)
     run = queries.run_overviews(db, queries.resolve_run(db, run_ref)["id"])[0]
     checkpoints = queries.checkpoints_of(db, run["id"])
+    starts = launches.of_run(db, run["id"])
+    usage = launches.goodput(starts)
     if as_json:
         info = {**run, "settings": json.loads(run["settings"]), "checkpoints": checkpoints,
-                "events": queries.events_of(db, run["id"]), "metrics": queries.metrics_of(db, run["id"])}
+                "events": queries.events_of(db, run["id"]), "launches": starts, "goodput": usage,
+                "metrics": queries.metrics_of(db, run["id"])}
         typer.echo(json.dumps(info, indent=2))
         return
     val = f"{_fmt(run['val_loss'], '.4f')}" + (f" at step {run['val_step']}" if run["val_step"] is not None else "")
@@ -87,9 +94,38 @@ def show_cmd(
                   "events": "; ".join(f"step {e['step']} {e['kind']}: {e['detail']}" for e in events[-20:])
                   + (f" (and {len(events) - 20} earlier)" if len(events) > 20 else ""),
                   "settings": fields["settings"]}
+    if starts:
+        fields = {**{k: v for k, v in fields.items() if k != "settings"}, **_usage(starts, usage, run),
+                  "settings": fields["settings"]}
     console = Console()
     for key, value in fields.items():
         console.print(f"[bold]{key}[/]: {escape(value)}", highlight=False, soft_wrap=True)
+
+
+def _usage(starts: list[dict], usage: dict, run: dict) -> dict[str, str]:
+    """The launches, one line each, and what they add up to: goodput, peak memory, a checkpoint interval."""
+    lines = []
+    for i, r in enumerate(starts, 1):
+        took = (r["ended_at"] or r["updated_at"] or r["started_at"]) - r["started_at"]
+        redone = f" ({r['redone_steps']} redone)" if r["redone_steps"] else ""
+        lines.append(f"{i}. {r['reason'] or 'running'} after {format_duration(took)} on {r['world_size']} "
+                     f"process{'es' if r['world_size'] != 1 else ''}: steps {r['first_step']}→{r['last_step']}{redone}"
+                     f", start-up {_seconds(r['startup_s'])}, saving {_seconds(r['save_s'])}")
+    out = {"launches": "\n  " + "\n  ".join(lines)}
+    if usage["goodput"] is not None:
+        out["goodput"] = (f"{100 * usage['goodput']:.0f}% (step time of kept steps {format_duration(usage['useful_s'])} "
+                          f"of {format_duration(usage['wall_s'])} held; {usage['interruptions']} interruption(s), "
+                          f"{usage['redone_steps']} step(s) redone)")
+    if usage["peak_memory"]:
+        where = "CUDA memory allocated" if run["device"] == "cuda" else "resident memory"
+        out["peak memory"] = f"{usage['peak_memory'] / 2**30:.2f} GiB ({where}, main process)"
+    if usage["suggested_interval_steps"]:
+        settings = json.loads(run["settings"])
+        out["checkpoint interval"] = (
+            f"--checkpoint-interval {usage['suggested_interval_steps']} suggested (now {settings['checkpoint_interval']}): "
+            f"Young/Daly √(2 × {usage['save_s']:.2f}s per save × {format_duration(usage['mtbf_s'])} between "
+            f"interruptions) = {format_duration(usage['suggested_interval_s'])}")
+    return out
 
 
 @runs_app.command("plot")

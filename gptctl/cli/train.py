@@ -9,11 +9,12 @@ import typer
 
 from gptctl import control, slurm
 from gptctl.cli import app
-from gptctl.cli.settings_options import GROUPS, with_settings_options
+from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
-from gptctl.settings import FINETUNE_DEFAULTS, LaunchSettings, TrainSettings, build_launch, build_settings
+from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
+                             build_settings)
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -21,6 +22,9 @@ AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the newest unf
 RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path.")
 CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
 JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
+OVERRIDE_SETTINGS = typer.Option(False, control.OVERRIDE, help="When resuming, let the options given change "
+                                 "settings that make the run (data, batch, optimizer, schedule, seed, dtype); each "
+                                 "change is recorded with its step. The model's shape never changes.")
 PRINT_COMMAND = typer.Option(False, "--print-command", help="Create the run (status queued) and print the torchrun "
                              "command that trains it, for a job script; train nothing now.")
 
@@ -38,6 +42,7 @@ def pretrain(
         None, "--init-from", help="Start from these weights (a file, RUN, RUN:STEP or hf:DIR_OR_NAME) with a fresh "
         "optimizer at step 0; the model shape comes from them."),
     print_command: bool = PRINT_COMMAND,
+    override_settings: bool = OVERRIDE_SETTINGS,
     as_json: bool = JSON,
 ):
     """Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun workers; DDP or FSDP)."""
@@ -54,7 +59,8 @@ def pretrain(
             defaults["seq_len"] = fixed["block_size"]
         settings, launch = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
         control.check_data(settings)
-        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
+               override_settings, as_json)
 
 
 @app.command()
@@ -71,6 +77,7 @@ def finetune(
     resume: bool = RESUME,
     checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
     print_command: bool = PRINT_COMMAND,
+    override_settings: bool = OVERRIDE_SETTINGS,
     as_json: bool = JSON,
 ):
     """Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its schema).
@@ -86,11 +93,13 @@ def finetune(
         settings, launch = build_settings(values, config, defaults=defaults, kind="finetune",
                                           pretrained_checkpoint=str(parent), **model)
         control.check_dataset(settings)
-        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command, as_json)
+        _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
+               override_settings, as_json)
 
 
 def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,
-           auto_resume: bool, resume: bool, checkpoint_path: Path | None, print_command: bool, as_json: bool) -> None:
+           auto_resume: bool, resume: bool, checkpoint_path: Path | None, print_command: bool, override: bool,
+           as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
     control.check_checkpoint_path(checkpoint_path, resume, settings)
     control.check_world_size(settings, launch)
@@ -102,6 +111,8 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
         typer.echo(f"node {launch.node_rank} of {launch.nnodes}: joining the run node 0 trains "
                    f"(rendezvous at {launch.master_addr}:{launch.master_port})", err=True)
         raise typer.Exit(control.follow(settings, launch))
+    if override and not auto_resume:
+        raise UserError(f"{control.OVERRIDE}: only for a resume (--auto-resume, or `gptctl resume RUN`)")
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
@@ -110,7 +121,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                             f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
                             "again from its last good checkpoint, or give a new --run-name")
         if previous is not None:
-            changes = control.resume_changes(previous, values, settings)
+            changes = control.resume_changes(previous, values, override)
             _resume(previous, *control.resume_settings(previous, values.get("max_steps"), changes), launch, as_json)
     prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
@@ -165,21 +176,29 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
 
 
 @app.command("resume")
-@with_settings_options("resume", groups=GROUPS[1:])
+@with_settings_options("resume", defaults={name: "the run's" for name in TrainSettings.model_fields})
 def resume_cmd(
     values: dict[str, Any],
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Raise the run's step budget."),
+    override_settings: bool = OVERRIDE_SETTINGS,
     as_json: bool = JSON,
 ):
     """Continue a run from its newest valid checkpoint with its stored settings.
 
-    The launch settings are this launch's own: resume on more processes or other nodes, e.g. a SLURM job
-    requeued elsewhere; the batch per step stays the same.
+    Training settings given here apply from the step it resumes at, and are recorded in its events.
+
+    --max-steps raises the budget (the LR schedule still ends where it did); evaluation, checkpoint, watching and compute settings may change; those that would make another run need --override-settings.
+
+    Launch settings are this launch's own: more processes or other nodes (a SLURM job requeued elsewhere).
     """
-    launch = build_launch(values, defaults=slurm.launch_defaults(dict(os.environ)))
+    launch = build_launch({k: v for k, v in values.items() if k in LAUNCH_FIELDS},
+                          defaults=slurm.launch_defaults(dict(os.environ)))
+    if values.get("run_name") is not None:
+        raise UserError("--run-name: a resume keeps the run's name; `gptctl runs list` shows it")
     db = open_registry(home_dir(), create=False)
     run = queries.resolve_run(db, run_ref)
+    max_steps = values.get("max_steps")
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    _resume(run, *control.resume_settings(run, max_steps), launch, as_json)
+    changes = control.resume_changes(run, values, override_settings)
+    _resume(run, *control.resume_settings(run, max_steps, changes), launch, as_json)

@@ -195,6 +195,7 @@ class CheckpointManager:
         self.copy_state = copy_state
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.write_seconds: float | None = None  # the last save's write, start to registered (rank 0's)
         if write:
             directory.mkdir(parents=True, exist_ok=True)
             for leftover in directory.glob(TMP_PREFIX + "*"):
@@ -270,6 +271,7 @@ class CheckpointManager:
         from gptctl.registry import files, queries, retention
 
         path = self.directory / checkpoint_name(step)
+        began = time.perf_counter()
         try:
             size, sha = save_atomic(state, path)
         except OSError as exc:
@@ -282,6 +284,7 @@ class CheckpointManager:
         # checkpoint is then a stat, not a second read of the file.
         queries.register_checkpoint(db, self.run_id, step, path, size, sha, pinned=step in self.permanent,
                                     verified=files.stat_key(path))
+        self.write_seconds = time.perf_counter() - began
         run = queries.get_run(db, self.run_id)
         retention.delete(db, retention.plan(db, run, self.keep_last, _warn), _warn)
 

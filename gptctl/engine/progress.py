@@ -3,12 +3,14 @@
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 
 class TrainingProgress:
     def __init__(self, start_step: int, max_steps: int, log_file: Path | None, enabled: bool, log_level: str = "info",
-                 log_every: int = 10):
+                 log_every: int = 10, memory: Callable[[], int] | None = None):
         self.start_step, self.max_steps, self.enabled, self.log_every = start_step, max_steps, enabled, log_every
+        self.memory = memory  # peak bytes so far, for the log lines
         # debug: every step on the terminal; info: every `log_every` steps and evals; warning/error: nothing
         self.verbosity = {"debug": 2, "info": 1}.get(log_level, 0)
         if self.verbosity == 2:
@@ -39,6 +41,8 @@ class TrainingProgress:
             line += f" | hellaswag {row['hellaswag_acc']:.4f}"
         if row.get("mfu") is not None:
             line += f" | mfu {100 * row['mfu']:.1f}%"
+        if self.memory is not None:
+            line += f" | peak mem {self.memory() / 2**30:.2f} GiB"
         if self.log:
             self.log.write(line + "\n")
         if self.bar is not None:

@@ -10,7 +10,10 @@ checkpoint lives or where metrics go: it calls `checkpointer.save(step, self.sta
 import math
 import os
 import random
+import resource
+import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,6 @@ from gptctl.engine.evaluate import mean_loss
 from gptctl.engine.health import Health
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.optim import make_optimizer
-from gptctl.schedule import Schedule
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.startup import StopFlag
 from gptctl.errors import UserError
@@ -42,12 +44,41 @@ class LoopState:
     rollbacks: int = 0  # rollbacks made so far (checkpoints carry it: --max-rollbacks bounds the run, not a launch)
     speeds: list[float] = field(default_factory=list)  # tokens/s of this launch's steps after its first
     interrupted: bool = False  # a stop request ended the loop (after saving the step it finished)
+    stopped_by: str | None = None  # why: "signal" or "deadline"
     diverged: str | None = None  # why the run stopped diverged (no rollback left): a sentence
     rolled_back_to: int | None = None  # the step this launch last rolled back to
 
     @property
     def tokens_per_s(self) -> float | None:
         return sum(self.speeds) / len(self.speeds) if self.speeds else None
+
+
+@dataclass
+class LaunchClock:
+    """Where this start of the workers spends its time. Not in checkpoints: it belongs to one launch (the
+    registry's launches rows: goodput), and it tells the loop how close to a deadline it may go."""
+
+    started: float = field(default_factory=time.time)  # when the launch began (wall clock)
+    first_step_at: float | None = None  # when its first step began: start-up is the time before
+    steps: int = 0  # steps trained, including ones a rollback later trains again
+    step_s: float = 0.0  # forward, backward and update
+    eval_s: float = 0.0
+    save_s: float = 0.0  # the loop's wait for saves (with asynchronous saves, the copy to CPU memory)
+    saves: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=20))  # seconds of the last steps with their evals
+
+    @property
+    def startup_s(self) -> float | None:
+        return None if self.first_step_at is None else max(self.first_step_at - self.started, 0.0)
+
+    def totals(self) -> dict:
+        return {"steps": self.steps, "step_s": self.step_s, "eval_s": self.eval_s, "save_s": self.save_s,
+                "saves": self.saves}
+
+
+# Until a save has been timed, one is assumed to write its state at this rate (bytes/s): slow for a
+# local NVMe disk, about right for a busy network filesystem.
+ASSUMED_SAVE_RATE = 100e6
 
 
 class Metrics:
@@ -63,8 +94,8 @@ class Metrics:
     def event(self, step: int, kind: str, detail: str) -> None:
         """skipped (a non-finite step), spike, rollback, diverged."""
 
-    def rewind(self, step: int) -> None:
-        """A rollback to `step`: rows after it will be trained again."""
+    def rewind(self, step: int, reached: int) -> None:
+        """A rollback from step `reached` to `step`: rows after `step` will be trained again."""
 
     def flush(self) -> None:
         pass
@@ -90,6 +121,8 @@ class NoCheckpoints:
     def newest_healthy(self, distrust: int | None) -> dict | None:
         return None  # nothing to roll back to: a divergence stops the run
 
+    write_seconds: float | None = None  # how long the last save took to write: nothing to write
+
 
 class Trainer:
     def __init__(self, settings: TrainSettings, d: Dist, *, stop: StopFlag | None = None,
@@ -112,8 +145,7 @@ class Trainer:
             parallel.shard(self.raw_model, d, settings.mesh_shape(d.world_size))
         self.optimizer = make_optimizer(self.raw_model, settings.weight_decay, settings.max_lr, d.device.type)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
-        self.schedule = Schedule(settings.lr_scheduler, settings.max_lr, settings.final_lr, settings.warmup_steps,
-                                 settings.schedule_steps, settings.lr_restarts, settings.decay_fraction)
+        self.schedule = settings.schedule()
         # The module the loop calls: compiled and/or DDP-wrapped. Loading a state later copies into the
         # same parameters, so wrapping first changes nothing.
         self.model = parallel.wrap(self.raw_model, d, settings.model_parallel, settings.compile)
@@ -129,11 +161,34 @@ class Trainer:
         self.flops_per_token, self.peak_flops = _flops(settings, self.device_name, self.dtype, d.world_size)
         self.health = Health(settings.spike_factor, settings.nonfinite_streak)
         self.state = LoopState()
+        self.clock = LaunchClock()
+        self.deadline: float | None = None  # wall-clock time by which the run must have stopped and saved
+        self.deadline_margin = 60.0  # seconds kept free before it, besides one step and one save
         self.poisoned = _test_spike_positions()
 
     @property
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.d.device) if self.d.device.type == "cuda" else self.d.device.type
+
+    def peak_memory(self) -> int:
+        """Bytes at the peak so far: CUDA memory allocated by this process on GPU, its resident memory on CPU."""
+        if self.d.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.d.device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux counts kilobytes
+
+    def deadline_near(self) -> bool:
+        """Whether one more step, its evals and a save would end past the deadline (less the margin). The
+        step is the slowest of the last few; the save as long as the last one took to write, or, before
+        any, the state's size at ASSUMED_SAVE_RATE. Judged by the main rank alone, which times the saves:
+        the ranks' votes are summed, so one judge is enough and they cannot disagree."""
+        if self.deadline is None or not self.d.is_main:
+            return False
+        step = max(self.clock.recent, default=0.0)
+        save = self.checkpointer.write_seconds
+        if save is None:
+            save = 3 * 4 * self.raw_model.num_params() / ASSUMED_SAVE_RATE  # fp32 weights and two AdamW moments
+        return time.time() + step + save + self.deadline_margin >= self.deadline
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -170,7 +225,10 @@ class Trainer:
         or a divergence with no rollback left. The last step is saved before its evals: an eval that fails
         never costs the checkpoint."""
         first = self.state.step + 1
+        if self.clock.first_step_at is None:
+            self.clock.first_step_at = time.time()
         while self.state.step < self.settings.max_steps and not self.state.interrupted:
+            began = time.perf_counter()
             row, stop_now = self.train_step()
             if self.state.step > first:  # the launch's first step pays for warm-up and compilation
                 self.state.speeds.append(row["tokens_per_s"])
@@ -186,18 +244,22 @@ class Trainer:
             self.state.history.append(row)
             if last:
                 self.save()
+            evals = time.perf_counter()
             with self.timer("eval"):
                 self.evaluate(row)
+            self.clock.eval_s += time.perf_counter() - evals
+            self.clock.recent.append(time.perf_counter() - began)
             self.metrics.log(row)
             self.progress.update(row)
             with self.timer("checkpoint"):
                 if stop_now:
-                    self.progress.message(f"step {self.state.step} finished: saving its checkpoint before stopping")
+                    why = "the deadline is near, " if stop_now == "deadline" else ""
+                    self.progress.message(f"step {self.state.step} finished: {why}saving its checkpoint before stopping")
                 if not last and (stop_now or self.should_save(self.state.step)):
                     self.save()
             if self.timer.enabled:
                 self.progress.message(f"step {self.state.step} timing: {self.timer.report()}")
-            self.state.interrupted = stop_now
+            self.state.interrupted, self.state.stopped_by = bool(stop_now), stop_now
         return self.state
 
     def diverged(self, step: int, why: str) -> bool:
@@ -213,7 +275,7 @@ class Trainer:
                 rollbacks, target = self.state.rollbacks + 1, int(state["step"])
                 self.load_state_dict(state)
                 self.state.data_offset, self.state.rollbacks, self.state.rolled_back_to = offset, rollbacks, target
-                self.metrics.rewind(target)
+                self.metrics.rewind(target, reached=step)
                 detail = (f"{why} at step {step}: rolled back to step {target}, skipping {step - target} steps of "
                           f"data (rollback {rollbacks} of at most {self.settings.max_rollbacks})")
                 self.metrics.event(target, "rollback", detail)
@@ -227,11 +289,13 @@ class Trainer:
             self.metrics.event(step, "diverged", self.state.diverged)
         return False
 
-    def train_step(self) -> tuple[dict, bool]:
-        """One optimizer step over `accumulation` micro-batches: the step's metrics row, and whether any
-        rank was asked to stop."""
+    def train_step(self) -> tuple[dict, str | None]:
+        """One optimizer step over `accumulation` micro-batches: the step's metrics row, and why the run
+        stops after it: "signal" when any rank was asked to stop, "deadline" when one would otherwise end
+        past the deadline, else None."""
         step = self.state.step + 1
         t0 = time.perf_counter()
+        near_deadline = self.deadline_near()  # judged before the step: it must fit too
         lr = self.schedule.at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -254,15 +318,17 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
             grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
-        # One all-reduce carries the loss, whether any rank was asked to stop, and whether a background
-        # checkpoint save failed (so that every rank stops, not only the writer); one read brings it and
+        # One all-reduce carries the loss, whether any rank was asked to stop or is near the deadline (clocks
+        # differ a little), and whether a background checkpoint save failed (so that every rank stops, not only the writer); one read brings it and
         # the grad norm to the host: the step's only host-device sync. The flags are filled on the device
         # (torch.tensor of host values would copy, and wait, on CUDA). It comes before the update, so
         # that a non-finite step never reaches the weights.
         packed = torch.stack([loss_sum, loss_sum.new_full((), float(self.stop.requested)),
+                              loss_sum.new_full((), float(near_deadline)),
                               loss_sum.new_full((), float(self.checkpointer.failed))])
         all_reduce_sum(packed)
-        loss_total, stop_votes, save_failures, grad_norm = torch.cat([packed, grad_norm.float().reshape(1)]).tolist()
+        loss_total, stop_votes, deadline_votes, save_failures, grad_norm = torch.cat(
+            [packed, grad_norm.float().reshape(1)]).tolist()
         if save_failures:
             self.checkpointer.raise_failure()
         loss_value = loss_total / self.d.world_size
@@ -274,7 +340,9 @@ class Trainer:
             else:
                 self.scaler.update()  # forget this step's unscale; the gradients are dropped at the next zero_grad
         self.state.step = step
-        tokens_per_s = self.tokens_per_step / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.clock.steps, self.clock.step_s = self.clock.steps + 1, self.clock.step_s + elapsed
+        tokens_per_s = self.tokens_per_step / elapsed
         row = {
             "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_seen": step * self.tokens_per_step, "time": time.time(),
@@ -282,7 +350,7 @@ class Trainer:
         }
         if not finite:
             row["skipped"] = True
-        return row, stop_votes > 0
+        return row, "signal" if stop_votes > 0 else "deadline" if deadline_votes > 0 else None
 
     def _step_optimizer(self, step: int) -> None:
         """The update (gradients unscaled and clipped); every --log-gradients steps also per-parameter norms
@@ -308,8 +376,10 @@ class Trainer:
         return step % s.checkpoint_interval == 0 or step == s.max_steps or step in s.permanent_checkpoints
 
     def save(self) -> None:
+        began = time.perf_counter()
         self.metrics.flush()  # metrics reach the registry before the checkpoint that contains them
         self.checkpointer.save(self.state.step, self.state_dict)
+        self.clock.save_s, self.clock.saves = self.clock.save_s + time.perf_counter() - began, self.clock.saves + 1
 
 
 def _test_spike_positions() -> frozenset[int]:

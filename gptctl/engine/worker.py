@@ -6,17 +6,21 @@ the registry and checkpoint files (it alone receives gathered full state; under 
 node, which is why the home must be shared).
 """
 
+import time
+
+STARTED = time.time()  # this process's start, before the slow imports: start-up time counts them
+
 import argparse
 import os
 import socket
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import NamedTuple
 
+from gptctl.deadline import worker_deadline
 from gptctl.engine.startup import StopFlag, pin_thread_pools
-from gptctl.launch import LAUNCHED_ENV, die_with_parent
+from gptctl.launch import LAUNCH_STARTED_ENV, LAUNCHED_ENV, die_with_parent
 
 STOP = StopFlag()
 
@@ -38,7 +42,7 @@ from gptctl.engine.loggers import ExternalLoggers
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
-from gptctl.registry import files, open_registry, queries
+from gptctl.registry import files, launches, open_registry, queries
 from gptctl.registry.locks import DirectoryLock
 from gptctl.settings import TrainSettings
 
@@ -49,12 +53,51 @@ class RunRefused(UserError):
     """This worker may not train the run (another trainer holds it, or it is already done): change nothing."""
 
 
+class LaunchLog:
+    """This start of the workers as a registry row (registry/launches.py), kept by the main rank: steps,
+    time per phase and peak memory at every metrics flush, the reason it ended at the end. A rollback
+    closes it and opens the next, which starts from the checkpoint rolled back to."""
+
+    def __init__(self, db, run_id: str, trainer: Trainer, enabled: bool):
+        self.db, self.run_id, self.trainer, self.enabled = db, run_id, trainer, enabled
+        self.id: int | None = None
+        self.base = trainer.clock.totals()  # the clock at this row's start: rows record their own share
+        self.startup = True  # the first row's start-up is the launch's; a rollback's is part of its wall time
+
+    def open(self, first_step: int, stale_reason: str, started: float) -> None:
+        if self.enabled:
+            self.id = launches.start(self.db, self.run_id, first_step, self.trainer.d.world_size, started, stale_reason)
+
+    def values(self) -> dict:
+        clock = self.trainer.clock
+        values = {k: v - self.base[k] for k, v in clock.totals().items()}
+        values.update(last_step=self.trainer.state.step, peak_memory=self.trainer.peak_memory())
+        if self.startup:
+            values["startup_s"] = clock.startup_s
+        return values
+
+    def update(self) -> None:
+        if self.id is not None:
+            launches.update(self.db, self.id, **self.values())
+
+    def close(self, reason: str, **values) -> None:
+        if self.id is not None:
+            launches.close(self.db, self.id, reason, **{**self.values(), **values})
+            self.id = None
+
+    def restart(self, step: int, reached: int) -> None:
+        """A rollback from step `reached` to `step`."""
+        self.close("rollback", last_step=reached)
+        self.base, self.startup = self.trainer.clock.totals(), False
+        self.open(step, "rollback", time.time())
+
+
 class RegistryMetrics(Metrics):
     """Rank 0's metrics: buffered and written to the registry in one transaction every few seconds,
-    and mirrored to W&B and TensorBoard. Other ranks keep nothing."""
+    and mirrored to W&B and TensorBoard; each flush also updates this launch's row. Other ranks keep nothing."""
 
-    def __init__(self, db, run_id: str, enabled: bool, mirrors: ExternalLoggers):
-        self.db, self.run_id, self.enabled, self.mirrors = db, run_id, enabled, mirrors
+    def __init__(self, db, run_id: str, enabled: bool, mirrors: ExternalLoggers, launch: LaunchLog):
+        self.db, self.run_id, self.enabled, self.mirrors, self.launch = db, run_id, enabled, mirrors, launch
         self.buffer: list[dict] = []
         self.last_flush = time.monotonic()
 
@@ -77,15 +120,17 @@ class RegistryMetrics(Metrics):
         if self.enabled:
             queries.add_event(self.db, self.run_id, step, kind, detail)
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, reached: int) -> None:
         if self.enabled:
             self.flush()
-            queries.delete_metrics_after(self.db, self.run_id, step)
+            queries.delete_metrics_after(self.db, self.run_id, step)  # the launches rows keep the lost work
+            self.launch.restart(step, reached)
 
     def flush(self) -> None:
         if self.enabled and self.buffer:
             queries.write_metrics(self.db, self.run_id, self.buffer)
             queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs show`
+        self.launch.update()
         self.buffer = []
         self.last_flush = time.monotonic()
 
@@ -227,11 +272,18 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     mirrors = ExternalLoggers(settings, run, run_dir, start_step, write)
     if write and mirrors.wandb_id:
         queries.update_run(db, run["id"], wandb_run_id=mirrors.wandb_id)
-    trainer.metrics = RegistryMetrics(db, run["id"], write, mirrors)
+    # A first start counts from the launcher's start; a start by torchrun after a failure from its own.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    trainer.clock.started = STARTED if restarted else float(os.environ.get(LAUNCH_STARTED_ENV) or STARTED)
+    trainer.deadline, trainer.deadline_margin = worker_deadline()
+    launch = LaunchLog(db, run["id"], trainer, write)
+    launch.open(start_step, "crash" if restarted else "kill", trainer.clock.started)  # rows open: starts that died
+    trainer.metrics = RegistryMetrics(db, run["id"], write, mirrors, launch)
     log_dir = settings.log_dir or run_dir
     if write:
         log_dir.mkdir(parents=True, exist_ok=True)
-    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level)
+    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level,
+                                        memory=trainer.peak_memory)
     trainer.checkpointer = ckpt.CheckpointManager(
         lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
         set(settings.permanent_checkpoints), write, asynchronous=settings.async_checkpoint,
@@ -248,9 +300,13 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
             result = trainer.train()
         finally:  # also when an eval fails: the last checkpoint is durable and registered before the run ends
             trainer.checkpointer.wait()
+    except BaseException:
+        launch.close("crash")
+        raise
     finally:
         trainer.metrics.close()
         trainer.progress.close()
+    launch.close("diverged" if result.diverged else result.stopped_by or "completed")
     if write:
         tokens_per_s, peak = result.tokens_per_s, trainer.peak_flops
         status = "diverged" if result.diverged else "interrupted" if result.interrupted else "completed"
@@ -258,7 +314,8 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         queries.update_run(db, run["id"], status=status, last_step=result.step, ended_at=queries.now(),
                            tokens_per_s=tokens_per_s, error=divergence,
                            mfu=(trainer.flops_per_token * tokens_per_s / peak) if (peak and tokens_per_s) else None)
-        print(f"stopped at step {result.step}, checkpoint saved" if result.interrupted
+        print(f"stopped at step {result.step} before the deadline, checkpoint saved" if result.stopped_by == "deadline"
+              else f"stopped at step {result.step}, checkpoint saved" if result.interrupted
               else f"error: {divergence}" if result.diverged
               else f"run {run['id']} completed at step {result.step}", flush=True)
     # A diverged run exits 0 for torchrun, which would otherwise restart it into the same divergence;

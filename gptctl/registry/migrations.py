@@ -128,3 +128,21 @@ def m0005_health(db: Database) -> None:
         if_not_exists=True,
     )
     db["events"].create_index(["run_id", "step"], if_not_exists=True)
+
+
+@migrations(name="0006_launches")
+def m0006_launches(db: Database) -> None:
+    # Every start of a run's workers (a launch, a torchrun restart, a rollback within one): what it trained,
+    # what it trained again, where its time went and how it ended. Times are epoch seconds (durations
+    # are what matters); reason is NULL while it runs (registry/launches.py).
+    db["launches"].create(
+        {"id": int, "run_id": str, "started_at": float, "ended_at": float, "updated_at": float, "reason": str,
+         "host": str, "world_size": int, "first_step": int, "last_step": int, "redone_steps": int,
+         "startup_s": float, "step_s": float, "eval_s": float, "save_s": float, "saves": int, "steps": int,
+         "peak_memory": int},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+        not_null={"run_id", "started_at", "first_step"},
+        if_not_exists=True,
+    )
+    db["launches"].create_index(["run_id"], if_not_exists=True)
