@@ -46,12 +46,15 @@ import sqlite3
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptctl.errors import UserError
 from gptctl.gpus import GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
 from gptctl.paths import registry_path
 from gptctl.presets import PRESETS, ModelShape
+
+if TYPE_CHECKING:
+    from gptctl.settings import TrainSettings
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
@@ -168,6 +171,18 @@ class EstimateInputs:
     permanent_checkpoints: list[int] = field(default_factory=list)
     interconnect: str | None = None
     activation_checkpointing: str = "none"
+
+
+    @classmethod
+    def from_settings(cls, settings: TrainSettings, **estimate_only: Any) -> "EstimateInputs":
+        """The run `gptctl pretrain` (or `finetune`) would make of these settings, on `estimate_only`'s GPUs."""
+        shape = settings.shape
+        return cls(model=settings.model, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                   seq_len=settings.seq_len, batch_size=settings.batch_size, total_batch_size=settings.total_batch_size,
+                   max_steps=settings.max_steps, dtype=settings.dtype,
+                   keep_last_n_checkpoints=settings.keep_last_n_checkpoints,
+                   permanent_checkpoints=list(settings.permanent_checkpoints),
+                   activation_checkpointing=settings.activation_checkpointing, **estimate_only)
 
 
 def resolve_shape(inp: EstimateInputs) -> ModelShape:

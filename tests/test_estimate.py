@@ -139,7 +139,7 @@ def test_json_keys():
 
 def test_odd_shape_custom_and_permanent_checkpoints():
     r = est_json("--n-layer", 3, "--n-head", 3, "--n-embd", 96, "--seq-len", 128, "--batch-size", 2,
-                 "--total-batch-size", 2048, "--max-steps", 100, "--mfu", 0.5, "--gpu", "a100-40gb",
+                 "--total-batch-size", 2048, "--max-steps", 100, "--warmup-steps", 10, "--mfu", 0.5, "--gpu", "a100-40gb",
                  "--keep-last-n-checkpoints", 2, "--permanent-checkpoints", "50,100,200")
     assert r["flops_per_token"] == ODD_FPT
     assert r["grad_accum_steps"] == 8
@@ -211,7 +211,7 @@ def test_finetune_defaults():
     # as `gptctl finetune` trains: one micro-step per GPU unless --total-batch-size says otherwise
     assert r["max_steps"] == 1750 and r["batch_size"] == 8 and r["grad_accum_steps"] == 1
     assert r["total_batch_size"] == 8 * 1024
-    r = est_json("--finetune", "--max-steps", 10)
+    r = est_json("--finetune", "--max-steps", 10, "--warmup-steps", 2)  # checked as `finetune` checks them
     assert r["max_steps"] == 10
 
 

@@ -7,69 +7,48 @@ import json
 import typer
 
 from gptctl.cli import app
-from gptctl.errors import UserError
-from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings
+from gptctl.cli.settings_options import GROUPS, with_settings_options
+from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings, build_settings
 
 DEFAULT_GPU = "rtx3090"  # the single consumer card most nanoGPT users train GPT-2 124M on
 
-
-def _default(name: str, finetune: bool):
-    """The value `gptctl pretrain` (or `finetune`) would use: one source of defaults for both commands."""
-    if finetune and name in FINETUNE_DEFAULTS:
-        return FINETUNE_DEFAULTS[name]
-    return TrainSettings.model_fields[name].default
-
-
-def _help(name: str) -> str:
-    """The training option's own help, with its defaults for pretrain and finetune."""
-    text = (TrainSettings.model_fields[name].description or "").split(" (default:")[0]
-    pretrain, finetune = _default(name, False), _default(name, True)
-    finetune = "one micro-step per GPU" if finetune is None else finetune
-    default = f"{pretrain}" if pretrain == finetune else f"{pretrain}; {finetune} with --finetune"
-    return f"{text} (default: {default})" if pretrain is not None else text
+# The training settings an estimate depends on: the same options, parsing, checks and defaults as
+# `gptctl pretrain` (FINETUNE_DEFAULTS with --finetune), so an estimate is of the run training would make.
+ESTIMATED = frozenset({"model", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
+                       "max_steps", "warmup_steps", "dtype", "keep_last_n_checkpoints", "permanent_checkpoints",
+                       "activation_checkpointing"})
 
 
-def _parse_steps(value: str | None) -> list[int]:
-    if not value:
-        return []
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UserError(f"--permanent-checkpoints: expected positive step numbers separated by commas, got {value!r}")
-    return [int(p) for p in parts]
+def _default_help(name: str) -> str:
+    pretrain = TrainSettings.model_fields[name].default
+    if name not in FINETUNE_DEFAULTS:
+        return str(pretrain)
+    finetune = FINETUNE_DEFAULTS[name]
+    return f"{pretrain}; {'one micro-step per GPU' if finetune is None else finetune} with --finetune"
 
 
 @app.command("estimate")
+@with_settings_options("pretrain", groups=GROUPS[:1], only=ESTIMATED,
+                       defaults={name: _default_help(name) for name in ESTIMATED if name in FINETUNE_DEFAULTS})
 def estimate_cmd(
+    values: dict,
     gpu: str = typer.Option(DEFAULT_GPU, "--gpu", help="GPU kind (see --list-gpus)."),
     num_gpus: int = typer.Option(1, "--num-gpus", help="GPUs training together (DDP)."),
-    model: str = typer.Option(None, "--model", help=_help("model"), show_default=False),
-    n_layer: int = typer.Option(None, "--n-layer", help=_help("n_layer")),
-    n_head: int = typer.Option(None, "--n-head", help=_help("n_head")),
-    n_embd: int = typer.Option(None, "--n-embd", help=_help("n_embd")),
-    seq_len: int = typer.Option(None, "--seq-len", help=_help("seq_len"), show_default=False),
-    batch_size: int = typer.Option(None, "--batch-size", help=_help("batch_size"), show_default=False),
-    total_batch_size: int = typer.Option(None, "--total-batch-size", help=_help("total_batch_size"),
-                                         show_default=False),
-    max_steps: int = typer.Option(None, "--max-steps", help=_help("max_steps"), show_default=False),
-    dtype: str = typer.Option(None, "--dtype", help=_help("dtype"), show_default=False),
     mfu: float = typer.Option(
         None, "--mfu", help="Assumed model FLOPs utilisation in (0, 1]. (default: the median of registry runs on this GPU, else a per-GPU "
         "figure)"
     ),
     finetune: bool = typer.Option(False, "--finetune", help="Estimate a finetune: its defaults, as each option says."),
-    keep_last_n_checkpoints: int = typer.Option(None, "--keep-last-n-checkpoints", help=_help("keep_last_n_checkpoints"),
-                                                show_default=False),
-    permanent_checkpoints: str = typer.Option(None, "--permanent-checkpoints", help="Steps never deleted, e.g. 10000,20000,30000."),
     interconnect: str = typer.Option(
         None, "--interconnect", help="pcie3, pcie4, pcie5, nvlink-bridge, nvlink2, nvlink3, nvlink4. (default: the GPU's usual one)"
     ),
-    activation_checkpointing: str = typer.Option(
-        None, "--activation-checkpointing", help=_help("activation_checkpointing")
-        + " Every mode's memory and largest micro-batch are shown either way.", show_default=False),
     list_gpus: bool = typer.Option(False, "--list-gpus", help="Show the known GPUs and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Estimate FLOPs, training time, GPU memory, checkpoint disk and communication of a run."""
+    """Estimate FLOPs, training time, GPU memory, checkpoint disk and communication of a run.
+
+    Every mode of --activation-checkpointing is shown with its memory and largest micro-batch either way.
+    """
     from gptctl import estimate as est
 
     if list_gpus:
@@ -80,14 +59,8 @@ def estimate_cmd(
             _print_gpus(rows)
         return
 
-    given = {"model": model, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "seq_len": seq_len,
-             "batch_size": batch_size, "total_batch_size": total_batch_size, "max_steps": max_steps, "dtype": dtype,
-             "keep_last_n_checkpoints": keep_last_n_checkpoints, "activation_checkpointing": activation_checkpointing}
-    inp = est.EstimateInputs(
-        gpu=gpu, num_gpus=num_gpus, mfu=mfu, permanent_checkpoints=_parse_steps(permanent_checkpoints),
-        interconnect=interconnect,
-        **{name: _default(name, finetune) if value is None else value for name, value in given.items()},
-    )
+    settings, _ = build_settings(values, defaults=FINETUNE_DEFAULTS if finetune else None)
+    inp = est.EstimateInputs.from_settings(settings, gpu=gpu, num_gpus=num_gpus, mfu=mfu, interconnect=interconnect)
     est.validate(inp)
     runs = est.registry_runs() if mfu is None else []
     result = est.estimate(inp, runs)

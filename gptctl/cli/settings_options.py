@@ -31,9 +31,9 @@ def _help(field) -> str:
 
 
 def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
-                          groups: tuple = GROUPS) -> Callable:
+                          groups: tuple = GROUPS, only: frozenset[str] | None = None) -> Callable:
     """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting of `kind`
-    in `groups`.
+    in `groups` (or only those named in `only`).
 
     Every generated option defaults to None, meaning "not given", so a --config file value
     is overridden only by what the user actually typed.
@@ -46,7 +46,7 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
         params = []
         annotations = {p.name: fn.__annotations__.get(p.name, p.annotation) for p in own}
         for panel, name, field in ((p, n, f) for m, p in groups for n, f in m.model_fields.items()):
-            if not is_option(name, kind):
+            if not is_option(name, kind) or (only is not None and name not in only):
                 continue
             extra = field.json_schema_extra or {}
             cli_type = _cli_type(field.annotation)
