@@ -87,14 +87,14 @@ def build_state(preset: str, metrics_rows: int) -> tuple[dict, float]:
     """The worker's checkpoint state for `preset`, and the seconds parallel.full_state took to gather it."""
     import torch
     from gptctl.engine import parallel
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
     from gptctl.engine.optim import make_optimizer
     from gptctl.engine.trainer import rng_state
     from gptctl.presets import PRESETS
     from gptctl.settings import TrainSettings
 
     torch.manual_seed(1337)
-    model = GPT(GPTConfig.from_shape(PRESETS[preset]))
+    model = GPT(PRESETS[preset])
     optimizer = make_optimizer(model, 0.1, 6e-4, "cpu")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3

@@ -51,14 +51,14 @@ def time_batches(data_root: Path, batch_size: int, seq_len: int, prefetch: int, 
 def wait_share(data_root: Path, prefetch: int, steps: int, warmup: int) -> tuple[float, float]:
     """(seconds waiting for data per step, seconds per step) of a real tiny-model training loop."""
     import torch
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
     from gptctl.engine.optim import make_optimizer
     from gptctl.presets import PRESETS
 
     batch_size, seq_len, accumulation = TRAIN_SHAPE
     loader = make_loader(data_root, batch_size, seq_len, accumulation, prefetch)
     torch.manual_seed(1337)
-    model = GPT(GPTConfig.from_shape(PRESETS["tiny"]))
+    model = GPT(PRESETS["tiny"])
     optimizer = make_optimizer(model, 0.1, 1e-3, "cpu")
     waits, totals = [], []
     for step in range(1, steps + 1):

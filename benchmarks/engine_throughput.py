@@ -126,7 +126,7 @@ def run_bare(shape: Shape, data_root: Path, steps: int, device_name: str, thread
     """End times of steps 1..N-1 of the bare loop."""
     import torch
     from gptctl.engine.distributed import resolve_dtype
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
     from gptctl.engine.optim import make_optimizer
     from gptctl.schedule import Schedule
     from gptctl.presets import PRESETS
@@ -139,7 +139,7 @@ def run_bare(shape: Shape, data_root: Path, steps: int, device_name: str, thread
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     torch.manual_seed(1337)
-    model = GPT(GPTConfig.from_shape(PRESETS[shape.model])).to(device)
+    model = GPT(PRESETS[shape.model]).to(device)
     optimizer = make_optimizer(model, 0.1, MAX_LR, device.type)
     batches = ContiguousBatches(data_root, shape, device)
     schedule = Schedule("cosine", MAX_LR, MAX_LR / 10, WARMUP_LR_STEPS, steps)

@@ -116,10 +116,10 @@ class DeviceBatches:
 def engine_model(shape, device, checkpointing="none"):
     import torch
 
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
 
     torch.manual_seed(SEED)
-    return GPT(GPTConfig.from_shape(shape), checkpointing).to(device)
+    return GPT(shape, checkpointing).to(device)
 
 
 def engine_rows(shape, seq_len, batch, steps, compile_, device, dtype, on_row=None) -> list[dict]:

@@ -86,14 +86,14 @@ def measure(case: list) -> int:
 
     import torch
 
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
     from gptctl.engine.optim import make_optimizer
     from gptctl.presets import ModelShape
 
     _, L, H, D, T, B, dtype, mode, chunked = case
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    warm = GPT(GPTConfig.from_shape(ModelShape(1, 1, 8, block_size=8)), mode).to(device)
+    warm = GPT(ModelShape(1, 1, 8, block_size=8), mode).to(device)
     train_steps(warm, make_optimizer(warm, 0.1, 1e-3, device.type), 1, 8, dtype, chunked, device, steps=1)
     del warm
     if device.type == "cuda":
@@ -102,7 +102,7 @@ def measure(case: list) -> int:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_bytes()
-    model = GPT(GPTConfig.from_shape(ModelShape(L, H, D, block_size=T)), mode).to(device)
+    model = GPT(ModelShape(L, H, D, block_size=T), mode).to(device)
     train_steps(model, make_optimizer(model, 0.1, 1e-3, device.type), B, T, dtype, chunked, device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() - base

@@ -82,12 +82,12 @@ def save_tiny_checkpoint(path: Path, kind: str = "pretrain", edit=None, data_roo
     import torch
 
     from gptctl.engine.checkpoint import save_atomic
-    from gptctl.engine.model import GPT, GPTConfig
+    from gptctl.engine.model import GPT
     from gptctl.settings import TrainSettings
 
     settings = TrainSettings(kind=kind, model="tiny", n_embd=32, seq_len=block, batch_size=batch_size, data_root=data_root)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_shape(settings.shape))
+    model = GPT(settings.shape)
     with torch.no_grad():
         for weight in (p for p in model.parameters() if p.dim() == 2):
             weight.mul_(20)

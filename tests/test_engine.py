@@ -10,7 +10,7 @@ import torch
 
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.loader import BatchLoader, TokenStream
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
 from gptctl.schedule import Schedule
 from gptctl.presets import PRESETS, ModelShape
@@ -31,7 +31,7 @@ HF_GPT2_KEYS = [  # Hugging Face GPT2LMHeadModel's names for block 0 and the res
 
 def tiny_model(seq_len=32) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_shape(ModelShape(n_layer=1, n_head=2, n_embd=32, block_size=seq_len)))
+    return GPT(ModelShape(n_layer=1, n_head=2, n_embd=32, block_size=seq_len))
 
 
 def test_parameter_names_match_gpt2_and_head_is_tied():
@@ -42,13 +42,13 @@ def test_parameter_names_match_gpt2_and_head_is_tied():
 
 def test_param_count_matches_preset_arithmetic():
     shape = PRESETS["tiny"]
-    model = GPT(GPTConfig.from_shape(shape))
+    model = GPT(shape)
     assert model.num_params() == shape.num_params()
 
 
 def test_residual_projections_are_scaled_at_init():
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_shape(ModelShape(n_layer=8, n_head=2, n_embd=64, block_size=16)))
+    model = GPT(ModelShape(n_layer=8, n_head=2, n_embd=64, block_size=16))
     std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
     std_proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
     assert std_fc == pytest.approx(0.02, rel=0.1)

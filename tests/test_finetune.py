@@ -45,7 +45,7 @@ def write_dolly(path, n=200, seed=0):
 def tiny_checkpoint(path, seq_len=64):
     settings = TrainSettings(model="tiny", seq_len=seq_len, batch_size=4, total_batch_size=4 * seq_len, warmup_steps=1)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_shape(settings.shape))
+    model = GPT(settings.shape)
     save_atomic({"model": model.state_dict(), "settings": settings.model_dump(mode="json"), "step": 1}, path)
     return path
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import TINY_RUN, gptctl, losses, train_in_process
 from gptctl.engine import checkpoint as ckpt
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
 from gptctl.presets import PRESETS, ModelShape
 
@@ -22,7 +22,7 @@ SHAPE = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 def tiny() -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_shape(SHAPE))
+    return GPT(SHAPE)
 
 
 def steps(model, optimizer, n=4, autocast=None, scaler=None) -> list[float]:
@@ -90,7 +90,7 @@ def close(a: dict, b: dict, tol=2e-4) -> bool:
     return sorted(a) == sorted(b) and all(abs(a[s][0] - b[s][0]) < tol for s in a)
 
 
-PLAIN_KEYS = list(GPT(GPTConfig.from_shape(PRESETS["tiny"])).state_dict())
+PLAIN_KEYS = list(GPT(PRESETS["tiny"]).state_dict())
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

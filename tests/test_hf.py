@@ -42,7 +42,7 @@ def randomize(model: torch.nn.Module) -> None:
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
     settings = TrainSettings(model="tiny", seq_len=32)
-    model = GPT(GPTConfig.from_shape(settings.shape))
+    model = GPT(settings.shape)
     randomize(model)
     path = tmp_path / "ckpt" / "model_00005.pt"
     path.parent.mkdir()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptctl.engine.model import GPT, GPTConfig, chunked_cross_entropy
+from gptctl.engine.model import GPT, chunked_cross_entropy
 from gptctl.engine.optim import make_optimizer
 from gptctl.presets import ModelShape
 
@@ -14,7 +14,7 @@ SHAPE = ModelShape(n_layer=3, n_head=2, n_embd=32, block_size=16)
 
 def tiny(mode: str = "none") -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_shape(SHAPE), activation_checkpointing=mode)
+    return GPT(SHAPE, activation_checkpointing=mode)
 
 
 def reference_loss(model: GPT, idx, targets):

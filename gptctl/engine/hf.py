@@ -295,7 +295,7 @@ def load_hf_gpt2(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor]
             continue
         state["transformer." + name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).float().contiguous()
     with torch.device("meta"):
-        expected = GPT(GPTConfig.from_shape(shape)).state_dict()
+        expected = GPT(shape).state_dict()
     expected.pop(TIED)
     wte = state.get("transformer.wte.weight")
     if wte is not None and wte.shape[0] == GPT2_VOCAB_SIZE:

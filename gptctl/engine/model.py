@@ -14,7 +14,6 @@ Two memory savers, neither of which changes a parameter name (checkpoints load i
   same to the bit.
 """
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,20 +25,8 @@ IGNORE_INDEX = -100  # finetuning masks prompt and padding tokens with it
 LOSS_CHUNK_ROWS = 2048  # rows (tokens) of logits alive at once: 2048 × 50304 fp32 = 412 MB
 CHECKPOINTING_MODES = ("none", "selective", "full")
 
-from gptctl.presets import ModelShape
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-
-    @classmethod
-    def from_shape(cls, shape: ModelShape) -> "GPTConfig":
-        return cls(shape.block_size, shape.vocab_size, shape.n_layer, shape.n_head, shape.n_embd)
+# The one description of a model, shared with settings and estimate (pure Python); nanoGPT's name here.
+from gptctl.presets import ModelShape as GPTConfig  # noqa: E402
 
 
 class CausalSelfAttention(nn.Module):

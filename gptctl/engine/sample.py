@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import autocast_for, resolve_device, resolve_dtype
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.errors import UserError
 from gptctl.presets import GPT2_VOCAB_SIZE
 from gptctl.prompt import format_prompt
@@ -104,7 +104,7 @@ class Sampler:
                             "give a file written by gptctl pretrain or finetune")
         try:
             self.settings = TrainSettings.model_validate(state["settings"])
-            self.model = GPT(GPTConfig.from_shape(self.settings.shape))
+            self.model = GPT(self.settings.shape)
             self.model.load_state_dict(state["model"])
         except (ValidationError, RuntimeError) as exc:
             raise UserError(f"{option}: {path} does not hold a model gptctl can build: {str(exc).splitlines()[0]}") from None

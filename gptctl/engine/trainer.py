@@ -26,7 +26,7 @@ from gptctl.engine import parallel
 from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolve_dtype
 from gptctl.engine.evaluate import mean_loss
 from gptctl.engine.health import Health
-from gptctl.engine.model import GPT, GPTConfig
+from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.startup import StopFlag
@@ -140,7 +140,7 @@ class Trainer:
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
         np.random.seed(settings.seed)
-        self.raw_model = GPT(GPTConfig.from_shape(settings.shape), settings.activation_checkpointing).to(d.device)
+        self.raw_model = GPT(settings.shape, settings.activation_checkpointing).to(d.device)
         if settings.model_parallel:
             parallel.shard(self.raw_model, d, settings.mesh_shape(d.world_size))
         self.optimizer = make_optimizer(self.raw_model, settings.weight_decay, settings.max_lr, d.device.type)
