@@ -215,12 +215,12 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
     assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
     assert (gptctl_home / "gptctl.db").read_bytes() == before
 
-    from gptctl import control
+    from gptctl.resume import resume_changes, resume_settings
 
     run = queries.get_run(db, "abc123")
-    changes = control.resume_changes(run, {"eval_interval": 2, "batch_size": 4, "max_steps": 12})
+    changes = resume_changes(run, {"eval_interval": 2, "batch_size": 4, "max_steps": 12})
     assert changes == {"eval_interval": 2}  # an equal --batch-size is no change
-    resumed, note = control.resume_settings(run, 12, changes)
+    resumed, note = resume_settings(run, 12, changes)
     assert resumed.eval_interval == 2 and resumed.max_steps == 12 and resumed.lr_decay_steps == 8
     assert "--eval-interval 2 (was 250)" in note and "still ends at step 8" in note
     assert json.loads(run["settings"])["eval_interval"] == settings.eval_interval  # nothing stored by asking
@@ -237,9 +237,9 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
         result = runner.invoke(app, ["resume", "r", *args])
         assert result.exit_code == 2 and said in result.output, (args, result.output)
         assert (gptctl_home / "gptctl.db").read_bytes() == before
-    changes = control.resume_changes(run, {"batch_size": 2, "max_lr": 1e-3}, override=True)
+    changes = resume_changes(run, {"batch_size": 2, "max_lr": 1e-3}, override=True)
     assert changes == {"batch_size": 2, "max_lr": 1e-3}
-    _, note = control.resume_settings(run, None, changes)
+    _, note = resume_settings(run, None, changes)
     assert note == ("changed at step 4: --batch-size 2 (was 4), by --override-settings, "
                     "--max-lr 0.001 (was 0.0006), by --override-settings")
     result = runner.invoke(app, ["pretrain", *tiny, "--override-settings"])
@@ -247,11 +247,11 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
 
 
 def test_lowering_max_steps_on_resume_says_what_the_lr_does(shakespeare):
-    from gptctl import control
+    from gptctl.resume import resume_settings
     from gptctl.settings import build_settings
 
     settings, _ = build_settings({"model": "tiny", "max_steps": 1000, "warmup_steps": 10, "data_root": shakespeare})
     run = {"id": "abc123", "name": "r", "settings": settings.model_dump_json(), "last_step": 100}
-    resumed, note = control.resume_settings(run, 200)
+    resumed, note = resume_settings(run, 200)
     assert resumed.schedule_steps == 200 and note.startswith("--max-steps 1000 -> 200 at step 100: the LR schedule "
                                                              "now ends at step 200; the LR at step 101 goes from 0.000")

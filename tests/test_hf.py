@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import SHAKESPEARE, TINY_RUN, gptctl
 from gptctl.cli import app
-from gptctl.control import parent_model
+from gptctl.preflight import parent_model
 from gptctl.data.tokenizer import get_encoding
 from gptctl.engine.checkpoint import save_atomic
 from gptctl.engine.hf import load_hf_gpt2, write_checkpoint

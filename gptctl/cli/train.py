@@ -1,18 +1,21 @@
 """`gptctl pretrain`, `gptctl finetune` and `gptctl resume`."""
 
+import json
 import os
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from gptctl import control, slurm
+from gptctl import control, preflight, slurm
 from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
+from gptctl.resume import OVERRIDE, resume_changes, resume_settings
 from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
                              build_settings)
 
@@ -22,7 +25,7 @@ AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the newest unf
 RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path.")
 CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
 JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
-OVERRIDE_SETTINGS = typer.Option(False, control.OVERRIDE, help="When resuming, let the options given change "
+OVERRIDE_SETTINGS = typer.Option(False, OVERRIDE, help="When resuming, let the options given change "
                                  "settings that make the run (data, batch, optimizer, schedule, seed, dtype); each "
                                  "change is recorded with its step. The model's shape never changes.")
 PRINT_COMMAND = typer.Option(False, "--print-command", help="Create the run (status queued) and print the torchrun "
@@ -55,10 +58,10 @@ def pretrain(
             if shape_options:
                 raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
             parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from"))
-            fixed = {"pretrained_checkpoint": str(parent), **control.parent_model(parent, "--init-from")}
+            fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         settings, launch = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
-        control.check_data(settings)
+        preflight.check_data(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, as_json)
 
@@ -88,11 +91,11 @@ def finetune(
 
     # The parent is leased from the moment it is chosen until the run row records it (then retention spares it).
     with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint") as parent:
-        model = control.parent_model(parent, "--pretrained-checkpoint")
+        model = preflight.parent_model(parent, "--pretrained-checkpoint")
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
         settings, launch = build_settings(values, config, defaults=defaults, kind="finetune",
                                           pretrained_checkpoint=str(parent), **model)
-        control.check_dataset(settings)
+        preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, as_json)
 
@@ -101,9 +104,9 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
            auto_resume: bool, resume: bool, checkpoint_path: Path | None, print_command: bool, override: bool,
            as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
-    control.check_checkpoint_path(checkpoint_path, resume, settings)
-    control.check_world_size(settings, launch)
-    control.check_extras(settings)
+    preflight.check_checkpoint_path(checkpoint_path, resume, settings)
+    preflight.check_world_size(settings, launch)
+    preflight.check_extras(settings)
     if launch.node_rank > 0:
         if print_command:
             raise UserError("--print-command: run it for node 0 (--node-rank 0); each node then runs the printed "
@@ -112,7 +115,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                    f"(rendezvous at {launch.master_addr}:{launch.master_port})", err=True)
         raise typer.Exit(control.follow(settings, launch))
     if override and not auto_resume:
-        raise UserError(f"{control.OVERRIDE}: only for a resume (--auto-resume, or `gptctl resume RUN`)")
+        raise UserError(f"{OVERRIDE}: only for a resume (--auto-resume, or `gptctl resume RUN`)")
     if auto_resume and not resume:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
@@ -121,16 +124,16 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                             f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
                             "again from its last good checkpoint, or give a new --run-name")
         if previous is not None:
-            changes = control.resume_changes(previous, values, override)
-            _resume(previous, *control.resume_settings(previous, values.get("max_steps"), changes), launch, as_json)
-    prepared = control.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
+            changes = resume_changes(previous, values, override)
+            _resume(previous, *resume_settings(previous, values.get("max_steps"), changes), launch, as_json)
+    prepared = preflight.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
                    + (f"; {prepared.skipped:,} skipped (empty, or the response does not fit --seq-len)" if prepared.skipped else ""),
                    err=True)
     writable_home()  # the last check: the run is created next
     init = str(checkpoint_path.resolve()) if resume else None
-    run, lock = control.create_run(settings, control.command_line(), save_config,
+    run, lock = control.create_run(settings, command_line(), save_config,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
     if print_command:
@@ -144,11 +147,11 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
 
 def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
             as_json: bool) -> None:
-    control.check_run_dir(run)
-    control.check_world_size(settings, launch)
+    preflight.check_run_dir(run)
+    preflight.check_world_size(settings, launch)
     lock = control.lock_existing(run)
     try:
-        control.refuse_if_done(run, settings)
+        preflight.refuse_if_done(run, settings)
     except UserError:
         lock.release()  # refused: the run stays as it was
         raise
@@ -164,7 +167,7 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
 def _finish(outcome: control.Outcome, as_json: bool) -> None:
     info = control.summary(outcome.run)
     if as_json:
-        typer.echo(control.dump(info))
+        typer.echo(json.dumps(info, indent=2, default=str))
     else:
         loss = f"{info['loss']:.4f}" if info["loss"] is not None else "-"
         val = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "-"
@@ -200,5 +203,9 @@ def resume_cmd(
     max_steps = values.get("max_steps")
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    changes = control.resume_changes(run, values, override_settings)
-    _resume(run, *control.resume_settings(run, max_steps, changes), launch, as_json)
+    changes = resume_changes(run, values, override_settings)
+    _resume(run, *resume_settings(run, max_steps, changes), launch, as_json)
+
+
+def command_line() -> list[str]:
+    return ["gptctl", *sys.argv[1:]]

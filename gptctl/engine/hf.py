@@ -264,7 +264,7 @@ def _read_weights(directory: Path, option: str) -> dict[str, torch.Tensor]:
 
 
 def _model_settings(shape: ModelShape) -> dict[str, Any]:
-    """What control.parent_model returns for a gptctl checkpoint: a preset name and the explicit shape."""
+    """What preflight.parent_model returns for a gptctl checkpoint: a preset name and the explicit shape."""
     same = (shape.n_layer, shape.n_head, shape.n_embd)
     preset = next((name for name, p in PRESETS.items() if (p.n_layer, p.n_head, p.n_embd) == same), "gpt2")
     return {"model": preset, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,

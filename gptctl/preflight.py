@@ -1,0 +1,147 @@
+"""Checks before a run exists or a launch starts: data, files, the world size, the checkpoint a run
+would start from. Each raises UserError naming the option; none writes anything, except that
+refuse_if_done marks a checkpoint that does not load as corrupt."""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gptctl import launch
+from gptctl.errors import UserError
+from gptctl.paths import home_dir
+from gptctl.registry import open_registry, queries
+from gptctl.settings import LaunchSettings, TrainSettings, describe
+
+
+def check_data(settings: TrainSettings) -> None:
+    from gptctl.data.shards import check_split_size
+
+    if settings.data_root is None:
+        raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
+    for split in ("train", "val"):
+        check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
+
+
+def check_dataset(settings: TrainSettings) -> None:
+    path = settings.dataset_path
+    if path is not None and not path.is_file():
+        raise UserError(f"--dataset-path: {path} does not exist; give a JSONL file in Dolly's schema "
+                        "(instruction, context, response, category)")
+
+
+def check_extras(settings: TrainSettings) -> None:
+    """Optional packages and files the workers will need, checked before anything is written."""
+    from importlib.util import find_spec
+
+    for wanted, option, package in ((settings.wandb_log, "--wandb-log", "wandb"), (settings.tensorboard, "--tensorboard", "tensorboard")):
+        if wanted and find_spec(package) is None:
+            raise UserError(f"{option}: the {package} package is not installed; pip install 'gptctl[{package}]'")
+    if settings.hellaswag_file is not None and not settings.hellaswag_file.is_file():
+        raise UserError(f"--hellaswag-file: {settings.hellaswag_file} does not exist")
+    if settings.log_dir is not None and settings.log_dir.exists() and not settings.log_dir.is_dir():
+        raise UserError(f"--log-dir: {settings.log_dir} is not a directory")
+
+
+def prepare_dataset(settings: TrainSettings):
+    """A finetune's tokenized instruction set (None for pretraining, which reads shards in place)."""
+    if settings.kind != "finetune":
+        return None
+    from gptctl.data import dolly
+
+    return dolly.build(settings.dataset_path, settings.seq_len, settings.val_fraction, settings.seed)
+
+
+def check_world_size(settings: TrainSettings, launch_settings: LaunchSettings) -> None:
+    """The run's batch and sharding split over this launch's processes (with --nproc-per-node gpu they are
+    counted here); checked for every launch, since a resume may run on another number of processes."""
+    try:
+        settings.check_world(launch.world_size(launch_settings))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+# What the workers read from a checkpoint they resume from (engine/worker.py), besides its settings.
+TRAINING_STATE = ("model", "optimizer", "step", "rng")
+
+
+def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettings) -> None:
+    """--resume --checkpoint-path: a gptctl training state of this model, short of --max-steps, read now,
+    before the run exists (the workers would otherwise fail on it after a run was created)."""
+    if resume and path is None:
+        raise UserError("--resume needs --checkpoint-path PATH (or use --auto-resume, or `gptctl resume RUN`)")
+    if path is None:
+        return
+    if not resume:
+        raise UserError("--checkpoint-path: only used with --resume; add --resume (or start from its weights alone "
+                        "with --init-from)")
+    if not path.is_file():
+        raise UserError(f"--checkpoint-path: {path} does not exist")
+    state, stored = read_checkpoint(path, "--checkpoint-path")
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise UserError(f"--checkpoint-path: {path} holds no training state ({', '.join(missing)} missing), so a run "
+                        "cannot resume from it; start from its weights with --init-from")
+    differs = [f"{k} {getattr(stored.shape, k)} vs {getattr(settings.shape, k)}"
+               for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(stored.shape, k) != getattr(settings.shape, k)]
+    if differs:
+        raise UserError(f"--checkpoint-path: {path} holds another model than these settings make ({', '.join(differs)});"
+                        f" give the checkpoint's own --model/--n-*/--seq-len")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"--checkpoint-path: {path} has no valid step number ({step!r}); is it a gptctl checkpoint?")
+    if step >= settings.max_steps:
+        raise UserError(f"--checkpoint-path: {path} is at step {step}; --max-steps ({settings.max_steps}) must be "
+                        "above it to train further")
+
+
+def check_run_dir(run: dict[str, Any]) -> None:
+    """A run is continued in its directory: one that was deleted cannot be resumed (nor silently re-created)."""
+    if not Path(run["run_dir"]).is_dir():
+        raise UserError(f"run {run['id']} ({run['name']}): its run directory {run['run_dir']} is gone, with its "
+                        "checkpoints; start a new run (--resume --checkpoint-path FILE continues from a copy)")
+
+
+def read_checkpoint(path: Path, option: str) -> tuple[dict[str, Any], TrainSettings]:
+    """(state, its settings) of a checkpoint a run would start from, loaded as plain data only, and checked to
+    be gptctl's own: a dict with model weights and the settings that made it. UserError naming `option` otherwise."""
+    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
+
+    try:
+        state = load(path, mmap=True)  # the settings and keys; the tensors are not read
+    except UnsafeCheckpoint as exc:
+        raise UserError(f"{option}: {exc}") from None
+    stored = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(stored, dict) or not isinstance(state.get("model"), dict):
+        found = "no settings" if isinstance(state, dict) else f"a {type(state).__name__}, not a dict of state"
+        raise UserError(f"{option}: {path} is not a gptctl checkpoint ({found}); gptctl starts only from its own "
+                        "checkpoints, or from Hugging Face weights with hf:DIR_OR_NAME")
+    try:
+        return state, TrainSettings.model_validate(stored)
+    except ValidationError as exc:
+        raise UserError(f"{option}: {path} holds settings gptctl cannot use ({describe(exc)})") from None
+
+
+def parent_model(path: Path, option: str) -> dict[str, Any]:
+    """The model settings of the checkpoint a run starts from (loaded as plain data only)."""
+    parent = read_checkpoint(path, option)[1]
+    shape = parent.shape
+    return {"model": parent.model, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "block_size": shape.block_size}
+
+
+def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
+    """A resume of `run` (locked by the caller) that could train nothing is refused before its status
+    changes. Its start is found by the workers' rules: the newest checkpoint that verifies and, when
+    it would end the run, loads as plain data (a file that does not is marked corrupt)."""
+    from gptctl.registry import files
+
+    db = open_registry(home_dir())
+    files.reconcile(db, run, inspect=files.load_check, by_trainer=True)  # the caller holds the run for its workers
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    while (row := files.newest_verified_checkpoint(db, run["id"], warn)) and row["step"] >= settings.max_steps:
+        if files.load_check(Path(row["path"])) == row["step"]:
+            raise UserError(f"run {run['id']} is already at step {row['step']}; raise --max-steps above it to continue")
+        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+        warn(f"checkpoint step {row['step']} ({row['path']}) does not load as a gptctl checkpoint; marked corrupt")

@@ -1,0 +1,94 @@
+"""What a resume may change in a run's settings, and what it does to them (the LR schedule's end)."""
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from gptctl.errors import UserError
+from gptctl.settings import TrainSettings, describe, option_name
+
+
+# Settings a resume may change: how the run is watched, evaluated, checkpointed and kept, and how its
+# steps are computed, not what they compute. Any other, changed, would silently make another run (data,
+# batch, optimizer, schedule, seed, dtype): only with --override-settings. The model's shape never.
+CHANGEABLE_ON_RESUME = frozenset({
+    "eval_interval", "eval_steps", "checkpoint_interval", "async_checkpoint", "keep_last_n_checkpoints",
+    "permanent_checkpoints", "num_workers", "compile", "log_dir", "log_level", "log_gradients", "wandb_log",
+    "wandb_project", "wandb_run_name", "tensorboard", "hellaswag_interval", "hellaswag_file", "on_divergence",
+    "spike_factor", "nonfinite_streak", "max_rollbacks", "activation_checkpointing", "model_parallel",
+    "model_parallel_size", "device", "deterministic",
+})
+SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
+OVERRIDE = "--override-settings"
+
+
+def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = False) -> dict[str, Any]:
+    """The options given for a resume of `run` that differ from its stored settings (values as the run's
+    settings hold them). Those in CHANGEABLE_ON_RESUME, any other only with `override`; UserError naming
+    the first that may not change, or that would give the checkpoint's weights another shape."""
+    stored = TrainSettings.model_validate_json(run["settings"])
+    given = {k: v for k, v in given.items()
+             if v is not None and k in TrainSettings.model_fields and k not in ("max_steps", "run_name")}
+    try:
+        wanted = TrainSettings(**{**stored.model_dump(), **given})
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+    changes = {name: getattr(wanted, name) for name in sorted(given) if getattr(wanted, name) != getattr(stored, name)}
+    was = f"run {run['id']} ({run['name']}) was started with"
+    if wanted.shape != stored.shape:
+        name = next(n for n in SHAPE_OPTIONS if n in changes)
+        value = getattr(stored.shape, name, None) or getattr(stored, name)  # n_layer None: the preset's
+        raise UserError(f"{option_name(name)}: {was} {value!r}, and its checkpoints hold weights of that shape; "
+                        "drop the option, or start a new run (--init-from RUN takes its weights)")
+    refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME]
+    if refused and not override:
+        name = refused[0]
+        raise UserError(f"{option_name(name)}: {was} {getattr(stored, name)!r}; resuming cannot change it without "
+                        f"making another run. Drop the option, add {OVERRIDE} to change it all the same (recorded "
+                        "with the step), or start a new run with another --run-name")
+    return changes
+
+
+def resume_settings(run: dict[str, Any], max_steps: int | None,
+                    changes: dict[str, Any] | None = None) -> tuple[TrainSettings, str | None]:
+    """The run's settings for a resume, and what the resume changes, as one line for the run's events
+    (None: nothing).
+
+    The LR never jumps: the schedule keeps ending where it did (--lr-decay-steps), so the added steps
+    train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
+    stored = TrainSettings.model_validate_json(run["settings"])
+    settings = TrainSettings(**{**stored.model_dump(), **changes}) if changes else stored
+    changed = _describe_changes(changes, stored, run)
+    if max_steps is None or max_steps == settings.max_steps:
+        return settings, changed
+    last = run["last_step"] or 0
+    if max_steps <= last:
+        raise UserError(f"--max-steps ({max_steps}) must be above the run's last step ({last})")
+    update: dict[str, Any] = {"max_steps": max_steps}
+    horizon = settings.schedule_steps
+    wsd_stable = settings.lr_scheduler == "wsd" and settings.lr_decay_steps is None and last < settings.schedule().decay_start()
+    if wsd_stable:
+        note = f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the wsd decay moves to the new end"
+    elif settings.lr_scheduler != "constant" and settings.lr_decay_steps is None and max_steps < horizon:
+        before, after = settings.schedule().at(last + 1), settings.schedule(max_steps).at(last + 1)
+        note = (f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the LR schedule now ends at step "
+                f"{max_steps}; the LR at step {last + 1} goes from {before:.3g} to {after:.3g}")
+    elif settings.lr_scheduler == "constant" or horizon >= max_steps:
+        note = None
+    else:
+        update["lr_decay_steps"] = horizon
+        note = (f"--max-steps {settings.max_steps} -> {max_steps} at step {last}: the LR schedule still ends at "
+                f"step {horizon}; the added steps train at the final LR ({settings.final_lr:.3g})")
+    try:
+        settings = TrainSettings(**{**settings.model_dump(), **update})
+    except ValidationError as exc:  # e.g. warmup >= max_steps
+        raise UserError(describe(exc)) from None
+    return settings, "; ".join(n for n in (note, changed) if n) or None
+
+
+def _describe_changes(changes: dict[str, Any] | None, stored: TrainSettings, run: dict[str, Any]) -> str | None:
+    if not changes:
+        return None
+    return f"changed at step {run['last_step'] or 0}: " + ", ".join(
+        f"{option_name(k)} {v} (was {getattr(stored, k)})"
+        + ("" if k in CHANGEABLE_ON_RESUME else f", by {OVERRIDE}") for k, v in changes.items())
