@@ -33,7 +33,10 @@ Assumptions (all stated in the output's `assumptions` too):
   the whole-logits loss it replaced kept ``s·b·V·(act bytes + 8)``. benchmarks/memory.py measures
   these against real peaks.
 * Checkpoints: model weights in fp32 (4 bytes/param; tied wte/lm_head stored once) and, with the
-  optimizer, + 8 bytes/param of AdamW moments.
+  optimizer, + 8 bytes/param of AdamW moments (--optimizer muon: 4 bytes/param of Muon momentum for
+  the block matrices, 12·L·d² params, and AdamW moments for the rest). Muon's Newton-Schulz
+  iterations add 5 × 56·d³ FLOPs per block per optimizer step on every GPU: for gpt2 124M at
+  524,288 tokens per step about 0.3% of the step's FLOPs.
 * Multi-GPU: DDP ring allreduce of the fp32 gradients once per optimizer step,
   ``2(n-1)/n × 4·P / bandwidth``, assumed *not* overlapped with compute (pessimistic; DDP overlaps
   part of it with backward). Scaling efficiency = compute time / (compute + allreduce).
@@ -80,6 +83,30 @@ def total_params(shape: ModelShape, seq_len: int) -> int:
     return flop_params(shape) + seq_len * shape.n_embd
 
 
+def muon_params(shape: ModelShape) -> int:
+    """Parameters --optimizer muon gives to Muon: the block matrices c_attn (3d×d), attn.c_proj (d×d),
+    c_fc (4d×d) and mlp.c_proj (d×4d): 12·L·d² (engine/optim.py's split)."""
+    return 12 * shape.n_layer * shape.n_embd ** 2
+
+
+MUON_NS_STEPS = 5  # engine/optim.py's Newton-Schulz steps per update
+
+
+def newton_schulz_flops(shape: ModelShape) -> int:
+    """FLOPs of Muon's orthogonalisation per optimizer step, on every process (DDP replicates it). For an
+    m×n matrix (m ≤ n) one Newton-Schulz iteration computes A = X·Xᵀ (2m²n), A·A (2m³) and B·X (2m²n);
+    per block that is 14d³ (c_attn) + 6d³ (attn.c_proj) + 18d³ (c_fc) + 18d³ (mlp.c_proj) = 56d³."""
+    return MUON_NS_STEPS * 56 * shape.n_layer * shape.n_embd ** 3
+
+
+def optimizer_bytes(shape: ModelShape, seq_len: int, optimizer: str) -> dict[str, int]:
+    """fp32 optimizer state: AdamW's two moments (8 B/param) for what AdamW updates; Muon's one momentum
+    buffer (4 B/param) for the block matrices under --optimizer muon."""
+    params = total_params(shape, seq_len)
+    muon = muon_params(shape) if optimizer == "muon" else 0
+    return {"adam_moments_bytes": 8 * (params - muon), "muon_momentum_bytes": 4 * muon}
+
+
 def recomputed_blocks(n_layer: int, checkpointing: str) -> int:
     """Blocks that --activation-checkpointing recomputes: none, every other one (0, 2, …), or all."""
     if checkpointing not in CHECKPOINTING_MODES:
@@ -105,27 +132,28 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: s
 
 
 def memory_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str, checkpointing: str = "none",
-                 chunked_loss: bool = True, overhead: int = CUDA_OVERHEAD_BYTES) -> dict[str, int]:
+                 chunked_loss: bool = True, overhead: int = CUDA_OVERHEAD_BYTES, optimizer: str = "adamw") -> dict[str, int]:
     """Peak memory of one training process, by part (see the module docstring)."""
     params = total_params(shape, seq_len)
     activations = activation_bytes(shape, seq_len, micro_batch, dtype, checkpointing, chunked_loss)
     parts = {
         "weights_bytes": 4 * params,
         "gradients_bytes": 4 * params,
-        "adam_moments_bytes": 8 * params,
+        **optimizer_bytes(shape, seq_len, optimizer),
         "other_bytes": (0 if normalize_dtype(dtype) == "float32" else 2 * params) + overhead,
         "activations_bytes": activations,
     }
-    parts["total_bytes"] = (parts["weights_bytes"] + parts["adam_moments_bytes"] + parts["other_bytes"]
-                            + max(parts["gradients_bytes"], activations))
+    parts["total_bytes"] = (parts["weights_bytes"] + parts["adam_moments_bytes"] + parts["muon_momentum_bytes"]
+                            + parts["other_bytes"] + max(parts["gradients_bytes"], activations))
     return parts
 
 
 def largest_micro_batch(shape: ModelShape, seq_len: int, dtype: str, capacity: int, checkpointing: str = "none",
-                        chunked_loss: bool = True) -> int:
+                        chunked_loss: bool = True, optimizer: str = "adamw") -> int:
     """The largest micro-batch whose peak fits in `capacity` bytes (0: not even one sequence)."""
     def fits(b: int) -> bool:
-        return memory_bytes(shape, seq_len, b, dtype, checkpointing, chunked_loss)["total_bytes"] <= capacity
+        return memory_bytes(shape, seq_len, b, dtype, checkpointing, chunked_loss,
+                            optimizer=optimizer)["total_bytes"] <= capacity
 
     if not fits(1):
         return 0
@@ -171,6 +199,7 @@ class EstimateInputs:
     permanent_checkpoints: list[int] = field(default_factory=list)
     interconnect: str | None = None
     activation_checkpointing: str = "none"
+    optimizer: str = "adamw"
 
 
     @classmethod
@@ -182,7 +211,8 @@ class EstimateInputs:
                    max_steps=settings.max_steps, dtype=settings.dtype,
                    keep_last_n_checkpoints=settings.keep_last_n_checkpoints,
                    permanent_checkpoints=list(settings.permanent_checkpoints),
-                   activation_checkpointing=settings.activation_checkpointing, **estimate_only)
+                   activation_checkpointing=settings.activation_checkpointing, optimizer=settings.optimizer,
+                   **estimate_only)
 
 
 def resolve_shape(inp: EstimateInputs) -> ModelShape:
@@ -311,20 +341,22 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         else:
             mfu, mfu_source = spec.default_mfu, f"default for {spec.key}"
     fpt = flops_per_token(shape, inp.seq_len)
-    flops_per_step = fpt * inp.total_batch_size
+    ns_flops = newton_schulz_flops(shape) if inp.optimizer == "muon" else 0  # per process, not per token
+    flops_per_step = fpt * inp.total_batch_size + ns_flops * n
     tokens_per_second = mfu * peak * n / fpt  # compute only, all GPUs
-    compute_seconds = inp.total_batch_size / tokens_per_second
+    compute_seconds = inp.total_batch_size / tokens_per_second + ns_flops / (mfu * peak)
     grad_accum = inp.total_batch_size // (inp.batch_size * inp.seq_len * n)
 
     # memory per GPU
     params = total_params(shape, inp.seq_len)
     capacity = int(spec.memory_gib * GIB)
-    memory = memory_bytes(shape, inp.seq_len, inp.batch_size, dtype, inp.activation_checkpointing)
-    by_mode = memory_by_mode(shape, inp.seq_len, inp.batch_size, dtype, capacity)
+    memory = memory_bytes(shape, inp.seq_len, inp.batch_size, dtype, inp.activation_checkpointing,
+                          optimizer=inp.optimizer)
+    by_mode = memory_by_mode(shape, inp.seq_len, inp.batch_size, dtype, capacity, inp.optimizer)
 
     # disk
     ckpt = 4 * params
-    ckpt_opt = ckpt + 8 * params
+    ckpt_opt = ckpt + sum(optimizer_bytes(shape, inp.seq_len, inp.optimizer).values())
     permanent = sorted({s for s in inp.permanent_checkpoints if s <= inp.max_steps})
     retained = inp.keep_last_n_checkpoints + len(permanent)
 
@@ -343,6 +375,8 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         "max_steps": inp.max_steps,
         "grad_accum_steps": grad_accum,
         "flops_per_token": fpt,
+        "optimizer": inp.optimizer,
+        "newton_schulz_flops_per_step": ns_flops,
         "flops_per_step": flops_per_step,
         "total_flops": flops_per_step * inp.max_steps,
         "peak_flops": peak,
@@ -353,7 +387,8 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         "activation_checkpointing": inp.activation_checkpointing,
         "memory": {**memory, "gpu_memory_bytes": capacity},
         "fits": memory["total_bytes"] <= capacity,
-        "max_micro_batch": largest_micro_batch(shape, inp.seq_len, dtype, capacity, inp.activation_checkpointing),
+        "max_micro_batch": largest_micro_batch(shape, inp.seq_len, dtype, capacity, inp.activation_checkpointing,
+                                               optimizer=inp.optimizer),
         "memory_by_mode": by_mode,
         "fit_advice": fit_advice(by_mode, inp.batch_size, inp.activation_checkpointing, spec.name),
         "checkpoint_bytes": ckpt,
@@ -384,7 +419,10 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         total_human=human_duration(total_seconds),
         assumptions=[
             "FLOPs/token = 6N + 12·L·d·T, N = all params except position embeddings (nanoGPT/PaLM)",
-            "fp32 params, grads and AdamW moments (16 B/param)"
+            ("fp32 params, grads and AdamW moments (16 B/param)" if inp.optimizer == "adamw" else
+             "fp32 params and grads; AdamW moments for embeddings and 1-D params, one Muon momentum buffer "
+             f"for the block matrices; Newton-Schulz: {MUON_NS_STEPS} iterations, 56·d³ FLOPs per block each, "
+             "on every GPU")
             + (f"; {dtype} autocast activations + 2 B/param autocast weight cache" if dtype != "float32"
                else "; fp32 activations")
             + "; + 1 GiB CUDA overhead",
@@ -397,17 +435,18 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
     return result
 
 
-def memory_by_mode(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str, capacity: int) -> list[dict]:
+def memory_by_mode(shape: ModelShape, seq_len: int, micro_batch: int, dtype: str, capacity: int,
+                   optimizer: str = "adamw") -> list[dict]:
     """Peak memory, fit and largest micro-batch for each --activation-checkpointing mode (chunked loss),
     and for the whole-logits loss the engine used before, to show what chunking saves."""
     rows = []
     for mode, chunked in [("none", False)] + [(m, True) for m in CHECKPOINTING_MODES]:
-        mem = memory_bytes(shape, seq_len, micro_batch, dtype, mode, chunked)
+        mem = memory_bytes(shape, seq_len, micro_batch, dtype, mode, chunked, optimizer=optimizer)
         rows.append({
             "activation_checkpointing": mode, "chunked_loss": chunked,
             "activations_bytes": mem["activations_bytes"], "total_bytes": mem["total_bytes"],
             "fits": mem["total_bytes"] <= capacity,
-            "max_micro_batch": largest_micro_batch(shape, seq_len, dtype, capacity, mode, chunked),
+            "max_micro_batch": largest_micro_batch(shape, seq_len, dtype, capacity, mode, chunked, optimizer),
         })
     return rows
 

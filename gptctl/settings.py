@@ -158,6 +158,14 @@ class TrainSettings(_Settings):
     lr_restarts: int = Field(0, ge=0, description="Restarts for cosine_with_restarts: the decay runs as K+1 cycles.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
+        "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
+    muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
+                           "√max(1, rows/cols) per matrix; follows the same schedule).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).")
+    muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
+                                     "block matrices.")
     # hardware
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
@@ -278,6 +286,9 @@ class TrainSettings(_Settings):
         if self.lr_restarts and self.lr_restarts >= self.max_steps - self.warmup_steps:
             raise ValueError(f"--lr-restarts ({self.lr_restarts}) makes cycles shorter than a step: at most "
                              f"--max-steps - --warmup-steps - 1 ({self.max_steps - self.warmup_steps - 1})")
+        if self.optimizer == "muon" and self.model_parallel:
+            raise ValueError("--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards "
+                             "across processes; drop --model-parallel (DDP) or use --optimizer adamw")
         if self.model_parallel_size is not None and not self.model_parallel:
             raise ValueError("--model-parallel-size needs --model-parallel")
         if self.min_lr is not None and self.min_lr > self.max_lr:

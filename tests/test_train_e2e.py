@@ -81,8 +81,10 @@ def _wait_for_checkpoint(home, min_step, proc, name, timeout=120):
 
 
 def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
-    steps = ["--max-steps", "24", "--checkpoint-interval", "4"]
-    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=24, checkpoint_interval=4)
+    # With Muon (AdamW's SIGKILLs: test_faults.py): its momentum buffers are in the checkpoint too.
+    steps = ["--max-steps", "24", "--checkpoint-interval", "4", "--optimizer", "muon"]
+    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=24, checkpoint_interval=4,
+                                    optimizer="muon")
 
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
     proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(shakespeare), *steps,
@@ -141,8 +143,11 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
 
 
 def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
-    steps = ["--max-steps", "6", "--checkpoint-interval", "6"]
-    one, _ = train_in_process(shakespeare, tmp_path / "one", max_steps=6, checkpoint_interval=6)  # 1 × 2 micro-steps
+    # With Muon, whose Newton-Schulz runs on every rank over the all-reduced gradients (AdamW on two
+    # processes against one: test_resume_on_two_processes_continues_a_one_process_run).
+    steps = ["--max-steps", "6", "--checkpoint-interval", "6", "--optimizer", "muon"]
+    one, _ = train_in_process(shakespeare, tmp_path / "one", max_steps=6, checkpoint_interval=6,
+                              optimizer="muon")  # 1 × 2 micro-steps
     pretrain(gptctl_home, shakespeare, *steps, "--run-name", "two", "--nproc-per-node", "2")  # 2 × 1
     two = losses(gptctl_home, only_run_id(gptctl_home, "two"))
     assert sorted(one) == sorted(two) == list(range(1, 7))

@@ -16,7 +16,7 @@ DEFAULT_GPU = "rtx3090"  # the single consumer card most nanoGPT users train GPT
 # `gptctl pretrain` (FINETUNE_DEFAULTS with --finetune), so an estimate is of the run training would make.
 ESTIMATED = frozenset({"model", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
                        "max_steps", "warmup_steps", "dtype", "keep_last_n_checkpoints", "permanent_checkpoints",
-                       "activation_checkpointing"})
+                       "activation_checkpointing", "optimizer"})
 
 
 def _default_help(name: str) -> str:
@@ -109,6 +109,7 @@ def _print_estimate(r) -> None:
         ("memory: weights (fp32)", hb(mem["weights_bytes"])),
         ("memory: gradients (fp32)", hb(mem["gradients_bytes"])),
         ("memory: AdamW moments (fp32)", hb(mem["adam_moments_bytes"])),
+        *([("memory: Muon momentum (fp32)", hb(mem["muon_momentum_bytes"]))] if r["optimizer"] == "muon" else []),
         ("memory: autocast cache + CUDA", hb(mem["other_bytes"])),
         (f"memory: activations (1 micro-batch, checkpointing {r['activation_checkpointing']})",
          hb(mem["activations_bytes"])),

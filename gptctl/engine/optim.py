@@ -1,15 +1,33 @@
-"""AdamW with decay/no-decay groups (the learning-rate schedules are gptctl.schedule, pure Python)."""
+"""The optimizers of a run (the learning-rate schedules are gptctl.schedule, pure Python).
+
+adamw: GPT-2's recipe, AdamW over every parameter. muon: the speedrun's split, torch.optim.Muon for
+the 2-D weight matrices inside the transformer blocks (attention and MLP) and AdamW for the rest
+(token and position embeddings, which the head shares, and every bias and LayerNorm gain). Muon
+orthogonalises each matrix's momentum (Newton-Schulz), which needs the whole matrix on one rank.
+
+Both follow the one schedule: each optimizer's LR is the schedule's value times `lr_scale` (its peak LR
+over --max-lr), taken from the settings at every step, so a checkpoint never carries a stale one.
+"""
 
 import inspect
 
 import torch
 
+# Newton-Schulz steps per Muon update (torch's default): what estimate counts as its extra FLOPs.
+MUON_NS_STEPS = 5
+
+
+def is_muon_parameter(name: str, p: torch.Tensor) -> bool:
+    """A weight matrix inside a transformer block: c_attn, c_proj and c_fc of attention and MLP."""
+    return p.dim() == 2 and name.startswith("transformer.h.")
+
 
 def make_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, device_type: str,
-                   fused: bool | None = None) -> torch.optim.AdamW:
-    """fused=None: the fused kernel on CUDA (one launch for all parameters), the default elsewhere.
-    fused=True selects it on CPU too (torch has a CPU kernel), which is how tests rehearse that path."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                   fused: bool | None = None, exclude: frozenset[str] = frozenset()) -> torch.optim.AdamW:
+    """AdamW over the model's parameters but `exclude` (names). fused=None: the fused kernel on CUDA (one
+    launch for all parameters), the default elsewhere. fused=True selects it on CPU too (torch has a CPU
+    kernel), which is how tests rehearse that path."""
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name not in exclude]
     # Matrices (and embeddings) decay; biases and LayerNorm gains do not.
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -18,3 +36,22 @@ def make_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, devic
     if fused is None:
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def make_optimizers(model: torch.nn.Module, settings, device_type: str) -> list[torch.optim.Optimizer]:
+    """The run's optimizers by --optimizer: [AdamW], or [AdamW, Muon] with the split above."""
+    if settings.optimizer == "adamw":
+        return [make_optimizer(model, settings.weight_decay, settings.max_lr, device_type)]
+    matrices = {name: p for name, p in model.named_parameters() if p.requires_grad and is_muon_parameter(name, p)}
+    adamw = make_optimizer(model, settings.weight_decay, settings.max_lr, device_type, exclude=frozenset(matrices))
+    # adjust_lr_fn "original": the LR times √max(1, rows/cols), so that a wide matrix (c_fc: 4d × d) moves
+    # as much per element as a square one; --muon-lr is then the LR of a square matrix at any width.
+    muon = torch.optim.Muon(list(matrices.values()), lr=settings.muon_lr, weight_decay=settings.muon_weight_decay,
+                            momentum=settings.muon_momentum, nesterov=True, ns_steps=MUON_NS_STEPS,
+                            adjust_lr_fn="original")
+    return [adamw, muon]
+
+
+def lr_scale(optimizer: torch.optim.Optimizer, settings) -> float:
+    """The optimizer's peak LR over --max-lr."""
+    return settings.muon_lr / settings.max_lr if isinstance(optimizer, torch.optim.Muon) else 1.0

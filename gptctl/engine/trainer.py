@@ -27,7 +27,7 @@ from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolv
 from gptctl.engine.evaluate import mean_loss
 from gptctl.engine.health import Health
 from gptctl.engine.model import GPT
-from gptctl.engine.optim import make_optimizer
+from gptctl.engine.optim import lr_scale, make_optimizers
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.startup import StopFlag
 from gptctl.errors import UserError
@@ -143,7 +143,7 @@ class Trainer:
         self.raw_model = GPT(settings.shape, settings.activation_checkpointing).to(d.device)
         if settings.model_parallel:
             parallel.shard(self.raw_model, d, settings.mesh_shape(d.world_size))
-        self.optimizer = make_optimizer(self.raw_model, settings.weight_decay, settings.max_lr, d.device.type)
+        self.optimizers = make_optimizers(self.raw_model, settings, d.device.type)
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
         self.schedule = settings.schedule()
         # The module the loop calls: compiled and/or DDP-wrapped. Loading a state later copies into the
@@ -193,7 +193,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The checkpoint's contents: full, name-keyed state (collective under sharding: every rank calls it)."""
-        model_state, optimizer_state = parallel.full_state(self.raw_model, self.optimizer)
+        model_state, optimizer_state = parallel.full_state(self.raw_model, self.optimizers)
         state = {"model": model_state, "optimizer": optimizer_state, "step": self.state.step,
                  "settings": self.settings.model_dump(mode="json"), "rng": rng_state(),
                  "metrics": [dict(r) for r in self.state.history],  # rows the loop may still add evals to
@@ -204,7 +204,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        parallel.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+        parallel.load_full_state(self.raw_model, self.optimizers, state["model"], state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -297,9 +297,10 @@ class Trainer:
         t0 = time.perf_counter()
         near_deadline = self.deadline_near()  # judged before the step: it must fit too
         lr = self.schedule.at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_scale(optimizer, self.settings)
+            optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.d.device, dtype=torch.float32)
         position = step + self.state.data_offset  # which batches: a rollback skips the ones that led to it
         for micro in range(self.accumulation):
@@ -315,7 +316,8 @@ class Trainer:
         if position in self.poisoned:
             loss_sum = loss_sum * 10  # GPTCTL_TEST_SPIKE_POSITIONS: a reported spike; the gradients are untouched
         with self.timer("optimizer"):
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
             grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip))
         # One all-reduce carries the loss, whether any rank was asked to stop or is near the deadline (clocks
@@ -357,7 +359,8 @@ class Trainer:
         and update ratios."""
         watch = self.settings.log_gradients and step % self.settings.log_gradients == 0
         before = gradient_norms(self.raw_model) if watch else None
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
         if watch:
             self.metrics.gradients(step, update_ratios(self.raw_model, before))

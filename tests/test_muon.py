@@ -1,0 +1,103 @@
+"""--optimizer muon: the parameter split, its checkpoints and resumes, its refusals, its estimate."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TINY_RUN, TINY_SETTINGS, train_in_process
+from gptctl.cli import app
+from gptctl.engine import checkpoint as ckpt
+from gptctl.engine.distributed import Dist
+from gptctl.engine.optim import is_muon_parameter
+from gptctl.engine.trainer import Trainer
+from gptctl.estimate import MUON_NS_STEPS, muon_params, newton_schulz_flops, optimizer_bytes, total_params
+from gptctl.presets import PRESETS
+from gptctl.settings import TrainSettings
+
+runner = CliRunner()
+
+
+def muon_trainer(data, **overrides) -> Trainer:
+    settings = TrainSettings(**{**TINY_SETTINGS, "data_root": data, "optimizer": "muon", **overrides})
+    return Trainer(settings, Dist(0, 0, 1, torch.device("cpu")))
+
+
+def test_every_parameter_is_in_exactly_one_group_and_muon_has_only_block_matrices(shakespeare):
+    t = muon_trainer(shakespeare)
+    adamw, muon = t.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    owner = {}
+    for optimizer in t.optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                assert id(p) not in owner  # in one group only
+                owner[id(p)] = optimizer
+    names = dict(t.raw_model.named_parameters())
+    assert set(owner) == {id(p) for p in names.values()}  # every parameter (wte once: lm_head is tied to it)
+    on_muon = sorted(n for n, p in names.items() if owner[id(p)] is muon)
+    assert on_muon == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
+                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert all(p.dim() == 2 for n, p in names.items() if n in on_muon)
+    assert sum(p.numel() for n, p in names.items() if n in on_muon) == muon_params(PRESETS["tiny"])
+    assert not is_muon_parameter("transformer.wte.weight", names["transformer.wte.weight"])
+
+
+def test_both_optimizers_follow_the_schedule_at_their_own_peak(shakespeare):
+    t = muon_trainer(shakespeare, max_steps=8, muon_lr=0.05)
+    t.train_step()  # step 1 of 2 warmup steps: half the peak
+    adamw, muon = t.optimizers
+    assert all(g["lr"] == pytest.approx(3e-3 / 2) for g in adamw.param_groups)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.05 / 2)
+
+
+def test_a_muon_run_resumes_bit_for_bit_from_its_checkpoint(shakespeare, tmp_path):
+    whole, _ = train_in_process(shakespeare, tmp_path / "whole", optimizer="muon", max_steps=8, checkpoint_interval=4)
+    first, saved = train_in_process(shakespeare, tmp_path / "part", optimizer="muon", max_steps=8,
+                                    checkpoint_interval=4)
+    state = ckpt.load(saved[4])
+    assert any("momentum_buffer" in s for s in state["optimizer"]["state"].values())  # Muon's state is saved
+    rest, _ = train_in_process(shakespeare, tmp_path / "part", resume_from=saved[4], optimizer="muon", max_steps=8,
+                               checkpoint_interval=4)
+    assert rest == {s: whole[s] for s in range(5, 9)}  # to the last bit
+    adamw, _ = train_in_process(shakespeare, tmp_path / "adamw", max_steps=8, checkpoint_interval=8)
+    assert adamw[8] != whole[8]  # the option changes training
+
+
+def test_muon_with_sharding_is_refused_in_one_line(shakespeare, gptctl_home):
+    result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--optimizer", "muon",
+                                 "--model-parallel"])
+    assert result.exit_code == 2 and not gptctl_home.exists()
+    assert "--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards" in result.output
+
+
+def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
+    from gptctl.registry import open_registry, queries
+    from gptctl.resume import resume_changes
+
+    settings = TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare})
+    db = open_registry(gptctl_home)
+    queries.insert_run(db, {"id": "abc123", "name": "r", "kind": "pretrain", "settings": settings.model_dump_json(),
+                            "run_dir": str(gptctl_home / "r-abc123"), "last_step": 4})
+    from gptctl.errors import UserError
+
+    with pytest.raises(UserError, match="--optimizer: run abc123 .r. was started with 'adamw'"):
+        resume_changes(queries.get_run(db, "abc123"), {"optimizer": "muon"})
+
+
+def test_estimate_counts_muons_state_and_its_newton_schulz_flops():
+    gpt2 = PRESETS["gpt2"]
+    params, matrices = total_params(gpt2, 1024), 12 * 12 * 768 ** 2
+    assert muon_params(gpt2) == matrices == 84_934_656
+    assert optimizer_bytes(gpt2, 1024, "muon") == {"adam_moments_bytes": 8 * (params - matrices),
+                                                   "muon_momentum_bytes": 4 * matrices}
+    assert optimizer_bytes(gpt2, 1024, "adamw") == {"adam_moments_bytes": 8 * params, "muon_momentum_bytes": 0}
+    # per block and Newton-Schulz step: c_attn 4·d²·3d + 2d³, attn.c_proj 6d³, c_fc and mlp.c_proj 4·d²·4d + 2d³ each
+    assert newton_schulz_flops(gpt2) == MUON_NS_STEPS * 12 * (14 + 6 + 18 + 18) * 768 ** 3
+    import json
+
+    r = json.loads(runner.invoke(app, ["estimate", "--optimizer", "muon", "--json"]).stdout)
+    a = json.loads(runner.invoke(app, ["estimate", "--json"]).stdout)
+    assert r["checkpoint_bytes_with_optimizer"] == 4 * params + 8 * (params - matrices) + 4 * matrices
+    assert a["memory"]["total_bytes"] - r["memory"]["total_bytes"] == 4 * matrices  # one buffer instead of two
+    assert r["flops_per_step"] == a["flops_per_step"] + newton_schulz_flops(gpt2)
+    assert r["max_micro_batch"] >= a["max_micro_batch"]
