@@ -57,6 +57,14 @@ def test_a_bad_deadline_is_one_line_and_writes_nothing(shakespeare, gptctl_home)
     assert "Traceback" not in result.output and not gptctl_home.exists()
 
 
+def test_a_printed_command_takes_no_deadline(shakespeare, gptctl_home):
+    """Its workers start later, without gptctl's launcher: a deadline would be silently lost."""
+    result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--deadline", "2h",
+                                 "--print-command"])
+    assert result.exit_code == 2 and "--deadline: not with --print-command" in result.output
+    assert not gptctl_home.exists()
+
+
 def test_the_slurm_jobs_end_is_a_deadline(tmp_path, monkeypatch):
     assert slurm_end_time({}) is None  # not in SLURM
     assert slurm_end_time({"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "1795000000"}) == 1795000000.0

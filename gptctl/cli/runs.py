@@ -108,7 +108,8 @@ def _usage(starts: list[dict], usage: dict, run: dict) -> dict[str, str]:
     for i, r in enumerate(starts, 1):
         took = (r["ended_at"] or r["updated_at"] or r["started_at"]) - r["started_at"]
         redone = f" ({r['redone_steps']} redone)" if r["redone_steps"] else ""
-        lines.append(f"{i}. {r['reason'] or 'running'} after {format_duration(took)} on {r['world_size']} "
+        reason = r["reason"] or ("running" if run["status"] in queries.ACTIVE else "no end recorded")
+        lines.append(f"{i}. {reason} after {format_duration(took)} on {r['world_size']} "
                      f"process{'es' if r['world_size'] != 1 else ''}: steps {r['first_step']}→{r['last_step']}{redone}"
                      f", start-up {_seconds(r['startup_s'])}, saving {_seconds(r['save_s'])}")
     out = {"launches": "\n  " + "\n  ".join(lines)}

@@ -114,6 +114,9 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
         typer.echo(f"node {launch.node_rank} of {launch.nnodes}: joining the run node 0 trains "
                    f"(rendezvous at {launch.master_addr}:{launch.master_port})", err=True)
         raise typer.Exit(control.follow(settings, launch))
+    if print_command and launch.deadline:
+        raise UserError("--deadline: not with --print-command, whose command runs later, under its scheduler; inside "
+                        "SLURM its workers stop before the job's end by themselves (SLURM_JOB_END_TIME)")
     if override and not auto_resume:
         raise UserError(f"{OVERRIDE}: only for a resume (--auto-resume, or `gptctl resume RUN`)")
     if auto_resume and not resume:
