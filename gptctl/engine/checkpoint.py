@@ -205,6 +205,11 @@ class CheckpointManager:
     def failed(self) -> bool:
         return self._error is not None
 
+    @property
+    def busy(self) -> bool:
+        """A background save is still writing (the next save waits for it first)."""
+        return self._pending is not None and self._pending.is_alive()
+
     def raise_failure(self) -> None:
         """Called on every rank once any rank reported `failed`."""
         if self.write:

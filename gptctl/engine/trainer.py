@@ -122,6 +122,7 @@ class NoCheckpoints:
         return None  # nothing to roll back to: a divergence stops the run
 
     write_seconds: float | None = None  # how long the last save took to write: nothing to write
+    busy = False  # no save in flight
 
 
 class Trainer:
@@ -180,7 +181,7 @@ class Trainer:
     def deadline_near(self) -> bool:
         """Whether one more step, its evals and a save would end past the deadline (less the margin). The
         step is the slowest of the last few; the save as long as the last one took to write, or, before
-        any, the state's size at ASSUMED_SAVE_RATE. Judged by the main rank alone, which times the saves:
+        any, the state's size at ASSUMED_SAVE_RATE (twice that while a background save is still writing). Judged by the main rank alone, which times the saves:
         the ranks' votes are summed, so one judge is enough and they cannot disagree."""
         if self.deadline is None or not self.d.is_main:
             return False
@@ -188,6 +189,8 @@ class Trainer:
         save = self.checkpointer.write_seconds
         if save is None:
             save = 3 * 4 * self.raw_model.num_params() / ASSUMED_SAVE_RATE  # fp32 weights and two AdamW moments
+        if self.checkpointer.busy:
+            save *= 2  # the last save must finish writing before the final one starts
         return time.time() + step + save + self.deadline_margin >= self.deadline
 
     # -- state ------------------------------------------------------------------------------------
