@@ -101,3 +101,20 @@ def test_estimate_counts_muons_state_and_its_newton_schulz_flops():
     assert a["memory"]["total_bytes"] - r["memory"]["total_bytes"] == 4 * matrices  # one buffer instead of two
     assert r["flops_per_step"] == a["flops_per_step"] + newton_schulz_flops(gpt2)
     assert r["max_micro_batch"] >= a["max_micro_batch"]
+
+
+def test_a_muon_trained_checkpoint_exports_to_transformers_with_the_same_logits(shakespeare, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gptctl.data.tokenizer import get_encoding
+    from gptctl.engine.sample import Sampler
+    from gptctl.presets import GPT2_VOCAB_SIZE
+
+    _, saved = train_in_process(shakespeare, tmp_path / "muon", optimizer="muon", max_steps=4, checkpoint_interval=4)
+    out = tmp_path / "hf"
+    result = runner.invoke(app, ["export", str(saved[4]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    idx = torch.tensor([get_encoding().encode_ordinary("First Citizen: Before we proceed any further")])
+    with torch.no_grad():
+        ours = Sampler(saved[4], "cpu").model.eval()(idx)[0][..., :GPT2_VOCAB_SIZE]
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(idx).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
