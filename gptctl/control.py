@@ -14,7 +14,6 @@ from gptctl.atomic import write_text_atomic
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.errors import UserError
 from gptctl.registry import launches, open_registry, queries
-from gptctl.paths import home_dir
 from gptctl.registry.locks import DirectoryLock
 from gptctl.registry.rebuild import write_run_info
 from gptctl.settings import LaunchSettings, TrainSettings, to_toml
@@ -30,10 +29,9 @@ class Outcome:
     exit_code: int
 
 
-def create_run(settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
+def create_run(home: Path, settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
                dataset=None) -> tuple[dict, DirectoryLock]:
     """Everything has been validated before this: from here on the run exists on disk and in the registry."""
-    home = home_dir()
     db = open_registry(home)
     run_id = queries.new_run_id(db)
     name = settings.run_name or settings.kind
@@ -66,20 +64,20 @@ def lock_existing(run: dict[str, Any]) -> DirectoryLock:
     return lock
 
 
-def _command(run: dict[str, Any], launch_settings: LaunchSettings, init_checkpoint: str | None,
+def _command(home: Path, run: dict[str, Any], launch_settings: LaunchSettings, init_checkpoint: str | None,
              job_script: bool = False) -> list[str]:
-    cmd = launch.torchrun_command(launch_settings, home_dir().resolve(), run["name"], run["id"], job_script=job_script)
+    cmd = launch.torchrun_command(launch_settings, home.resolve(), run["name"], run["id"], job_script=job_script)
     if init_checkpoint:
         cmd += ["--init-checkpoint", str(Path(init_checkpoint).resolve())]
     return cmd
 
 
-def queue(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+def queue(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
           init_checkpoint: str | None = None) -> str:
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
-    queries.update_run(open_registry(home_dir()), run["id"], status="queued")
+    queries.update_run(open_registry(home), run["id"], status="queued")
     lock.release()
-    return shlex.join(_command(run, launch_settings, init_checkpoint, job_script=True))
+    return shlex.join(_command(home, run, launch_settings, init_checkpoint, job_script=True))
 
 
 def worker_env(launch_settings: LaunchSettings) -> dict[str, str]:
@@ -92,21 +90,21 @@ def worker_env(launch_settings: LaunchSettings) -> dict[str, str]:
     return env
 
 
-def follow(settings: TrainSettings, launch_settings: LaunchSettings) -> int:
+def follow(home: Path, settings: TrainSettings, launch_settings: LaunchSettings) -> int:
     """A node other than node 0: start its workers, which get the run from node 0's; write nothing."""
-    cmd = launch.torchrun_command(launch_settings, home_dir().resolve(), settings.run_name or settings.kind,
+    cmd = launch.torchrun_command(launch_settings, home.resolve(), settings.run_name or settings.kind,
                                   device=settings.device)
     code, stopped_by = launch.run_workers(cmd, launch_settings.stop_timeout, worker_env(launch_settings))
     return 128 + stopped_by if stopped_by else code
 
 
-def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
             init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
-    home = home_dir().resolve()
+    home = home.resolve()
     code, stopped_by = None, None
     try:
-        code, stopped_by = launch.run_workers(_command(run, launch_settings, init_checkpoint),
+        code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings))
     finally:
         db = open_registry(home)
@@ -131,8 +129,8 @@ def execute(run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSet
     return Outcome(queries.get_run(db, run["id"]), code)
 
 
-def summary(run: dict[str, Any]) -> dict[str, Any]:
-    db = open_registry(home_dir())
+def summary(home: Path, run: dict[str, Any]) -> dict[str, Any]:
+    db = open_registry(home)
     metrics = queries.metrics_of(db, run["id"])
     last = metrics[-1] if metrics else {}
     val = [m["val_loss"] for m in metrics if m["val_loss"] is not None]

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from gptctl import launch
 from gptctl.errors import UserError
-from gptctl.paths import home_dir
 from gptctl.registry import open_registry, queries
 from gptctl.settings import LaunchSettings, TrainSettings, describe
 
@@ -131,13 +130,13 @@ def parent_model(path: Path, option: str) -> dict[str, Any]:
             "block_size": shape.block_size}
 
 
-def refuse_if_done(run: dict[str, Any], settings: TrainSettings) -> None:
+def refuse_if_done(home: Path, run: dict[str, Any], settings: TrainSettings) -> None:
     """A resume of `run` (locked by the caller) that could train nothing is refused before its status
     changes. Its start is found by the workers' rules: the newest checkpoint that verifies and, when
     it would end the run, loads as plain data (a file that does not is marked corrupt)."""
     from gptctl.registry import files
 
-    db = open_registry(home_dir())
+    db = open_registry(home)
     files.reconcile(db, run, inspect=files.load_check, by_trainer=True)  # the caller holds the run for its workers
     warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
     while (row := files.newest_verified_checkpoint(db, run["id"], warn)) and row["step"] >= settings.max_steps:

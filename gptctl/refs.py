@@ -10,14 +10,14 @@ from pathlib import Path
 from gptctl.errors import UserError
 
 
-def resolve_checkpoint(ref: str, option: str) -> Path:
+def resolve_checkpoint(ref: str, option: str, home: Path) -> Path:
     """The checkpoint file `ref` names, unprotected once this returns: readers use checkpoint_for_reading."""
-    with checkpoint_for_reading(ref, option) as path:
+    with checkpoint_for_reading(ref, option, home) as path:
         return path
 
 
 @contextmanager
-def checkpoint_for_reading(ref: str, option: str) -> Iterator[Path]:
+def checkpoint_for_reading(ref: str, option: str, home: Path) -> Iterator[Path]:
     """The checkpoint file `ref` names, which retention cannot delete until the block ends (a reader
     lease in the registry, see queries.mark_deleting). `option` names the option in error messages.
 
@@ -26,12 +26,11 @@ def checkpoint_for_reading(ref: str, option: str) -> Iterator[Path]:
     that retention deletes between the look and the lease is passed over for the next newest.
     """
     if ref.startswith("hf:"):
-        yield _import_hf(ref.removeprefix("hf:"), option)
+        yield _import_hf(ref.removeprefix("hf:"), option, home)
         return
-    from gptctl.paths import home_dir
     from gptctl.registry import open_registry, queries
 
-    db = open_registry(home_dir(), create=False)
+    db = open_registry(home, create=False)
     path = Path(ref).expanduser()
     if path.is_file():
         path = path.resolve()
@@ -95,7 +94,7 @@ def _lease_verified(db, row: dict) -> tuple[int | None, str]:
     return None, state
 
 
-def _import_hf(dir_or_name: str, option: str) -> Path:
+def _import_hf(dir_or_name: str, option: str, home: Path) -> Path:
     """Convert once into `HOME/imports/NAME-SHA.pt`, named by its content.
 
     Runs record the file as their parent and retention protects it, so an import never overwrites a
@@ -105,11 +104,10 @@ def _import_hf(dir_or_name: str, option: str) -> Path:
     import os
 
     from gptctl.engine.hf import write_checkpoint
-    from gptctl.paths import home_dir
     from gptctl.atomic import TMP_PREFIX
     from gptctl.registry.files import sha256_of
 
-    imports = (home_dir() / "imports").resolve()
+    imports = (home / "imports").resolve()
     imports.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_imports(imports, TMP_PREFIX)
     staging = imports / f"{TMP_PREFIX}import-{os.getpid()}.pt"

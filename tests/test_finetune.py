@@ -156,12 +156,12 @@ def test_checkpoint_references(tmp_path, gptctl_home):
         paths[step].write_bytes(b"x" * step)
         queries.register_checkpoint(db, "abc", step, paths[step], step, files.sha256_of(paths[step]), pinned=False)
     paths[9].unlink()  # vanished: never offered
-    assert resolve_checkpoint("base", "--opt") == paths[6]  # RUN: its newest valid checkpoint
-    assert resolve_checkpoint("abc:3", "--opt") == paths[3]
-    assert resolve_checkpoint(str(paths[3]), "--opt") == paths[3].resolve()
+    assert resolve_checkpoint("base", "--opt", gptctl_home) == paths[6]  # RUN: its newest valid checkpoint
+    assert resolve_checkpoint("abc:3", "--opt", gptctl_home) == paths[3]
+    assert resolve_checkpoint(str(paths[3]), "--opt", gptctl_home) == paths[3].resolve()
     for bad in ("abc:4", "abc:9", "abc:x", "nosuch"):
         with pytest.raises(UserError, match="--opt"):
-            resolve_checkpoint(bad, "--opt")
+            resolve_checkpoint(bad, "--opt", gptctl_home)
 
 
 # --- CLI validation -------------------------------------------------------------------------------

@@ -319,11 +319,11 @@ def test_hf_imports_are_named_by_content_and_never_overwritten(hf_dir, tmp_path,
         other.lm_head.weight.mul_(2)  # tied: other weights, same shape
     other.save_pretrained(flat)
 
-    first = resolve_checkpoint(f"hf:{nested}", "--init-from")
+    first = resolve_checkpoint(f"hf:{nested}", "--init-from", gptctl_home)
     identity = (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first))
-    second = resolve_checkpoint(f"hf:{flat}", "--init-from")
+    second = resolve_checkpoint(f"hf:{flat}", "--init-from", gptctl_home)
     assert first != second and first.parent == second.parent == (gptctl_home / "imports").resolve()
-    assert resolve_checkpoint(f"hf:{nested}", "--init-from") == first  # the same weights: the same file, reused
+    assert resolve_checkpoint(f"hf:{nested}", "--init-from", gptctl_home) == first  # the same weights: the same file, reused
     assert (first.stat().st_ino, first.stat().st_mtime_ns, sha256_of(first)) == identity
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])  # no staging left
     assert not torch.equal(torch.load(first, weights_only=True)["model"]["lm_head.weight"],

@@ -194,7 +194,7 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
         paths[step] = save(db, "r1", step)
         retention.delete(db, retention.plan(db, queries.get_run(db, "r1")), warn=warnings.append)
 
-    with checkpoint_for_reading("r", "--pretrained-checkpoint") as path:
+    with checkpoint_for_reading("r", "--pretrained-checkpoint", gptctl_home) as path:
         assert path == paths[4]
         trainer_saves(6)
         trainer_saves(8)
@@ -214,16 +214,16 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
         return real_acquire(db_, path, require_valid)
 
     monkeypatch.setattr(queries, "acquire_lease", acquire_after_a_save)
-    with checkpoint_for_reading("r", "--opt") as path:
+    with checkpoint_for_reading("r", "--opt", gptctl_home) as path:
         assert interleaved == [paths[10]] and path == paths[12] and path.exists()
     monkeypatch.setattr(queries, "acquire_lease", real_acquire)
 
     # RUN:STEP and plain paths are leased too; a step already gone is a clean error.
-    with checkpoint_for_reading("r1:12", "--opt"), checkpoint_for_reading(str(paths[12]), "--opt"):
+    with checkpoint_for_reading("r1:12", "--opt", gptctl_home), checkpoint_for_reading(str(paths[12]), "--opt", gptctl_home):
         assert len(list(db.query("select * from checkpoint_leases"))) == 2
     assert list(db.query("select * from checkpoint_leases")) == []
     with pytest.raises(UserError, match="--opt: checkpoint step 10 of run r1 is deleted|--opt: run r1 has no checkpoint at step 10"):
-        with checkpoint_for_reading("r1:10", "--opt"):
+        with checkpoint_for_reading("r1:10", "--opt", gptctl_home):
             pass
 
     # A lease left by a reader that was killed does not protect anything.

@@ -116,7 +116,7 @@ def test_the_trainer_stops_and_saves_before_the_deadline(shakespeare):
     t = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare, "max_steps": 100_000,
                                  "checkpoint_interval": 100_000}), Dist(0, 0, 1, torch.device("cpu")))
     t.checkpointer = SavedSteps()
-    t.deadline, t.deadline_margin = time.time() + 3.0, 0.5
+    t.deadline, t.deadline_margin = time.time() + 5.0, 2.0  # a margin for a loaded machine's slower steps
     state = t.train()
     assert state.interrupted and state.stopped_by == "deadline" and 1 < state.step < 100_000
     assert time.time() < t.deadline  # it saved with time to spare: one step, one save and the margin

@@ -62,7 +62,9 @@ def estimate_cmd(
     settings, _ = build_settings(values, defaults=FINETUNE_DEFAULTS if finetune else None)
     inp = est.EstimateInputs.from_settings(settings, gpu=gpu, num_gpus=num_gpus, mfu=mfu, interconnect=interconnect)
     est.validate(inp)
-    runs = est.registry_runs() if mfu is None else []
+    from gptctl.paths import home_dir, registry_path
+
+    runs = est.registry_runs(registry_path(home_dir())) if mfu is None else []
     result = est.estimate(inp, runs)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
+from gptctl.paths import home_dir
 from gptctl.refs import checkpoint_for_reading
 from gptctl.settings import DEVICES
 
@@ -68,7 +69,7 @@ def eval_cmd(
 ):
     """Evaluate a checkpoint: HellaSwag accuracy, or the mean loss over the val split of prepared shards."""
     _check(task, data_root, hellaswag_file, limit, batch_size, device)
-    with checkpoint_for_reading(checkpoint, CHECKPOINT) as path:  # retention spares it while it loads
+    with checkpoint_for_reading(checkpoint, CHECKPOINT, home_dir()) as path:  # retention spares it while it loads
         if task == "hellaswag":
             from gptctl.data.hellaswag import fetch_val_file, read_items
 

@@ -40,7 +40,7 @@ def export_cmd(
         raise UserError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = output.expanduser().resolve()
     _check_output(out, force)
-    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH") as path:  # retention spares it while it loads
+    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH", home_dir()) as path:  # retention spares it while it loads
         if path.is_relative_to(out):
             raise UserError(f"--output: {out} holds the checkpoint being exported; choose another directory")
         from gptctl.engine import hf

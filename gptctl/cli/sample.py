@@ -8,6 +8,7 @@ import typer
 
 from gptctl.cli import app
 from gptctl.errors import UserError
+from gptctl.paths import home_dir
 from gptctl.refs import checkpoint_for_reading
 from gptctl.settings import DEVICES, SEED_MAX
 
@@ -52,7 +53,7 @@ def sample_cmd(
 ):
     """Generate text from a checkpoint, streaming tokens to stdout as they are generated."""
     _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, seed, device)
-    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH") as path:  # retention spares it while it loads
+    with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH", home_dir()) as path:  # retention spares it while it loads
         from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
 
         sampler = Sampler(path, device, option="RUN[:STEP]|PATH")

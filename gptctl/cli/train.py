@@ -57,7 +57,7 @@ def pretrain(
             shape_options = [o for o in ("model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
             if shape_options:
                 raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
-            parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from"))
+            parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from", home_dir()))
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         settings, launch = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
@@ -90,7 +90,7 @@ def finetune(
     from gptctl.refs import checkpoint_for_reading
 
     # The parent is leased from the moment it is chosen until the run row records it (then retention spares it).
-    with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint") as parent:
+    with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint", home_dir()) as parent:
         model = preflight.parent_model(parent, "--pretrained-checkpoint")
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
         settings, launch = build_settings(values, config, defaults=defaults, kind="finetune",
@@ -113,7 +113,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                             "command (with its own --node-rank unless --rdzv-endpoint is used)")
         typer.echo(f"node {launch.node_rank} of {launch.nnodes}: joining the run node 0 trains "
                    f"(rendezvous at {launch.master_addr}:{launch.master_port})", err=True)
-        raise typer.Exit(control.follow(settings, launch))
+        raise typer.Exit(control.follow(home_dir(), settings, launch))
     if print_command and launch.deadline:
         raise UserError("--deadline: not with --print-command, whose command runs later, under its scheduler; inside "
                         "SLURM its workers stop before the job's end by themselves (SLURM_JOB_END_TIME)")
@@ -136,16 +136,16 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                    err=True)
     writable_home()  # the last check: the run is created next
     init = str(checkpoint_path.resolve()) if resume else None
-    run, lock = control.create_run(settings, command_line(), save_config,
+    run, lock = control.create_run(home_dir(), settings, command_line(), save_config,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
     if print_command:
-        typer.echo(control.queue(run, lock, launch, init_checkpoint=init))
+        typer.echo(control.queue(home_dir(), run, lock, launch, init_checkpoint=init))
         if launch.nnodes > 1 and not launch.rdzv_endpoint:
             typer.echo("every node runs this command with its own --node-rank=R (0 as printed is node 0's); "
                        "with --rdzv-endpoint the command is the same on every node", err=True)
         return
-    _finish(control.execute(run, lock, launch, init_checkpoint=init), as_json)
+    _finish(control.execute(home_dir(), run, lock, launch, init_checkpoint=init), as_json)
 
 
 def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
@@ -154,7 +154,7 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
     preflight.check_world_size(settings, launch)
     lock = control.lock_existing(run)
     try:
-        preflight.refuse_if_done(run, settings)
+        preflight.refuse_if_done(home_dir(), run, settings)
     except UserError:
         lock.release()  # refused: the run stays as it was
         raise
@@ -164,11 +164,11 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
         queries.add_event(db, run["id"], run["last_step"], "resume", note)
         typer.echo(note, err=True)
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
-    _finish(control.execute(queries.get_run(db, run["id"]), lock, launch), as_json)
+    _finish(control.execute(home_dir(), queries.get_run(db, run["id"]), lock, launch), as_json)
 
 
 def _finish(outcome: control.Outcome, as_json: bool) -> None:
-    info = control.summary(outcome.run)
+    info = control.summary(home_dir(), outcome.run)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
     else:
