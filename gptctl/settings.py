@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from gptctl.deadline import parse_deadline
+from gptctl.deadline import DEFAULT_MARGIN, parse_deadline
 from gptctl.errors import UserError
 from gptctl.presets import PRESETS, ModelShape
 from gptctl.schedule import Schedule
@@ -71,7 +71,7 @@ class LaunchSettings(_Settings):
     deadline: str | None = Field(None, description="Stop cleanly before this: a duration (90m, 2h30m, 1d), a time "
                                  "of day (06:00) or a date and time (2026-12-04T06:00). Inside SLURM the job's end "
                                  "time counts too. The run saves and exits with code 124; resume it later.")
-    deadline_margin: float = Field(60, ge=0, allow_inf_nan=False, description="Seconds kept free before the "
+    deadline_margin: float = Field(DEFAULT_MARGIN, ge=0, allow_inf_nan=False, description="Seconds kept free before the "
                                    "deadline, besides the measured time of one step and one save.")
 
     @field_validator("deadline")

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gptctl.deadline import DEFAULT_MARGIN
 from gptctl.engine import parallel
 from gptctl.engine.distributed import Dist, all_reduce_sum, autocast_for, resolve_dtype
 from gptctl.engine.evaluate import mean_loss
@@ -164,7 +165,7 @@ class Trainer:
         self.state = LoopState()
         self.clock = LaunchClock()
         self.deadline: float | None = None  # wall-clock time by which the run must have stopped and saved
-        self.deadline_margin = 60.0  # seconds kept free before it, besides one step and one save
+        self.deadline_margin = DEFAULT_MARGIN  # seconds kept free before it, besides one step and one save
         self.poisoned = _test_spike_positions()
 
     @property
