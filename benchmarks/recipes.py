@@ -16,6 +16,10 @@ function of the step: the same data order). The figure: tokens each recipe's bes
 the classic best run's final val loss (linear between evals), and their ratio; plus a PNG of both
 best runs from `gptctl runs plot` (needs matplotlib).
 
+The muon recipe changes two things at once. Unless --no-ablation, two more runs separate them, each at
+its recipe's best LRs: AdamW with the wsd schedule ("adamw-wsd") and Muon with the cosine schedule
+("muon-cosine"); their tokens to the same target say how much of the gain is the optimizer's.
+
     python benchmarks/recipes.py --model small --steps 400 --out benchmarks/recipes
 """
 
@@ -60,6 +64,11 @@ def train(home: Path, data: Path, name: str, args, extra: list[str]) -> list[tup
     return [(m["tokens_seen"], m["val_loss"]) for m in shown["metrics"] if m["val_loss"] is not None]
 
 
+def muon_options(muon_lr: float, adamw_lr: float, scheduler: str) -> list[str]:
+    return ["--optimizer", "muon", "--muon-lr", str(muon_lr), "--max-lr", str(adamw_lr),
+            "--lr-scheduler", scheduler]
+
+
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Tokens at which the val loss first reaches `target`, linear between evals; None if it never does."""
     previous = None
@@ -87,12 +96,15 @@ def main() -> None:
     parser.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="--muon-lr values tried for muon")
     parser.add_argument("--val-plays", default="hamlet,macbeth,tempest")
     parser.add_argument("--data-root", type=Path, default=None, help="An already prepared data root.")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also train adamw-wsd and muon-cosine at the best LRs (optimizer vs schedule).")
     parser.add_argument("--out", type=Path, default=None, help="Where to write results.json and recipes.png.")
     args = parser.parse_args()
     classic_lrs = [float(x) for x in args.classic_lrs.split(",")]
     muon_lrs = [float(x) for x in args.muon_lrs.split(",")]
     print_header("recipes", "python benchmarks/recipes.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
+        (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+        else f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
 
     with scratch_dir() as work:
         data = args.data_root or prepare(work, args.val_plays.split(","))
@@ -100,17 +112,26 @@ def main() -> None:
         curves: dict[str, list] = {}
         if len(classic_lrs) != len(muon_lrs):
             raise SystemExit("--classic-lrs and --muon-lrs: give both recipes the same number of tries")
+        lrs_of: dict[str, tuple[float, float]] = {}
         for classic_lr, muon_lr in zip(classic_lrs, muon_lrs):
             curves[f"classic-{classic_lr:g}"] = train(home, data, f"classic-{classic_lr:g}", args,
                                                       ["--max-lr", str(classic_lr)])
             curves[f"muon-{muon_lr:g}"] = train(home, data, f"muon-{muon_lr:g}", args,
-                                                ["--optimizer", "muon", "--muon-lr", str(muon_lr),
-                                                 "--max-lr", str(classic_lr), "--lr-scheduler", "wsd"])
+                                                muon_options(muon_lr, classic_lr, "wsd"))
+            lrs_of[f"classic-{classic_lr:g}"] = lrs_of[f"muon-{muon_lr:g}"] = (classic_lr, muon_lr)
         best_classic = min((c for c in curves if c.startswith("classic")), key=lambda c: curves[c][-1][1])
         best_muon = min((c for c in curves if c.startswith("muon")), key=lambda c: curves[c][-1][1])
         target = curves[best_classic][-1][1]
         classic_tokens = tokens_to_reach(curves[best_classic], target)
         muon_tokens = tokens_to_reach(curves[best_muon], target)
+        ablation = {}
+        if args.ablation:
+            curves["adamw-wsd"] = train(home, data, "adamw-wsd", args,
+                                        ["--max-lr", str(lrs_of[best_classic][0]), "--lr-scheduler", "wsd"])
+            classic_lr, muon_lr = lrs_of[best_muon]
+            curves["muon-cosine"] = train(home, data, "muon-cosine", args,
+                                          muon_options(muon_lr, classic_lr, "cosine"))
+            ablation = {name: tokens_to_reach(curves[name], target) for name in ("adamw-wsd", "muon-cosine")}
         print_table("final val loss of every try", ["run", "final val loss", "tokens"],
                     [[name, curve[-1][1], curve[-1][0]] for name, curve in curves.items()])
         ratio = classic_tokens / muon_tokens if muon_tokens else None
@@ -118,12 +139,17 @@ def main() -> None:
                     ["recipe", "best run", "tokens"],
                     [["classic", best_classic, classic_tokens], ["muon", best_muon, muon_tokens or "not reached"]])
         print(f"\nratio classic/muon tokens: {ratio:.2f}" if ratio else "\nmuon did not reach it")
+        if ablation:
+            print_table("optimizer against schedule: tokens to reach the same target",
+                        ["optimizer", "cosine", "wsd"],
+                        [["adamw", classic_tokens, ablation["adamw-wsd"] or "not reached"],
+                         ["muon", ablation["muon-cosine"] or "not reached", muon_tokens or "not reached"]])
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "results.json").write_text(json.dumps(
                 {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "best_classic": best_classic,
                  "best_muon": best_muon, "target": target, "classic_tokens": classic_tokens,
-                 "muon_tokens": muon_tokens, "ratio": ratio}, indent=2))
+                 "muon_tokens": muon_tokens, "ratio": ratio, "ablation": ablation}, indent=2))
             gptctl("runs", "plot", best_classic, best_muon, "--x", "tokens", "-o", str(args.out / "recipes.png"),
                    home=home)
             print(f"wrote {args.out / 'results.json'} and {args.out / 'recipes.png'}")
