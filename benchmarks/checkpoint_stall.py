@@ -137,8 +137,9 @@ def make_manager(home: Path, preset: str):
     settings = TrainSettings(model=preset, run_name="bench")
     queries.insert_run(db, {"id": run_id, "name": "bench", "kind": "pretrain", "settings": settings.model_dump_json(),
                             "run_dir": str(run_dir), "command": "checkpoint_stall.py", "max_steps": settings.max_steps})
-    args = (lambda: open_registry(home), run_id, run_dir / "checkpoints", settings.keep_last_n_checkpoints, set(), True)
-    return SimpleNamespace(synchronous=CheckpointManager(*args), asynchronous=CheckpointManager(*args, asynchronous=True))
+    args = (lambda: open_registry(home), run_id, run_dir / "checkpoints")
+    return SimpleNamespace(synchronous=CheckpointManager(*args, settings.model_copy(update={"async_checkpoint": False}), True),
+                           asynchronous=CheckpointManager(*args, settings.model_copy(update={"async_checkpoint": True}), True))
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from gptctl import launch
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
-from gptctl.settings import LaunchSettings, TrainSettings, describe
+from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describe
 
 
 def check_data(settings: TrainSettings) -> None:
@@ -23,7 +23,7 @@ def check_data(settings: TrainSettings) -> None:
         check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
 
 
-def check_dataset(settings: TrainSettings) -> None:
+def check_dataset(settings: DataSettings) -> None:
     path = settings.dataset_path
     if path is not None and not path.is_file():
         raise UserError(f"--dataset-path: {path} does not exist; give a JSONL file in Dolly's schema "

@@ -5,19 +5,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from gptctl.errors import UserError
-from gptctl.settings import TrainSettings, describe, option_name
+from gptctl.settings import (CheckpointSettings, EvalSettings, HealthSettings, LogSettings, TrainSettings, describe,
+                             option_name)
 
 
-# Settings a resume may change: how the run is watched, evaluated, checkpointed and kept, and how its
-# steps are computed, not what they compute. Any other, changed, would silently make another run (data,
-# batch, optimizer, schedule, seed, dtype): only with --override-settings. The model's shape never.
-CHANGEABLE_ON_RESUME = frozenset({
-    "eval_interval", "eval_steps", "checkpoint_interval", "async_checkpoint", "keep_last_n_checkpoints",
-    "permanent_checkpoints", "num_workers", "compile", "log_dir", "log_level", "log_gradients", "wandb_log",
-    "wandb_project", "wandb_run_name", "tensorboard", "hellaswag_interval", "hellaswag_file", "on_divergence",
-    "spike_factor", "nonfinite_streak", "max_rollbacks", "activation_checkpointing", "model_parallel",
-    "model_parallel_size", "device", "deterministic",
-})
+# Settings a resume may change: how the run is checkpointed, evaluated, logged and guarded (those groups
+# whole, but its name), and how its steps are computed, not what they compute. Any other, changed, would
+# silently make another run (data, batch, optimizer, schedule, seed, dtype): only with --override-settings.
+# The model's shape never.
+CHANGEABLE_ON_RESUME = frozenset(
+    {name for group in (CheckpointSettings, EvalSettings, LogSettings, HealthSettings) for name in group.model_fields}
+    - {"run_name"}
+    | {"num_workers", "compile", "activation_checkpointing", "model_parallel", "model_parallel_size", "device",
+       "deterministic"}
+)
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
 OVERRIDE = "--override-settings"
 

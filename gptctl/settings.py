@@ -1,4 +1,4 @@
-"""All training settings as one pydantic model: defaults < --config file < command line.
+"""All training settings as pydantic models in groups: defaults < --config file < command line.
 
 Every invalid combination is caught here, before a run directory or registry row exists.
 """
@@ -8,7 +8,7 @@ import typing
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -118,66 +118,35 @@ class LaunchSettings(_Settings):
 LAUNCH_FIELDS = frozenset(LaunchSettings.model_fields)
 
 
-class TrainSettings(_Settings):
-    """What makes the run: stored with it and in every checkpoint."""
+# The run's settings in groups (torchtitan's nested configs, litgpt's TrainArgs/EvalArgs): each group
+# declares its fields, checks what it can check alone and derives its own values; a component's
+# signature names the group it reads. On the command line, in --config files, in the registry and in
+# checkpoints the settings stay flat (a name belongs to exactly one group), so runs stored by any
+# earlier version load unchanged. TrainSettings joins the groups and checks what spans several.
 
-    kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
-    # model
+
+class ModelSettings(_Settings):
+    """Model: the preset and what overrides it."""
+    panel: ClassVar[str] = "Model"
+
     model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS), **PRETRAIN_ONLY)
     n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.", **PRETRAIN_ONLY)
     n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.", **PRETRAIN_ONLY)
     n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.", **PRETRAIN_ONLY)
     block_size: int | None = Field(None, gt=0, **NOT_AN_OPTION)  # the model's context when it exceeds seq_len (finetunes)
-    seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).",
-                         json_schema_extra={"aliases": ["--max-seq-length"]})
-    dynamic_seq_length: bool = Field(False, description="Sequence-length warmup: start at --min-seq-length and double "
-                                     "in equal stages over --seq-len-warmup-steps up to --seq-len; tokens per step stay "
-                                     "the same (more, shorter rows early).", **PRETRAIN_ONLY)
-    min_seq_length: int = Field(128, gt=0, description="First sequence length of --dynamic-seq-length.", **PRETRAIN_ONLY)
-    seq_len_warmup_steps: int | None = Field(None, ge=0, description="Steps until sequences reach --seq-len. "
-                                             "(default: --warmup-steps)", **PRETRAIN_ONLY)
-    # batch
-    batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
-    total_batch_size: int | None = Field(
-        524288, gt=0, description="Tokens per optimizer step, all processes together.")
-    grad_accumulation_steps: int | None = Field(
-        None, gt=0, description="Micro-steps per optimizer step. (default: derived from the total batch)"
-    )
-    # optimisation
-    max_lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
-    min_lr: float | None = Field(None, ge=0, description="Final learning rate. (default: max_lr/10)")
-    warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
-    max_steps: int = Field(40000, gt=0, description="Optimizer steps to train for.")
-    lr_scheduler: Literal["cosine", "cosine_with_restarts", "linear", "constant", "wsd"] = Field(
-        "cosine", description="Learning rate after warmup: cosine, cosine_with_restarts, linear, constant or wsd "
-        "(warmup-stable-decay: max_lr, then straight down over the last --decay-fraction of the steps).")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps that decay the LR.")
-    lr_decay_steps: int | None = Field(None, gt=0, description="Step where the LR schedule ends; after it, the final "
-                                       "LR. (default: --max-steps when the run starts; `resume --max-steps` keeps it, "
-                                       "except a wsd run not yet decaying, whose decay moves to the new end)")
-    lr_restarts: int = Field(0, ge=0, description="Restarts for cosine_with_restarts: the decay runs as K+1 cycles.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
-    optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
-        "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
-    muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
-                           "√max(1, rows/cols) per matrix; follows the same schedule).")
-    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).")
-    muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
-                                     "block matrices.")
-    # hardware
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
-    )
-    device: Device = Field("auto", description="Device: auto, cuda, cpu or mps.")
-    compile: bool = Field(False, description="torch.compile the model.")
-    model_parallel: bool = Field(False, description="Shard parameters, gradients and optimizer state with FSDP2 "
-                                 "instead of replicating the model (DDP).")
-    model_parallel_size: int | None = Field(None, gt=0, description="Processes that share one copy of the model; "
-                                            "groups replicate each other (HSDP). (default: all processes)")
-    seed: int = Field(1337, ge=0, le=SEED_MAX, description="Random seed for initialisation (0 to 2**32-1).")
-    # data
+
+    @field_validator("model")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+
+class DataSettings(_Settings):
+    """Data: where tokens or instruction examples come from, and how they are read."""
+    panel: ClassVar[str] = "Data"
+
     data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
     pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
     dataset_path: Path | None = Field(
@@ -187,151 +156,35 @@ class TrainSettings(_Settings):
                                 **FINETUNE_ONLY)
     num_workers: int = Field(0, ge=0, le=64, description="Background threads reading the next N micro-batches while "
                              "the model computes (0: read in the training thread; on CPU that is faster).")
-    # evaluation and checkpoints
-    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
-    eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")
-    checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.")
-    async_checkpoint: bool = Field(True, description="Write checkpoints in a background thread; training waits "
-                                   "only for a copy of the state in CPU memory.")
-    keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
-    permanent_checkpoints: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
+
+
+class BatchSettings(_Settings):
+    """Batch: sequence length, micro-batch and tokens per optimizer step."""
+    panel: ClassVar[str] = "Batch"
+
+    seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).",
+                         json_schema_extra={"aliases": ["--max-seq-length"]})
+    dynamic_seq_length: bool = Field(False, description="Sequence-length warmup: start at --min-seq-length and double "
+                                     "in equal stages over --seq-len-warmup-steps up to --seq-len; tokens per step stay "
+                                     "the same (more, shorter rows early).", **PRETRAIN_ONLY)
+    min_seq_length: int = Field(128, gt=0, description="First sequence length of --dynamic-seq-length.", **PRETRAIN_ONLY)
+    seq_len_warmup_steps: int | None = Field(None, ge=0, description="Steps until sequences reach --seq-len. "
+                                             "(default: --warmup-steps)", **PRETRAIN_ONLY)
+    batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
+    total_batch_size: int | None = Field(
+        524288, gt=0, description="Tokens per optimizer step, all processes together.")
+    grad_accumulation_steps: int | None = Field(
+        None, gt=0, description="Micro-steps per optimizer step. (default: derived from the total batch)"
     )
-    # watching
-    wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (pip install 'gptctl[wandb]'; "
-                            "WANDB_MODE=offline works without network).")
-    wandb_project: str = Field("gptctl", description="W&B project.")
-    wandb_run_name: str | None = Field(None, description="W&B run name. (default: the run name)")
-    tensorboard: bool = Field(False, description="Write TensorBoard event files to RUN_DIR/tensorboard "
-                              "(pip install 'gptctl[tensorboard]').")
-    log_gradients: int = Field(0, ge=0, description="Every N steps, log per-parameter gradient norms and "
-                               "update/weight ratios (0 = never).")
-    hellaswag_interval: int = Field(0, ge=0, description="Steps between HellaSwag evaluations during training (0 = never).",
-                                    **PRETRAIN_ONLY)
-    hellaswag_file: Path | None = Field(None, description="HellaSwag items (JSONL) for --hellaswag-interval. "
-                                        "(default: the validation set, downloaded once)", **PRETRAIN_ONLY)
-    # bookkeeping
-    run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
-    log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
-    # health
-    on_divergence: Literal["rollback", "stop"] = Field(
-        "rollback", description="When the loss spikes or stays non-finite: rollback (to the newest healthy "
-        "checkpoint, skipping the data that led there) or stop (status diverged).")
-    spike_factor: float = Field(2.0, gt=1, description="A step whose loss exceeds this multiple of its moving average "
-                                "(EMA over ~20 steps) is a spike.")
-    nonfinite_streak: int = Field(3, gt=0, description="Consecutive non-finite steps (each skipped: it never reaches "
-                                  "the weights) that count as divergence.")
-    max_rollbacks: int = Field(3, ge=0, description="Rollbacks a run may make; at the next divergence it stops "
-                               "with status diverged.")
-    # exactness
-    deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
-                                "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
-    # memory
-    activation_checkpointing: Literal["none", "selective", "full"] = Field(
-        "none", description="Recompute transformer blocks in backward instead of keeping their activations: "
-        "none, selective (every other block: about half the activation memory) or full (every block: only "
-        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_settings(cls, values: Any) -> Any:
-        """Settings stored by earlier versions (runs, checkpoints, config files) still load."""
-        if isinstance(values, dict) and "decay_lr" in values:
-            values = dict(values)
-            decay = values.pop("decay_lr")
-            values.setdefault("lr_scheduler", "cosine" if decay else "constant")
-        if isinstance(values, dict) and LAUNCH_FIELDS & values.keys():  # stored with the run before launches had their own
-            values = {k: v for k, v in values.items() if k not in LAUNCH_FIELDS}
-        return values
-
-    @field_validator("permanent_checkpoints", mode="before")
-    @classmethod
-    def _parse_steps(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            parts = [p.strip() for p in value.split(",") if p.strip()]
-            if not all(p.isdigit() and int(p) > 0 for p in parts):
-                raise ValueError(f"expected positive step numbers separated by commas, e.g. 10000,20000; got {value!r}")
-            return [int(p) for p in parts]
-        return value
-
-    @field_validator("run_name")
-    @classmethod
-    def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not _RUN_NAME.fullmatch(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
-        return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainSettings":
-        shape = self.shape
-        if shape.n_embd % shape.n_head:
-            raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
-        if self.block_size is not None and self.seq_len > self.block_size:
-            raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
+    def _consistent_batch(self) -> "BatchSettings":
         if self.dynamic_seq_length:
             ratio = self.seq_len // self.min_seq_length
             if self.seq_len % self.min_seq_length or ratio < 2 or ratio & (ratio - 1):
                 raise ValueError(f"--min-seq-length ({self.min_seq_length}) must be --seq-len ({self.seq_len}) divided "
                                  "by a power of two, e.g. 128 for 1024")
-        if self.lr_restarts and self.lr_scheduler != "cosine_with_restarts":
-            raise ValueError("--lr-restarts needs --lr-scheduler cosine_with_restarts")
-        if self.lr_restarts and self.lr_restarts >= self.max_steps - self.warmup_steps:
-            raise ValueError(f"--lr-restarts ({self.lr_restarts}) makes cycles shorter than a step: at most "
-                             f"--max-steps - --warmup-steps - 1 ({self.max_steps - self.warmup_steps - 1})")
-        if self.optimizer == "muon" and self.model_parallel:
-            raise ValueError("--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards "
-                             "across processes; drop --model-parallel (DDP) or use --optimizer adamw")
-        if self.model_parallel_size is not None and not self.model_parallel:
-            raise ValueError("--model-parallel-size needs --model-parallel")
-        if self.min_lr is not None and self.min_lr > self.max_lr:
-            raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
-        if self.warmup_steps >= self.max_steps:
-            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
-        if self.lr_decay_steps is not None and self.warmup_steps >= self.lr_decay_steps:
-            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --lr-decay-steps "
-                             f"({self.lr_decay_steps})")
         return self
-
-    @property
-    def shape(self) -> ModelShape:
-        preset = PRESETS[self.model]
-        return ModelShape(
-            n_layer=self.n_layer or preset.n_layer,
-            n_head=self.n_head or preset.n_head,
-            n_embd=self.n_embd or preset.n_embd,
-            block_size=self.block_size or self.seq_len,
-        )
-
-    @property
-    def schedule_steps(self) -> int:
-        """Where the LR schedule ends."""
-        return self.lr_decay_steps or self.max_steps
-
-    def schedule(self, end: int | None = None) -> Schedule:
-        """The LR schedule, ending at `end` (default: where this run's ends)."""
-        return Schedule(self.lr_scheduler, self.max_lr, self.final_lr, self.warmup_steps, end or self.schedule_steps,
-                        self.lr_restarts, self.decay_fraction)
-
-    @property
-    def final_lr(self) -> float:
-        return self.max_lr / 10 if self.min_lr is None else self.min_lr
-
-    def check_world(self, world_size: int) -> None:
-        """Raise ValueError when the batch or the sharding does not split over `world_size` processes."""
-        tokens = self.tokens_per_step(world_size)
-        if tokens * self.max_steps > INT64_MAX:  # the registry counts tokens seen in a 64-bit integer
-            raise ValueError(f"--max-steps ({self.max_steps}) × {tokens} tokens per step is more tokens than the "
-                             f"registry can count (2**63-1); lower --max-steps")
-        if self.model_parallel:
-            self.mesh_shape(world_size)
 
     def resolved_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step for this world size; the total batch must split evenly."""
@@ -352,6 +205,243 @@ class TrainSettings(_Settings):
             )
         return accum
 
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.batch_size * self.seq_len * world_size * self.resolved_accumulation(world_size)
+
+
+class OptimizerSettings(_Settings):
+    """Optimizer: which one, and everything but the learning rate's course over the steps."""
+    panel: ClassVar[str] = "Optimizer"
+
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
+        "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
+    muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
+                           "√max(1, rows/cols) per matrix; follows the same schedule).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).")
+    muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
+                                     "block matrices.")
+
+
+class ScheduleSettings(_Settings):
+    """LR schedule: how long the run is and how the learning rate moves over it."""
+    panel: ClassVar[str] = "Steps and LR schedule"
+
+    max_steps: int = Field(40000, gt=0, description="Optimizer steps to train for.")
+    max_lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0, description="Final learning rate. (default: max_lr/10)")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
+    lr_scheduler: Literal["cosine", "cosine_with_restarts", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Learning rate after warmup: cosine, cosine_with_restarts, linear, constant or wsd "
+        "(warmup-stable-decay: max_lr, then straight down over the last --decay-fraction of the steps).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the steps that decay the LR.")
+    lr_decay_steps: int | None = Field(None, gt=0, description="Step where the LR schedule ends; after it, the final "
+                                       "LR. (default: --max-steps when the run starts; `resume --max-steps` keeps it, "
+                                       "except a wsd run not yet decaying, whose decay moves to the new end)")
+    lr_restarts: int = Field(0, ge=0, description="Restarts for cosine_with_restarts: the decay runs as K+1 cycles.")
+
+    @model_validator(mode="after")
+    def _consistent_schedule(self) -> "ScheduleSettings":
+        if self.lr_restarts and self.lr_scheduler != "cosine_with_restarts":
+            raise ValueError("--lr-restarts needs --lr-scheduler cosine_with_restarts")
+        if self.lr_restarts and self.lr_restarts >= self.max_steps - self.warmup_steps:
+            raise ValueError(f"--lr-restarts ({self.lr_restarts}) makes cycles shorter than a step: at most "
+                             f"--max-steps - --warmup-steps - 1 ({self.max_steps - self.warmup_steps - 1})")
+        if self.min_lr is not None and self.min_lr > self.max_lr:
+            raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --max-lr ({self.max_lr})")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.max_steps})")
+        if self.lr_decay_steps is not None and self.warmup_steps >= self.lr_decay_steps:
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be smaller than --lr-decay-steps "
+                             f"({self.lr_decay_steps})")
+        return self
+
+    @property
+    def schedule_steps(self) -> int:
+        """Where the LR schedule ends."""
+        return self.lr_decay_steps or self.max_steps
+
+    def schedule(self, end: int | None = None) -> Schedule:
+        """The LR schedule, ending at `end` (default: where this run's ends)."""
+        return Schedule(self.lr_scheduler, self.max_lr, self.final_lr, self.warmup_steps, end or self.schedule_steps,
+                        self.lr_restarts, self.decay_fraction)
+
+    @property
+    def final_lr(self) -> float:
+        return self.max_lr / 10 if self.min_lr is None else self.min_lr
+
+
+class RuntimeSettings(_Settings):
+    """Hardware, parallelism, precision and memory; the seed and exactness."""
+    panel: ClassVar[str] = "Hardware and parallelism"
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
+    )
+    device: Device = Field("auto", description="Device: auto, cuda, cpu or mps.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    model_parallel: bool = Field(False, description="Shard parameters, gradients and optimizer state with FSDP2 "
+                                 "instead of replicating the model (DDP).")
+    model_parallel_size: int | None = Field(None, gt=0, description="Processes that share one copy of the model; "
+                                            "groups replicate each other (HSDP). (default: all processes)")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute transformer blocks in backward instead of keeping their activations: "
+        "none, selective (every other block: about half the activation memory) or full (every block: only "
+        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.")
+    seed: int = Field(1337, ge=0, le=SEED_MAX, description="Random seed for initialisation (0 to 2**32-1).")
+    deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
+                                "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
+
+    @model_validator(mode="after")
+    def _consistent_runtime(self) -> "RuntimeSettings":
+        if self.model_parallel_size is not None and not self.model_parallel:
+            raise ValueError("--model-parallel-size needs --model-parallel")
+        return self
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicas, processes sharing one model copy) for --model-parallel."""
+        shards = self.model_parallel_size or world_size
+        if world_size % shards:
+            raise ValueError(f"--model-parallel-size ({shards}) must divide the number of processes ({world_size})")
+        return world_size // shards, shards
+
+
+class CheckpointSettings(_Settings):
+    """Checkpoints: how often, how, and which are kept."""
+    panel: ClassVar[str] = "Checkpoints"
+
+    checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.")
+    async_checkpoint: bool = Field(True, description="Write checkpoints in a background thread; training waits "
+                                   "only for a copy of the state in CPU memory.")
+    keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
+    permanent_checkpoints: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
+    )
+
+    def is_save_step(self, step: int, last_step: int) -> bool:
+        """Whether a run that ends at `last_step` saves after `step`."""
+        return step % self.checkpoint_interval == 0 or step == last_step or step in self.permanent_checkpoints
+
+    @field_validator("permanent_checkpoints", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"expected positive step numbers separated by commas, e.g. 10000,20000; got {value!r}")
+            return [int(p) for p in parts]
+        return value
+
+
+class EvalSettings(_Settings):
+    """Evaluation during training."""
+    panel: ClassVar[str] = "Evaluation"
+
+    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
+    eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")
+    hellaswag_interval: int = Field(0, ge=0, description="Steps between HellaSwag evaluations during training (0 = never).",
+                                    **PRETRAIN_ONLY)
+    hellaswag_file: Path | None = Field(None, description="HellaSwag items (JSONL) for --hellaswag-interval. "
+                                        "(default: the validation set, downloaded once)", **PRETRAIN_ONLY)
+
+    def is_eval_step(self, step: int, last_step: int) -> bool:
+        """Whether a run that ends at `last_step` measures its val loss after `step`."""
+        return step % self.eval_interval == 0 or step == last_step
+
+
+class LogSettings(_Settings):
+    """Naming and logging: the run's name, its log, and where else metrics go."""
+    panel: ClassVar[str] = "Logging"
+
+    run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
+    log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_gradients: int = Field(0, ge=0, description="Every N steps, log per-parameter gradient norms and "
+                               "update/weight ratios (0 = never).")
+    wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (pip install 'gptctl[wandb]'; "
+                            "WANDB_MODE=offline works without network).")
+    wandb_project: str = Field("gptctl", description="W&B project.")
+    wandb_run_name: str | None = Field(None, description="W&B run name. (default: the run name)")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files to RUN_DIR/tensorboard "
+                              "(pip install 'gptctl[tensorboard]').")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_NAME.fullmatch(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (no path separators, no leading dot), at most 64")
+        return value
+
+
+class HealthSettings(_Settings):
+    """Divergence: what counts as one and what the run does then."""
+    panel: ClassVar[str] = "Divergence"
+
+    on_divergence: Literal["rollback", "stop"] = Field(
+        "rollback", description="When the loss spikes or stays non-finite: rollback (to the newest healthy "
+        "checkpoint, skipping the data that led there) or stop (status diverged).")
+    spike_factor: float = Field(2.0, gt=1, description="A step whose loss exceeds this multiple of its moving average "
+                                "(EMA over ~20 steps) is a spike.")
+    nonfinite_streak: int = Field(3, gt=0, description="Consecutive non-finite steps (each skipped: it never reaches "
+                                  "the weights) that count as divergence.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks a run may make; at the next divergence it stops "
+                               "with status diverged.")
+
+
+# The groups in the order --help and model_dump show them (pydantic takes fields from the last base first).
+TRAIN_GROUPS = (ModelSettings, DataSettings, BatchSettings, OptimizerSettings, ScheduleSettings, RuntimeSettings,
+                CheckpointSettings, EvalSettings, LogSettings, HealthSettings)
+
+
+class TrainSettings(*reversed(TRAIN_GROUPS)):
+    """What makes the run: stored with it and in every checkpoint."""
+
+    kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_settings(cls, values: Any) -> Any:
+        """Settings stored by earlier versions (runs, checkpoints, config files) still load."""
+        if isinstance(values, dict) and "decay_lr" in values:
+            values = dict(values)
+            decay = values.pop("decay_lr")
+            values.setdefault("lr_scheduler", "cosine" if decay else "constant")
+        if isinstance(values, dict) and LAUNCH_FIELDS & values.keys():  # stored with the run before launches had their own
+            values = {k: v for k, v in values.items() if k not in LAUNCH_FIELDS}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        shape = self.shape
+        if shape.n_embd % shape.n_head:
+            raise ValueError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
+        if self.block_size is not None and self.seq_len > self.block_size:
+            raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
+        if self.optimizer == "muon" and self.model_parallel:
+            raise ValueError("--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards "
+                             "across processes; drop --model-parallel (DDP) or use --optimizer adamw")
+        return self
+
+    @property
+    def shape(self) -> ModelShape:
+        preset = PRESETS[self.model]
+        return ModelShape(
+            n_layer=self.n_layer or preset.n_layer,
+            n_head=self.n_head or preset.n_head,
+            n_embd=self.n_embd or preset.n_embd,
+            block_size=self.block_size or self.seq_len,
+        )
+
+    def check_world(self, world_size: int) -> None:
+        """Raise ValueError when the batch or the sharding does not split over `world_size` processes."""
+        tokens = self.tokens_per_step(world_size)
+        if tokens * self.max_steps > INT64_MAX:  # the registry counts tokens seen in a 64-bit integer
+            raise ValueError(f"--max-steps ({self.max_steps}) × {tokens} tokens per step is more tokens than the "
+                             f"registry can count (2**63-1); lower --max-steps")
+        if self.model_parallel:
+            self.mesh_shape(world_size)
 
     def seq_len_at(self, step: int) -> int:
         """Sequence length at optimizer step `step` (1-based); --seq-len unless --dynamic-seq-length."""
@@ -361,16 +451,6 @@ class TrainSettings(_Settings):
         warmup = self.warmup_steps if self.seq_len_warmup_steps is None else self.seq_len_warmup_steps
         stage = stages - 1 if warmup == 0 else min((step - 1) * stages // warmup, stages - 1)
         return self.min_seq_length << stage
-
-    def mesh_shape(self, world_size: int) -> tuple[int, int]:
-        """(replicas, processes sharing one model copy) for --model-parallel."""
-        shards = self.model_parallel_size or world_size
-        if world_size % shards:
-            raise ValueError(f"--model-parallel-size ({shards}) must divide the number of processes ({world_size})")
-        return world_size // shards, shards
-
-    def tokens_per_step(self, world_size: int) -> int:
-        return self.batch_size * self.seq_len * world_size * self.resolved_accumulation(world_size)
 
 
 def option_name(field: str) -> str:

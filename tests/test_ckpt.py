@@ -142,10 +142,12 @@ def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_p
 def _manager(home, run_dir, asynchronous=True):
     from gptctl.engine.checkpoint import CheckpointManager
     from gptctl.registry import open_registry, queries
+    from gptctl.settings import CheckpointSettings
 
     db = open_registry(home)
     queries.insert_run(db, {"id": "r1", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
-    return db, CheckpointManager(lambda: open_registry(home), "r1", run_dir / "checkpoints", 2, set(), True, asynchronous)
+    config = CheckpointSettings(keep_last_n_checkpoints=2, async_checkpoint=asynchronous)
+    return db, CheckpointManager(lambda: open_registry(home), "r1", run_dir / "checkpoints", config, True)
 
 
 def test_asynchronous_save_snapshots_the_state_and_registers_when_durable(gptctl_home, tmp_path, monkeypatch):

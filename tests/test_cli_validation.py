@@ -183,6 +183,29 @@ def test_launch_settings_are_not_part_of_the_run():
     assert TrainSettings.model_validate(old) == settings  # e.g. a run or checkpoint from before the split
 
 
+def test_the_run_settings_are_groups_joined_and_stay_flat_outside():
+    """Each setting belongs to exactly one group, which checks it and derives what it alone can; the
+    command line, --help, config files and stored settings see the flat names."""
+    from pydantic import ValidationError
+
+    from gptctl.settings import (TRAIN_GROUPS, CheckpointSettings, LaunchSettings, ScheduleSettings, TrainSettings,
+                                 to_toml)
+
+    names = [name for group in TRAIN_GROUPS for name in group.model_fields]
+    assert len(names) == len(set(names)) and set(names) | {"kind"} == set(TrainSettings.model_fields)
+    assert not set(names) & set(LaunchSettings.model_fields)
+    with pytest.raises(ValidationError, match=r"--warmup-steps \(10\) must be smaller"):
+        ScheduleSettings(max_steps=10, warmup_steps=10)  # a group checks itself alone
+    saves = CheckpointSettings(checkpoint_interval=4, permanent_checkpoints="6")
+    assert [s for s in range(1, 11) if saves.is_save_step(s, 10)] == [4, 6, 8, 10]
+    settings = TrainSettings(max_steps=10, warmup_steps=2, checkpoint_interval=4, permanent_checkpoints=[6])
+    assert isinstance(settings, CheckpointSettings) and settings.schedule().max_steps == 10
+    assert set(settings.model_dump()) == set(names) | {"kind"}  # stored flat, as before the groups
+    assert "max_steps = 10\n" in to_toml(settings)
+    shown = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "100"}).output
+    assert all(group.panel in shown for group in TRAIN_GROUPS) and "Launch (this launch only)" in shown
+
+
 def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
     result = runner.invoke(app, ["resume", "--help"], terminal_width=200)
     assert result.exit_code == 0

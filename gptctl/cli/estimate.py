@@ -28,7 +28,7 @@ def _default_help(name: str) -> str:
 
 
 @app.command("estimate")
-@with_settings_options("pretrain", groups=GROUPS[:1], only=ESTIMATED,
+@with_settings_options("pretrain", groups=GROUPS[:-1], only=ESTIMATED,
                        defaults={name: _default_help(name) for name in ESTIMATED if name in FINETUNE_DEFAULTS})
 def estimate_cmd(
     values: dict,

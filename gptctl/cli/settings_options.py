@@ -8,10 +8,10 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic_core import PydanticUndefined
 
-from gptctl.settings import LaunchSettings, TrainSettings, is_option, option_name
+from gptctl.settings import TRAIN_GROUPS, LaunchSettings, is_option, option_name
 
 # Each group's options under its own heading in --help; on the command line they are all flat.
-GROUPS = ((TrainSettings, "Training settings"), (LaunchSettings, "Launch settings (this launch only)"))
+GROUPS = tuple((group, group.panel) for group in TRAIN_GROUPS) + ((LaunchSettings, "Launch (this launch only)"),)
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gptctl.atomic import TMP_PREFIX, atomic_write
+from gptctl.settings import CheckpointSettings
 
 
 def checkpoint_name(step: int) -> str:
@@ -188,10 +189,11 @@ class CheckpointManager:
     the next `save`, or `wait`, which the trainer calls before it reports the run's outcome.
     """
 
-    def __init__(self, connect: Callable[[], Any], run_id: str, directory: Path, keep_last: int, permanent: set[int],
-                 write: bool, asynchronous: bool = False, copy_state: bool = True):
-        self.connect, self.run_id, self.directory = connect, run_id, directory
-        self.keep_last, self.permanent, self.write, self.asynchronous = keep_last, permanent, write, asynchronous
+    def __init__(self, connect: Callable[[], Any], run_id: str, directory: Path, config: CheckpointSettings,
+                 write: bool, copy_state: bool = True):
+        self.connect, self.run_id, self.directory, self.write = connect, run_id, directory, write
+        self.keep_last, self.permanent = config.keep_last_n_checkpoints, set(config.permanent_checkpoints)
+        self.asynchronous = config.async_checkpoint
         self.copy_state = copy_state
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -372,15 +372,14 @@ class Trainer:
     def evaluate(self, row: dict) -> None:
         """Add the evals due at this row's step to it (every rank runs them: they are collective)."""
         step, last = row["step"], row["step"] == self.settings.max_steps
-        if step % self.settings.eval_interval == 0 or last:
+        if self.settings.is_eval_step(step, self.settings.max_steps):
             row["val_loss"] = mean_loss(self.model, self.val_loader, self.settings.eval_steps, self.autocast, self.d)
         for name, (interval, fn) in self.evals.items():
             if step % interval == 0 or last:
                 row[name] = fn()
 
     def should_save(self, step: int) -> bool:
-        s = self.settings
-        return step % s.checkpoint_interval == 0 or step == s.max_steps or step in s.permanent_checkpoints
+        return self.settings.is_save_step(step, self.settings.max_steps)
 
     def save(self) -> None:
         began = time.perf_counter()

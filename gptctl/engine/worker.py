@@ -285,8 +285,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level,
                                         memory=trainer.peak_memory)
     trainer.checkpointer = ckpt.CheckpointManager(
-        lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings.keep_last_n_checkpoints,
-        set(settings.permanent_checkpoints), write, asynchronous=settings.async_checkpoint,
+        lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings, write,
         copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
     trainer.progress.message(
         f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "

@@ -7,10 +7,10 @@ from typing import Any, Callable
 from sqlite_utils import Database
 
 from gptctl.registry import files, queries
-from gptctl.settings import TrainSettings
+from gptctl.settings import CheckpointSettings
 
 # A run whose stored settings predate the option keeps what a new run keeps by default.
-DEFAULT_KEEP_LAST = TrainSettings.model_fields["keep_last_n_checkpoints"].default
+DEFAULT_KEEP_LAST = CheckpointSettings.model_fields["keep_last_n_checkpoints"].default
 
 
 def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[int], protected_paths: set[str]) -> list[dict[str, Any]]:
