@@ -85,9 +85,11 @@ class GptctlGroup(TyperGroup):
         return self.commands[name]
 
     def format_help(self, ctx, formatter):
+        # The index of commands in Click's plain layout: typer's rich help costs more to import and draw
+        # than the rest of `gptctl --help` together (each command's own --help keeps rich's panels).
         self._listing = True
         try:
-            return super().format_help(ctx, formatter)
+            return super(TyperGroup, self).format_help(ctx, formatter)
         finally:
             self._listing = False
 
