@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, only_run_id
+from conftest import TINY_RUN, cli, only_run_id
 from gptctl.cli import app
 from gptctl.cli.listing import format_size
 
@@ -18,8 +18,8 @@ runner = CliRunner()
 
 @pytest.fixture
 def run_with_checkpoints(shakespeare, gptctl_home):
-    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--checkpoint-interval", "2",
-           "--keep-last-n-checkpoints", "10", "--permanent-checkpoints", "2", "--run-name", "ck", home=gptctl_home)
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--checkpoint-interval", "2",
+        "--keep-last-n-checkpoints", "10", "--permanent-checkpoints", "2", "--run-name", "ck", home=gptctl_home)
     return only_run_id(gptctl_home, "ck")
 
 
@@ -90,7 +90,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(run_with_checkpoints, gptctl_h
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 can tell
     newest.write_bytes(bytes(data))
-    proc = gptctl("resume", run_id, "--max-steps", "10", home=gptctl_home)
+    proc = cli("resume", run_id, "--max-steps", "10", home=gptctl_home)
     assert "checkpoint step 8" in proc.stderr and "corrupt" in proc.stderr
     assert "resuming from step 6" in proc.stderr
     after = listing()
@@ -112,8 +112,8 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "model_00004.pt"
     torch.save({"model": {}, "step": 4, "x": Evil()}, evil)
-    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
-                  "--checkpoint-path", str(evil), "--json", home=gptctl_home, check=False)
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+               "--checkpoint-path", str(evil), "--json", home=gptctl_home, check=False)
     # Refused before a run exists (issue 12): no summary, no run, no registry, torchrun never started.
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.startswith(f"Error: --checkpoint-path: {evil}") and "Traceback" not in proc.stderr

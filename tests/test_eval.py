@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, gptctl, losses, save_tiny_checkpoint
+from conftest import SHAKESPEARE, cli, losses, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data import hellaswag
 from gptctl.data.shards import find_shards
@@ -288,11 +288,11 @@ def test_val_loss_reads_every_complete_batch_once(tmp_path, several_val_shards):
 def test_eval_after_a_real_pretrain(tmp_path, trained_run):
     home, run_id = trained_run
     items_file = write_items(tmp_path / "items.jsonl")
-    scored = json.loads(gptctl("eval", run_id, "--task", "hellaswag", "--hellaswag-file", str(items_file), "--json",
-                               home=home).stdout)
+    scored = json.loads(cli("eval", run_id, "--task", "hellaswag", "--hellaswag-file", str(items_file), "--json",
+                            home=home).stdout)
     assert scored["task"] == "hellaswag" and scored["total"] == 4 and 0 <= scored["correct"] <= 4
     assert scored["checkpoint"].endswith("model_00008.pt") and scored["accuracy"] == scored["correct"] / 4
     # Training's eval at step 4 (--eval-steps 2) read the same rows of the same model.
-    measured = json.loads(gptctl("eval", f"{run_id}:4", "--task", "val-loss", "--limit", "2", "--json",
-                                 home=home).stdout)
+    measured = json.loads(cli("eval", f"{run_id}:4", "--task", "val-loss", "--limit", "2", "--json",
+                              home=home).stdout)
     assert measured["val_loss"] == pytest.approx(losses(home, run_id)[4][1], rel=1e-5)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id, train_in_process
+from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process
 from gptctl.registry.files import sha256_of
 
 pytestmark = pytest.mark.slow
@@ -192,13 +192,13 @@ def test_disk_full_during_a_save_fails_cleanly_then_resume_completes(shakespeare
                                                                      monkeypatch, tmp_path):
     monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "1000000")  # the disk fills 1 MB into a save...
     monkeypatch.setenv("GPTCTL_TEST_FAULT_FROM_STEP", "4")  # ...of step 4; step 2's save fits
-    proc = gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--run-name", "full", "--json",
-                  home=gptctl_home, check=False)
+    proc = cli("pretrain", *ARGS, "--data-root", str(shakespeare), "--run-name", "full", "--json",
+               home=gptctl_home, check=False)
     monkeypatch.delenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES")
     assert proc.returncode != 0
     assert "No space left on device" in proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "failed"
     assert "could not write the checkpoint of step 4" in shown["error"] and "No space left on device" in shown["error"]
     ckpt_dir = Path(shown["run_dir"]) / "checkpoints"
@@ -207,7 +207,7 @@ def test_disk_full_during_a_save_fails_cleanly_then_resume_completes(shakespeare
     sha = query(gptctl_home, "select sha256 from checkpoints where run_id = ? and step = 2", [run_id])[0][0]
     assert sha256_of(ckpt_dir / "model_00002.pt") == sha  # the previous checkpoint is intact
 
-    gptctl("resume", run_id, home=gptctl_home)
+    cli("resume", run_id, home=gptctl_home)
     assert losses(gptctl_home, run_id) == reference
     assert_all_checkpoints_verify(gptctl_home, run_id)
 
@@ -216,7 +216,7 @@ def test_disk_full_during_a_save_fails_cleanly_then_resume_completes(shakespeare
     outside.write_bytes(b"someone else's file")
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         conn.execute("update checkpoints set path = ? where run_id = ? and step = 26", [str(outside), run_id])
-    proc = gptctl("ckpt", "prune", "--run", run_id, "--keep-last", "1", "--yes", home=gptctl_home)
+    proc = cli("ckpt", "prune", "--run", run_id, "--keep-last", "1", "--yes", home=gptctl_home)
     assert "not deleting step 26" in proc.stderr and "step 28" in proc.stdout
     assert outside.read_bytes() == b"someone else's file"
     assert checkpoint_states(gptctl_home, run_id)[28] == "deleted"

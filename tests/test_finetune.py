@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses
+from conftest import TINY_RUN, cli, losses
 from gptctl.cli import app
 from gptctl.data import dolly
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
@@ -227,8 +227,8 @@ def test_pretrain_only_options_are_not_finetune_options(tmp_path):
 def pretrained(tmp_path_factory, shakespeare):
     """A tiny pretrained run in its own home; finetunes in this module start from it by name."""
     home = tmp_path_factory.mktemp("ft") / "home"
-    gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--seq-len", "64", "--total-batch-size", "256",
-           "--max-steps", "6", "--checkpoint-interval", "3", "--run-name", "base", home=home)
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--seq-len", "64", "--total-batch-size", "256",
+        "--max-steps", "6", "--checkpoint-interval", "3", "--run-name", "base", home=home)
     return home
 
 
@@ -239,8 +239,8 @@ def test_finetune_end_to_end_val_loss_falls_resumes_exactly_and_protects_its_par
     common = ["--dataset-path", str(data), "--warmup-steps", "2", "--max-lr", "2e-3", "--max-steps", "12",
               "--eval-interval", "4", "--eval-steps", "2", "--checkpoint-interval", "6", "--keep-last-n-checkpoints", "5",
               "--json"]
-    full = json.loads(gptctl("finetune", "--pretrained-checkpoint", "base:3", "--run-name", "ft-full", *common,
-                             home=home).stdout)
+    full = json.loads(cli("finetune", "--pretrained-checkpoint", "base:3", "--run-name", "ft-full", *common,
+                          home=home).stdout)
     assert full["status"] == "completed" and full["last_step"] == 12
     metrics = losses(home, full["run_id"])
     vals = [metrics[s][1] for s in (4, 8, 12)]
@@ -257,12 +257,12 @@ def test_finetune_end_to_end_val_loss_falls_resumes_exactly_and_protects_its_par
     # Restarting the same finetune from its step-6 checkpoint reproduces steps 7..12 bit for bit.
     step6 = Path(full["checkpoints"][0])
     assert step6.name == "model_00006.pt"
-    again = json.loads(gptctl("finetune", "--pretrained-checkpoint", "base", "--run-name", "ft-again", *common,
-                              "--resume", "--checkpoint-path", str(step6), home=home).stdout)
+    again = json.loads(cli("finetune", "--pretrained-checkpoint", "base", "--run-name", "ft-again", *common,
+                           "--resume", "--checkpoint-path", str(step6), home=home).stdout)
     resumed = losses(home, again["run_id"])
     assert sorted(resumed) == list(range(7, 13))
     assert all(resumed[s] == metrics[s] for s in range(7, 13)), (resumed, metrics)
 
     # A finetune's parent is never pruned: --keep-last 1 would otherwise delete step 3 of the base run.
-    gptctl("ckpt", "prune", "--run", "base", "--keep-last", "1", "--yes", home=home)
+    cli("ckpt", "prune", "--run", "base", "--keep-last", "1", "--yes", home=home)
     assert Path(base_step3).exists()

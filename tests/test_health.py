@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, TINY_SETTINGS, gptctl, losses, only_run_id
+from conftest import TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health
@@ -113,11 +113,11 @@ def test_retention_counts_healthy_checkpoints_and_keeps_the_newest_healthy(newes
 def test_the_issues_diverging_run_ends_diverged_and_keeps_its_last_good_checkpoint(shakespeare, gptctl_home):
     """The fault review's reproduction: a huge LR with a checkpoint every 2 steps and keep-last 1 completed
     with exit 0, its NaN checkpoints registered as valid. Now: status diverged, exit 3, one line."""
-    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "60", "--checkpoint-interval",
-                  "2", "--keep-last-n-checkpoints", "1", "--max-lr", "1e4", "--grad-clip", "0", "--weight-decay", "0",
-                  "--warmup-steps", "5", "--run-name", "boom", "--json", home=gptctl_home, check=False)
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "60", "--checkpoint-interval",
+               "2", "--keep-last-n-checkpoints", "1", "--max-lr", "1e4", "--grad-clip", "0", "--weight-decay", "0",
+               "--warmup-steps", "5", "--run-name", "boom", "--json", home=gptctl_home, check=False)
     assert proc.returncode == 3, proc.stderr
-    shown = json.loads(gptctl("runs", "show", "boom", "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", "boom", "--json", home=gptctl_home).stdout)
     assert shown["status"] == "diverged" and shown["error"].startswith("the run diverged: ")
     assert [l for l in proc.stderr.splitlines() if l.startswith("error: the run diverged")]
     assert any(e["kind"] == "diverged" for e in shown["events"])
@@ -129,13 +129,13 @@ def test_the_issues_diverging_run_ends_diverged_and_keeps_its_last_good_checkpoi
 @pytest.mark.slow
 def test_a_spike_in_a_real_run_rolls_back_and_the_run_completes(shakespeare, gptctl_home, monkeypatch):
     monkeypatch.setenv("GPTCTL_TEST_SPIKE_POSITIONS", "6")  # inherited by the launcher, torchrun and the worker
-    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "10", "--checkpoint-interval",
-                  "4", "--run-name", "bump", "--json", home=gptctl_home)
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "10", "--checkpoint-interval",
+               "4", "--run-name", "bump", "--json", home=gptctl_home)
     assert json.loads(proc.stdout)["status"] == "completed"
-    shown = json.loads(gptctl("runs", "show", "bump", "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", "bump", "--json", home=gptctl_home).stdout)
     assert [(e["step"], e["kind"]) for e in shown["events"]] == [(6, "spike"), (4, "rollback")]
     assert sorted(losses(gptctl_home, only_run_id(gptctl_home, "bump"))) == list(range(1, 11))
-    human = gptctl("runs", "show", "bump", home=gptctl_home).stdout
+    human = cli("runs", "show", "bump", home=gptctl_home).stdout
     assert "step 4 rollback: loss" in human and "skipping 2 steps of data" in human
-    listing = gptctl("ckpt", "list", "--run", "bump", home=gptctl_home).stdout
+    listing = cli("ckpt", "list", "--run", "bump", home=gptctl_home).stdout
     assert "healthy" in listing

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, TINY_RUN, gptctl
+from conftest import SHAKESPEARE, TINY_RUN, cli
 from gptctl.cli import app
 from gptctl.preflight import parent_model
 from gptctl.data.tokenizer import get_encoding
@@ -233,7 +233,7 @@ def test_import_refuses_what_is_not_gptctls_gpt2(hf_dir, monkeypatch, tmp_path):
 def test_a_trained_run_exports_and_loads_in_transformers(trained_run, tmp_path):
     home, run_id = trained_run
     out = tmp_path / "hf"
-    proc = gptctl("export", run_id, "-o", str(out), home=home)
+    proc = cli("export", run_id, "-o", str(out), home=home)
     assert proc.stdout.strip() == str(out)
     assert "step 8" in proc.stderr
     trained = Sampler(next(home.glob(f"*-{run_id}/checkpoints/model_00008.pt")), "cpu")
@@ -255,15 +255,15 @@ def test_finetune_and_pretrain_start_from_hugging_face_weights(hf_dir, shakespea
     from test_finetune import write_dolly
 
     data = write_dolly(tmp_path / "dolly.jsonl", n=60)
-    ft = json.loads(gptctl("finetune", "--pretrained-checkpoint", f"hf:{hf_dir}", "--dataset-path", str(data),
-                           "--max-steps", "3", "--warmup-steps", "1", "--eval-steps", "1", "--json", home=gptctl_home).stdout)
+    ft = json.loads(cli("finetune", "--pretrained-checkpoint", f"hf:{hf_dir}", "--dataset-path", str(data),
+                        "--max-steps", "3", "--warmup-steps", "1", "--eval-steps", "1", "--json", home=gptctl_home).stdout)
     args = [a for a in TINY_RUN if a not in ("--model", "tiny", "--seq-len", "32")]
-    pt = json.loads(gptctl("pretrain", *args, "--data-root", str(shakespeare), "--init-from", f"hf:{hf_dir}",
-                           "--max-steps", "3", "--json",
-                           home=gptctl_home).stdout)
+    pt = json.loads(cli("pretrain", *args, "--data-root", str(shakespeare), "--init-from", f"hf:{hf_dir}",
+                        "--max-steps", "3", "--json",
+                        home=gptctl_home).stdout)
     imported = (gptctl_home / "imports").resolve()
     for summary in (ft, pt):
-        run = json.loads(gptctl("runs", "show", summary["run_id"], "--json", home=gptctl_home).stdout)
+        run = json.loads(cli("runs", "show", summary["run_id"], "--json", home=gptctl_home).stdout)
         assert run["status"] == "completed"
         assert Path(run["parent_checkpoint"]).parent == imported
         assert run["settings"]["n_embd"] == 64 and run["settings"]["seq_len"] == 64

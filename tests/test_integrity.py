@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, only_run_id, save_tiny_checkpoint
+from conftest import TINY_RUN, cli, gptctl, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.engine.checkpoint import UnsafeCheckpoint, load
 from gptctl.errors import UserError
@@ -246,30 +246,30 @@ ARGS = [*TINY_RUN, "--checkpoint-interval", "2"]
 
 @pytest.mark.slow
 def test_prune_with_a_truncated_newest_keeps_the_good_ones_and_resume_says_what_happened(shakespeare, gptctl_home):
-    gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "6", "--keep-last-n-checkpoints", "10",
-           "--run-name", "t1", home=gptctl_home)
+    cli("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "6", "--keep-last-n-checkpoints", "10",
+        "--run-name", "t1", home=gptctl_home)
     run_id = only_run_id(gptctl_home, "t1")
-    listing = {r["step"]: r for r in json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)}
+    listing = {r["step"]: r for r in json.loads(cli("ckpt", "list", "--json", home=gptctl_home).stdout)}
     newest = Path(listing[6]["path"])
     os.truncate(newest, 1000)
-    listing = {r["step"]: r for r in json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)}
+    listing = {r["step"]: r for r in json.loads(cli("ckpt", "list", "--json", home=gptctl_home).stdout)}
     assert listing[6]["state"] == "corrupt"  # not "valid at its old size"
 
-    proc = gptctl("ckpt", "prune", "--run", "t1", "--keep-last", "1", "--yes", home=gptctl_home)
+    proc = cli("ckpt", "prune", "--run", "t1", "--keep-last", "1", "--yes", home=gptctl_home)
     assert "step 2" in proc.stdout and "step 4" not in proc.stdout
-    listing = {r["step"]: r["state"] for r in json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)}
+    listing = {r["step"]: r["state"] for r in json.loads(cli("ckpt", "list", "--json", home=gptctl_home).stdout)}
     assert listing == {4: "valid", 6: "corrupt"}
 
-    proc = gptctl("resume", run_id, "--max-steps", "8", home=gptctl_home)
+    proc = cli("resume", run_id, "--max-steps", "8", home=gptctl_home)
     assert "resuming from step 4 (step 6 is corrupt)" in proc.stderr, proc.stderr
-    listing = {r["step"]: r["state"] for r in json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)}
+    listing = {r["step"]: r["state"] for r in json.loads(cli("ckpt", "list", "--json", home=gptctl_home).stdout)}
     assert listing[6] == listing[8] == "valid"  # step 6 trained again and rewritten
 
 
 @pytest.mark.slow
 def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refused(shakespeare, gptctl_home):
-    gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "4", "--keep-last-n-checkpoints", "10",
-           "--run-name", "t2", home=gptctl_home)
+    cli("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "4", "--keep-last-n-checkpoints", "10",
+        "--run-name", "t2", home=gptctl_home)
     run_id = only_run_id(gptctl_home, "t2")
     db = open_registry(gptctl_home)
 
@@ -282,7 +282,7 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
         db.execute("update runs set status = 'interrupted', last_step = ? where id = ?", [step, run_id])
 
     stray(6)
-    proc = gptctl("resume", run_id, "--max-steps", "8", home=gptctl_home)
+    proc = cli("resume", run_id, "--max-steps", "8", home=gptctl_home)
     assert "resuming from step 4 (step 6 is corrupt)" in proc.stderr, proc.stderr  # not "from step 6"
     assert "step 6 does not load" in proc.stderr and "holds pickled code: posix.system" in proc.stderr
     assert "weights_only" not in proc.stderr
@@ -291,7 +291,7 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
 
     # At its --max-steps by its newest real checkpoint: refused before anything changes, in one line.
     stray(10)
-    proc = gptctl("resume", run_id, home=gptctl_home, check=False)
+    proc = cli("resume", run_id, home=gptctl_home, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert proc.returncode == 2 and lines == [f"Error: run {run_id} is already at step 8; raise --max-steps above it "
                                               "to continue"], proc.stderr
@@ -301,8 +301,8 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
 
     # A new run from a file already at its --max-steps: refused, and never a failure without a reason.
     step8 = queries.checkpoint_at(db, run_id, 8)["path"]
-    proc = gptctl("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
-                  "--checkpoint-path", step8, "--run-name", "t3", home=gptctl_home, check=False)
+    proc = cli("pretrain", *ARGS, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+               "--checkpoint-path", step8, "--run-name", "t3", home=gptctl_home, check=False)
     assert proc.returncode == 2 and "is at step 8; --max-steps (8) must be above it" in proc.stderr, proc.stderr
     assert not list(db.query("select id from runs where status = 'failed' and error is null"))
 

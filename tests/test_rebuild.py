@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id, save_tiny_checkpoint
+from conftest import TINY_RUN, cli, losses, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.registry import files
 
@@ -38,7 +38,7 @@ def fake_run(home, name="base", run_id="0123abcd", steps=(2, 4), max_steps=4):
     return run_dir
 
 
-def cli(*args):
+def invoke(*args):
     return runner.invoke(app, list(args))
 
 
@@ -47,7 +47,7 @@ def cli(*args):
 def test_a_damaged_registry_is_one_line_naming_rebuild(command, gptctl_home):
     gptctl_home.mkdir()
     (gptctl_home / "gptctl.db").write_bytes(b"this is not a database, just garbage " * 100)
-    result = cli(*command)
+    result = invoke(*command)
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "damaged" in result.stderr and "gptctl registry rebuild" in result.stderr
     assert "Traceback" not in result.output
@@ -57,11 +57,11 @@ def test_a_lost_registry_never_starts_its_runs_over(gptctl_home, shakespeare):
     """After `rm gptctl.db`, --auto-resume started from step 0 beside the old checkpoints."""
     fake_run(gptctl_home)
     before = sorted(gptctl_home.rglob("*"))
-    result = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--run-name", "base", "--auto-resume",
+    result = invoke("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--run-name", "base", "--auto-resume",
                  "--max-steps", "8")
     assert result.exit_code == 2 and "gptctl registry rebuild" in result.stderr and "1 run directory" in result.stderr
     assert sorted(gptctl_home.rglob("*")) == before  # nothing written, no new empty registry
-    assert cli("runs", "list").exit_code == 2
+    assert invoke("runs", "list").exit_code == 2
 
 
 def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
@@ -72,20 +72,20 @@ def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
     (run_dir / "checkpoints" / "model_00008.pt").symlink_to(outside)  # a symlink out of the run: never trusted
     (gptctl_home / "gptctl.db").write_bytes(b"garbage" * 1000)
 
-    result = cli("registry", "rebuild", "--json")
+    result = invoke("registry", "rebuild", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["moved_aside"] and (gptctl_home / report["moved_aside"]).exists()
     assert [(r["id"], r["last_step"], r["checkpoints"], r["bad_checkpoints"]) for r in report["runs"]] == \
         [("0123abcd", 4, 2, 2)]
-    shown = json.loads(cli("runs", "show", "base", "--json").stdout)
+    shown = json.loads(invoke("runs", "show", "base", "--json").stdout)
     assert shown["id"] == "0123abcd" and shown["status"] == "completed" and shown["command"] == "gptctl pretrain …"
     assert [m["step"] for m in shown["metrics"]] == [1, 2, 3, 4] and shown["metrics"][3]["loss"] == 6.0
-    listed = json.loads(cli("ckpt", "list", "--run", "base", "--json").stdout)
+    listed = json.loads(invoke("ckpt", "list", "--run", "base", "--json").stdout)
     assert [(c["step"], c["state"], bool(c["pinned"])) for c in listed] == [(2, "valid", True), (4, "valid", False)]
     for c in listed:
         assert c["sha256"] == files.sha256_of(run_dir / "checkpoints" / f"model_{c['step']:05d}.pt")
-    again = json.loads(cli("registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add
+    again = json.loads(invoke("registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add
     assert again["runs"] == [] and again["moved_aside"] is None
 
 
@@ -94,16 +94,16 @@ def test_rebuilt_registry_resumes_the_run_where_it_stopped(gptctl_home, shakespe
     """A real run; its registry deleted; rebuild; --auto-resume continues at the newest checkpoint, not step 0."""
     args = [*TINY_RUN, "--data-root", str(shakespeare), "--run-name", "lost", "--checkpoint-interval", "3",
             "--max-steps", "8"]
-    gptctl("pretrain", *args, home=gptctl_home)
+    cli("pretrain", *args, home=gptctl_home)
     run_id = only_run_id(gptctl_home)
     before = losses(gptctl_home, run_id)
     for suffix in ("", "-wal", "-shm"):
         (gptctl_home / f"gptctl.db{suffix}").unlink(missing_ok=True)
     next(gptctl_home.glob("lost-*/checkpoints/model_00008.pt")).unlink()  # as if killed after step 6's save
-    assert gptctl("runs", "list", home=gptctl_home, check=False).returncode == 2
-    gptctl("registry", "rebuild", home=gptctl_home)
+    assert cli("runs", "list", home=gptctl_home, check=False).returncode == 2
+    cli("registry", "rebuild", home=gptctl_home)
     assert losses(gptctl_home, run_id) == {s: before[s] for s in range(1, 7)}
-    proc = gptctl("pretrain", *args, "--auto-resume", home=gptctl_home)
+    proc = cli("pretrain", *args, "--auto-resume", home=gptctl_home)
     assert "from step 6" in proc.stderr, proc.stderr
     assert losses(gptctl_home, run_id) == before  # the same run, continued, bit for bit
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:

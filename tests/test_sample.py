@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import gptctl, save_tiny_checkpoint
+from conftest import cli, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine.model import GPT
@@ -196,10 +196,10 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 @pytest.mark.slow
 def test_sample_a_real_run_and_an_earlier_step(trained_run):
     home, run_id = trained_run
-    newest = gptctl("sample", run_id, "--prompt", "ROMEO:", "--max-new-tokens", "40", home=home)
+    newest = cli("sample", run_id, "--prompt", "ROMEO:", "--max-new-tokens", "40", home=home)
     assert newest.stdout.strip() and "step 8" in newest.stderr
-    earlier = gptctl("sample", f"{run_id}:4", "--prompt", "ROMEO:", "--max-new-tokens", "20", "--json", home=home)
+    earlier = cli("sample", f"{run_id}:4", "--prompt", "ROMEO:", "--max-new-tokens", "20", "--json", home=home)
     (only,) = json.loads(earlier.stdout)
     assert "step 4" in earlier.stderr and 0 < only["tokens"] <= 20 and only["text"]
-    missing = gptctl("sample", f"{run_id}:5", "--prompt", "ROMEO:", home=home, check=False)
+    missing = cli("sample", f"{run_id}:5", "--prompt", "ROMEO:", home=home, check=False)
     assert missing.returncode == 2 and "has no checkpoint at step 5" in missing.stderr

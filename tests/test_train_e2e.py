@@ -10,13 +10,14 @@ import time
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id, train_in_process
+from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def pretrain(home, data, *extra, check=True):
-    return gptctl("pretrain", *TINY_RUN, "--data-root", str(data), *extra, home=home, check=check)
+def pretrain(home, data, *extra, check=True, run=gptctl):
+    """`gptctl pretrain` of TINY_RUN: a real process, or with `run=cli` in this one."""
+    return run("pretrain", *TINY_RUN, "--data-root", str(data), *extra, home=home, check=check)
 
 
 def checkpoint_rows(home, run_id):
@@ -158,11 +159,11 @@ def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_h
 
 
 def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
-    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "base")
+    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "base", run=cli)
     base = only_run_id(gptctl_home, "base")
     path = checkpoint_rows(gptctl_home, base)[-1]["path"]
     proc = pretrain(gptctl_home, shakespeare, "--max-steps", "8", "--checkpoint-interval", "4", "--run-name", "branch",
-                    "--resume", "--checkpoint-path", path, "--json")
+                    "--resume", "--checkpoint-path", path, "--json", run=cli)
     branch = json.loads(proc.stdout)["run_id"]
     assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
 
@@ -171,13 +172,13 @@ def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl
     """Launch settings belong to a launch: `resume RUN --nproc-per-node 2` (a job requeued on a bigger
     allocation) continues the run with the same batch per step; the losses match one process's."""
     summary = json.loads(pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4",
-                                  "--run-name", "grow", "--json").stdout)
-    stored = json.loads(gptctl("runs", "show", "grow", "--json", home=gptctl_home).stdout)["settings"]
+                                  "--run-name", "grow", "--json", run=cli).stdout)
+    stored = json.loads(cli("runs", "show", "grow", "--json", home=gptctl_home).stdout)["settings"]
     assert "nproc_per_node" not in stored and "stop_timeout" not in stored  # not part of the run
     proc = gptctl("resume", "grow", "--max-steps", "8", "--nproc-per-node", "2", "--json", home=gptctl_home)
     resumed = json.loads(proc.stdout)
     assert resumed["run_id"] == summary["run_id"] and resumed["last_step"] == 8
-    shown = json.loads(gptctl("runs", "show", "grow", "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", "grow", "--json", home=gptctl_home).stdout)
     assert shown["world_size"] == 2 and "nproc_per_node" not in shown["settings"]
 
     first, saved = train_in_process(shakespeare, tmp_path / "one", max_steps=4, checkpoint_interval=4)
@@ -193,13 +194,13 @@ def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl
 def test_raising_max_steps_keeps_the_lr_schedule_and_says_so(shakespeare, gptctl_home):
     """The issue: 20 steps, then `resume --max-steps 30` jumped the LR from its final value back up.
     Now the schedule still ends where it did and the added steps train at the final LR; recorded."""
-    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "longer")
-    proc = gptctl("resume", "longer", "--max-steps", "6", home=gptctl_home)
+    pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "longer", run=cli)
+    proc = cli("resume", "longer", "--max-steps", "6", home=gptctl_home)
     assert "the LR schedule still ends at step 4" in proc.stderr
     run_id = only_run_id(gptctl_home, "longer")
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         lrs = dict(conn.execute("select step, lr from metrics where run_id = ?", [run_id]).fetchall())
     assert lrs[4] == pytest.approx(3e-4) and lrs[5] == lrs[6] == lrs[4]  # 3e-3 / 10: no jump
-    shown = json.loads(gptctl("runs", "show", "longer", "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", "longer", "--json", home=gptctl_home).stdout)
     assert [(e["step"], e["kind"]) for e in shown["events"]] == [(4, "resume")]
     assert shown["settings"]["lr_decay_steps"] == 4 and shown["settings"]["max_steps"] == 6

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses
+from conftest import TINY_RUN, cli, gptctl, losses
 from gptctl.cli import app
 
 runner = CliRunner()
@@ -42,14 +42,14 @@ def test_wandb_tensorboard_and_gradient_logs_follow_the_run_across_a_resume(shak
     pytest.importorskip("tensorboard")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        first = json.loads(gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
-                                  "--checkpoint-interval", "2", "--wandb-log", "--wandb-project", "test", "--tensorboard",
-                                  "--log-gradients", "2", "--json", home=gptctl_home).stdout)
+        first = json.loads(cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
+                               "--checkpoint-interval", "2", "--wandb-log", "--wandb-project", "test", "--tensorboard",
+                               "--log-gradients", "2", "--json", home=gptctl_home).stdout)
         run_id = first["run_id"]
-        gptctl("resume", run_id, "--max-steps", "6", home=gptctl_home)
+        cli("resume", run_id, "--max-steps", "6", home=gptctl_home)
     finally:
         del os.environ["WANDB_MODE"]
-    run = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    run = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     run_dir = Path(run["run_dir"])
     assert run["wandb_run_id"] == run_id  # resuming continues the same W&B run
 
