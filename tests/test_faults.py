@@ -122,7 +122,7 @@ def checkpoint_states(home: Path, run_id: str) -> dict[int, str]:
 
 
 def assert_all_checkpoints_verify(home: Path, run_id: str) -> list[dict]:
-    report = json.loads(gptctl("ckpt", "verify", "--run", run_id, "--json", home=home).stdout)
+    report = json.loads(cli("ckpt", "verify", "--run", run_id, "--json", home=home).stdout)
     assert report and all(r["state"] == "valid" for r in report), report
     return report
 
@@ -153,9 +153,9 @@ def test_random_sigkills_then_resume_is_bit_exact(shakespeare, gptctl_home, refe
 
     run_id = only_run_id(gptctl_home, "soak")
     if not completed(gptctl_home, run_id):
-        gptctl("resume", run_id, home=gptctl_home)  # right away: a dead trainer's lock is gone with it
+        cli("resume", run_id, home=gptctl_home)  # right away: a dead trainer's lock is gone with it
     assert query(gptctl_home, "select count(*) from runs")[0][0] == 1  # every launch continued the one run
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "completed" and shown["step"] == 30
     assert losses(gptctl_home, run_id) == reference
     assert_all_checkpoints_verify(gptctl_home, run_id)
@@ -171,7 +171,7 @@ def test_sigkill_while_a_checkpoint_is_being_written(shakespeare, gptctl_home, r
     run_id = only_run_id(gptctl_home, "midsave")
     ckpt_dir = partial[0].parent
     # A reader looking meanwhile leaves a live trainer's temporary file alone and does not list it.
-    listed = json.loads(gptctl("ckpt", "list", "--run", run_id, "--json", home=gptctl_home).stdout)
+    listed = json.loads(cli("ckpt", "list", "--run", run_id, "--json", home=gptctl_home).stdout)
     assert [c["step"] for c in listed] == [2] and partial[0].exists()
     kill_all(proc)
 
@@ -179,10 +179,10 @@ def test_sigkill_while_a_checkpoint_is_being_written(shakespeare, gptctl_home, r
     assert 0 < partial[0].stat().st_size < complete.stat().st_size  # really cut off mid-write
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [partial[0].name, "model_00002.pt"]  # no name for it
     assert checkpoint_states(gptctl_home, run_id) == {2: "valid"}  # nor a row
-    listing = gptctl("ckpt", "list", "--run", run_id, home=gptctl_home)  # no trainer now: the leftover goes
+    listing = cli("ckpt", "list", "--run", run_id, home=gptctl_home)  # no trainer now: the leftover goes
     assert "removed leftover" in listing.stderr and not partial[0].exists()
 
-    proc = gptctl("resume", run_id, home=gptctl_home)
+    proc = cli("resume", run_id, home=gptctl_home)
     assert "resuming from step 2" in proc.stderr
     assert losses(gptctl_home, run_id) == reference
     assert_all_checkpoints_verify(gptctl_home, run_id)
@@ -241,7 +241,7 @@ def test_one_trainer_per_run_while_readers_and_prune_work_alongside(shakespeare,
     assert query(gptctl_home, "select count(*) from runs")[0][0] == 1 and len(list(gptctl_home.glob("busy-*"))) == 1
 
     pinned = newest_checkpoint(gptctl_home, "busy")
-    gptctl("ckpt", "pin", str(pinned), "--run", run_id, home=gptctl_home)
+    cli("ckpt", "pin", str(pinned), "--run", run_id, home=gptctl_home)
     failures, rounds, freed, stop = [], {"read": 0, "prune": 0}, [], threading.Event()
 
     def loop(kind: str, commands: list[list[str]]) -> None:
@@ -275,7 +275,7 @@ def test_one_trainer_per_run_while_readers_and_prune_work_alongside(shakespeare,
     if proc.poll() is None:
         kill_all(proc)  # and the lock goes with the dead trainer: resume starts at once
     if not completed(gptctl_home, run_id):
-        gptctl("resume", run_id, home=gptctl_home)
+        cli("resume", run_id, home=gptctl_home)
 
     assert losses(gptctl_home, run_id) == reference
     states = checkpoint_states(gptctl_home, run_id)

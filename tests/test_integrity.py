@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, gptctl, only_run_id, save_tiny_checkpoint
+from conftest import TINY_RUN, cli, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.engine.checkpoint import UnsafeCheckpoint, load
 from gptctl.errors import UserError
@@ -328,13 +328,13 @@ def test_readers_keep_their_checkpoint_while_the_run_prunes(shakespeare, gptctl_
             time.sleep(0.2)
         parents = set()
         for _ in range(3):
-            proc = gptctl("finetune", "--pretrained-checkpoint", "busy", "--dataset-path", str(data), "--max-steps",
-                          "4", "--warmup-steps", "1", "--print-command", home=gptctl_home, check=False)
+            proc = cli("finetune", "--pretrained-checkpoint", "busy", "--dataset-path", str(data), "--max-steps",
+                       "4", "--warmup-steps", "1", "--print-command", home=gptctl_home, check=False)
             assert proc.returncode == 0, proc.stderr
             parents.add(list(db.query("select parent_checkpoint from runs where kind = 'finetune' "
                                       "order by rowid desc limit 1"))[0]["parent_checkpoint"])
-            proc = gptctl("sample", "busy", "--prompt", "To be", "--max-new-tokens", "3", "--device", "cpu",
-                          home=gptctl_home, check=False)
+            proc = cli("sample", "busy", "--prompt", "To be", "--max-new-tokens", "3", "--device", "cpu",
+                       home=gptctl_home, check=False)
             assert proc.returncode == 0, proc.stderr
         assert trainer.poll() is None, "the run ended before the readers were done; raise --max-steps"
         newest = max(r["step"] for r in db.query("select step from checkpoints where state = 'valid'"))

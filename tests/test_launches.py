@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, TINY_SETTINGS, gptctl, only_run_id
+from conftest import TINY_RUN, TINY_SETTINGS, cli, gptctl, only_run_id
 from gptctl.cli import app
 from gptctl.control import DEADLINE_EXIT_CODE
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline, parse_deadline, slurm_end_time, worker_deadline
@@ -181,21 +181,24 @@ def test_a_deadline_stops_the_run_and_a_requeue_on_two_processes_continues_it(sh
                   "--checkpoint-interval", "100000", "--run-name", "timed", "--deadline", "14s",
                   "--deadline-margin", "0", home=gptctl_home, check=False)
     assert proc.returncode == DEADLINE_EXIT_CODE, proc.stderr
-    assert time.time() - t0 < 16 and "before the deadline, checkpoint saved" in proc.stderr
+    assert "before the deadline, checkpoint saved" in proc.stderr
     run_id = only_run_id(gptctl_home, "timed")
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     stopped = shown["last_step"]
     assert shown["status"] == "interrupted" and stopped > 1
+    # The workers ended before the deadline (parsed after t0); the launcher's own exit is not timed: on a
+    # loaded machine its start-up and summary alone can take seconds.
+    assert shown["launches"][0]["ended_at"] < t0 + 16
     assert [c["step"] for c in shown["checkpoints"] if c["state"] == "valid"] == [stopped]
 
     gptctl("resume", run_id, "--nproc-per-node", "2", "--max-steps", str(stopped + 2), home=gptctl_home)
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "completed" and shown["last_step"] == stopped + 2
     starts = shown["launches"]
     assert [(r["reason"], r["world_size"], r["first_step"], r["last_step"]) for r in starts] == [
         ("deadline", 1, 0, stopped), ("completed", 2, stopped, stopped + 2)]
     assert all(r["startup_s"] > 0 and r["peak_memory"] > 0 for r in starts)
     assert 0 < shown["goodput"]["goodput"] < 1 and shown["goodput"]["redone_steps"] == 0
-    text = gptctl("runs", "show", run_id, home=gptctl_home).stdout
+    text = cli("runs", "show", run_id, home=gptctl_home).stdout
     assert "1. deadline after" in text and "2. completed after" in text and "goodput:" in text
     assert "peak memory:" in text

@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses, only_run_id
+from conftest import TINY_RUN, cli, gptctl, losses, only_run_id
 from gptctl.cli import app
 from gptctl.slurm import expand_nodelist, launch_defaults
 
@@ -46,13 +46,13 @@ def test_print_command_queues_a_run_that_the_bare_command_trains(shakespeare, gp
     proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--run-name", "job",
                   "--print-command", home=gptctl_home)
     run_id = only_run_id(gptctl_home, "job")
-    listed = json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)
+    listed = json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)
     assert listed[0]["status"] == "queued"
     command = shlex.split(proc.stdout.strip())
     assert command[-2:] == ["--run-id", run_id]
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in command  # SLURM's USR1 must not kill torchrun
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "GPTCTL_HOME": str(gptctl_home)})
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "completed" and [r["reason"] for r in shown["launches"]] == ["completed"]
     assert sorted(losses(gptctl_home, run_id)) == [1, 2, 3, 4]
 
@@ -92,7 +92,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_untouched(shakespea
     assert launcher.returncode == 0, err
     assert "resuming from step" in err
     assert losses(gptctl_home, run_id) == reference
-    starts = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
+    starts = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
     assert [r["reason"] for r in starts] == ["crash", "completed"]  # torchrun's restart: a start of its own
 
 

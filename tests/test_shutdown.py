@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, only_run_id
+from conftest import TINY_RUN, cli, gptctl, only_run_id
 from gptctl.launch import ready_to_stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_sigterm_during_a_save_longer_than_torchruns_grace_keeps_the_checkpoint(
     proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends on preemption
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     output = log.read_text()
-    shown = json.loads(gptctl("runs", "show", only_run_id(gptctl_home), "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", only_run_id(gptctl_home), "--json", home=gptctl_home).stdout)
     stopped_at = shown["last_step"]
     assert shown["status"] == "interrupted" and shown["exit_code"] == 128 + signal.SIGTERM
     # Step 1 is permanent though not a multiple of the interval; the stop's save took its 5 s and is whole.
@@ -176,7 +176,7 @@ def test_sigterm_during_a_save_longer_than_torchruns_grace_keeps_the_checkpoint(
         assert output.count(line) == 1, output
     for noise in ("Traceback", "SignalException", "ChildFailedError", "death signal"):
         assert noise not in output, output
-    verified = json.loads(gptctl("ckpt", "verify", "--run", "slow", "--json", home=gptctl_home).stdout)
+    verified = json.loads(cli("ckpt", "verify", "--run", "slow", "--json", home=gptctl_home).stdout)
     assert [r["state"] for r in verified] == ["valid", "valid"]
 
 
@@ -199,7 +199,7 @@ def test_second_ctrl_c_during_the_final_save_stops_now_and_leaves_no_valid_looki
     output = log.read_text()
     assert output.count("stopped now without saving") == 1 and "Traceback" not in output, output
     run_id = only_run_id(gptctl_home)
-    shown = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "interrupted"
     assert {c["step"]: c["state"] for c in shown["checkpoints"]} == {1: "valid"}  # the run resumes from step 1
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

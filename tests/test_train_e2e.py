@@ -56,12 +56,12 @@ def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
     assert state["step"] == 24 and "transformer.h.0.attn.c_attn.weight" in state["model"]
     assert [m["step"] for m in state["metrics"]] == list(range(1, 25))
 
-    shown = json.loads(gptctl("runs", "show", run_id[:4], "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", run_id[:4], "--json", home=gptctl_home).stdout)
     assert shown["status"] == "completed" and shown["settings"]["max_steps"] == 24
     assert [m["step"] for m in shown["metrics"]] == list(range(1, 25))
     assert shown["command"].startswith("gptctl pretrain")
     assert json.loads((gptctl_home / f"first-{run_id}" / "config.json").read_text())["model"] == "tiny"
-    listed = json.loads(gptctl("ckpt", "list", "--json", home=gptctl_home).stdout)
+    listed = json.loads(cli("ckpt", "list", "--json", home=gptctl_home).stdout)
     assert {(c["run_id"], c["step"]) for c in listed} == {(run_id, 8), (run_id, 24)}
 
 
@@ -96,21 +96,21 @@ def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     proc.wait()
     run_id = only_run_id(gptctl_home)
     time.sleep(1.0)
-    listing = json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)
+    listing = json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)
     assert listing[0]["status"] == "stale"  # nobody holds the run's lock any more
 
-    gptctl("resume", run_id[:5], home=gptctl_home)
+    cli("resume", run_id[:5], home=gptctl_home)
     resumed = losses(gptctl_home, run_id)
     assert resumed == reference  # every step's loss and val loss, to the last bit
     # The killed launch's row was left open; the next start closed it, as killed, and counts what it redid.
-    starts = json.loads(gptctl("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
+    starts = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)["launches"]
     assert [r["reason"] for r in starts] == ["kill", "completed"] and starts[1]["first_step"] >= 4
     assert starts[1]["redone_steps"] == max(starts[0]["last_step"] - starts[1]["first_step"], 0)
 
 
 def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gptctl_home):
     args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "400", "--checkpoint-interval", "3", "--run-name", "mine"]
-    pretrain(gptctl_home, shakespeare, "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other")
+    pretrain(gptctl_home, shakespeare, "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other", run=cli)
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
     proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,29 +118,29 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
     proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends on preemption
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     mine = only_run_id(gptctl_home, "mine")
-    shown = json.loads(gptctl("runs", "show", mine, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", mine, "--json", home=gptctl_home).stdout)
     assert shown["status"] == "interrupted"
     stopped_at = shown["last_step"]
     assert 3 <= stopped_at < 400
     # The workers finished their step and saved it before exiting.
     assert max(c["step"] for c in shown["checkpoints"] if c["state"] == "valid") == stopped_at
 
-    proc = gptctl("pretrain", *args[:-6], "--max-steps", str(stopped_at + 3), "--checkpoint-interval", "3",
-                  "--run-name", "mine", "--auto-resume", "--json", home=gptctl_home)
+    proc = cli("pretrain", *args[:-6], "--max-steps", str(stopped_at + 3), "--checkpoint-interval", "3",
+               "--run-name", "mine", "--auto-resume", "--json", home=gptctl_home)
     summary = json.loads(proc.stdout)
     assert summary["run_id"] == mine and summary["last_step"] == stopped_at + 3, summary
     assert f"from step {stopped_at}" in proc.stderr
     assert sorted(losses(gptctl_home, mine)) == list(range(1, stopped_at + 4))
-    shown = json.loads(gptctl("runs", "show", mine, "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", mine, "--json", home=gptctl_home).stdout)
     assert [r["reason"] for r in shown["launches"]] == ["signal", "completed"]
     usage = shown["goodput"]
     assert usage["interruptions"] == 1 and usage["redone_steps"] == 0 and usage["suggested_interval_steps"] >= 1
 
     # A completed run is finished: auto-resume under its name starts a new run.
-    proc = gptctl("pretrain", *args[:-6], "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other",
-                  "--auto-resume", "--json", home=gptctl_home)
+    proc = cli("pretrain", *args[:-6], "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other",
+               "--auto-resume", "--json", home=gptctl_home)
     assert json.loads(proc.stdout)["run_id"] == only_run_id(gptctl_home, "other")
-    assert len(json.loads(gptctl("runs", "list", "--json", home=gptctl_home).stdout)) == 3
+    assert len(json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)) == 3
 
 
 def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
@@ -154,7 +154,7 @@ def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_h
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
-    shown = json.loads(gptctl("runs", "show", "two", "--json", home=gptctl_home).stdout)
+    shown = json.loads(cli("runs", "show", "two", "--json", home=gptctl_home).stdout)
     assert shown["world_size"] == 2
 
 
