@@ -127,13 +127,15 @@ def test_compile_with_ddp_checkpoints_without_prefixes_and_resumes_compiled_and_
 
 
 @pytest.mark.slow
-def test_compile_with_fsdp2_and_full_activation_checkpointing(shakespeare, gptctl_home, tmp_path):
-    args = ["--max-steps", "3", "--checkpoint-interval", "3"]
-    single, _ = train_in_process(shakespeare, tmp_path / "single", max_steps=3, checkpoint_interval=3)
-    sharded_run = pretrain(gptctl_home, shakespeare, "sharded", *args, "--nproc-per-node", "2", "--model-parallel",
-                           "--compile", "--activation-checkpointing", "full")
-    assert close(losses(gptctl_home, sharded_run["run_id"]), single)
-    assert list(ckpt.load(step_checkpoint(sharded_run, 3))["model"]) == PLAIN_KEYS
+def test_compile_with_fsdp2_and_full_activation_checkpointing_resumes_a_one_process_checkpoint(
+        shakespeare, gptctl_home, tmp_path):
+    """An unsharded checkpoint (one process) into a sharded, compiled run: the same losses as one process."""
+    single, saved = train_in_process(shakespeare, tmp_path / "single", max_steps=4, checkpoint_interval=2)
+    sharded_run = pretrain(gptctl_home, shakespeare, "sharded", "--max-steps", "4", "--checkpoint-interval", "4",
+                           "--nproc-per-node", "2", "--model-parallel", "--compile", "--activation-checkpointing",
+                           "full", "--resume", "--checkpoint-path", str(saved[2]))
+    assert close(losses(gptctl_home, sharded_run["run_id"]), {s: single[s] for s in (3, 4)})
+    assert list(ckpt.load(step_checkpoint(sharded_run, 4))["model"]) == PLAIN_KEYS
 
 
 def test_gpu_check_smoke_runs_the_same_code_on_cpu(tmp_path):
