@@ -27,6 +27,10 @@ PRETRAIN_ONLY = {"json_schema_extra": {"only": "pretrain"}}
 FINETUNE_ONLY = {"json_schema_extra": {"only": "finetune"}}
 NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
 
+# Settings of earlier versions that TrainSettings still reads (as --lr-scheduler): stored runs,
+# checkpoints and config files written by them keep loading.
+RENAMED_SETTINGS = frozenset({"decay_lr"})
+
 # What `gptctl finetune` changes from the pretraining defaults (the old finetune_dolly script's).
 FINETUNE_DEFAULTS = {"max_lr": 3e-5, "max_steps": 1750, "warmup_steps": 100, "batch_size": 8, "eval_interval": 50,
                      "total_batch_size": None}
@@ -100,7 +104,7 @@ class LaunchSettings(_Settings):
             raise ValueError(f"expected HOST or HOST:PORT with a port from 1 to 65535, got {value!r}")
         return value
 
-    @field_validator("nproc_per_node")
+    @field_validator("nproc_per_node", mode="before")  # a number is fine too (`nproc_per_node = 2` in TOML)
     @classmethod
     def _nproc(cls, value: str) -> str:
         value = str(value)
@@ -402,7 +406,7 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
 
     @model_validator(mode="before")
     @classmethod
-    def _renamed_settings(cls, values: Any) -> Any:
+    def _renamed_settings(cls, values: Any) -> Any:  # RENAMED_SETTINGS
         """Settings stored by earlier versions (runs, checkpoints, config files) still load."""
         if isinstance(values, dict) and "decay_lr" in values:
             values = dict(values)
@@ -526,6 +530,8 @@ def read_config(path: Path, kind: str) -> dict[str, Any]:
         raise UserError(f"--config: {path} is not valid TOML ({exc})") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
     for key in values:
+        if key in RENAMED_SETTINGS:
+            continue  # a config file saved by an earlier version: TrainSettings reads it as what it became
         if setting_field(key) is None:
             raise UserError(f"--config: unknown setting {key!r} in {path}; `gptctl {kind} --help` lists the settings")
         if not is_option(key, kind):

@@ -1,5 +1,6 @@
 """Bad input: one line naming the option, exit code 2, and nothing written."""
 
+import json
 import subprocess
 import sys
 
@@ -136,6 +137,23 @@ def test_flags_show_no_value_in_help(argv):
     result = runner.invoke(app, argv, env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--help" in result.output
     assert "<bool>" not in result.output
+
+
+def test_bare_gptctl_prints_the_index_and_help_text_keeps_brackets():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2 and "pretrain" in result.stderr and "Commands:" in result.stderr
+    shown = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"}).output
+    assert "pip install 'gptctl[wandb]'" in shown and "'gptctl[tensorboard]'" in shown  # not eaten as markup
+
+
+def test_config_files_of_earlier_versions_and_numbers_for_nproc(shakespeare, gptctl_home, tmp_path):
+    config = tmp_path / "old.toml"
+    config.write_text('decay_lr = false\nnproc_per_node = 2\nmodel = "tiny"\n')
+    result = runner.invoke(app, ["pretrain", "--config", str(config), *base(shakespeare)[3:], "--print-command"])
+    assert result.exit_code == 0, result.output
+    assert "--nproc-per-node=2" in result.stdout
+    run = json.loads(runner.invoke(app, ["runs", "show", "pretrain", "--json"]).stdout)
+    assert run["settings"]["lr_scheduler"] == "constant" and run["settings"]["model"] == "tiny"
 
 
 def test_save_config_writes_toml_that_config_reads_back(shakespeare, gptctl_home):

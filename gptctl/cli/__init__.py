@@ -84,6 +84,13 @@ class GptctlGroup(TyperGroup):
             self.commands.update(typer.main.get_command(app).commands)  # click commands of those imported
         return self.commands[name]
 
+    def parse_args(self, ctx, args):
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            # Click's NoArgsIsHelpError leaves the help to typer's rich formatter, which the index no longer uses.
+            typer.echo(ctx.get_help(), err=True)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
     def format_help(self, ctx, formatter):
         # The index of commands in Click's plain layout: typer's rich help costs more to import and draw
         # than the rest of `gptctl --help` together (each command's own --help keeps rich's panels).

@@ -23,7 +23,7 @@ def _cli_type(annotation: Any) -> Any:
 
 
 def _help(field) -> str:
-    text = field.description or ""
+    text = (field.description or "").replace("[", "\\[")  # rich markup would eat "[wandb]" in 'gptctl[wandb]'
     if "(default:" not in text and field.default is not PydanticUndefined and field.default is not None:
         default = field.default
         text += f" (default: {str(default).lower() if isinstance(default, bool) else default})"
