@@ -43,8 +43,8 @@ def test_slurm_allocation_sets_launch_defaults(shakespeare, monkeypatch):
 
 @pytest.mark.slow
 def test_print_command_queues_a_run_that_the_bare_command_trains(shakespeare, gptctl_home):
-    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--run-name", "job",
-                  "--print-command", home=gptctl_home)
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--run-name", "job",
+               "--print-command", home=gptctl_home)
     run_id = only_run_id(gptctl_home, "job")
     listed = json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)
     assert listed[0]["status"] == "queued"
