@@ -20,7 +20,9 @@ The muon recipe changes two things at once. Unless --no-ablation, two more runs 
 its recipe's best LRs: AdamW with the wsd schedule ("adamw-wsd") and Muon with the cosine schedule
 ("muon-cosine"); their tokens to the same target say how much of the gain is the optimizer's.
 
-    python benchmarks/recipes.py --model small --steps 400 --out benchmarks/recipes
+    python benchmarks/recipes.py --model small --seq-len 128 --batch-size 8 --total-batch-size 4096 \
+        --steps 200 --warmup-steps 10 --eval-interval 20 --eval-steps 16 \
+        --classic-lrs 1e-3,2e-3,4e-3 --muon-lrs 0.01,0.02,0.04 --out benchmarks/recipes
 """
 
 import argparse
