@@ -109,6 +109,9 @@ class LocalFiles:
         check_files(paths, "--input")
         self.paths = paths
 
+    def open(self) -> None:
+        """Nothing to open: the files are read as batches are asked for."""
+
     def fingerprint(self) -> dict:
         return {"--input": [file_fingerprint(p) for p in self.paths]}
 

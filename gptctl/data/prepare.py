@@ -186,7 +186,7 @@ def _check_data_root(opts: PrepareOptions) -> dict | None:
     return state
 
 
-def _open_source(opts: PrepareOptions):
+def _make_source(opts: PrepareOptions):
     from gptctl.data.local_files import LocalFiles
     from gptctl.data.sources import FineWebEdu, TinyShakespeare
 
@@ -209,7 +209,7 @@ def validate(opts: PrepareOptions) -> Plan:
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise UserError(f"--name: {name!r} is not a usable file-name prefix")
     resume = _check_data_root(opts)
-    source = _open_source(opts)
+    source = _make_source(opts)  # opened once the arguments are known to fit a prepare to resume
     arguments = {
         "SOURCE": opts.source or "files", **source.fingerprint(), "--name": name, "--tokenizer": tokenizer,
         "--shard-size": opts.shard_size, "--max-tokens": opts.max_tokens,
@@ -220,6 +220,7 @@ def validate(opts: PrepareOptions) -> Plan:
             f"--data-root: {opts.data_root} holds an unfinished prepare started with other arguments ({differs} "
             "differs); rerun that command to resume it, or pass --force to start over"
         )
+    source.open()
     workers = opts.workers or os.cpu_count() or 1
     return Plan(opts, name, source, val_tokens, val_fraction, workers, arguments, resume)
 

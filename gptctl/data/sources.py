@@ -46,6 +46,11 @@ class FineWebEdu:
             if len(loaders) > 1:
                 raise UserError("--data-files: mix of Parquet and JSON files; give files of one format")
             self.loader = loaders.pop()
+        self.dataset = None
+
+    def open(self) -> None:
+        """Load the stream and read its first row: after every cheap check has passed, since a Parquet
+        scanner once started can abort an exiting process (see `_close`)."""
         dataset = self._load()
         if dataset.column_names is not None and "text" not in dataset.column_names:
             raise UserError(
@@ -170,6 +175,9 @@ class TinyShakespeare:
             raise UserError(f"tinyshakespeare: {self.url} did not return UTF-8 text") from None
         self.nbytes = len(raw)
         self.sha256 = hashlib.sha256(raw).hexdigest()
+
+    def open(self) -> None:
+        """Nothing to open: downloaded when made (its fingerprint is the download's hash)."""
 
     def fingerprint(self) -> dict:
         return {"url": self.url, "sha256": self.sha256}
