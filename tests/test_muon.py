@@ -118,3 +118,33 @@ def test_a_muon_trained_checkpoint_exports_to_transformers_with_the_same_logits(
         ours = Sampler(saved[4], "cpu").model.eval()(idx)[0][..., :GPT2_VOCAB_SIZE]
         theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(idx).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_muon_trained_run_finetunes_samples_and_evaluates_like_an_adamw_one(shakespeare, gptctl_home, tmp_path):
+    """What follows pretraining reads only the weights: a Muon run's checkpoints serve it as an AdamW run's do."""
+    import json
+
+    from conftest import cli, losses, only_run_id
+    from test_eval import write_items
+    from test_finetune import write_dolly
+
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--checkpoint-interval", "4",
+        "--optimizer", "muon", "--run-name", "muon-base", home=gptctl_home)
+    data = write_dolly(tmp_path / "dolly.jsonl", n=60)
+    ft = json.loads(cli("finetune", "--pretrained-checkpoint", "muon-base", "--dataset-path", str(data),
+                        "--max-steps", "3", "--warmup-steps", "1", "--eval-steps", "1", "--json",
+                        home=gptctl_home).stdout)
+    assert ft["status"] == "completed" and ft["last_step"] == 3
+    assert json.loads(cli("runs", "show", ft["run_id"], "--json", home=gptctl_home).stdout)["settings"]["optimizer"] \
+        == "adamw"  # a finetune's optimizer is its own choice; only the weights came from Muon
+    sampled = cli("sample", "muon-base", "--prompt", "To be", "--max-new-tokens", "4", "--device", "cpu",
+                  home=gptctl_home)
+    assert sampled.stdout.strip() and "model_00004.pt: pretrain model, step 4" in sampled.stderr
+    scored = json.loads(cli("eval", "muon-base", "--task", "hellaswag", "--hellaswag-file",
+                            str(write_items(tmp_path / "h.jsonl")), "--json", home=gptctl_home).stdout)
+    assert scored["total"] == 4 and scored["accuracy"] == scored["correct"] / 4
+    measured = json.loads(cli("eval", "muon-base", "--task", "val-loss", "--limit", "2", "--json",
+                              home=gptctl_home).stdout)
+    assert measured["val_loss"] == pytest.approx(losses(gptctl_home, only_run_id(gptctl_home, "muon-base"))[4][1],
+                                                 rel=1e-5)  # the run's own val loss at its step 4

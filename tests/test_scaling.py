@@ -13,7 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, gptctl, losses, only_run_id
+from conftest import TINY_RUN, cli, losses, only_run_id
 from gptctl.cli import app
 from gptctl.slurm import expand_nodelist, launch_defaults
 
