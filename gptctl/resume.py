@@ -12,7 +12,7 @@ from gptctl.settings import (CheckpointSettings, EvalSettings, HealthSettings, L
 # Settings a resume may change: how the run is checkpointed, evaluated, logged and guarded (those groups
 # whole, but its name), and how its steps are computed, not what they compute. Any other, changed, would
 # silently make another run (data, batch, optimizer, schedule, seed, dtype): only with --override-settings.
-# The model's shape never.
+# The model's shape and --optimizer never (their checkpoints hold them).
 CHANGEABLE_ON_RESUME = frozenset(
     {name for group in (CheckpointSettings, EvalSettings, LogSettings, HealthSettings) for name in group.model_fields}
     - {"run_name"}
@@ -41,6 +41,9 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
         value = getattr(stored.shape, name, None) or getattr(stored, name)  # n_layer None: the preset's
         raise UserError(f"{option_name(name)}: {was} {value!r}, and its checkpoints hold weights of that shape; "
                         "drop the option, or start a new run (--init-from RUN takes its weights)")
+    if "optimizer" in changes:  # its checkpoints hold the other optimizer's state, which cannot load
+        raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
+                        "state; drop the option, or start a new run from its weights (--init-from RUN)")
     refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME]
     if refused and not override:
         name = refused[0]

@@ -82,6 +82,11 @@ def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
 
     with pytest.raises(UserError, match="--optimizer: run abc123 .r. was started with 'adamw'"):
         resume_changes(queries.get_run(db, "abc123"), {"optimizer": "muon"})
+    # Not even with --override-settings: the checkpoint holds AdamW's state, which Muon cannot load
+    # (before, the resumed worker died with KeyError: 'param_groups.0.momentum' and the run was failed).
+    with pytest.raises(UserError, match=r"hold that optimizer's state.*\(--init-from RUN\)"):
+        resume_changes(queries.get_run(db, "abc123"), {"optimizer": "muon"}, override=True)
+    assert resume_changes(queries.get_run(db, "abc123"), {"optimizer": "adamw"}, override=True) == {}
 
 
 def test_estimate_counts_muons_state_and_its_newton_schulz_flops():

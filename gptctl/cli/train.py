@@ -26,8 +26,9 @@ RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given b
 CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
 JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
 OVERRIDE_SETTINGS = typer.Option(False, OVERRIDE, help="When resuming, let the options given change "
-                                 "settings that make the run (data, batch, optimizer, schedule, seed, dtype); each "
-                                 "change is recorded with its step. The model's shape never changes.")
+                                 "settings that make the run (data, batch, optimizer settings, schedule, seed, "
+                                 "dtype); each change is recorded with its step. The model's shape and --optimizer "
+                                 "never change: the checkpoints hold them.")
 PRINT_COMMAND = typer.Option(False, "--print-command", help="Create the run (status queued) and print the torchrun "
                              "command that trains it, for a job script; train nothing now.")
 
