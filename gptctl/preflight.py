@@ -87,6 +87,9 @@ def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettin
     if differs:
         raise UserError(f"--checkpoint-path: {path} holds another model than these settings make ({', '.join(differs)});"
                         f" give the checkpoint's own --model/--n-*/--seq-len")
+    if stored.optimizer != settings.optimizer:  # its optimizer state would not load into the other optimizer
+        raise UserError(f"--optimizer: {path} holds the state of --optimizer {stored.optimizer}; pass --optimizer "
+                        f"{stored.optimizer} to resume it, or start from its weights alone with --init-from")
     step = state["step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"--checkpoint-path: {path} has no valid step number ({step!r}); is it a gptctl checkpoint?")

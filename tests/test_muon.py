@@ -89,6 +89,30 @@ def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
     assert resume_changes(queries.get_run(db, "abc123"), {"optimizer": "adamw"}, override=True) == {}
 
 
+@pytest.mark.slow
+def test_a_checkpoint_resumes_only_into_its_own_optimizer(shakespeare, gptctl_home):
+    """`pretrain --resume --checkpoint-path` of a Muon checkpoint without --optimizer muon created a run whose
+    workers died loading Muon's state into AdamW (KeyError: 'param_groups.0.momentum'): now refused first."""
+    import json
+
+    from conftest import cli
+
+    summary = json.loads(cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
+                             "--checkpoint-interval", "4", "--optimizer", "muon", "--run-name", "m", "--json",
+                             home=gptctl_home).stdout)
+    path = summary["checkpoints"][-1]
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+               "--checkpoint-path", path, "--run-name", "branch", home=gptctl_home, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"Error: --optimizer: {path} holds the state of --optimizer muon; pass --optimizer muon to resume it, or "
+        "start from its weights alone with --init-from"), proc.stderr
+    assert [r["name"] for r in json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)] == ["m"]
+    resumed = json.loads(cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "8", "--resume",
+                             "--checkpoint-path", path, "--optimizer", "muon", "--run-name", "branch", "--json",
+                             home=gptctl_home).stdout)
+    assert resumed["status"] == "completed" and resumed["last_step"] == 8
+
+
 def test_estimate_counts_muons_state_and_its_newton_schulz_flops():
     gpt2 = PRESETS["gpt2"]
     params, matrices = total_params(gpt2, 1024), 12 * 12 * 768 ** 2
