@@ -3,6 +3,7 @@ import sqlite3
 from contextlib import contextmanager, redirect_stdout
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,9 +168,84 @@ def train_in_process(data_root: Path, directory: Path, resume_from: Path | None 
     For what needs no process of its own; the real-process tests cover torchrun, signals and the registry."""
     import torch
 
-    from gptctl.engine import checkpoint as ckpt
     from gptctl.engine.distributed import Dist
+
+    return _train_as(Dist(0, 0, 1, torch.device("cpu")), data_root, directory, resume_from, overrides)
+
+
+def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from: Path | None = None, **overrides):
+    """`train_in_process` on `nproc` processes forked from this one and joined by a gloo group, each
+    set up by the worker's own `setup()` from torchrun's variables: DDP, FSDP2 and HSDP without
+    torchrun, the launcher or a torch import per process (seconds each on 2 cores). Rank 0's result.
+    One real torchrun launch per layout stays in the end-to-end tests."""
+    import multiprocessing
+    import socket
+    from multiprocessing.connection import wait
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")  # torch is imported already: forking skips its import
+    ranks = []
+    for rank in range(nproc):
+        receive, send = context.Pipe(duplex=False)
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        process = context.Process(target=_rank_main, args=(send, env, data_root, directory, resume_from, overrides))
+        process.start()
+        send.close()
+        ranks.append((process, receive))
+    results, pending, deadline = {}, dict(enumerate(ranks)), time.time() + 600
+    try:
+        while pending:
+            ready = wait([r for _, r in pending.values()] + [p.sentinel for p, _ in pending.values()],
+                         timeout=max(deadline - time.time(), 0))
+            if not ready:
+                raise AssertionError(f"ranks {sorted(pending)} did not finish in 600 s")
+            for rank, (process, receive) in list(pending.items()):
+                if receive.poll():
+                    ok, value = receive.recv()
+                    if not ok:
+                        raise AssertionError(f"rank {rank} failed:\n{value}")
+                    results[rank] = value
+                    del pending[rank]
+                elif process.exitcode is not None:
+                    raise AssertionError(f"rank {rank} died with exit code {process.exitcode}")
+    finally:
+        for process, _ in ranks:
+            if process.is_alive():
+                process.kill()  # one rank failed: the others wait in a collective forever
+            process.join()
+    return results[0]
+
+
+def _rank_main(send, env: dict, data_root, directory, resume_from, overrides) -> None:
+    """One forked rank: the worker's process-group setup, the Trainer, the result to the parent; exits
+    without running the parent's (pytest's) exit handlers."""
+    import traceback
+
+    code = 0
+    try:
+        from gptctl.engine.distributed import setup, teardown
+
+        os.environ.update(env)
+        d = setup("cpu")
+        try:
+            send.send((True, _train_as(d, data_root, directory, resume_from, overrides)))
+        finally:
+            teardown()
+    except BaseException:
+        send.send((False, traceback.format_exc()))
+        code = 1
+    finally:
+        send.close()
+        os._exit(code)
+
+
+def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, overrides: dict):
+    from gptctl.engine import checkpoint as ckpt
     from gptctl.engine.trainer import NoCheckpoints, Trainer
+    from gptctl.engine.worker import pin_numerics
     from gptctl.settings import TrainSettings
 
     class Files(NoCheckpoints):
@@ -178,15 +254,14 @@ def train_in_process(data_root: Path, directory: Path, resume_from: Path | None 
 
         def save(self, step, make_state):
             path = directory / ckpt.checkpoint_name(step)
-            ckpt.save_atomic(make_state(), path)
+            state = make_state()  # collective: every rank gathers, rank 0 writes
+            if d.is_main:
+                ckpt.save_atomic(state, path)
             self.paths[step] = path
-
-    from gptctl.engine.worker import pin_numerics
 
     pin_numerics(deterministic=False)  # as the worker does: the same thread count, no dynamic threads
     directory.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}),
-                      Dist(0, 0, 1, torch.device("cpu")))
+    trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}), d)
     if resume_from is not None:
         trainer.load_state_dict(ckpt.load(resume_from))
     trainer.checkpointer, start = Files(), trainer.state.step

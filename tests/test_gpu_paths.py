@@ -2,16 +2,16 @@
 compiled checkpoints that resume anywhere, bf16/fp16 autocast (GradScaler) with resume, fused AdamW.
 
 What truly needs CUDA (NCCL, TF32 flags, pinned memory) is a few lines that benchmarks/gpu_check.py
-runs. Inductor compiles on CPU with the system C compiler, slowly: the compiled end-to-end tests are
-few, tiny and marked slow (2-5 minutes each on a loaded 2-core machine with a cold inductor cache,
-under a minute with a warm one)."""
+runs. Inductor compiles on CPU with the system C compiler, slowly: the compiled tests are two, tiny and
+marked slow (20-40 s each on a 2-core machine with a cold inductor cache; conftest turns off SIMD
+kernels, which take longest to compile)."""
 
 import json
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, gptctl, losses, train_in_process
+from conftest import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
@@ -118,9 +118,12 @@ def test_compile_with_ddp_checkpoints_without_prefixes_and_resumes_compiled_and_
     state = ckpt.load(step2)
     assert list(state["model"]) == PLAIN_KEYS  # no `_orig_mod.` (compile) or checkpoint-wrapper prefixes
     assert not any("_orig_mod" in str(k) for k in state["optimizer"]["state"])
-    # Into a compiled run (same graphs, same kernels: to the bit) and into an uncompiled one.
-    again = pretrain(gptctl_home, shakespeare, "again", *args, *ddp, "--compile", "--resume", "--checkpoint-path", step2)
-    assert losses(gptctl_home, again["run_id"]) == {s: compiled[s] for s in (3, 4)}
+    # Into a compiled DDP run (the same Trainer on two processes forked from this one, which never compiles
+    # itself: a fork inherits no compile workers; same graphs, same kernels: to the bit) and into an
+    # uncompiled one.
+    again, _ = train_in_processes(2, shakespeare, tmp_path / "again", resume_from=step2, max_steps=4, batch_size=2,
+                                  checkpoint_interval=2, activation_checkpointing="selective", compile=True)
+    assert again == {s: compiled[s] for s in (3, 4)}
     plain, _ = train_in_process(shakespeare, tmp_path / "plain", resume_from=step2, max_steps=4,
                                 checkpoint_interval=2, activation_checkpointing="selective")
     assert close(plain, {s: compiled[s] for s in (3, 4)})
@@ -131,11 +134,12 @@ def test_compile_with_fsdp2_and_full_activation_checkpointing_resumes_a_one_proc
         shakespeare, gptctl_home, tmp_path):
     """An unsharded checkpoint (one process) into a sharded, compiled run: the same losses as one process."""
     single, saved = train_in_process(shakespeare, tmp_path / "single", max_steps=4, checkpoint_interval=2)
-    sharded_run = pretrain(gptctl_home, shakespeare, "sharded", "--max-steps", "4", "--checkpoint-interval", "4",
-                           "--nproc-per-node", "2", "--model-parallel", "--compile", "--activation-checkpointing",
-                           "full", "--resume", "--checkpoint-path", str(saved[2]))
-    assert close(losses(gptctl_home, sharded_run["run_id"]), {s: single[s] for s in (3, 4)})
-    assert list(ckpt.load(step_checkpoint(sharded_run, 4))["model"]) == PLAIN_KEYS
+    # Two forked processes (compile under torchrun: the DDP test above; FSDP2 under torchrun: test_sharded).
+    sharded, written = train_in_processes(2, shakespeare, tmp_path / "sharded", resume_from=saved[2], max_steps=4,
+                                          checkpoint_interval=4, model_parallel=True, compile=True,
+                                          activation_checkpointing="full")
+    assert close(sharded, {s: single[s] for s in (3, 4)})
+    assert list(ckpt.load(written[4])["model"]) == PLAIN_KEYS
 
 
 def test_gpu_check_smoke_runs_the_same_code_on_cpu(tmp_path):

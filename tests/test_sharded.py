@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses, train_in_process
+from conftest import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
 from gptctl.cli import app
 
 runner = CliRunner()
@@ -45,9 +45,8 @@ def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layout
     assert close(sharded, single), (sharded, single)
 
     step4 = next(p for p in sharded_run["checkpoints"] if p.endswith("model_00004.pt"))
-    # Same layout: bit for bit.
-    _, same = run(gptctl_home, shakespeare, "same", "--nproc-per-node", "2", "--model-parallel",
-                  "--resume", "--checkpoint-path", step4)
+    # Same layout (the same Trainer on two forked processes): bit for bit.
+    same, _ = train_in_processes(2, shakespeare, tmp_path / "same", resume_from=step4, model_parallel=True, **layout)
     assert same == {s: sharded[s] for s in range(5, 9)}
     # A sharded checkpoint into one unsharded process (and back: test_gpu_paths' FSDP2 run resumes from a
     # one-process checkpoint).
@@ -58,6 +57,6 @@ def test_sharded_run_matches_one_process_and_its_checkpoints_move_between_layout
 @pytest.mark.slow
 def test_hybrid_sharding_two_groups_of_two(shakespeare, gptctl_home, tmp_path):
     single, _ = train_in_process(shakespeare, tmp_path / "single", max_steps=4, checkpoint_interval=4)
-    _, hybrid = run(gptctl_home, shakespeare, "hybrid", "--max-steps", "4", "--nproc-per-node", "4",
-                    "--model-parallel", "--model-parallel-size", "2", "--batch-size", "2")
+    hybrid, _ = train_in_processes(4, shakespeare, tmp_path / "hybrid", max_steps=4, checkpoint_interval=4,
+                                   model_parallel=True, model_parallel_size=2, batch_size=2)
     assert close(hybrid, single), (hybrid, single)

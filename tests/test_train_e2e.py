@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process
+from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process, train_in_processes
 
 pytestmark = pytest.mark.slow
 
@@ -146,16 +146,14 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
 def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
     # With Muon, whose Newton-Schulz runs on every rank over the all-reduced gradients (AdamW on two
     # processes against one: test_resume_on_two_processes_continues_a_one_process_run).
-    steps = ["--max-steps", "6", "--checkpoint-interval", "6", "--optimizer", "muon"]
-    one, _ = train_in_process(shakespeare, tmp_path / "one", max_steps=6, checkpoint_interval=6,
-                              optimizer="muon")  # 1 × 2 micro-steps
-    pretrain(gptctl_home, shakespeare, *steps, "--run-name", "two", "--nproc-per-node", "2")  # 2 × 1
-    two = losses(gptctl_home, only_run_id(gptctl_home, "two"))
+    # The two processes are forked from this one (the worker's setup, no torchrun): the launch of two
+    # processes is test_resume_on_two_processes_continues_a_one_process_run's.
+    layout = dict(max_steps=6, checkpoint_interval=6, optimizer="muon")
+    one, _ = train_in_process(shakespeare, tmp_path / "one", **layout)  # 1 × 2 micro-steps
+    two, _ = train_in_processes(2, shakespeare, tmp_path / "two", **layout)  # 2 × 1
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
-    shown = json.loads(cli("runs", "show", "two", "--json", home=gptctl_home).stdout)
-    assert shown["world_size"] == 2
 
 
 def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
@@ -180,6 +178,7 @@ def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl
     assert resumed["run_id"] == summary["run_id"] and resumed["last_step"] == 8
     shown = json.loads(cli("runs", "show", "grow", "--json", home=gptctl_home).stdout)
     assert shown["world_size"] == 2 and "nproc_per_node" not in shown["settings"]
+    assert [r["world_size"] for r in shown["launches"]] == [1, 2]  # each launch with its own
 
     first, saved = train_in_process(shakespeare, tmp_path / "one", max_steps=4, checkpoint_interval=4)
     # the resume kept the schedule's end at step 4 (`resume --max-steps` never jumps the LR)
