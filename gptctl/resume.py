@@ -44,6 +44,9 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     if "optimizer" in changes:  # its checkpoints hold the other optimizer's state, which cannot load
         raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
                         "state; drop the option, or start a new run from its weights (--init-from RUN)")
+    if unused := wanted.unused_options(sorted(given)):
+        raise UserError(f"{option_name(unused[0])}: {was} --optimizer {stored.optimizer}, which does not use it; "
+                        "drop the option")
     refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME]
     if refused and not override:
         name = refused[0]

@@ -8,7 +8,7 @@ import typing
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -227,6 +227,15 @@ class OptimizerSettings(_Settings):
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).")
     muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
                                      "block matrices.")
+
+    def unused_options(self, given: Iterable[str]) -> list[str]:
+        """The options among `given` (set by the user, not by default) that this optimizer ignores, at a
+        value of their own: stored settings and saved config files carry every field at its default, so
+        only what was given, and differs, tells a user's mistake."""
+        if self.optimizer == "muon":
+            return []
+        fields = OptimizerSettings.model_fields
+        return [n for n in given if n.startswith("muon_") and getattr(self, n) != fields[n].default]
 
 
 class ScheduleSettings(_Settings):
@@ -487,16 +496,18 @@ def build_settings(overrides: dict[str, Any], config_file: Path | None = None, d
                    **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
     """Merge `defaults` < config file < command-line overrides < `fixed` into the run's validated settings
     and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
-    values: dict[str, Any] = dict(defaults or {})
-    if config_file is not None:
-        values.update(read_config(config_file, fixed.get("kind", "pretrain")))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values.update(fixed)
+    given = read_config(config_file, fixed.get("kind", "pretrain")) if config_file is not None else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    values = {**(defaults or {}), **given, **fixed}
     launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
-        return TrainSettings(**values), LaunchSettings(**launch)
+        settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
+    if unused := settings.unused_options(sorted(given)):
+        raise UserError(f"{option_name(unused[0])}: applies only with --optimizer muon; add --optimizer muon, "
+                        "or drop the option")
+    return settings, launch_settings
 
 
 def build_launch(overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> LaunchSettings:

@@ -70,6 +70,30 @@ def test_muon_with_sharding_is_refused_in_one_line(shakespeare, gptctl_home):
     assert "--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards" in result.output
 
 
+@pytest.mark.parametrize("option", ["--muon-lr", "--muon-momentum", "--muon-weight-decay"])
+def test_muon_options_without_muon_are_refused_in_one_line(shakespeare, gptctl_home, tmp_path, option):
+    """Under AdamW they would be stored with the run and do nothing (the break test found it)."""
+    field = option[2:].replace("-", "_")
+    for source in ("command line", "config file"):
+        args = ["pretrain", *TINY_RUN, "--data-root", str(shakespeare)]
+        if source == "command line":
+            args += [option, "0.5"]
+        else:
+            (tmp_path / "c.toml").write_text(f"{field} = 0.5\n")
+            args += ["--config", str(tmp_path / "c.toml")]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and not gptctl_home.exists(), (source, result.output)
+        assert f"{option}: applies only with --optimizer muon" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    # The default value, as a saved config file carries it, says nothing wrong; with Muon the option is taken.
+    from gptctl.settings import build_settings
+
+    default = {"muon_lr": 0.02, "muon_momentum": 0.95, "muon_weight_decay": 0.0}[field]
+    base = {"data_root": shakespeare, "model": "tiny"}
+    assert build_settings({**base, field: default})[0].optimizer == "adamw"
+    assert build_settings({**base, "optimizer": "muon", field: 0.5})[0].optimizer == "muon"
+
+
 def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
     from gptctl.registry import open_registry, queries
     from gptctl.resume import resume_changes
@@ -87,6 +111,10 @@ def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
     with pytest.raises(UserError, match=r"hold that optimizer's state.*\(--init-from RUN\)"):
         resume_changes(queries.get_run(db, "abc123"), {"optimizer": "muon"}, override=True)
     assert resume_changes(queries.get_run(db, "abc123"), {"optimizer": "adamw"}, override=True) == {}
+    # Nor are Muon's options taken by an AdamW run, even with the override: they would do nothing.
+    with pytest.raises(UserError, match="--muon-lr: run abc123 .r. was started with --optimizer adamw, which does "
+                                        "not use it; drop the option"):
+        resume_changes(queries.get_run(db, "abc123"), {"muon_lr": 0.01}, override=True)
 
 
 @pytest.mark.slow
