@@ -166,18 +166,21 @@ TINY_SETTINGS = dict(model="tiny", seq_len=32, batch_size=4, total_batch_size=25
                      eval_interval=4, eval_steps=2, device="cpu")
 
 
-def train_in_process(data_root: Path, directory: Path, resume_from: Path | None = None, **overrides):
+def train_in_process(data_root: Path, directory: Path, resume_from: Path | None = None,
+                     fields: tuple[str, ...] = ("loss", "val_loss"), **overrides):
     """A Trainer on one process, built and resumed as the worker does it, saving real checkpoint files
-    (gptctl's format, atomically) into `directory`: ({step: (loss, val_loss)}, {step: checkpoint path}).
-    For what needs no process of its own; the real-process tests cover torchrun, signals and the registry."""
+    (gptctl's format, atomically) into `directory`: ({step: (loss, val_loss)}, {step: checkpoint path}),
+    or other `fields` of the metrics rows. For what needs no process of its own; the real-process tests
+    cover torchrun, signals and the registry."""
     import torch
 
     from gptctl.engine.distributed import Dist
 
-    return _train_as(Dist(0, 0, 1, torch.device("cpu")), data_root, directory, resume_from, overrides)
+    return _train_as(Dist(0, 0, 1, torch.device("cpu")), data_root, directory, resume_from, fields, overrides)
 
 
-def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from: Path | None = None, **overrides):
+def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from: Path | None = None,
+                       fields: tuple[str, ...] = ("loss", "val_loss"), **overrides):
     """`train_in_process` on `nproc` processes forked from this one and joined by a gloo group, each
     set up by the worker's own `setup()` from torchrun's variables: DDP, FSDP2 and HSDP without
     torchrun, the launcher or a torch import per process (seconds each on 2 cores). Rank 0's result.
@@ -195,7 +198,7 @@ def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from
         receive, send = context.Pipe(duplex=False)
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        process = context.Process(target=_rank_main, args=(send, env, data_root, directory, resume_from, overrides))
+        process = context.Process(target=_rank_main, args=(send, env, data_root, directory, resume_from, fields, overrides))
         process.start()
         send.close()
         ranks.append((process, receive))
@@ -223,7 +226,7 @@ def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from
     return results[0]
 
 
-def _rank_main(send, env: dict, data_root, directory, resume_from, overrides) -> None:
+def _rank_main(send, env: dict, data_root, directory, resume_from, fields, overrides) -> None:
     """One forked rank: the worker's process-group setup, the Trainer, the result to the parent; exits
     without running the parent's (pytest's) exit handlers."""
     import traceback
@@ -235,7 +238,7 @@ def _rank_main(send, env: dict, data_root, directory, resume_from, overrides) ->
         os.environ.update(env)
         d = setup("cpu")
         try:
-            send.send((True, _train_as(d, data_root, directory, resume_from, overrides)))
+            send.send((True, _train_as(d, data_root, directory, resume_from, fields, overrides)))
         finally:
             teardown()
     except BaseException:
@@ -246,7 +249,7 @@ def _rank_main(send, env: dict, data_root, directory, resume_from, overrides) ->
         os._exit(code)
 
 
-def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, overrides: dict):
+def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, fields: tuple[str, ...], overrides: dict):
     from gptctl.engine import checkpoint as ckpt
     from gptctl.engine.trainer import NoCheckpoints, Trainer
     from gptctl.engine.worker import pin_numerics
@@ -269,5 +272,5 @@ def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, ove
     if resume_from is not None:
         trainer.load_state_dict(ckpt.load(resume_from))
     trainer.checkpointer, start = Files(), trainer.state.step
-    rows = {r["step"]: (r["loss"], r.get("val_loss")) for r in trainer.train().history if r["step"] > start}
+    rows = {r["step"]: tuple(r.get(f) for f in fields) for r in trainer.train().history if r["step"] > start}
     return rows, trainer.checkpointer.paths

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, gptctl, losses
+from conftest import TINY_RUN, cli, losses, train_in_processes
 from gptctl.cli import app
 
 runner = CliRunner()
@@ -82,12 +82,16 @@ def test_hellaswag_during_training_and_debug_timing(shakespeare, gptctl_home, tm
     from test_eval import write_items
 
     items = write_items(tmp_path / "hellaswag.jsonl")
-    proc = gptctl("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", "--hellaswag-interval", "2",
-                  "--hellaswag-file", str(items), "--log-level", "debug", "--nproc-per-node", "2", "--batch-size", "2",
-                  "--json", home=gptctl_home)
+    args = ["--max-steps", "4", "--hellaswag-interval", "2", "--hellaswag-file", str(items)]
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), *args, "--log-level", "debug", "--json",
+               home=gptctl_home)
     run_id = json.loads(proc.stdout)["run_id"]
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         acc = dict(conn.execute("select step, hellaswag_acc from metrics where run_id = ? and hellaswag_acc is not null",
                                 [run_id]).fetchall())
     assert sorted(acc) == [2, 4] and all(0 <= a <= 1 for a in acc.values())
     assert "timing: data" in proc.stderr and "forward/backward" in proc.stderr and "checkpoint" in proc.stderr
+    # On two processes (forked from this one) each scores its share of the items: the same accuracy.
+    rows, _ = train_in_processes(2, shakespeare, tmp_path / "two", fields=("hellaswag_acc",), max_steps=4,
+                                 batch_size=2, hellaswag_interval=2, hellaswag_file=items)
+    assert {step: a for step, (a,) in rows.items() if a is not None} == acc
