@@ -202,13 +202,13 @@ def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from
         process.start()
         send.close()
         ranks.append((process, receive))
-    results, pending, deadline = {}, dict(enumerate(ranks)), time.time() + 600
+    results, pending, deadline = {}, dict(enumerate(ranks)), time.time() + 300
     try:
         while pending:
             ready = wait([r for _, r in pending.values()] + [p.sentinel for p, _ in pending.values()],
                          timeout=max(deadline - time.time(), 0))
             if not ready:
-                raise AssertionError(f"ranks {sorted(pending)} did not finish in 600 s")
+                raise AssertionError(f"ranks {sorted(pending)} did not finish in 300 s")
             for rank, (process, receive) in list(pending.items()):
                 if receive.poll():
                     ok, value = receive.recv()

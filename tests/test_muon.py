@@ -51,16 +51,15 @@ def test_both_optimizers_follow_the_schedule_at_their_own_peak(shakespeare):
 
 
 def test_a_muon_run_resumes_bit_for_bit_from_its_checkpoint(shakespeare, tmp_path):
-    whole, _ = train_in_process(shakespeare, tmp_path / "whole", optimizer="muon", max_steps=8, checkpoint_interval=4)
-    first, saved = train_in_process(shakespeare, tmp_path / "part", optimizer="muon", max_steps=8,
+    whole, saved = train_in_process(shakespeare, tmp_path / "whole", optimizer="muon", max_steps=8,
                                     checkpoint_interval=4)
     state = ckpt.load(saved[4])
     assert any("momentum_buffer" in s for s in state["optimizer"]["state"].values())  # Muon's state is saved
     rest, _ = train_in_process(shakespeare, tmp_path / "part", resume_from=saved[4], optimizer="muon", max_steps=8,
                                checkpoint_interval=4)
     assert rest == {s: whole[s] for s in range(5, 9)}  # to the last bit
-    adamw, _ = train_in_process(shakespeare, tmp_path / "adamw", max_steps=8, checkpoint_interval=8)
-    assert adamw[8] != whole[8]  # the option changes training
+    adamw, _ = train_in_process(shakespeare, tmp_path / "adamw", max_steps=4, checkpoint_interval=4)
+    assert adamw[4] != whole[4]  # the option changes training
 
 
 def test_muon_with_sharding_is_refused_in_one_line(shakespeare, gptctl_home):

@@ -83,8 +83,8 @@ def _wait_for_checkpoint(home, min_step, proc, name, timeout=120):
 
 def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     # With Muon (AdamW's SIGKILLs: test_faults.py): its momentum buffers are in the checkpoint too.
-    steps = ["--max-steps", "24", "--checkpoint-interval", "4", "--optimizer", "muon"]
-    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=24, checkpoint_interval=4,
+    steps = ["--max-steps", "16", "--checkpoint-interval", "4", "--optimizer", "muon"]
+    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=16, checkpoint_interval=4,
                                     optimizer="muon")
 
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
