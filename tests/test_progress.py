@@ -23,3 +23,10 @@ def test_info_level_prints_every_tenth_step_evals_and_the_last(capsys):
         progress.update(row(step, val=2.0 if step == 5 else None))
     printed = [line.split("|")[0].strip() for line in capsys.readouterr().out.splitlines()]
     assert printed == ["step 5/23", "step 10/23", "step 20/23", "step 23/23"]
+
+
+def test_a_muon_run_shows_muons_lr_beside_adamws(capsys):
+    """The row's LR is AdamW's (embeddings, 1-D parameters); the block matrices train at Muon's."""
+    progress = TrainingProgress(0, 1, None, enabled=True, log_level="info", muon_lr_scale=0.02 / 6e-4)
+    progress.update({**row(1), "lr": 6e-4})
+    assert "| lr 6.000e-04 (muon 2.000e-02) |" in capsys.readouterr().out

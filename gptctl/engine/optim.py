@@ -54,4 +54,9 @@ def make_optimizers(model: torch.nn.Module, settings, device_type: str) -> list[
 
 def lr_scale(optimizer: torch.optim.Optimizer, settings) -> float:
     """The optimizer's peak LR over --max-lr."""
-    return settings.muon_lr / settings.max_lr if isinstance(optimizer, torch.optim.Muon) else 1.0
+    return muon_lr_scale(settings) if isinstance(optimizer, torch.optim.Muon) else 1.0
+
+
+def muon_lr_scale(settings) -> float:
+    """Muon's LR over AdamW's at every step: both follow one schedule, each from its own peak."""
+    return settings.muon_lr / settings.max_lr

@@ -8,9 +8,10 @@ from typing import Callable
 
 class TrainingProgress:
     def __init__(self, start_step: int, max_steps: int, log_file: Path | None, enabled: bool, log_level: str = "info",
-                 log_every: int = 10, memory: Callable[[], int] | None = None):
+                 log_every: int = 10, memory: Callable[[], int] | None = None, muon_lr_scale: float | None = None):
         self.start_step, self.max_steps, self.enabled, self.log_every = start_step, max_steps, enabled, log_every
         self.memory = memory  # peak bytes so far, for the log lines
+        self.muon_lr_scale = muon_lr_scale  # --optimizer muon: Muon's LR over the row's (AdamW's), shown beside it
         # debug: every step on the terminal; info: every `log_every` steps and evals; warning/error: nothing
         self.verbosity = {"debug": 2, "info": 1}.get(log_level, 0)
         if self.verbosity == 2:
@@ -33,7 +34,8 @@ class TrainingProgress:
         if not self.enabled:
             return
         step = row["step"]
-        line = (f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
+        muon = f" (muon {row['lr'] * self.muon_lr_scale:.3e})" if self.muon_lr_scale else ""
+        line = (f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e}{muon} | "
                 f"norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s")
         if row.get("val_loss") is not None:
             line += f" | val {row['val_loss']:.4f}"

@@ -39,6 +39,7 @@ import torch
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import broadcast_object, setup, share_run, teardown
 from gptctl.engine.loggers import ExternalLoggers
+from gptctl.engine.optim import muon_lr_scale
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
@@ -283,7 +284,8 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     if write:
         log_dir.mkdir(parents=True, exist_ok=True)
     trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level,
-                                        memory=trainer.peak_memory)
+                                        memory=trainer.peak_memory,
+                                        muon_lr_scale=muon_lr_scale(settings) if settings.optimizer == "muon" else None)
     trainer.checkpointer = ckpt.CheckpointManager(
         lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings, write,
         copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
