@@ -158,7 +158,7 @@ def test_val_split_smaller_than_a_micro_batch(shakespeare, tmp_path, gptctl_home
     np.save(data / "tinyshakespeare_val_000000.npy", np.arange(100, dtype=np.uint16))
     args = base(data)
     args[args.index("--batch-size") + 1] = "4"
-    line = refused(args, "--data-root", gptctl_home, "val", "100", "129")
+    refused(args, "--data-root", gptctl_home, "val", "100", "129")
 
 
 @pytest.mark.parametrize("entry", ['"shard.npy"', "17", "null", '["a"]', '{"split": "val"}',

@@ -1,7 +1,6 @@
 """Engine pieces in-process: model, loader, schedule, checkpoint safety."""
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,5 @@
 """`gptctl runs plot`: loss curves of several runs in the terminal or as a PNG."""
 
-import json
-
 from typer.testing import CliRunner
 
 from gptctl.cli import app
