@@ -492,12 +492,17 @@ _NOT_IN_CONFIG = {
 }
 
 
-def build_settings(overrides: dict[str, Any], config_file: Path | None = None, defaults: dict[str, Any] | None = None,
+def given_settings(overrides: dict[str, Any], config_file: Path | None, kind: str) -> dict[str, Any]:
+    """What the user set: a --config file's settings, then the command line's over them (None: not given)."""
+    given = read_config(config_file, kind) if config_file is not None else {}
+    return {**given, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
                    **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
-    """Merge `defaults` < config file < command-line overrides < `fixed` into the run's validated settings
+    """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
     and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
-    given = read_config(config_file, fixed.get("kind", "pretrain")) if config_file is not None else {}
-    given.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
     values = {**(defaults or {}), **given, **fixed}
     launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
@@ -506,7 +511,7 @@ def build_settings(overrides: dict[str, Any], config_file: Path | None = None, d
         raise UserError(describe(exc)) from None
     if unused := settings.unused_options(sorted(given)):
         raise UserError(f"{option_name(unused[0])}: applies only with --optimizer muon; add --optimizer muon, "
-                        "or drop the option")
+                        "or drop the option (from the command line or the --config file)")
     return settings, launch_settings
 
 

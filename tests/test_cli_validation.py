@@ -255,6 +255,16 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
     result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--batch_size", "2"])
     assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
     assert (gptctl_home / "gptctl.db").read_bytes() == before
+    # A --config file's settings are given too (they were ignored on auto-resume: the break test found a
+    # config's `optimizer = "muon"` resuming an AdamW run with AdamW, silently).
+    config = gptctl_home.parent / "muon.toml"
+    config.write_text('optimizer = "muon"\nmuon_lr = 0.05\n')
+    result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--config", str(config)])
+    assert result.exit_code == 2 and "--optimizer: run abc123 (r) was started with 'adamw'" in result.output
+    config.write_text("batch_size = 2\n")
+    result = runner.invoke(app, ["pretrain", *tiny[:4], *tiny[6:], "--auto-resume", "--config", str(config)])
+    assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
+    assert (gptctl_home / "gptctl.db").read_bytes() == before
 
     from gptctl.resume import resume_changes, resume_settings
 

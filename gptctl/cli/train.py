@@ -17,7 +17,7 @@ from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.resume import OVERRIDE, resume_changes, resume_settings
 from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
-                             build_settings)
+                             build_settings, given_settings)
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -61,7 +61,8 @@ def pretrain(
             parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from", home_dir()))
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
-        settings, launch = build_settings(values, config, defaults=defaults, kind="pretrain", **fixed)
+        values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
+        settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
         preflight.check_data(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, as_json)
@@ -94,7 +95,8 @@ def finetune(
     with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint", home_dir()) as parent:
         model = preflight.parent_model(parent, "--pretrained-checkpoint")
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
-        settings, launch = build_settings(values, config, defaults=defaults, kind="finetune",
+        values = given_settings(values, config, "finetune")
+        settings, launch = build_settings(values, defaults=defaults, kind="finetune",
                                           pretrained_checkpoint=str(parent), **model)
         preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
