@@ -183,17 +183,22 @@ def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from
                        fields: tuple[str, ...] = ("loss", "val_loss"), **overrides):
     """`train_in_process` on `nproc` processes forked from this one and joined by a gloo group, each
     set up by the worker's own `setup()` from torchrun's variables: DDP, FSDP2 and HSDP without
-    torchrun, the launcher or a torch import per process (seconds each on 2 cores). Rank 0's result.
-    One real torchrun launch per layout stays in the end-to-end tests."""
+    torchrun, the launcher or a torch import per process (seconds each on 2 cores). Rank 0's result,
+    once every rank has ended well; else every rank's failure. torchrun itself, and the worker around
+    the Trainer, are the real-process tests' (DDP, FSDP2 and compile each have one)."""
     import multiprocessing
     import socket
     from multiprocessing.connection import wait
 
+    import torch
+
+    # A fork keeps no OpenMP thread pool: a child of a process that ran multi-threaded may hang in its first op.
+    assert torch.get_num_threads() == 1, "forked ranks need OMP_NUM_THREADS=1 (conftest's default)"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = multiprocessing.get_context("fork")  # torch is imported already: forking skips its import
-    ranks = []
+    ranks = {}
     for rank in range(nproc):
         receive, send = context.Pipe(duplex=False)
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
@@ -201,34 +206,43 @@ def train_in_processes(nproc: int, data_root: Path, directory: Path, resume_from
         process = context.Process(target=_rank_main, args=(send, env, data_root, directory, resume_from, fields, overrides))
         process.start()
         send.close()
-        ranks.append((process, receive))
-    results, pending, deadline = {}, dict(enumerate(ranks)), time.time() + 300
+        ranks[rank] = (process, receive)
+    results, failures, running, deadline = {}, {}, dict(ranks), time.time() + 300
     try:
-        while pending:
-            ready = wait([r for _, r in pending.values()] + [p.sentinel for p, _ in pending.values()],
-                         timeout=max(deadline - time.time(), 0))
-            if not ready:
-                raise AssertionError(f"ranks {sorted(pending)} did not finish in 300 s")
-            for rank, (process, receive) in list(pending.items()):
-                if receive.poll():
-                    ok, value = receive.recv()
-                    if not ok:
-                        raise AssertionError(f"rank {rank} failed:\n{value}")
-                    results[rank] = value
-                    del pending[rank]
-                elif process.exitcode is not None:
-                    raise AssertionError(f"rank {rank} died with exit code {process.exitcode}")
+        while running and wait([r for _, r in running.values()] + [p.sentinel for p, _ in running.values()],
+                               timeout=max(deadline - time.time(), 0)):
+            for rank, (process, receive) in list(running.items()):
+                message = None
+                if receive.poll():  # also at end of file, where recv raises
+                    try:
+                        message = receive.recv()
+                    except EOFError:
+                        pass
+                if message is not None:
+                    ok, value = message
+                    (results if ok else failures)[rank] = value
+                if process.exitcode is not None or (message is None and receive.poll()):
+                    process.join()
+                    del running[rank]
+                    if process.exitcode != 0 and rank not in failures:
+                        failures[rank] = f"exited with code {process.exitcode}" + (
+                            " after sending its result" if rank in results else " without a result")
+            if failures and running:  # the others fail in their next collective, or wait in it forever
+                deadline = min(deadline, time.time() + 10)
     finally:
-        for process, _ in ranks:
-            if process.is_alive():
-                process.kill()  # one rank failed: the others wait in a collective forever
+        for process, _ in running.values():
+            process.kill()
             process.join()
+    for rank in running:
+        failures.setdefault(rank, "still running after 300 s" if not failures else "killed: it outlived a failed rank")
+    if failures:
+        raise AssertionError("\n".join(f"rank {rank}: {what}" for rank, what in sorted(failures.items())))
     return results[0]
 
 
 def _rank_main(send, env: dict, data_root, directory, resume_from, fields, overrides) -> None:
-    """One forked rank: the worker's process-group setup, the Trainer, the result to the parent; exits
-    without running the parent's (pytest's) exit handlers."""
+    """One forked rank: the worker's process-group setup, the Trainer, one message to the parent (the
+    result, or the traceback); exits without running the parent's (pytest's) exit handlers."""
     import traceback
 
     code = 0
@@ -238,10 +252,14 @@ def _rank_main(send, env: dict, data_root, directory, resume_from, fields, overr
         os.environ.update(env)
         d = setup("cpu")
         try:
-            send.send((True, _train_as(d, data_root, directory, resume_from, fields, overrides)))
+            message = (True, _train_as(d, data_root, directory, resume_from, fields, overrides))
         finally:
             teardown()
     except BaseException:
+        message, code = (False, traceback.format_exc()), 1
+    try:
+        send.send(message)
+    except BaseException:  # a result that does not pickle
         send.send((False, traceback.format_exc()))
         code = 1
     finally:
