@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, only_run_id
+from conftest import TINY_RUN, TINY_SETTINGS, cli, only_run_id
 from gptctl.cli import app
 from gptctl.cli.listing import format_size
 
@@ -41,7 +41,8 @@ def test_listings_pin_prune_verify(run_with_checkpoints):
     assert "permanent" in table and f"4 checkpoint(s); 4 valid, {format_size(total)}" in table
 
     run = json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout)[0]
-    assert (run["status"], run["step"], run["max_steps"], run["tokens_seen"], run["val_step"]) == ("completed", 8, 8, 2048, 8)
+    tokens = 8 * TINY_SETTINGS["total_batch_size"]
+    assert (run["status"], run["step"], run["max_steps"], run["tokens_seen"], run["val_step"]) == ("completed", 8, 8, tokens, 8)
     metrics = json.loads(runner.invoke(app, ["runs", "show", run_id, "--json"]).stdout)["metrics"]
     assert (run["loss"], run["val_loss"]) == (metrics[-1]["loss"], metrics[-1]["val_loss"]) != (None, None)
     assert run["elapsed_s"] is not None
@@ -49,7 +50,7 @@ def test_listings_pin_prune_verify(run_with_checkpoints):
     assert run["command"].startswith("gptctl pretrain") and run["parent_checkpoint"] is None
     shown = runner.invoke(app, ["runs", "show", run_id]).stdout
     for line in ("status: completed", "progress: step 8/8", f"loss: {run['loss']:.4f}",
-                 f"val loss: {run['val_loss']:.4f} at step 8", "tokens seen: 2,048", "checkpoints: 4 (",
+                 f"val loss: {run['val_loss']:.4f} at step 8", f"tokens seen: {tokens:,}", "checkpoints: 4 (",
                  "parent checkpoint: -", "command: gptctl pretrain"):
         assert line in shown, (line, shown)
 
