@@ -138,10 +138,12 @@ def test_random_sigkills_then_resume_is_bit_exact(shakespeare, gptctl_home, refe
     # "training": after the run made progress, somewhere in the steps, saves and retention that follow.
     for moment in ("training", "startup", "training", "training", "training"):
         proc = start(gptctl_home, *args, log=tmp_path / "soak.log")
-        if moment == "startup":
-            time.sleep(rng.uniform(0.5, 8.0))
+        if moment == "startup":  # a moment of the start-up, or at the latest its first new checkpoint
+            kill_at = time.time() + rng.uniform(0.5, 8.0)
+            wait_for(lambda: time.time() >= kill_at or newest_checkpoint(gptctl_home, "soak") > newest, proc,
+                     "the start-up")
         elif wait_for(lambda: newest_checkpoint(gptctl_home, "soak") > newest, proc, "a new checkpoint"):
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.3))  # a save cycle (2 steps, a save, retention) is about 0.3 s
         if proc.poll() is not None:
             break  # the run finished first
         kill_all(proc)
