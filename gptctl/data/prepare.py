@@ -43,7 +43,8 @@ from gptctl.atomic import TMP_PREFIX, write_text_atomic
 from gptctl.data.resume import (
     STATE_FILE, Batch, Position, batches_from, mismatch, new_state, read_state, write_state,
 )
-from gptctl.data.shards import MANIFEST
+from gptctl.data.shards import MANIFEST, manifest_fingerprint
+from gptctl.digest import sha256_of
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding, resolve_name
 from gptctl.errors import UserError
 
@@ -311,6 +312,10 @@ def _finish(plan: Plan, writer, documents: int) -> dict:
             f"--val-tokens: the data has only {totals['val']:,} tokens, all of them within the first "
             f"{plan.val_tokens:,} (val); lower --val-tokens (fineweb-edu's default is --shard-size)"
         )
+    for shard in writer.shards:  # a prepare resumed from an older version's state: record what they are now
+        if "sha256" not in shard:
+            path = plan.opts.data_root / shard["file"]
+            shard.update(bytes=path.stat().st_size, sha256=sha256_of(path))
     manifest = {
         "format": 1,
         "name": plan.name,
@@ -324,6 +329,7 @@ def _finish(plan: Plan, writer, documents: int) -> dict:
         "shards": writer.shards,
         "train_tokens": totals["train"],
         "val_tokens": totals["val"],
+        "fingerprint": manifest_fingerprint(writer.shards),  # what a run records of its data (shards.fingerprint)
     }
     write_text_atomic(plan.opts.data_root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (plan.opts.data_root / STATE_FILE).unlink(missing_ok=True)

@@ -9,8 +9,10 @@ Shards are 1-D uint16 arrays written with np.save.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -105,3 +107,48 @@ def check_split_size(data_root: Path, split: str, batch_size: int, seq_len: int)
         raise UserError(f"--data-root: the {split} split of {data_root} has {tokens:,} tokens, fewer than one micro-batch "
                         f"needs (--batch-size × --seq-len + 1 = {batch_size}×{seq_len}+1 = {needed:,}); prepare more "
                         f"{split} data or lower --batch-size/--seq-len")
+
+
+# Identity: what the data is, not where it is. A run records its data's fingerprint; every resume
+# compares it (preflight.py), and so does every start of its workers (a job script's requeue).
+
+def _digest(entries: list) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_fingerprint(shards: list[dict]) -> str:
+    """The fingerprint of a manifest whose entries carry their content hash (gptctl data prepare)."""
+    return "sha256:" + _digest(sorted([s["file"], s["split"], s["tokens"], s["bytes"], s["sha256"]] for s in shards))
+
+
+def fingerprint(data_root: Path) -> str:
+    """What `data_root` holds, in one string. From the content hashes its manifest recorded at prepare
+    time (`sha256:…`); for a manifest without them (an older gptctl) or build-nanogpt's layout, from the
+    shard files' names, splits and sizes (`listing:…`). Reads the manifest and stats the shards."""
+    data_root = Path(data_root)
+    manifest = read_manifest(data_root)
+    if manifest is not None and all("sha256" in s and "bytes" in s for s in manifest["shards"]):
+        return manifest_fingerprint(manifest["shards"])
+    listing = [[p.name, split, p.stat().st_size] for split in ("train", "val") for p in find_shards(data_root, split)]
+    return "listing:" + _digest(listing)
+
+
+def shard_problem(data_root: Path, content: Callable[[Path], str] | None = None) -> str | None:
+    """Why a shard no longer matches its manifest (its size, always; its sha256 with `content`, which
+    hashes a file or answers from a cache), or None. For the layouts without recorded sizes: None."""
+    data_root = Path(data_root)
+    manifest = read_manifest(data_root)
+    for entry in manifest["shards"] if manifest is not None else []:
+        path = data_root / entry["file"]
+        if "bytes" not in entry:
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"shard {entry['file']} listed in its manifest is missing"
+        if size != entry["bytes"]:
+            return (f"shard {entry['file']} is {size:,} bytes, its manifest says {entry['bytes']:,} (truncated or "
+                    "replaced)")
+        if content is not None and "sha256" in entry and content(path) != entry["sha256"]:
+            return f"shard {entry['file']} does not match the sha256 its manifest recorded (changed since it was prepared)"
+    return None

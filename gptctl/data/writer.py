@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gptctl.atomic import atomic_write
+from gptctl.digest import sha256_of
 
 
 class ShardWriter:
@@ -60,7 +61,11 @@ class ShardWriter:
         split, _ = self._segment()
         index = sum(1 for s in self.shards if s["split"] == split)
         entry = {"file": f"{self.name}_{split}_{index:06d}.npy", "split": split, "tokens": self.filled}
-        _save_once(self.data_root / entry["file"], self.buffer[: self.filled])
+        path = self.data_root / entry["file"]
+        _save_once(path, self.buffer[: self.filled])
+        # What the shard is, recorded once here (read back from the page cache: what is on disk), so that
+        # a run can tell its data from other data under the same root (shards.fingerprint).
+        entry.update(bytes=path.stat().st_size, sha256=sha256_of(path))
         self.shards.append(entry)
         self.written += self.filled
         self.filled = 0

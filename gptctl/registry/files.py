@@ -1,6 +1,5 @@
 """The registry's view of checkpoint files on disk: hashing and verification, no torch needed."""
 
-import hashlib
 import json
 import re
 import stat
@@ -10,15 +9,8 @@ from typing import Any, Callable
 from sqlite_utils import Database
 
 from gptctl.atomic import TMP_PREFIX
+from gptctl.digest import sha256_of  # noqa: F401 (also this module's, for its callers)
 from gptctl.registry import queries
-
-
-def sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def check_file(db: Database, row: dict[str, Any], full: bool) -> str:
@@ -143,6 +135,7 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
     """Make the registry agree with a run's checkpoint directory; returns what it changed or found.
 
     - a registered file that vanished is marked missing, one whose size changed corrupt (stat only);
+      a missing one that is back is valid again once its sha256 matches;
     - a deletion that was interrupted (a 'deleting' row) is finished;
     - a checkpoint file without a row (e.g. killed between rename and insert) is registered only when
       `inspect` (engine.checkpoint.stored_step: a torch load as plain data) finds in it the step its
@@ -156,10 +149,15 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
 
     changes = []
     directory = checkpoints_dir(run)
-    for row in queries.checkpoints_of(db, run["id"], states=["valid", "deleting"]):
+    for row in queries.checkpoints_of(db, run["id"], states=["valid", "deleting", "missing"]):
         if row["state"] == "deleting":
             if remove_checkpoint(db, run, row) is not None:
                 changes.append(f"step {row['step']}: finished deleting it")
+            continue
+        if row["state"] == "missing":  # back (moved back, a disk remounted)? Trusted again once its sha256 matches
+            if Path(row["path"]).is_file() and check_file(db, row, full=True) == "valid" \
+                    and queries.mark_checkpoint(db, row["id"], "valid", only_if="missing", sha256=row["sha256"]):
+                changes.append(f"step {row['step']}: file is back and matches its sha256, valid again")
             continue
         state = check_file(db, row, full=False)
         if state == "corrupt" and not is_own_checkpoint_file(run, row["path"]):
