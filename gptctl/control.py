@@ -14,7 +14,8 @@ from gptctl.atomic import write_text_atomic
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.errors import UserError
 from gptctl.registry import launches, open_registry, queries
-from gptctl.registry.locks import DirectoryLock
+from gptctl.registry.db import transaction
+from gptctl.registry.locks import LOCK_NAME, DirectoryLock
 from gptctl.registry.rebuild import write_run_info
 from gptctl.settings import LaunchSettings, TrainSettings, to_toml
 
@@ -30,31 +31,70 @@ class Outcome:
 
 
 def create_run(home: Path, settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
-               dataset=None) -> tuple[dict, DirectoryLock]:
-    """Everything has been validated before this: from here on the run exists on disk and in the registry."""
+               dataset=None, name: str | None = None, new_run: bool = False) -> tuple[dict, DirectoryLock]:
+    """Everything has been validated before this: from here on the run exists on disk and in the registry.
+
+    `name`: the run's name, which no run may have already unless `new_run`; None: the kind, numbered
+    (pretrain-2) when taken. The name is checked and the row inserted in one transaction, so of any
+    number of commands making the same name at once exactly one makes it. The directory is made and
+    locked first: until the row is in, a locked directory is one being made (db.unregistered_run_directories)."""
+    home = home.resolve()
     db = open_registry(home)
-    run_id = queries.new_run_id(db)
-    name = settings.run_name or settings.kind
-    run_dir = (home / f"{name}-{run_id}").resolve()
-    run_dir.mkdir(parents=True)
-    lock = DirectoryLock(run_dir)
-    lock.acquire()
-    stored = settings.model_copy(update={"run_name": name})
-    write_text_atomic(run_dir / "config.json", stored.model_dump_json(indent=2) + "\n")
-    if save_config:
-        write_text_atomic(run_dir / "config.toml", to_toml(stored))
+    while True:
+        chosen = name or queries.free_name(db, settings.kind)
+        run_id = queries.new_run_id(db)
+        run_dir = home / f"{chosen}-{run_id}"
+        run_dir.mkdir(parents=True)
+        lock = DirectoryLock(run_dir)
+        lock.acquire()
+        stored = settings.model_copy(update={"run_name": chosen})
+        try:
+            with transaction(db):
+                taken = queries.newest_run_named(db, chosen) if not new_run else None
+                if taken is None:
+                    queries.insert_run(db, {
+                        "id": run_id, "name": chosen, "kind": settings.kind, "settings": stored.model_dump_json(),
+                        "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,
+                        "parent_checkpoint": parent_checkpoint, "last_step": 0,
+                    })
+        except BaseException:
+            _unmake(run_dir, lock)
+            raise
+        if taken is None:
+            break
+        _unmake(run_dir, lock)
+        if name is not None:
+            raise UserError(f"--run-name {name}: another command made run {taken['id']} of this name meanwhile, and "
+                            f"trains it; `gptctl runs show {name}` follows it")
+    run = queries.get_run(db, run_id)
+    _write_settings(run_dir, stored, toml=save_config)
     if dataset is not None:
         from gptctl.data import dolly
 
         dolly.save(dataset, run_dir)
-    queries.insert_run(db, {
-        "id": run_id, "name": name, "kind": settings.kind, "settings": stored.model_dump_json(),
-        "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,
-        "parent_checkpoint": parent_checkpoint, "last_step": 0,
-    })
-    run = queries.get_run(db, run_id)
     write_run_info(run)  # so that `gptctl registry rebuild` can re-create the row from the directory
     return run, lock
+
+
+def _unmake(run_dir: Path, lock: DirectoryLock) -> None:
+    """Remove a run directory this process made and that got no row (it holds only the lock file)."""
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    lock.release()
+    run_dir.rmdir()
+
+
+def record_settings(db, run: dict[str, Any], settings: TrainSettings, **values: Any) -> None:
+    """The run's settings of record change (a resume): its directory's files first, each replaced
+    atomically, then the registry; `registry rebuild` reads them, and prefers a checkpoint's."""
+    run_dir = Path(run["run_dir"])
+    _write_settings(run_dir, settings, toml=(run_dir / "config.toml").exists())
+    queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, **values)
+
+
+def _write_settings(run_dir: Path, settings: TrainSettings, toml: bool) -> None:
+    write_text_atomic(run_dir / "config.json", settings.model_dump_json(indent=2) + "\n")
+    if toml:
+        write_text_atomic(run_dir / "config.toml", to_toml(settings))
 
 
 def lock_existing(run: dict[str, Any]) -> DirectoryLock:
@@ -75,7 +115,7 @@ def _command(home: Path, run: dict[str, Any], launch_settings: LaunchSettings, i
 def queue(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
           init_checkpoint: str | None = None) -> str:
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
-    queries.update_run(open_registry(home), run["id"], status="queued")
+    queries.update_run(open_registry(home, check_home=False), run["id"], status="queued")
     lock.release()
     return shlex.join(_command(home, run, launch_settings, init_checkpoint, job_script=True))
 
@@ -107,7 +147,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings))
     finally:
-        db = open_registry(home)
+        db = open_registry(home, check_home=False)
         # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
         launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
         row = queries.get_run(db, run["id"])
@@ -116,7 +156,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
             status = "interrupted" if stopped_by else "failed"
             queries.update_run(db, run["id"], status=status, ended_at=queries.now())
         lock.release()
-    db = open_registry(home)
+    db = open_registry(home, check_home=False)
     status = queries.get_run(db, run["id"])["status"]
     newest = launches.newest(db, run["id"])
     if status == "interrupted" and not stopped_by and newest and newest["reason"] == "deadline":
@@ -130,7 +170,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
 
 
 def summary(home: Path, run: dict[str, Any]) -> dict[str, Any]:
-    db = open_registry(home)
+    db = open_registry(home, check_home=False)
     metrics = queries.metrics_of(db, run["id"])
     last = metrics[-1] if metrics else {}
     val = [m["val_loss"] for m in metrics if m["val_loss"] is not None]

@@ -14,13 +14,22 @@ from gptctl.registry import open_registry, queries
 from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describe
 
 
-def check_data(settings: TrainSettings) -> None:
-    from gptctl.data.shards import check_split_size
+def check_data(settings: TrainSettings, home: Path) -> str:
+    """The data root holds shards enough for a micro-batch, each still what its manifest says (size, and
+    sha256 unless unchanged since checked: cached in `home`'s registry); returns its fingerprint."""
+    from gptctl.data.shards import check_split_size, fingerprint, shard_problem
+    from gptctl.digest import sha256_of
 
     if settings.data_root is None:
         raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
     for split in ("train", "val"):
         check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
+    db = open_registry(home, create=False)
+    problem = shard_problem(settings.data_root, content=lambda path: queries.cached_sha256(db, path, sha256_of))
+    if problem:
+        raise UserError(f"--data-root: in {settings.data_root}, {problem}; restore it, or prepare the data again "
+                        "(`gptctl data prepare --force`)")
+    return fingerprint(settings.data_root)
 
 
 def check_dataset(settings: DataSettings) -> None:
@@ -65,13 +74,14 @@ def check_world_size(settings: TrainSettings, launch_settings: LaunchSettings) -
 TRAINING_STATE = ("model", "optimizer", "step", "rng")
 
 
-def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettings) -> None:
-    """--resume --checkpoint-path: a gptctl training state of this model, short of --max-steps, read now,
-    before the run exists (the workers would otherwise fail on it after a run was created)."""
+def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettings, override: bool = False) -> str | None:
+    """--resume --checkpoint-path: a gptctl training state of this model, short of --max-steps, trained on
+    this data (or `override`: then the line to record), read now, before the run exists (the workers
+    would otherwise fail on it after a run was created)."""
     if resume and path is None:
         raise UserError("--resume needs --checkpoint-path PATH (or use --auto-resume, or `gptctl resume RUN`)")
     if path is None:
-        return
+        return None
     if not resume:
         raise UserError("--checkpoint-path: only used with --resume; add --resume (or start from its weights alone "
                         "with --init-from)")
@@ -96,6 +106,14 @@ def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettin
     if step >= settings.max_steps:
         raise UserError(f"--checkpoint-path: {path} is at step {step}; --max-steps ({settings.max_steps}) must be "
                         "above it to train further")
+    trained, now = stored.data_fingerprint, settings.data_fingerprint
+    if trained is None or now is None or trained == now:
+        return None
+    if not override:
+        raise UserError(f"--data-root: {settings.data_root} holds other data than {path} was trained on (fingerprint "
+                        f"{trained} then, {now} now); give its data, or add --override-settings to continue on this "
+                        "data (recorded)")
+    return f"started from {path} (step {step}), trained on data fingerprint {trained}; now {now}, by --override-settings"
 
 
 def check_run_dir(run: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ CHANGEABLE_ON_RESUME = frozenset(
     - {"run_name"}
     | {"num_workers", "compile", "activation_checkpointing", "model_parallel", "model_parallel_size", "device",
        "deterministic"}
+    | {"data_root"}  # where the data is; what it is (data_fingerprint) may not change
 )
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
 OVERRIDE = "--override-settings"
@@ -47,7 +48,13 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     if unused := wanted.unused_options(sorted(given)):
         raise UserError(f"{option_name(unused[0])}: {was} --optimizer {stored.optimizer}, which does not use it; "
                         "drop the option")
-    refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME]
+    if "data_fingerprint" in changes and stored.data_fingerprint is not None and not override:
+        raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "
+                        f"trained on (fingerprint {_short(stored.data_fingerprint)} then, "
+                        f"{_short(wanted.data_fingerprint)} now: prepared again, or other data); give the run's own "
+                        f"data, or add {OVERRIDE} to train on this data (recorded with the step)")
+    refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME
+               and not (name == "data_fingerprint" and stored.data_fingerprint is None)]  # an older run: recorded now
     if refused and not override:
         name = refused[0]
         raise UserError(f"{option_name(name)}: {was} {getattr(stored, name)!r}; resuming cannot change it without "
@@ -96,6 +103,18 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
 def _describe_changes(changes: dict[str, Any] | None, stored: TrainSettings, run: dict[str, Any]) -> str | None:
     if not changes:
         return None
-    return f"changed at step {run['last_step'] or 0}: " + ", ".join(
-        f"{option_name(k)} {v} (was {getattr(stored, k)})"
-        + ("" if k in CHANGEABLE_ON_RESUME else f", by {OVERRIDE}") for k, v in changes.items())
+    return f"changed at step {run['last_step'] or 0}: " + ", ".join(_describe(k, v, stored) for k, v in changes.items())
+
+
+def _describe(name: str, value: Any, stored: TrainSettings) -> str:
+    if name == "data_fingerprint":
+        if stored.data_fingerprint is None:
+            return f"data fingerprint {value} recorded (the run predates fingerprints)"
+        return f"data fingerprint {value} (was {stored.data_fingerprint}), by {OVERRIDE}"
+    return f"{option_name(name)} {value} (was {getattr(stored, name)})" + ("" if name in CHANGEABLE_ON_RESUME
+                                                                          else f", by {OVERRIDE}")
+
+
+def _short(fingerprint: str | None) -> str:
+    kind, _, digest = (fingerprint or "none").partition(":")
+    return f"{kind}:{digest[:12]}" if digest else kind

@@ -153,6 +153,9 @@ class DataSettings(_Settings):
 
     data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
     pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
+    # What the data root held when the run was made (data/shards.py fingerprint): a resume compares it,
+    # since the same path may hold other data (re-prepared with --force).
+    data_fingerprint: str | None = Field(None, **NOT_AN_OPTION)
     dataset_path: Path | None = Field(
         None, description="Instruction data: a JSONL file in Dolly's schema (instruction, context, response). "
         "(default: databricks/databricks-dolly-15k from the Hugging Face hub)", **FINETUNE_ONLY)
@@ -488,6 +491,7 @@ _NOT_IN_CONFIG = {
     "pretrained_checkpoint": "pass the checkpoint on the command line (pretrain --init-from, finetune "
                              "--pretrained-checkpoint)",
     "block_size": "it comes from the checkpoint a run starts from",
+    "data_fingerprint": "gptctl records what --data-root holds when a run is made",
     "kind": "the command (pretrain or finetune) sets it",
 }
 

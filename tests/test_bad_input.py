@@ -141,7 +141,7 @@ def test_saved_config_of_an_init_from_run_reads_back(shakespeare, tmp_path, gptc
     run_dir = Path(json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout)[0]["run_dir"])
     toml = (run_dir / "config.toml").read_text()
     assert f"# pretrained_checkpoint = \"{parent}\"" in toml
-    result = runner.invoke(app, ["pretrain", "--config", str(run_dir / "config.toml"), "--print-command"])
+    result = runner.invoke(app, ["pretrain", "--config", str(run_dir / "config.toml"), "--print-command", "--new-run"])
     assert result.exit_code == 0, result.output
 
 

@@ -265,4 +265,4 @@ def test_finetune_end_to_end_val_loss_falls_resumes_exactly_and_protects_its_par
 
     # A finetune's parent is never pruned: --keep-last 1 would otherwise delete step 3 of the base run.
     cli("ckpt", "prune", "--run", "base", "--keep-last", "1", "--yes", home=home)
-    assert Path(base_step3).exists()
+    assert (home / base_step3).exists()  # stored relative to the home

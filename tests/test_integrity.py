@@ -344,5 +344,5 @@ def test_readers_keep_their_checkpoint_while_the_run_prunes(shakespeare, gptctl_
         trainer.wait()
         log.close()
     # Every finetune's parent is still there: chosen under a lease, then protected by its run row.
-    assert all(Path(p).is_file() for p in parents), parents
+    assert all((gptctl_home / p).is_file() for p in parents), parents  # stored relative to the home
     assert list(db.query("select * from checkpoint_leases")) == []

@@ -27,7 +27,8 @@ def test_migrations_are_recorded_and_idempotent(gptctl_home):
     with sqlite3.connect(gptctl_home / "gptctl.db") as conn:
         applied = conn.execute("select name from _sqlite_migrations").fetchall()
         assert applied == [("0001_initial",), ("0002_val_loss_steps_index",), ("0003_watching",),
-                           ("0004_checkpoint_integrity",), ("0005_health",), ("0006_launches",)]
+                           ("0004_checkpoint_integrity",), ("0005_health",), ("0006_launches",),
+                          ("0007_home_relative_paths",), ("0008_verified_files",)]
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 

@@ -47,7 +47,7 @@ def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
 
     for step in (8, 24):
         path = ckpt_dir / f"model_{step:05d}.pt"
-        assert rows[step]["path"] == str(path)
+        assert rows[step]["path"] == str(path.relative_to(gptctl_home))  # stored relative to the home
         assert rows[step]["bytes"] == path.stat().st_size and rows[step]["sha256"] == sha256_of(path)
 
     import torch
@@ -136,11 +136,11 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
     usage = shown["goodput"]
     assert usage["interruptions"] == 1 and usage["redone_steps"] == 0 and usage["suggested_interval_steps"] >= 1
 
-    # A completed run is finished: auto-resume under its name starts a new run.
+    # A completed run is complete: auto-resume under its name says so and starts nothing (one name, one run).
     proc = cli("pretrain", *args[:-6], "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other",
                "--auto-resume", "--json", home=gptctl_home)
-    assert json.loads(proc.stdout)["run_id"] == only_run_id(gptctl_home, "other")
-    assert len(json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)) == 3
+    assert json.loads(proc.stdout)["run_id"] == only_run_id(gptctl_home, "other") and "already complete" in proc.stderr
+    assert len(json.loads(cli("runs", "list", "--json", home=gptctl_home).stdout)) == 2
 
 
 def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_home, tmp_path):
@@ -159,7 +159,7 @@ def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_h
 def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
     pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "base", run=cli)
     base = only_run_id(gptctl_home, "base")
-    path = checkpoint_rows(gptctl_home, base)[-1]["path"]
+    path = str(gptctl_home / checkpoint_rows(gptctl_home, base)[-1]["path"])
     proc = pretrain(gptctl_home, shakespeare, "--max-steps", "8", "--checkpoint-interval", "4", "--run-name", "branch",
                     "--resume", "--checkpoint-path", path, "--json", run=cli)
     branch = json.loads(proc.stdout)["run_id"]

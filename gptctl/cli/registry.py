@@ -24,13 +24,20 @@ def rebuild_cmd(as_json: bool = typer.Option(False, "--json", help="Print what w
     if report.moved_aside:
         typer.echo(f"the damaged registry was moved to {report.moved_aside}", err=True)
     for line in report.skipped:
-        typer.echo(f"warning: not registered: {line}", err=True)
+        typer.echo(f"warning: {line}", err=True)
+    for line in report.skipped_runs:
+        typer.echo(f"error: run directory not added: {line}", err=True)
     if as_json:
         typer.echo(json.dumps({"moved_aside": str(report.moved_aside) if report.moved_aside else None,
-                               "runs": report.runs, "skipped": report.skipped}, indent=2))
-        return
-    for run in report.runs:
-        typer.echo(f"added run {run['id']} ({run['name']}): step {run['last_step']}, "
-                   f"{run['checkpoints']} checkpoint(s), {run['metrics']} metric rows")
-    if not report.runs:
-        typer.echo("nothing to add: every run directory is in the registry")
+                               "runs": report.runs, "skipped_runs": report.skipped_runs, "skipped": report.skipped},
+                              indent=2))
+    else:
+        for run in report.runs:
+            typer.echo(f"added run {run['id']} ({run['name']}): step {run['last_step']}, "
+                       f"{run['checkpoints']} checkpoint(s), {run['metrics']} metric rows")
+        if not report.runs and not report.skipped_runs:
+            typer.echo("nothing to add: every run directory is in the registry")
+    if report.skipped_runs:  # the registry still lacks them: every command refuses until they are fixed or moved
+        typer.echo(f"{len(report.skipped_runs)} run director{'y' if len(report.skipped_runs) == 1 else 'ies'} "
+                   "could not be added; fix or move them out of the home, then run this again", err=True)
+        raise typer.Exit(1)

@@ -21,7 +21,10 @@ from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, T
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
-AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the newest unfinished run with this --run-name, or start one.")
+AUTO_RESUME = typer.Option(False, "--auto-resume", help="Continue the run with this --run-name (a completed one only "
+                           "to a higher --max-steps), or start it.")
+NEW_RUN = typer.Option(False, "--new-run", help="Start a second run under a --run-name that a run already has "
+                       "(RUN then means the newest of them).")
 RESUME = typer.Option(False, "--resume", help="Start from the checkpoint given by --checkpoint-path.")
 CHECKPOINT_PATH = typer.Option(None, "--checkpoint-path", help="Checkpoint file for --resume (its weights, optimizer and step).")
 JSON = typer.Option(False, "--json", help="Print a machine-readable summary at the end.")
@@ -47,6 +50,7 @@ def pretrain(
         "optimizer at step 0; the model shape comes from them."),
     print_command: bool = PRINT_COMMAND,
     override_settings: bool = OVERRIDE_SETTINGS,
+    new_run: bool = NEW_RUN,
     as_json: bool = JSON,
 ):
     """Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun workers; DDP or FSDP)."""
@@ -62,10 +66,14 @@ def pretrain(
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
+        if values.get("data_root") is not None:  # recorded resolved: the same directory from wherever it is run
+            values["data_root"] = Path(values["data_root"]).expanduser().resolve()
         settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
-        preflight.check_data(settings)
+        # What the data is, compared by every resume: the same path may hold other data
+        values["data_fingerprint"] = preflight.check_data(settings, home_dir())
+        settings = settings.model_copy(update={"data_fingerprint": values["data_fingerprint"]})
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
-               override_settings, as_json)
+               override_settings, new_run, as_json)
 
 
 @app.command()
@@ -83,6 +91,7 @@ def finetune(
     checkpoint_path: Optional[Path] = CHECKPOINT_PATH,
     print_command: bool = PRINT_COMMAND,
     override_settings: bool = OVERRIDE_SETTINGS,
+    new_run: bool = NEW_RUN,
     as_json: bool = JSON,
 ):
     """Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its schema).
@@ -100,14 +109,18 @@ def finetune(
                                           pretrained_checkpoint=str(parent), **model)
         preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
-               override_settings, as_json)
+               override_settings, new_run, as_json)
 
 
 def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,
            auto_resume: bool, resume: bool, checkpoint_path: Path | None, print_command: bool, override: bool,
-           as_json: bool) -> None:
+           new_run: bool, as_json: bool) -> None:
     """What pretrain and finetune share once their settings are valid: resume or create a run, then train."""
-    preflight.check_checkpoint_path(checkpoint_path, resume, settings)
+    if override and not (auto_resume or resume):
+        raise UserError(f"{OVERRIDE}: only for a resume (--auto-resume, --resume, or `gptctl resume RUN`)")
+    if new_run and (auto_resume or settings.run_name is None):
+        raise UserError("--new-run: only with a --run-name, and not with --auto-resume, which continues the run of that name")
+    start_note = preflight.check_checkpoint_path(checkpoint_path, resume, settings, override)
     preflight.check_world_size(settings, launch)
     preflight.check_extras(settings)
     if launch.node_rank > 0:
@@ -120,18 +133,18 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     if print_command and launch.deadline:
         raise UserError("--deadline: not with --print-command, whose command runs later, under its scheduler; inside "
                         "SLURM its workers stop before the job's end by themselves (SLURM_JOB_END_TIME)")
-    if override and not auto_resume:
-        raise UserError(f"{OVERRIDE}: only for a resume (--auto-resume, or `gptctl resume RUN`)")
-    if auto_resume and not resume:
+    # One name, one run: --auto-resume continues the run of its name; a new run takes a name no run has
+    # (the default, the kind, gets a number), unless --new-run says a second one is meant.
+    name = settings.run_name or (settings.kind if auto_resume and not resume else None)
+    if name is not None and not new_run:
         db = open_registry(home_dir(), create=False)
-        previous = queries.newest_unfinished_run(db, settings.run_name or settings.kind, settings.kind)
-        if previous is not None and previous["status"] == "diverged":
-            raise UserError(f"--auto-resume: run {previous['id']} ({previous['name']}) diverged: {previous['error']}; "
-                            f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
-                            "again from its last good checkpoint, or give a new --run-name")
+        previous = queries.newest_run_named(db, name)
+        if previous is not None and auto_resume and not resume:
+            _auto_resume(previous, settings, values, override, launch, as_json)
         if previous is not None:
-            changes = resume_changes(previous, values, override)
-            _resume(previous, *resume_settings(previous, values.get("max_steps"), changes), launch, as_json)
+            raise UserError(f"--run-name {name}: run {previous['id']} has this name ({previous['status']} at step "
+                            f"{previous['last_step'] or 0}); continue it with --auto-resume (or `gptctl resume {name}`), "
+                            "give another --run-name, or add --new-run for a second run of this name")
     prepared = preflight.prepare_dataset(settings)  # tokenized before the run exists: bad data writes nothing
     if prepared is not None:
         typer.echo(f"instruction data: {len(prepared.train):,} train and {len(prepared.val):,} val examples"
@@ -139,8 +152,11 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                    err=True)
     writable_home()  # the last check: the run is created next
     init = str(checkpoint_path.resolve()) if resume else None
-    run, lock = control.create_run(home_dir(), settings, command_line(), save_config,
+    run, lock = control.create_run(home_dir(), settings, command_line(), save_config, name=name, new_run=new_run,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
+    if start_note:
+        queries.add_event(open_registry(home_dir(), check_home=False), run["id"], 0, "start", start_note)
+        typer.echo(start_note, err=True)
     typer.echo(f"run {run['id']} ({run['name']}) in {run['run_dir']}", err=True)
     if print_command:
         typer.echo(control.queue(home_dir(), run, lock, launch, init_checkpoint=init))
@@ -149,6 +165,26 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
                        "with --rdzv-endpoint the command is the same on every node", err=True)
         return
     _finish(control.execute(home_dir(), run, lock, launch, init_checkpoint=init), as_json)
+
+
+def _auto_resume(previous: dict[str, Any], settings: TrainSettings, values: dict[str, Any], override: bool,
+                 launch: LaunchSettings, as_json: bool) -> None:
+    """--auto-resume found the run of its name: continue it (a completed one to a higher --max-steps, as
+    `resume RUN --max-steps N` does), or say it is complete. Never returns."""
+    if previous["kind"] != settings.kind:
+        raise UserError(f"--run-name {previous['name']}: run {previous['id']} of this name is a {previous['kind']}; "
+                        "give another --run-name")
+    if previous["status"] == "diverged":
+        raise UserError(f"--auto-resume: run {previous['id']} ({previous['name']}) diverged: {previous['error']}; "
+                        f"look at `gptctl runs show {previous['id']}`, then `gptctl resume {previous['id']}` to try "
+                        "again from its last good checkpoint, or give a new --run-name")
+    max_steps, last = values.get("max_steps"), previous["last_step"] or 0
+    if previous["status"] == "completed" and (max_steps is None or max_steps <= last):
+        typer.echo(f"run {previous['id']} ({previous['name']}) is already complete at step {last}; nothing to train "
+                   f"(a --max-steps above {last} trains it further)", err=True)
+        _finish(control.Outcome(previous, 0), as_json)
+    changes = resume_changes(previous, values, override)
+    _resume(previous, *resume_settings(previous, max_steps, changes), launch, as_json)
 
 
 def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
@@ -162,7 +198,7 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
         lock.release()  # refused: the run stays as it was
         raise
     db = open_registry(home_dir())
-    queries.update_run(db, run["id"], settings=settings.model_dump_json(), max_steps=settings.max_steps, status="created")
+    control.record_settings(db, run, settings, status="created")
     if note:  # what this resume changes: the LR schedule's extension, watched or kept settings
         queries.add_event(db, run["id"], run["last_step"], "resume", note)
         typer.echo(note, err=True)
@@ -209,8 +245,21 @@ def resume_cmd(
     max_steps = values.get("max_steps")
     if run["status"] == "completed" and max_steps is None:
         raise UserError(f"run {run['id']} is completed at step {run['last_step']}; pass --max-steps to train further")
-    changes = resume_changes(run, values, override_settings)
+    changes = resume_changes(run, _with_data_identity(run, values), override_settings)
     _resume(run, *resume_settings(run, max_steps, changes), launch, as_json)
+
+
+def _with_data_identity(run: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A pretraining run's resume also gives what its data root holds now, to be compared with the run's."""
+    stored = TrainSettings.model_validate_json(run["settings"])
+    if stored.kind != "pretrain":
+        return values  # a finetune trains on the tokenized copy in its run directory
+    values = dict(values)
+    if values.get("data_root") is not None:
+        values["data_root"] = Path(values["data_root"]).expanduser().resolve()
+    probe = stored.model_copy(update={k: values[k] for k in ("data_root", "batch_size", "seq_len") if values.get(k)})
+    values["data_fingerprint"] = preflight.check_data(probe, home_dir())
+    return values
 
 
 def command_line() -> list[str]:

@@ -146,13 +146,33 @@ class Start(NamedTuple):
     skipped: str  # newer checkpoints that were not used, and why: "step 18 is corrupt"
 
 
-def choose_start(db, run_id: str, init_checkpoint: str | None, d) -> Start:
+def data_problem(settings: TrainSettings) -> str | None:
+    """Why a pretraining run's data root no longer holds the data it trained on, or None. Checked by the
+    main rank at every start, also one the CLI did not check first (a job script's torchrun, a torchrun
+    restart): shard sizes and the fingerprint, a stat each (`gptctl resume` checks content hashes too)."""
+    from gptctl.data.shards import fingerprint, shard_problem
+
+    if settings.kind != "pretrain" or settings.data_fingerprint is None:
+        return None
+    try:
+        problem = shard_problem(settings.data_root)
+        if problem is None and fingerprint(settings.data_root) != settings.data_fingerprint:
+            problem = "it holds other data (prepared again?)"
+    except (UserError, OSError) as exc:
+        problem = str(exc)
+    return problem and (f"--data-root: {settings.data_root} no longer holds the data this run trained on: {problem}; "
+                        "`gptctl resume RUN` says what to do")
+
+
+def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: TrainSettings | None = None) -> Start:
     """The main rank picks the checkpoint to start from and loads it: a registered file that fails its
     sha256 or does not load as plain data is marked corrupt, and the previous verified one is tried.
     Only then is the choice broadcast, so every rank loads the same good file, or fails alike."""
     path = error = state = None
     skipped = ""
-    if d.is_main:
+    if d.is_main and settings is not None:
+        error = data_problem(settings)  # before anything is read; every rank fails alike below
+    if d.is_main and error is None:
         def warn(message: str) -> None:
             print(f"warning: {message}", flush=True)
 
@@ -212,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     db = run = None
     if args.run_id:
-        db = open_registry(args.home)
+        db = open_registry(args.home, check_home=False)
         run = queries.get_run(db, args.run_id)
     settings = TrainSettings.model_validate_json(run["settings"]) if run else None
     pin_numerics(settings.deterministic if settings else False)  # before CUDA starts (setup)
     d = setup(settings.device if settings else args.device)
     run = share_run(d, run)  # every node trains the run node 0 created
     if run is not None and d.is_main and db is None:  # rank 0 landed on another node: the home is shared
-        db = open_registry(args.home)
+        db = open_registry(args.home, check_home=False)
     if run is None:
         print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
@@ -252,11 +272,13 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     components that write the run's registry rows and files; the run's outcome recorded after."""
     run_dir = Path(run["run_dir"])
     trainer = Trainer(settings, d, stop=stop, run_dir=run_dir)
-    start = choose_start(db, run["id"], init_checkpoint, d)
+    start = choose_start(db, run["id"], init_checkpoint, d, settings)
     if start.path:
         trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
-    elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only
-        trainer.load_weights(ckpt.load(Path(settings.pretrained_checkpoint), mmap=True)["model"])
+    elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
+        # the registry records in this home (a copied home reads its own copy, not the original's)
+        parent = run["parent_checkpoint"] or settings.pretrained_checkpoint
+        trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
     start_step = trainer.state.step
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
@@ -287,7 +309,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
                                         memory=trainer.peak_memory,
                                         muon_lr_scale=muon_lr_scale(settings) if settings.optimizer == "muon" else None)
     trainer.checkpointer = ckpt.CheckpointManager(
-        lambda: open_registry(home), run["id"], run_dir / "checkpoints", settings, write,
+        lambda: open_registry(home, check_home=False), run["id"], run_dir / "checkpoints", settings, write,
         copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
     trainer.progress.message(
         f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "

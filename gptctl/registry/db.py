@@ -1,6 +1,5 @@
 """Opening the registry: WAL so readers never block the trainer, a busy timeout so writers wait."""
 
-import re
 import sqlite3
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from sqlite_utils import Database
 
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
+from gptctl.registry.homepaths import RUN_DIR_NAME
 from gptctl.registry.migrations import migrations
 
 BUSY_TIMEOUT_MS = 30_000
@@ -20,44 +20,64 @@ class RegistryDamaged(UserError):
     """The registry file cannot be read as a gptctl registry."""
 
 
-def open_registry(home: Path | None = None, create: bool = True) -> Database:
+def open_registry(home: Path | None = None, create: bool = True, check_home: bool = True) -> Database:
     """Open (and migrate) the registry. With create=False a missing registry is an empty one in memory.
 
-    A home whose registry is gone but whose run directories are not is refused: a new, empty registry
-    would let `--auto-resume` start those runs over from step 0 beside their checkpoints.
+    A registry that does not know every run directory beside it (missing, empty, another home's, or
+    rebuilt with skips) is refused: it would let `--auto-resume` start those runs over from step 0
+    beside their checkpoints. `check_home=False` is for the trainer and launcher of a run that exists.
     """
     path = registry_path(home)
     if not path.exists():
-        orphans = run_directories(path.parent)
-        if orphans:
-            raise UserError(f"{path} is missing but {path.parent} holds {len(orphans)} run "
-                            f"director{'y' if len(orphans) == 1 else 'ies'}; {REBUILD} re-creates the registry from them")
+        if check_home and (unknown := unregistered_run_directories(path.parent, set())):
+            raise UserError(f"{path} is missing but {path.parent} holds {_count(unknown)}; {REBUILD} re-creates "
+                            "the registry from them")
         if not create:
             db = Database(memory=True)
+            db.gptctl_home = path.parent.resolve()
             migrations.apply(db)
             return db
     try:
-        return _open(path)
+        db = _open(path)
+        known = {row[0] for row in db.execute("select id from runs").fetchall()} if check_home else set()
     except sqlite3.DatabaseError as exc:
         raise RegistryDamaged(f"the registry {path} is damaged ({exc}); {REBUILD} moves it aside and "
                               "re-creates it from the run directories") from None
+    if check_home and (unknown := unregistered_run_directories(path.parent, known)):
+        raise UserError(f"the registry {path} does not know {_count(unknown)} beside it ({', '.join(d.name for d in unknown[:3])}"
+                        f"{', …' if len(unknown) > 3 else ''}); {REBUILD} adds them, or move them out of {path.parent}")
+    return db
+
+
+def _count(directories: list[Path]) -> str:
+    return f"{len(directories)} run director{'y' if len(directories) == 1 else 'ies'}"
+
+
+RUN_MARKERS = ("config.json", "run.json", "checkpoints")  # what create_run writes in a run directory
 
 
 def run_directories(home: Path) -> list[Path]:
-    """Directories under `home` that hold a run: NAME-ID with a config.json (what create_run writes)."""
+    """Directories under `home` that hold a run: NAME-ID (what create_run makes) with anything a run
+    writes in it. Not a symlink: a run lives in its home."""
     if not home.is_dir():
         return []
-    return sorted(d for d in home.iterdir()
-                  if RUN_DIR_NAME.fullmatch(d.name) and (d / "config.json").is_file() and not d.is_symlink())
+    return sorted(d for d in home.iterdir() if RUN_DIR_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+                  and any((d / marker).exists() for marker in RUN_MARKERS))
 
 
-RUN_DIR_NAME = re.compile(r".+-[0-9a-f]{8}", re.DOTALL)
+def unregistered_run_directories(home: Path, known: set[str]) -> list[Path]:
+    """The run directories of `home` whose run id the registry lacks; one being created right now (its
+    creator holds its lock until its row is in) is not one."""
+    from gptctl.registry.locks import run_is_locked
+
+    return [d for d in run_directories(home) if d.name.rpartition("-")[2] not in known and not run_is_locked(d)]
 
 
 def _open(path: Path) -> Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     db = Database(conn)
+    db.gptctl_home = path.parent.resolve()  # rows' paths are relative to it (homepaths.py)
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
@@ -70,13 +90,18 @@ def _open(path: Path) -> Database:
 
 
 class transaction:
-    """BEGIN IMMEDIATE … COMMIT: takes the write lock up front, so the busy timeout applies."""
+    """BEGIN IMMEDIATE … COMMIT: takes the write lock up front, so the busy timeout applies. Inside
+    another transaction it is part of that one (e.g. a rebuild adds a run's rows all at once)."""
 
     def __init__(self, db: Database):
         self.db = db
+        self.outer = False
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.outer = not self.db.conn.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, *exc):
-        self.db.execute("ROLLBACK" if exc[0] else "COMMIT")
+        if self.outer:
+            self.db.execute("ROLLBACK" if exc[0] else "COMMIT")

@@ -1,5 +1,7 @@
 """Numbered, idempotent schema migrations; sqlite-utils records each one with its transaction."""
 
+from pathlib import Path
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -146,3 +148,32 @@ def m0006_launches(db: Database) -> None:
         if_not_exists=True,
     )
     db["launches"].create_index(["run_id"], if_not_exists=True)
+
+
+@migrations(name="0007_home_relative_paths")
+def m0007_home_relative_paths(db: Database) -> None:
+    # Paths relative to the home, so that a copied or moved home is its own (registry/homepaths.py).
+    # Older rows hold absolute paths, maybe of another home (this one's original, before a `cp -a`):
+    # each is recognised by the run directory it lies in, not by where that home was.
+    from gptctl.registry.homepaths import adopt, home_of
+
+    home = home_of(db)
+    run_dirs = {row["run_dir"]: Path(row["run_dir"]).name
+                for row in db.query("select run_dir from runs") if Path(row["run_dir"]).is_absolute()}
+    for run in list(db.query("select id, run_dir, parent_checkpoint from runs")):
+        db.execute("update runs set run_dir = ?, parent_checkpoint = ? where id = ?",
+                   [Path(run["run_dir"]).name, adopt(home, run["parent_checkpoint"], run_dirs), run["id"]])
+    for table in ("checkpoints", "checkpoint_leases"):
+        for row in list(db.query(f"select id, path from {table}")):
+            db.execute(f"update {table} set path = ? where id = ?", [adopt(home, row["path"], run_dirs), row["id"]])
+
+
+@migrations(name="0008_verified_files")
+def m0008_verified_files(db: Database) -> None:
+    # Files outside the registry's rows whose sha256 gptctl checked (token shards against their manifest):
+    # a later look with the same (size, mtime_ns, inode) trusts the file without reading it again.
+    db["verified_files"].create(
+        {"path": str, "size": int, "mtime_ns": int, "inode": int, "sha256": str},
+        pk="path",
+        if_not_exists=True,
+    )

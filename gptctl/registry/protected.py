@@ -42,10 +42,11 @@ def _registered(home: Path) -> list[tuple[str, Path]]:
     if not registry_path(home).is_file():
         return found
     from gptctl.registry import open_registry
+    from gptctl.registry.homepaths import home_of, run_dir
 
     db = open_registry(home, create=False)
     for row in db.query("select run_dir, settings from runs"):
-        found.append(("the run directory", Path(row["run_dir"])))
+        found.append(("the run directory", Path(run_dir(home_of(db), row["run_dir"]))))
         data_root = json.loads(row["settings"] or "{}").get("data_root")
         if data_root:
             found.append(("the data root", Path(data_root)))

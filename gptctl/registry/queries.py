@@ -13,11 +13,11 @@ from typing import Any, Iterable
 from sqlite_utils import Database
 
 from gptctl.errors import UserError
+from gptctl.registry import homepaths
 from gptctl.registry.db import transaction
 from gptctl.registry.locks import run_is_locked
 
 ACTIVE = ("created", "running")
-UNFINISHED = ("created", "running", "interrupted", "failed", "stale", "diverged")
 
 
 def now() -> str:
@@ -32,7 +32,27 @@ def new_run_id(db: Database) -> str:
 
 
 def insert_run(db: Database, row: dict[str, Any]) -> None:
+    home = homepaths.home_of(db)
+    row = {**row, "run_dir": Path(row["run_dir"]).name,
+           "parent_checkpoint": homepaths.to_stored(home, row.get("parent_checkpoint"))}
     db["runs"].insert({"created_at": now(), "status": "created", "host": socket.gethostname(), **row})
+
+
+# Rows come out with their paths in this home (homepaths.py): every row read goes through one of these.
+
+def run_row(db: Database, row: dict[str, Any]) -> dict[str, Any]:
+    home = homepaths.home_of(db)
+    return {**row, "run_dir": homepaths.run_dir(home, row["run_dir"]),
+            "parent_checkpoint": homepaths.from_stored(home, row.get("parent_checkpoint"))}
+
+
+def checkpoint_row(db: Database, row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "path": homepaths.from_stored(homepaths.home_of(db), row["path"])}
+
+
+def stored_path(db: Database, path: Path | str) -> str:
+    """How the registry spells a file's path (to compare with its rows in SQL)."""
+    return homepaths.to_stored(homepaths.home_of(db), path)
 
 
 def update_run(db: Database, run_id: str, **values: Any) -> None:
@@ -40,7 +60,7 @@ def update_run(db: Database, run_id: str, **values: Any) -> None:
 
 
 def get_run(db: Database, run_id: str) -> dict[str, Any]:
-    return db["runs"].get(run_id)
+    return run_row(db, db["runs"].get(run_id))
 
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -61,23 +81,27 @@ def resolve_run(db: Database, ref: str) -> dict[str, Any]:
                             "give more characters")
     if not rows:
         raise UserError(f"no run {ref!r} in the registry; `gptctl runs list` shows the runs")
-    return refresh_status(db, rows[0])
+    return refresh_status(db, run_row(db, rows[0]))
 
 
 def list_runs(db: Database) -> list[dict[str, Any]]:
     rows = list(db.query("select * from runs order by created_at desc, rowid desc"))
-    return [refresh_status(db, row) for row in rows]
+    return [refresh_status(db, run_row(db, row)) for row in rows]
 
 
-def newest_unfinished_run(db: Database, name: str, kind: str) -> dict[str, Any] | None:
+def newest_run_named(db: Database, name: str) -> dict[str, Any] | None:
+    """The newest run of this exact name, whatever its kind and status (refreshed), or None."""
     # Read to the end before refresh_status writes: writing while a SELECT is open on the same
     # connection fails with "database is locked" at once, without waiting, if another process wrote meanwhile.
-    rows = list(db.query(
-        "select * from runs where name = ? and kind = ? order by created_at desc, rowid desc limit 1", [name, kind]))
-    if not rows:
-        return None
-    row = refresh_status(db, rows[0])
-    return row if row["status"] in UNFINISHED else None
+    rows = list(db.query("select * from runs where name = ? order by created_at desc, rowid desc limit 1", [name]))
+    return refresh_status(db, run_row(db, rows[0])) if rows else None
+
+
+def free_name(db: Database, base: str) -> str:
+    """`base`, or the first of base-2, base-3, … that no run has (a new run's default name)."""
+    names = {r["name"] for r in db.query("select name from runs where name = ? or substr(name, 1, ?) = ?",
+                                         [base, len(base) + 1, base + "-"])}
+    return base if base not in names else next(f"{base}-{n}" for n in range(2, len(names) + 3) if f"{base}-{n}" not in names)
 
 
 def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
@@ -117,9 +141,9 @@ def run_overviews(db: Database, run_id: str | None = None) -> list[dict[str, Any
     (start to end, or to now while active) and their valid checkpoints' count and total bytes."""
     active = list(db.query(f"select * from runs where status in ({', '.join('?' * len(ACTIVE))})", ACTIVE))
     for row in active:
-        refresh_status(db, row)
+        refresh_status(db, run_row(db, row))
     sql = _OVERVIEW_SQL.format(where="where r.id = ?" if run_id else "")
-    rows = list(db.query(sql, [run_id] if run_id else []))
+    rows = [run_row(db, row) for row in db.query(sql, [run_id] if run_id else [])]
     for row in rows:
         row["elapsed_s"] = seconds_between(row["started_at"], row["ended_at"]) if row["started_at"] else None
     return rows
@@ -155,9 +179,28 @@ def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: 
              pinned = max(checkpoints.pinned, excluded.pinned), state = 'valid', health = 'healthy',
              verified_size = excluded.verified_size, verified_mtime_ns = excluded.verified_mtime_ns,
              verified_inode = excluded.verified_inode""" + condition,
-        [run_id, step, str(path), size, sha256, now(), int(pinned), size_, mtime_ns, inode]
+        [run_id, step, stored_path(db, path), size, sha256, now(), int(pinned), size_, mtime_ns, inode]
         + ([] if replacing is _ANY else [replacing]),
     ).rowcount == 1
+
+
+def cached_sha256(db: Database, path: Path, compute) -> str:
+    """A file's sha256, read again only when its (size, mtime_ns, inode) changed since the last time
+    (`compute(path)` hashes it). A registry that cannot be written (read-only home) only loses the cache."""
+    import sqlite3
+
+    info = Path(path).stat()
+    key = [info.st_size, info.st_mtime_ns, info.st_ino]
+    rows = list(db.query("select size, mtime_ns, inode, sha256 from verified_files where path = ?", [str(path)]))
+    if rows and [rows[0]["size"], rows[0]["mtime_ns"], rows[0]["inode"]] == key:
+        return rows[0]["sha256"]
+    sha = compute(path)
+    try:
+        db.execute("insert or replace into verified_files (path, size, mtime_ns, inode, sha256) values (?, ?, ?, ?, ?)",
+                   [str(path), *key, sha])
+    except sqlite3.OperationalError:
+        pass
+    return sha
 
 
 def record_verified(db: Database, checkpoint_id: int, stat_key: tuple[int, int, int]) -> None:
@@ -176,7 +219,7 @@ def checkpoints_of(db: Database, run_id: str | None = None, states: Iterable[str
         where.append(f"state in ({', '.join('?' * len(states))})")
         params.extend(states)
     sql = "select * from checkpoints" + (" where " + " and ".join(where) if where else "") + " order by run_id, step"
-    return list(db.query(sql, params))
+    return [checkpoint_row(db, row) for row in db.query(sql, params)]
 
 
 def mark_checkpoint(db: Database, checkpoint_id: int, state: str, only_if: str | None = None,
@@ -236,11 +279,12 @@ def acquire_lease(db: Database, path: Path, require_valid: bool) -> int | None:
     """Lease `path` for this process; returns the lease id, or None when the file is not there to read:
     with `require_valid`, its checkpoint row is no longer valid, else a row of that path is being deleted."""
     purge_stale_leases(db)
+    path = stored_path(db, path)
     condition = ("exists (select 1 from checkpoints where path = ? and state = 'valid')" if require_valid
                  else "not exists (select 1 from checkpoints where path = ? and state in ('deleting', 'deleted'))")
     cursor = db.execute(
         f"insert into checkpoint_leases (path, pid, host, expires_at, created_at) select ?, ?, ?, ?, ? where {condition}",
-        [str(path), os.getpid(), socket.gethostname(), time.time() + LEASE_SECONDS, now(), str(path)],
+        [path, os.getpid(), socket.gethostname(), time.time() + LEASE_SECONDS, now(), path],
     )
     return cursor.lastrowid if cursor.rowcount == 1 else None
 
@@ -276,7 +320,7 @@ def checkpoint_listing(db: Database, run_id: str | None = None) -> list[dict[str
              join runs r on r.id = c.run_id
              left join metrics m on m.run_id = c.run_id and m.step = c.step
              where c.state != 'deleted'""" + (" and c.run_id = ?" if run_id else "") + " order by c.run_id, c.step"
-    rows = list(db.query(sql, [run_id] if run_id else []))
+    rows = [checkpoint_row(db, row) for row in db.query(sql, [run_id] if run_id else [])]
     for row in rows:
         row["permanent"] = row["step"] in json.loads(row.pop("settings")).get("permanent_checkpoints", [])
         row["age_s"] = seconds_between(row["created_at"])
@@ -326,7 +370,7 @@ def latest_run(db: Database) -> dict[str, Any]:
     rows = list(db.query("select * from runs order by created_at desc, rowid desc limit 1"))
     if not rows:
         raise UserError("the registry has no runs yet; pass --run RUN")
-    return rows[0]
+    return run_row(db, rows[0])
 
 
 def checkpoint_at(db: Database, run_id: str, step: int) -> dict[str, Any]:
@@ -334,7 +378,7 @@ def checkpoint_at(db: Database, run_id: str, step: int) -> dict[str, Any]:
     if not rows:
         steps = [str(c["step"]) for c in checkpoints_of(db, run_id) if c["state"] != "deleted"]
         raise UserError(f"run {run_id} has no checkpoint at step {step}; it has: {', '.join(steps) or 'none'}")
-    return rows[0]
+    return checkpoint_row(db, rows[0])
 
 
 def set_pinned(db: Database, checkpoint_id: int, pinned: bool) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from gptctl.atomic import write_text_atomic
 from gptctl.paths import registry_path
 from gptctl.registry import files, queries
-from gptctl.registry.db import _open, run_directories
+from gptctl.registry.db import _open, run_directories, transaction
+from gptctl.registry.homepaths import adopt
 
 RUN_INFO = "run.json"  # written by create_run beside config.json
 
@@ -26,7 +27,8 @@ RUN_INFO = "run.json"  # written by create_run beside config.json
 class RebuildReport:
     moved_aside: Path | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # one row per run added: id, name, status, checkpoints
-    skipped: list[str] = field(default_factory=list)  # what could not be used, and why
+    skipped_runs: list[str] = field(default_factory=list)  # run directories not added, and why: the command fails
+    skipped: list[str] = field(default_factory=list)  # files not trusted, and other notes
 
 
 def write_run_info(run: dict[str, Any]) -> None:
@@ -39,7 +41,9 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
     """Add every run directory of `home` that the registry lacks, with its checkpoints and metrics.
 
     A damaged registry is first moved aside (`gptctl.db.damaged-TIME`); runs already registered are
-    left as they are, so running it twice changes nothing.
+    left as they are, so running it twice changes nothing. Each run is added in one transaction, after
+    its files were read: a rebuild killed at any moment leaves each run wholly in or wholly out, and
+    the next rebuild adds the rest. A run directory that cannot be read is reported, never passed over.
     """
     report = RebuildReport()
     path = registry_path(home)
@@ -51,25 +55,25 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
         db = _open(path)
     known = {row["id"] for row in db.query("select id from runs")}
     for run_dir in run_directories(home):
+        if run_dir.name.rpartition("-")[2] in known:
+            continue
         try:
-            run = _run_row(run_dir)
+            run, found = _read_run(run_dir, report)
         except (OSError, ValueError) as exc:
-            report.skipped.append(f"{run_dir}: {exc}")
+            report.skipped_runs.append(f"{run_dir}: {exc}")
             continue
-        if run["id"] in known:
-            continue
-        progress(f"run {run['id']} ({run['name']}): verifying its checkpoints")
-        queries.insert_run(db, run)
-        steps, bad = _register_checkpoints(db, run, report)
-        metrics = _metrics_of(db, run, steps)
-        queries.write_metrics(db, run["id"], metrics)
-        max_steps = json.loads(run["settings"]).get("max_steps") or 0
-        last = max(steps, default=0)
-        queries.update_run(db, run["id"], last_step=last,
-                           status="completed" if steps and last >= max_steps else "interrupted")
+        progress(f"run {run['id']} ({run['name']}): registering {len(found.steps)} checkpoint(s)")
+        with transaction(db):
+            queries.insert_run(db, run)
+            for step, (file, size, sha) in found.steps.items():
+                queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=step in found.permanent)
+            queries.write_metrics(db, run["id"], found.metrics)
+            last = max(found.steps, default=0)
+            queries.update_run(db, run["id"], last_step=last,
+                               status="completed" if found.steps and last >= (run["max_steps"] or 0) else "interrupted")
         known.add(run["id"])
         report.runs.append({"id": run["id"], "name": run["name"], "run_dir": str(run_dir), "last_step": last,
-                            "checkpoints": len(steps), "bad_checkpoints": bad, "metrics": len(metrics)})
+                            "checkpoints": len(found.steps), "bad_checkpoints": found.bad, "metrics": len(found.metrics)})
     return report
 
 
@@ -83,59 +87,85 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
-    settings = json.loads((run_dir / "config.json").read_text())
-    if not isinstance(settings, dict):
-        raise ValueError("config.json is not an object")
-    info_path = run_dir / RUN_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+@dataclass
+class _Found:
+    """What a run directory's checkpoints say: the verified ones, the newest one's settings and metrics."""
+    steps: dict[int, tuple[Path, int, str]] = field(default_factory=dict)  # step: (file, bytes, sha256)
+    settings: dict[str, Any] | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    permanent: set[int] = field(default_factory=set)
+    bad: int = 0
+
+
+def _read_run(run_dir: Path, report: RebuildReport) -> tuple[dict[str, Any], _Found]:
+    """The run row of a directory and its checkpoints. The settings of record are those of its newest
+    verified checkpoint (what trained, with every resume's changes); config.json, kept current by
+    gptctl but editable by hand, counts only for a run that never saved, and is put right when it differs."""
     name, _, run_id = run_dir.name.rpartition("-")
+    info = _json_object(run_dir / RUN_INFO, report) or {}
     if info.get("id", run_id) != run_id:
         raise ValueError(f"{RUN_INFO} names run {info.get('id')!r}, the directory {run_id!r}")
-    created = datetime.fromtimestamp((run_dir / "config.json").stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    config = _json_object(run_dir / "config.json", report)
+    found = _checkpoints(run_dir, run_id, report)
+    settings = found.settings or config
+    if settings is None:
+        raise ValueError("neither config.json nor any checkpoint holds its settings")
+    if found.settings is not None and config != found.settings:
+        write_text_atomic(run_dir / "config.json", json.dumps(found.settings, indent=2) + "\n")
+        report.skipped.append(f"{run_dir / 'config.json'}: differed from the settings of its newest checkpoint "
+                              f"(step {max(found.steps)}), which were taken and written back")
+    found.permanent = set(settings.get("permanent_checkpoints") or [])
+    created = datetime.fromtimestamp(run_dir.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
     return {
         "id": run_id, "name": info.get("name") or settings.get("run_name") or name,
         "kind": info.get("kind") or settings.get("kind") or "pretrain",
         "settings": json.dumps(settings), "run_dir": str(run_dir.resolve()), "command": info.get("command"),
-        "parent_checkpoint": info.get("parent_checkpoint") or settings.get("pretrained_checkpoint"),
+        "parent_checkpoint": adopt(run_dir.parent.resolve(), info.get("parent_checkpoint") or settings.get("pretrained_checkpoint")),
         "created_at": info.get("created_at") or created, "host": info.get("host"),
         "max_steps": settings.get("max_steps"), "status": "interrupted", "last_step": 0,
-    }
+    }, found
 
 
-def _register_checkpoints(db, run: dict[str, Any], report: RebuildReport) -> tuple[list[int], int]:
-    """Register each checkpoint file that is what its name says; the others are reported, not trusted."""
+def _json_object(path: Path, report: RebuildReport) -> dict[str, Any] | None:
+    """A JSON object file, or None (noted) when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        report.skipped.append(f"{path}: unreadable ({exc}); not used")
+        return None
+    if not isinstance(value, dict):
+        report.skipped.append(f"{path}: not a JSON object; not used")
+        return None
+    return value
+
+
+def _checkpoints(run_dir: Path, run_id: str, report: RebuildReport) -> _Found:
+    """Each checkpoint file that is what its name says (loads as plain data, holds that step); the
+    others are reported, not trusted."""
     from gptctl.engine.checkpoint import UnsafeCheckpoint, load
 
-    permanent = set(json.loads(run["settings"]).get("permanent_checkpoints") or [])
-    steps, bad = [], 0
+    found, run = _Found(), {"id": run_id, "run_dir": str(run_dir)}
+    newest = None
     for path in sorted(files.checkpoints_dir(run).glob(files.CHECKPOINT_GLOB)):
         if not files.CHECKPOINT_NAME.fullmatch(path.name) or not files.is_own_checkpoint_file(run, path) \
                 or path.is_symlink() or not path.is_file():
-            report.skipped.append(f"{path}: not a checkpoint file of run {run['id']}")
-            bad += 1
+            report.skipped.append(f"{path}: not a checkpoint file of run {run_id}")
+            found.bad += 1
             continue
         step = int(path.stem.removeprefix("model_"))
         try:
-            state = load(path)
-            if int(state.get("step", -1)) != step:
+            state = load(path, mmap=True)
+            if int(state.get("step", -1)) != step or not isinstance(state.get("settings"), dict):
                 raise UnsafeCheckpoint(f"{path} holds step {state.get('step')}, not {step}")
         except (UnsafeCheckpoint, AttributeError, TypeError, ValueError) as exc:
             report.skipped.append(f"{path}: {exc}")
-            bad += 1
+            found.bad += 1
             continue
-        queries.register_checkpoint(db, run["id"], step, path, path.stat().st_size, files.sha256_of(path),
-                                    pinned=step in permanent)
-        steps.append(step)
-    return steps, bad
-
-
-def _metrics_of(db, run: dict[str, Any], steps: list[int]) -> list[dict[str, Any]]:
-    """Every step's metrics up to the newest checkpoint, as that checkpoint recorded them."""
-    if not steps:
-        return []
-    from gptctl.engine.checkpoint import load
-
-    row = queries.checkpoint_at(db, run["id"], max(steps))
-    metrics = load(Path(row["path"])).get("metrics") or []
-    return [m for m in metrics if isinstance(m, dict) and isinstance(m.get("step"), int)]
+        found.steps[step] = (path, path.stat().st_size, files.sha256_of(path))
+        newest = state
+    if newest is not None:
+        found.settings = newest["settings"]
+        found.metrics = [m for m in newest.get("metrics") or [] if isinstance(m, dict) and isinstance(m.get("step"), int)]
+    return found

@@ -1,7 +1,6 @@
 """Which checkpoints may be deleted, and deleting them. One rule set, used by training and `ckpt prune` alike."""
 
 import json
-from pathlib import Path
 from typing import Any, Callable
 
 from sqlite_utils import Database
@@ -49,10 +48,9 @@ def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: 
     settings = json.loads(run["settings"])
     keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", DEFAULT_KEEP_LAST)
     rows = [r for r in queries.checkpoints_of(db, run["id"]) if r["step"] <= newest["step"]]
-    # A finetune may record its parent by another spelling of the same file (a symlinked home).
-    parents = {str(Path(r["parent_checkpoint"]).resolve())
-               for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
-    protected = {c["path"] for c in rows if c["state"] == "valid" and str(Path(c["path"]).resolve()) in parents}
+    # The registry stores both in one spelling (homepaths.py), as queries.mark_deleting compares them.
+    parents = {r["parent_checkpoint"] for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
+    protected = {c["path"] for c in rows if c["state"] == "valid" and queries.stored_path(db, c["path"]) in parents}
     own = []
     for row in deletable(rows, keep, set(settings.get("permanent_checkpoints", [])), protected):
         if files.is_own_checkpoint_file(run, row["path"]):
