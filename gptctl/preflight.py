@@ -14,6 +14,11 @@ from gptctl.registry import open_registry, queries
 from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describe
 
 
+# Shard hashes computed by check_data, recorded only once the command goes ahead (remember_verified):
+# a refused command writes nothing.
+_VERIFIED: list[list] = []
+
+
 def check_data(settings: TrainSettings, home: Path) -> str:
     """The data root holds shards enough for a micro-batch, each still what its manifest says (size, and
     sha256 unless unchanged since checked: cached in `home`'s registry); returns its fingerprint."""
@@ -25,11 +30,26 @@ def check_data(settings: TrainSettings, home: Path) -> str:
     for split in ("train", "val"):
         check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
     db = open_registry(home, create=False)
-    problem = shard_problem(settings.data_root, content=lambda path: queries.cached_sha256(db, path, sha256_of))
+
+    def content(path: Path) -> str:
+        known, row = queries.known_sha256(db, path)
+        if known is None:
+            known = sha256_of(path)
+            _VERIFIED.append(row + [known])
+        return known
+
+    problem = shard_problem(settings.data_root, content)
     if problem:
         raise UserError(f"--data-root: in {settings.data_root}, {problem}; restore it, or prepare the data again "
                         "(`gptctl data prepare --force`)")
     return fingerprint(settings.data_root)
+
+
+def remember_verified(home: Path) -> None:
+    """Record the shard hashes check_data computed, now that the command goes ahead."""
+    if _VERIFIED:
+        queries.remember_sha256(open_registry(home, check_home=False), _VERIFIED)
+        _VERIFIED.clear()
 
 
 def check_dataset(settings: DataSettings) -> None:

@@ -154,6 +154,7 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     init = str(checkpoint_path.resolve()) if resume else None
     run, lock = control.create_run(home_dir(), settings, command_line(), save_config, name=name, new_run=new_run,
                                    parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
+    preflight.remember_verified(home_dir())
     if start_note:
         queries.add_event(open_registry(home_dir(), check_home=False), run["id"], 0, "start", start_note)
         typer.echo(start_note, err=True)
@@ -199,6 +200,7 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
         raise
     db = open_registry(home_dir())
     control.record_settings(db, run, settings, status="created")
+    preflight.remember_verified(home_dir())
     if note:  # what this resume changes: the LR schedule's extension, watched or kept settings
         queries.add_event(db, run["id"], run["last_step"], "resume", note)
         typer.echo(note, err=True)

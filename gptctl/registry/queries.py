@@ -184,23 +184,25 @@ def register_checkpoint(db: Database, run_id: str, step: int, path: Path, size: 
     ).rowcount == 1
 
 
-def cached_sha256(db: Database, path: Path, compute) -> str:
-    """A file's sha256, read again only when its (size, mtime_ns, inode) changed since the last time
-    (`compute(path)` hashes it). A registry that cannot be written (read-only home) only loses the cache."""
-    import sqlite3
-
+def known_sha256(db: Database, path: Path) -> tuple[str | None, list]:
+    """(the sha256 recorded for `path` while its (size, mtime_ns, inode) stay what they were, or None;
+    the row to `remember_sha256` once a new hash is computed)."""
     info = Path(path).stat()
     key = [info.st_size, info.st_mtime_ns, info.st_ino]
     rows = list(db.query("select size, mtime_ns, inode, sha256 from verified_files where path = ?", [str(path)]))
-    if rows and [rows[0]["size"], rows[0]["mtime_ns"], rows[0]["inode"]] == key:
-        return rows[0]["sha256"]
-    sha = compute(path)
+    known = rows[0]["sha256"] if rows and [rows[0]["size"], rows[0]["mtime_ns"], rows[0]["inode"]] == key else None
+    return known, [str(path), *key]
+
+
+def remember_sha256(db: Database, rows: list[list]) -> None:
+    """Record files' hashes for `known_sha256` (a registry that cannot be written only loses the cache)."""
+    import sqlite3
+
     try:
-        db.execute("insert or replace into verified_files (path, size, mtime_ns, inode, sha256) values (?, ?, ?, ?, ?)",
-                   [str(path), *key, sha])
+        db.conn.executemany("insert or replace into verified_files (path, size, mtime_ns, inode, sha256) "
+                            "values (?, ?, ?, ?, ?)", rows)
     except sqlite3.OperationalError:
         pass
-    return sha
 
 
 def record_verified(db: Database, checkpoint_id: int, stat_key: tuple[int, int, int]) -> None:

@@ -64,6 +64,8 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
             continue
         progress(f"run {run['id']} ({run['name']}): registering {len(found.steps)} checkpoint(s)")
         with transaction(db):
+            if list(db.query("select 1 from runs where id = ?", [run["id"]])):
+                continue  # another rebuild added it meanwhile: this transaction writes nothing
             queries.insert_run(db, run)
             for step, (file, size, sha) in found.steps.items():
                 queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=step in found.permanent)
