@@ -19,6 +19,9 @@ CHANGEABLE_ON_RESUME = frozenset(
     | {"num_workers", "compile", "activation_checkpointing", "model_parallel", "model_parallel_size", "device",
        "deterministic"}
     | {"data_root"}  # where the data is; what it is (data_fingerprint) may not change
+    # The micro-batch: how a step is computed (rows per micro-step), not what it computes, as
+    # --nproc-per-node; resume_settings keeps the tokens per step (a requeue onto a smaller GPU).
+    | {"batch_size"}
 )
 SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
 OVERRIDE = "--override-settings"
@@ -71,8 +74,10 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
     The LR never jumps: the schedule keeps ending where it did (--lr-decay-steps), so the added steps
     train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
     stored = TrainSettings.model_validate_json(run["settings"])
-    settings = TrainSettings(**{**stored.model_dump(), **changes}) if changes else stored
     changed = _describe_changes(changes, stored, run)
+    if changes and "batch_size" in changes:
+        changes = {**_same_tokens_per_step(stored, run), **changes}
+    settings = TrainSettings(**{**stored.model_dump(), **changes}) if changes else stored
     if max_steps is None or max_steps == settings.max_steps:
         return settings, changed
     last = run["last_step"] or 0
@@ -98,6 +103,13 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
     except ValidationError as exc:  # e.g. warmup >= max_steps
         raise UserError(describe(exc)) from None
     return settings, "; ".join(n for n in (note, changed) if n) or None
+
+
+def _same_tokens_per_step(stored: TrainSettings, run: dict[str, Any]) -> dict[str, Any]:
+    """What keeps a run's tokens per step when its micro-batch changes: the total batch, as its last launch
+    computed it, with the micro-steps derived from it again (the launch checks that they divide)."""
+    world = run.get("world_size") or 1
+    return {"total_batch_size": stored.tokens_per_step(world), "grad_accumulation_steps": None}
 
 
 def _describe_changes(changes: dict[str, Any] | None, stored: TrainSettings, run: dict[str, Any]) -> str | None:

@@ -237,7 +237,8 @@ def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
 
 def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gptctl_home):
     """The issue: `--auto-resume --batch-size 2` on a run started with 4 trained with 4 and said nothing.
-    Now such an option is refused by name, nothing changes; watched and kept settings may change."""
+    Now an option that would make another run (here the seed) is refused by name, nothing changes; watched
+    and kept settings may change, and so may the micro-batch, which keeps the tokens per step."""
     import json
 
     from gptctl.registry import open_registry, queries
@@ -252,8 +253,8 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
                             "settings": settings.model_dump_json(), "run_dir": str(gptctl_home / "r-abc123"),
                             "created_at": queries.now(), "last_step": 4})
     before = (gptctl_home / "gptctl.db").read_bytes()
-    result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--batch_size", "2"])
-    assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
+    result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--seed", "7"])
+    assert result.exit_code == 2 and "--seed: run abc123 (r) was started with 1337" in result.output
     assert (gptctl_home / "gptctl.db").read_bytes() == before
     # A --config file's settings are given too (they were ignored on auto-resume: the break test found a
     # config's `optimizer = "muon"` resuming an AdamW run with AdamW, silently).
@@ -261,9 +262,9 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
     config.write_text('optimizer = "muon"\nmuon_lr = 0.05\n')
     result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--config", str(config)])
     assert result.exit_code == 2 and "--optimizer: run abc123 (r) was started with 'adamw'" in result.output
-    config.write_text("batch_size = 2\n")
-    result = runner.invoke(app, ["pretrain", *tiny[:4], *tiny[6:], "--auto-resume", "--config", str(config)])
-    assert result.exit_code == 2 and "--batch-size: run abc123 (r) was started with 4" in result.output
+    config.write_text("seed = 7\n")
+    result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--config", str(config)])
+    assert result.exit_code == 2 and "--seed: run abc123 (r) was started with 1337" in result.output
     assert (gptctl_home / "gptctl.db").read_bytes() == before
 
     from gptctl.resume import resume_changes, resume_settings
@@ -278,7 +279,7 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
 
     # `gptctl resume` judges its options the same way; --override-settings lets a run-making one through,
     # said in the run's events; the model's shape never changes.
-    for args, said in ((["--batch-size", "2"], "--batch-size: run abc123 (r) was started with 4; resuming cannot "
+    for args, said in ((["--seed", "2"], "--seed: run abc123 (r) was started with 1337; resuming cannot "
                         "change it without making another run. Drop the option, add --override-settings"),
                        (["--n-layer", "3", "--override-settings"], "--n-layer: run abc123 (r) was started with 2, "
                         "and its checkpoints hold weights of that shape"),
@@ -288,11 +289,16 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
         result = runner.invoke(app, ["resume", "r", *args])
         assert result.exit_code == 2 and said in result.output, (args, result.output)
         assert (gptctl_home / "gptctl.db").read_bytes() == before
-    changes = resume_changes(run, {"batch_size": 2, "max_lr": 1e-3}, override=True)
-    assert changes == {"batch_size": 2, "max_lr": 1e-3}
+    changes = resume_changes(run, {"seed": 2, "max_lr": 1e-3}, override=True)
+    assert changes == {"seed": 2, "max_lr": 1e-3}
     _, note = resume_settings(run, None, changes)
-    assert note == ("changed at step 4: --batch-size 2 (was 4), by --override-settings, "
-                    "--max-lr 0.001 (was 0.0006), by --override-settings")
+    assert note == ("changed at step 4: --max-lr 0.001 (was 0.0006), by --override-settings, "
+                    "--seed 2 (was 1337), by --override-settings")
+    # The micro-batch changes how a step is computed, not what: no --override-settings, same tokens per step.
+    changes = resume_changes(run, {"batch_size": 2})
+    resumed, note = resume_settings(run, None, changes)
+    assert note == "changed at step 4: --batch-size 2 (was 4)"
+    assert (resumed.batch_size, resumed.tokens_per_step(1), resumed.resolved_accumulation(1)) == (2, 256, 4)
     result = runner.invoke(app, ["pretrain", *tiny, "--override-settings"])
     assert result.exit_code == 2 and "--override-settings: only for a resume" in result.output
 
