@@ -147,15 +147,17 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings))
     finally:
-        db = open_registry(home, check_home=False)
-        # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
-        launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
-        row = queries.get_run(db, run["id"])
-        if row["status"] in queries.ACTIVE:
-            # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
-            status = "interrupted" if stopped_by else "failed"
-            queries.update_run(db, run["id"], status=status, ended_at=queries.now())
-        lock.release()
+        try:  # a registry that cannot be written now (a full disk) is said by the CLI in one line
+            db = open_registry(home, check_home=False)
+            # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
+            launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
+            row = queries.get_run(db, run["id"])
+            if row["status"] in queries.ACTIVE:
+                # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
+                status = "interrupted" if stopped_by else "failed"
+                queries.update_run(db, run["id"], status=status, ended_at=queries.now())
+        finally:
+            lock.release()
     db = open_registry(home, check_home=False)
     status = queries.get_run(db, run["id"])["status"]
     newest = launches.newest(db, run["id"])

@@ -1,6 +1,11 @@
 """Faults at the edges of a run: what a requeue onto other hardware, a full disk or a busy machine does."""
 
+import errno
 import json
+import sqlite3
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +36,119 @@ def test_a_resume_may_change_the_micro_batch_and_keeps_the_tokens_per_step(shake
     assert {s: resumed[s] for s in range(1, 5)} == {s: reference[s] for s in range(1, 5)}  # before: bit for bit
     for step in range(5, 9):  # after: the same tokens summed in another order, equal within float rounding
         assert resumed[step][0] == pytest.approx(reference[step][0], rel=1e-5), step
+
+
+# --- the registry's faults, said as what they are -------------------------------------------------
+
+@contextmanager
+def mounted(path: Path, *options: str, source: str = "tmpfs"):
+    """A real mount for the test's lifetime (a small tmpfs to fill, or a read-only bind); skipped, with the
+    reason, where this process may not mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    kind = ["-t", "tmpfs"] if source == "tmpfs" else ["--bind"]
+    done = subprocess.run(["mount", *kind, *options, source, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({done.stderr.strip()}): the test needs root to fill a disk for real")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to the last byte; the filler file, to remove to free it again."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def one_line(result, *words: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_a_full_disk_is_said_as_one_and_never_as_damage(shakespeare, tmp_path):
+    with mounted(tmp_path / "disk", "-o", "size=128m") as disk:
+        home = disk / "home"
+        args = [*TINY_RUN, "--data-root", str(shakespeare), "--checkpoint-interval", "3", "--run-name", "base"]
+        cli("pretrain", *args, "--max-steps", "3", home=home)
+        cli("ckpt", "pin", "3", home=home)
+        filler = fill(disk)
+
+        resumed = cli("resume", "base", "--max-steps", "200", "--checkpoint-interval", "100", home=home, check=False)
+        assert resumed.returncode != 0
+        said = resumed.stdout + resumed.stderr
+        assert "Traceback" not in said and "damaged" not in said and "rebuild" not in said, said
+        assert "o space left" in said, said
+        rebuilt = cli("registry", "rebuild", home=home, check=False)  # nothing to add: it writes nothing
+        assert "damaged" not in rebuilt.stdout + rebuilt.stderr and "Traceback" not in rebuilt.stderr
+        assert not list(home.glob("gptctl.db.damaged-*")), "a healthy registry was moved aside"
+
+        filler.unlink()
+        listed = json.loads(cli("ckpt", "list", "--json", home=home).stdout)
+        assert [(c["step"], c["pinned"]) for c in listed] == [(3, 1)], listed  # the pin survived
+        cli("resume", "base", "--max-steps", "6", home=home)
+
+
+def test_a_read_only_home_reads_and_refuses_writes_in_one_line(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    def state():  # the files, and what the registry holds (its own files change when the test's connection closes)
+        files = sorted((str(p.relative_to(home)), p.stat().st_size) for p in home.rglob("*")
+                       if p.is_file() and not p.name.startswith("gptctl.db"))
+        with sqlite3.connect(home / "gptctl.db") as conn:
+            return files, [conn.execute(f"select * from {t}").fetchall() for t in ("runs", "checkpoints", "metrics")]
+
+    before = state()
+    with mounted(tmp_path / "ro", "-o", "ro", source=str(home)) as ro:
+        assert json.loads(cli("runs", "list", "--json", home=ro).stdout)[0]["name"] == "base"
+        assert json.loads(cli("ckpt", "list", "--json", home=ro).stdout)[0]["step"] == 3
+        assert json.loads(cli("runs", "show", "base", "--json", home=ro).stdout)["status"] == "completed"
+        cli("sample", "base", "--prompt", "To be", "--max-new-tokens", "2", "--device", "cpu", home=ro)
+        for command in (["ckpt", "pin", "3"], ["resume", "base", "--max-steps", "6"], ["registry", "rebuild"],
+                        ["ckpt", "prune", "--yes"]):
+            one_line(cli(*command, home=ro, check=False), "not writable")
+    assert state() == before
+
+
+def test_a_registry_locked_too_long_is_said_as_a_lock(shakespeare, tmp_path, monkeypatch):
+    from gptctl.registry import db as registry_db
+
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    monkeypatch.setattr(registry_db, "BUSY_TIMEOUT_MS", 300)
+    holder = sqlite3.connect(home / "gptctl.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's long write
+    try:
+        one_line(cli("ckpt", "pin", "3", "--run", "base", home=home, check=False), "locked by another process for over 0.3 s")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    cli("ckpt", "pin", "3", "--run", "base", home=home)
+
+
+def test_real_damage_names_rebuild_and_the_rest_does_not(tmp_path):
+    from gptctl.registry.diagnose import explain
+
+    path = tmp_path / "gptctl.db"
+    conn = sqlite3.connect(path)
+    conn.execute("create table t (x)")
+    conn.executemany("insert into t values (?)", [(b"x" * 3000,)] * 50)
+    conn.commit()
+    conn.close()
+    full = sqlite3.OperationalError("database or disk is full")
+    assert "registry rebuild" not in explain(full, path) and "no space left" in explain(full, path)
+    healthy = sqlite3.DatabaseError("database disk image is malformed")  # said, but the file is sound
+    assert "registry rebuild" not in explain(healthy, path) and "passes an integrity check" in explain(healthy, path)
+    raw = bytearray(path.read_bytes())
+    raw[4096 * 2: 4096 * 2 + 200] = b"\xff" * 200  # a page of the table, overwritten
+    path.write_bytes(bytes(raw))
+    assert "is damaged" in explain(healthy, path) and "registry rebuild" in explain(healthy, path)

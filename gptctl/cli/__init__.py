@@ -108,12 +108,24 @@ class GptctlGroup(TyperGroup):
             raise typer.Exit(exc.exit_code)
         except Exception as exc:
             sqlite3 = sys.modules.get("sqlite3")  # not imported at start: --help does not need it
-            if sqlite3 is None or not isinstance(exc, sqlite3.DatabaseError):
+            fixable = isinstance(exc, OSError) and exc.errno in _fixable_errnos()
+            if not fixable and (sqlite3 is None or not isinstance(exc, sqlite3.Error)):
                 raise
-            # damage found past opening (a corrupt page, a foreign file)
-            typer.echo(f"Error: the registry in {home_dir()} is damaged ({exc}); `gptctl registry rebuild` "
-                       "moves it aside and re-creates it from the run directories", err=True)
+            # A full disk, a read-only home, a lock held too long or real damage, past opening: the real
+            # cause in one line (registry/diagnose.py), never "damaged" for what is not.
+            from gptctl.paths import registry_path
+            from gptctl.registry import diagnose
+
+            path = registry_path(home_dir())
+            typer.echo(f"Error: {diagnose.explain_file_error(exc, path) if fixable else diagnose.explain(exc, path)}",
+                       err=True)
             raise typer.Exit(2)
+
+
+def _fixable_errnos() -> tuple[int, ...]:
+    from gptctl.registry.diagnose import FIXABLE_ERRNOS
+
+    return FIXABLE_ERRNOS
 
 
 app = typer.Typer(

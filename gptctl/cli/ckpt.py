@@ -9,7 +9,7 @@ from gptctl.cli import app
 from gptctl.cli.listing import format_duration, format_size, print_listing
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
-from gptctl.paths import home_dir
+from gptctl.paths import home_dir, writable_home
 
 RETENTION_HELP = """Checkpoints and their retention.
 
@@ -89,6 +89,7 @@ def _run_or_latest(db, run_ref: str | None) -> dict:
 
 
 def _set_pin(step: int, run_ref: str | None, pinned: bool) -> None:
+    writable_home()  # a read-only home's registry is a copy in memory: a pin there would be lost
     db = open_registry(home_dir(), create=False)
     run = _run_or_latest(db, run_ref)
     row = queries.checkpoint_at(db, run["id"], step)
@@ -123,6 +124,8 @@ def prune_cmd(
 
     if run_ref and all_runs:
         raise UserError("--run and --all exclude each other; give one")
+    if not dry_run:
+        writable_home()
     db = open_registry(home_dir(), create=False)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
     _reconcile(db, runs, files.load_check)

@@ -5,7 +5,7 @@ import json
 import typer
 
 from gptctl.cli import app
-from gptctl.paths import home_dir
+from gptctl.paths import home_dir, writable_home
 
 registry_app = typer.Typer(help="The registry file itself (gptctl.db).", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
@@ -20,6 +20,7 @@ def rebuild_cmd(as_json: bool = typer.Option(False, "--json", help="Print what w
     """
     from gptctl.registry.rebuild import rebuild
 
+    writable_home()
     report = rebuild(home_dir(), progress=lambda m: typer.echo(m, err=True))
     if report.moved_aside:
         typer.echo(f"the damaged registry was moved to {report.moved_aside}", err=True)

@@ -191,19 +191,20 @@ def _auto_resume(previous: dict[str, Any], settings: TrainSettings, values: dict
 def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
             as_json: bool) -> None:
     preflight.check_run_dir(run)
+    writable_home()
     preflight.check_world_size(settings, launch)
     lock = control.lock_existing(run)
     try:
         preflight.refuse_if_done(home_dir(), run, settings)
-    except UserError:
-        lock.release()  # refused: the run stays as it was
+        db = open_registry(home_dir())
+        control.record_settings(db, run, settings, status="created")
+        preflight.remember_verified(home_dir())
+        if note:  # what this resume changes: the LR schedule's extension, watched or kept settings
+            queries.add_event(db, run["id"], run["last_step"], "resume", note)
+            typer.echo(note, err=True)
+    except BaseException:
+        lock.release()  # refused, or the disk refused the new settings: the run stays as it was
         raise
-    db = open_registry(home_dir())
-    control.record_settings(db, run, settings, status="created")
-    preflight.remember_verified(home_dir())
-    if note:  # what this resume changes: the LR schedule's extension, watched or kept settings
-        queries.add_event(db, run["id"], run["last_step"], "resume", note)
-        typer.echo(note, err=True)
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
     _finish(control.execute(home_dir(), queries.get_run(db, run["id"]), lock, launch), as_json)
 

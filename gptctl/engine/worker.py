@@ -13,6 +13,7 @@ STARTED = time.time()  # this process's start, before the slow imports: start-up
 import argparse
 import os
 import socket
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
@@ -254,10 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunRefused(f"run {run['id']} is being trained by another process")
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
+        message = user_message(exc, args.home)  # None: a bug, shown with its traceback
         if write and not isinstance(exc, RunRefused):  # a refusal leaves the run as it was
-            queries.update_run(db, run["id"], status="failed", ended_at=queries.now(), error=f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, (ckpt.CheckpointWriteError, UserError)):
-            print(f"error: {exc}", flush=True)  # the user's problem to fix, not a bug: no traceback
+            try:
+                queries.update_run(db, run["id"], status="failed", ended_at=queries.now(),
+                                   error=message or f"{type(exc).__name__}: {exc}")
+            except sqlite3.Error:
+                pass  # the registry is what failed (a full disk): the launcher records the end when it can
+        if message:
+            print(f"error: {message}", flush=True)  # the user's problem to fix, not a bug: no traceback
         else:
             traceback.print_exc()
         return 1
@@ -265,6 +271,21 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
         teardown()
+
+
+def user_message(exc: BaseException, home: Path) -> str | None:
+    """One line for a failure the user fixes (a full disk, a read-only file, a refused start, a registry
+    that cannot be written), in gptctl's words; None for anything else (a bug: its traceback helps)."""
+    from gptctl.paths import registry_path
+    from gptctl.registry import diagnose
+
+    if isinstance(exc, (ckpt.CheckpointWriteError, UserError)):
+        return str(exc)
+    if isinstance(exc, sqlite3.Error):
+        return diagnose.explain(exc, registry_path(home))
+    if isinstance(exc, OSError) and exc.errno in diagnose.FIXABLE_ERRNOS:
+        return diagnose.explain_file_error(exc, registry_path(home))
+    return None
 
 
 def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:

@@ -1,19 +1,20 @@
 """Opening the registry: WAL so readers never block the trainer, a busy timeout so writers wait."""
 
+import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 from sqlite_utils import Database
 
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
+from gptctl.registry.diagnose import REBUILD, explain, is_damaged
 from gptctl.registry.homepaths import RUN_DIR_NAME
 from gptctl.registry.migrations import migrations
 
 BUSY_TIMEOUT_MS = 30_000
-
-
-REBUILD = "`gptctl registry rebuild`"
 
 
 class RegistryDamaged(UserError):
@@ -38,11 +39,10 @@ def open_registry(home: Path | None = None, create: bool = True, check_home: boo
             migrations.apply(db)
             return db
     try:
-        db = _open(path)
+        db = _open(path) if _writable(path) else _open_snapshot(path)
         known = {row[0] for row in db.execute("select id from runs").fetchall()} if check_home else set()
-    except sqlite3.DatabaseError as exc:
-        raise RegistryDamaged(f"the registry {path} is damaged ({exc}); {REBUILD} moves it aside and "
-                              "re-creates it from the run directories") from None
+    except (sqlite3.Error, OSError) as exc:
+        raise (RegistryDamaged if is_damaged(exc, path) else UserError)(explain(exc, path)) from None
     if check_home and (unknown := unregistered_run_directories(path.parent, known)):
         raise UserError(f"the registry {path} does not know {_count(unknown)} beside it ({', '.join(d.name for d in unknown[:3])}"
                         f"{', …' if len(unknown) > 3 else ''}); {REBUILD} adds them, or move them out of {path.parent}")
@@ -71,6 +71,38 @@ def unregistered_run_directories(home: Path, known: set[str]) -> list[Path]:
     from gptctl.registry.locks import run_is_locked
 
     return [d for d in run_directories(home) if d.name.rpartition("-")[2] not in known and not run_is_locked(d)]
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the registry (and its journal beside it)."""
+    if not path.exists():
+        return True  # created by _open, or refused there in gptctl's words
+    try:
+        read_only_fs = os.statvfs(path.parent).f_flag & os.ST_RDONLY
+    except OSError:
+        return True
+    return not read_only_fs and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _open_snapshot(path: Path) -> Database:
+    """A read-only home (a read-only mount, an archived home): its registry, copied into memory with its
+    journal, so that the commands that read it work; whatever they would record (a stale status, a reader
+    lease) stays in memory, and commands that must write refuse before they start (paths.writable_home)."""
+    with tempfile.TemporaryDirectory(prefix="gptctl-snapshot-") as tmp:
+        copy = Path(tmp) / path.name
+        for suffix in ("", "-wal"):
+            if Path(f"{path}{suffix}").is_file():
+                shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
+        source = sqlite3.connect(copy)
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            source.backup(memory)
+        finally:
+            source.close()
+    db = Database(memory)
+    db.gptctl_home = path.parent.resolve()
+    migrations.apply(db)
+    return db
 
 
 def _open(path: Path) -> Database:

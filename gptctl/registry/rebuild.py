@@ -18,6 +18,8 @@ from gptctl.atomic import write_text_atomic
 from gptctl.paths import registry_path
 from gptctl.registry import files, queries
 from gptctl.registry.db import _open, run_directories, transaction
+from gptctl.errors import UserError
+from gptctl.registry.diagnose import explain, is_damaged
 from gptctl.registry.homepaths import adopt
 
 RUN_INFO = "run.json"  # written by create_run beside config.json
@@ -50,7 +52,9 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
     try:
         db = _open(path)
         db.execute("select count(*) from runs").fetchall()
-    except sqlite3.DatabaseError:
+    except sqlite3.Error as exc:
+        if not is_damaged(exc, path):  # a full disk, a lock, a read-only file: a healthy registry stays put
+            raise UserError(explain(exc, path)) from None
         report.moved_aside = _move_aside(path)
         db = _open(path)
     known = {row["id"] for row in db.query("select id from runs")}
