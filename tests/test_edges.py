@@ -152,3 +152,13 @@ def test_real_damage_names_rebuild_and_the_rest_does_not(tmp_path):
     raw[4096 * 2: 4096 * 2 + 200] = b"\xff" * 200  # a page of the table, overwritten
     path.write_bytes(bytes(raw))
     assert "is damaged" in explain(healthy, path) and "registry rebuild" in explain(healthy, path)
+
+
+def test_data_prepare_on_a_full_disk_is_one_line(tmp_path):
+    from conftest import SHAKESPEARE
+
+    with mounted(tmp_path / "disk", "-o", "size=300k") as disk:
+        result = cli("data", "prepare", "--input", str(SHAKESPEARE), "--data-root", str(disk / "data"),
+                     home=tmp_path / "home", check=False)
+        one_line(result, "no space left", "tinyshakespeare_train_000000.npy")
+        assert not (disk / "data").exists()  # nothing finished: nothing left behind

@@ -8,6 +8,9 @@ Memory: one shard-sized buffer.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,5 +86,11 @@ def _save_once(path: Path, tokens: np.ndarray) -> None:
                 return
         except (OSError, ValueError):
             pass  # unreadable: replace it
-    with atomic_write(path) as f:
-        np.save(f, tokens)
+    try:
+        with atomic_write(path) as f:
+            np.save(f, tokens)
+    except OSError as exc:
+        # numpy's tofile says only "N requested and M written" (no errno) when the disk fills
+        if exc.errno is None and shutil.disk_usage(path.parent).free < tokens.nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
