@@ -4,6 +4,7 @@ What is checked before (preflight.py) and what a resume changes (resume.py) live
 
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.errors import UserError
 from gptctl.registry import launches, open_registry, queries
 from gptctl.registry.db import transaction
-from gptctl.registry.locks import LOCK_NAME, DirectoryLock
+from gptctl.registry.locks import LOCK_NAME, TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.registry.rebuild import write_run_info
 from gptctl.settings import LaunchSettings, TrainSettings, to_toml
 
@@ -99,8 +100,11 @@ def _write_settings(run_dir: Path, settings: TrainSettings, toml: bool) -> None:
 
 def lock_existing(run: dict[str, Any]) -> DirectoryLock:
     lock = DirectoryLock(Path(run["run_dir"]))
-    if not lock.acquire():
-        raise UserError(f"run {run['id']} is being trained by another process; wait for it or stop it first")
+    # A requeued job may find the lock of its own earlier job on a node that died: watched, then taken over
+    if not lock.acquire(wait_s=TAKEOVER_WAIT_S, say=lambda message: print(message, file=sys.stderr)):
+        holder = lock.holder()
+        where = f" (pid {holder['pid']} on {holder['host']})" if holder.get("host") else ""
+        raise UserError(f"run {run['id']} is being trained by another process{where}; wait for it or stop it first")
     return lock
 
 

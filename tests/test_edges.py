@@ -2,8 +2,11 @@
 
 import errno
 import json
+import os
 import sqlite3
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,3 +165,112 @@ def test_data_prepare_on_a_full_disk_is_one_line(tmp_path):
                      home=tmp_path / "home", check=False)
         one_line(result, "no space left", "tinyshakespeare_train_000000.npy")
         assert not (disk / "data").exists()  # nothing finished: nothing left behind
+
+
+# --- cluster storage ------------------------------------------------------------------------------
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 22 0:50 / /shared rw,relatime - nfs4 server:/export rw,vers=4.2
+41 40 0:51 / /shared/scratch rw,relatime - tmpfs tmpfs rw
+42 22 0:52 / /lustre rw,relatime - lustre 10.0.0.1@tcp:/fs rw,flock
+"""
+
+
+def test_network_filesystems_are_told_from_local_ones_by_the_mount_table():
+    from gptctl.registry.storage import filesystem_type, is_network
+
+    assert filesystem_type(Path("/shared/team/runs"), MOUNTINFO) == "nfs4"
+    assert filesystem_type(Path("/shared/scratch/runs"), MOUNTINFO) == "tmpfs"  # the nearest mount wins
+    assert is_network(Path("/lustre/me/runs"), MOUNTINFO) and not is_network(Path("/home/me/runs"), MOUNTINFO)
+
+
+def test_a_home_on_a_network_filesystem_uses_the_rollback_journal(shakespeare, tmp_path, monkeypatch):
+    from gptctl.registry import storage
+
+    home = tmp_path / "home"
+    monkeypatch.setattr(storage, "is_network", lambda path, mountinfo=None: Path(path).is_relative_to(tmp_path))
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--checkpoint-interval", "3", "--run-name", "base"]
+    cli("pretrain", *args, "--max-steps", "3", home=home)
+    cli("resume", "base", "--max-steps", "6", home=home)
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        assert conn.execute("pragma journal_mode").fetchone()[0] == "delete"
+    assert not (home / "gptctl.db-wal").exists()
+    assert [c["step"] for c in json.loads(cli("ckpt", "list", "--json", home=home).stdout)] == [3, 6]
+
+
+HOLDER = """
+import fcntl, json, os, sys, time
+path, live = sys.argv[1], sys.argv[2] == "live"
+fd = os.open(path, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, json.dumps({"pid": 4242, "host": "node-17"}).encode())
+print("held", flush=True)
+while True:
+    time.sleep(0.2)
+    if live:
+        os.utime(fd)
+"""
+
+
+def hold_lock(run_dir: Path, live: bool) -> subprocess.Popen:
+    """A lock as a trainer on another node holds it: its flock, its name, and a heartbeat only if `live`
+    (a node that died keeps its flock on a network filesystem until the server's lease runs out)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / ".lock"), "live" if live else "dead"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_requeued_job_takes_over_a_lock_whose_heartbeat_stopped(shakespeare, tmp_path, monkeypatch):
+    from gptctl import control
+
+    home = tmp_path / "home"
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--checkpoint-interval", "3", "--run-name", "base"]
+    cli("pretrain", *args, "--max-steps", "3", home=home)
+    run_dir = next(home.glob("base-*"))
+    monkeypatch.setattr(control, "TAKEOVER_WAIT_S", 1.5)
+
+    live = hold_lock(run_dir, live=True)
+    try:
+        refused = cli("resume", "base", "--max-steps", "6", home=home, check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        watched, said = refused.stderr.splitlines()  # what it waits for, then why it gives up
+        assert "watching its heartbeat" in watched and "being trained by another process (pid 4242 on node-17)" in said
+    finally:
+        live.kill()
+        live.wait()
+    dead = hold_lock(run_dir, live=False)
+    try:
+        resumed = cli("resume", "base", "--max-steps", "6", home=home)
+        assert "took over the lock" in resumed.stderr, resumed.stderr
+    finally:
+        dead.kill()
+        dead.wait()
+    assert json.loads(cli("runs", "show", "base", "--json", home=home).stdout)["last_step"] == 6
+
+
+def test_a_run_whose_heartbeat_stopped_is_stale_from_every_host(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    run_dir = next(home.glob("base-*"))
+    with sqlite3.connect(home / "gptctl.db") as conn:  # as a trainer on another node leaves its row
+        conn.execute("update runs set status = 'running', host = 'node-17', ended_at = null")
+    status = lambda: json.loads(cli("runs", "show", "base", "--json", home=home).stdout)["status"]  # noqa: E731
+    (run_dir / ".lock").touch()  # beating now: alive, though nobody here holds its flock
+    assert status() == "running"
+    hour_ago = time.time() - 3600
+    os.utime(run_dir / ".lock", (hour_ago, hour_ago))  # silent for an hour
+    assert status() == "stale"
+
+
+def test_the_newest_run_of_a_name_does_not_depend_on_clocks(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "twin"]
+    cli("pretrain", *args, home=home)
+    cli("pretrain", *args, "--new-run", home=home)
+    with sqlite3.connect(home / "gptctl.db") as conn:  # the second made on a host whose clock is a day behind
+        first, second = [r[0] for r in conn.execute("select id from runs order by rowid")]
+        conn.execute("update runs set created_at = '2020-01-01T00:00:00+00:00' where id = ?", [second])
+    assert json.loads(cli("runs", "show", "twin", "--json", home=home).stdout)["id"] == second

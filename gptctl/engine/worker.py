@@ -45,7 +45,7 @@ from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
 from gptctl.registry import files, launches, open_registry, queries
-from gptctl.registry.locks import DirectoryLock
+from gptctl.registry.locks import TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.settings import TrainSettings
 
 METRICS_FLUSH_SECONDS = 5.0
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if write and not os.environ.get(LAUNCHED_ENV):  # a bare torchrun: nobody holds the run for us
             lock = DirectoryLock(Path(run["run_dir"]))
-            if not lock.acquire():
+            if not lock.acquire(wait_s=TAKEOVER_WAIT_S, say=lambda message: print(message, flush=True)):
                 raise RunRefused(f"run {run['id']} is being trained by another process")
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""Opening the registry: WAL so readers never block the trainer, a busy timeout so writers wait."""
+"""Opening the registry: WAL so readers never block the trainer (a rollback journal on a network
+filesystem, see storage.py), a busy timeout so writers wait."""
 
 import os
 import shutil
@@ -10,6 +11,7 @@ from sqlite_utils import Database
 
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
+from gptctl.registry import storage
 from gptctl.registry.diagnose import REBUILD, explain, is_damaged
 from gptctl.registry.homepaths import RUN_DIR_NAME
 from gptctl.registry.migrations import migrations
@@ -111,8 +113,12 @@ def _open(path: Path) -> Database:
     db = Database(conn)
     db.gptctl_home = path.parent.resolve()  # rows' paths are relative to it (homepaths.py)
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
+    if storage.is_network(path.parent):  # WAL's shared memory is one host's (storage.py)
+        db.execute("PRAGMA journal_mode = DELETE")
+        db.execute("PRAGMA synchronous = FULL")
+    else:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
     if migrations.pending(db):
         # BEGIN IMMEDIATE serialises two processes migrating a new registry at the same time.

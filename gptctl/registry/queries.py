@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from gptctl.errors import UserError
 from gptctl.registry import homepaths
 from gptctl.registry.db import transaction
-from gptctl.registry.locks import run_is_locked
+from gptctl.registry.locks import STALE_AFTER_S, heartbeat_age, run_is_locked
 
 ACTIVE = ("created", "running")
 
@@ -72,9 +72,9 @@ def resolve_run(db: Database, ref: str) -> dict[str, Any]:
     no LIKE, so `%` and `_` in a reference are characters, not wildcards."""
     rows = list(db.query("select * from runs where id = ?", [ref]))
     if not rows:
-        rows = list(db.query("select * from runs where name = ? order by created_at desc, rowid desc limit 1", [ref]))
+        rows = list(db.query("select * from runs where name = ? order by rowid desc limit 1", [ref]))
     if not rows and _HEX.fullmatch(ref):
-        rows = list(db.query("select * from runs where substr(id, 1, ?) = ? order by created_at desc",
+        rows = list(db.query("select * from runs where substr(id, 1, ?) = ? order by rowid desc",
                              [len(ref), ref]))
         if len(rows) > 1:
             raise UserError(f"run {ref!r} is ambiguous: it begins the ids {', '.join(r['id'] for r in rows)}; "
@@ -85,7 +85,7 @@ def resolve_run(db: Database, ref: str) -> dict[str, Any]:
 
 
 def list_runs(db: Database) -> list[dict[str, Any]]:
-    rows = list(db.query("select * from runs order by created_at desc, rowid desc"))
+    rows = list(db.query("select * from runs order by rowid desc"))
     return [refresh_status(db, run_row(db, row)) for row in rows]
 
 
@@ -93,7 +93,7 @@ def newest_run_named(db: Database, name: str) -> dict[str, Any] | None:
     """The newest run of this exact name, whatever its kind and status (refreshed), or None."""
     # Read to the end before refresh_status writes: writing while a SELECT is open on the same
     # connection fails with "database is locked" at once, without waiting, if another process wrote meanwhile.
-    rows = list(db.query("select * from runs where name = ? order by created_at desc, rowid desc limit 1", [name]))
+    rows = list(db.query("select * from runs where name = ? order by rowid desc limit 1", [name]))
     return refresh_status(db, run_row(db, rows[0])) if rows else None
 
 
@@ -105,17 +105,25 @@ def free_name(db: Database, base: str) -> str:
 
 
 def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
-    """A run that claims to be active but whose launcher no longer holds its lock is stale.
+    """A run that claims to be active but whose trainer is gone is stale: on this host, nobody holds its
+    lock; from any host, its lock's heartbeat stopped (a node that died, seen from another).
 
     It ended when it last did something: its last metric, or now if it never trained a step.
     """
-    if row["status"] in ACTIVE and row["host"] == socket.gethostname() and not run_is_locked(Path(row["run_dir"])):
+    if row["status"] in ACTIVE and not _trainer_alive(row):
         last = [m["time"] for m in db.query("select time from metrics where run_id = ? and time is not null "
                                             "order by step desc limit 1", [row["id"]])]
         ended = row["ended_at"] or (datetime.fromtimestamp(last[0], timezone.utc).isoformat(timespec="seconds") if last else now())
         update_run(db, row["id"], status="stale", ended_at=ended)
         row = {**row, "status": "stale", "ended_at": ended}
     return row
+
+
+def _trainer_alive(row: dict[str, Any]) -> bool:
+    run_dir = Path(row["run_dir"])
+    if row["host"] == socket.gethostname():
+        return run_is_locked(run_dir)
+    return run_is_locked(run_dir) or heartbeat_age(run_dir) < STALE_AFTER_S
 
 
 # What `runs list` and `runs show` add to a run row: a constant number of index lookups per run, so
@@ -132,7 +140,7 @@ left join metrics v on v.run_id = r.id
 left join (select run_id, count(*) as n, sum(bytes) as bytes from checkpoints where state = 'valid' group by run_id) c
   on c.run_id = r.id
 {where}
-order by r.created_at desc, r.rowid desc
+order by r.rowid desc
 """
 
 
@@ -369,7 +377,7 @@ def delete_metrics_after(db: Database, run_id: str, step: int) -> None:
 
 
 def latest_run(db: Database) -> dict[str, Any]:
-    rows = list(db.query("select * from runs order by created_at desc, rowid desc limit 1"))
+    rows = list(db.query("select * from runs order by rowid desc limit 1"))
     if not rows:
         raise UserError("the registry has no runs yet; pass --run RUN")
     return run_row(db, rows[0])

@@ -58,15 +58,17 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
         report.moved_aside = _move_aside(path)
         db = _open(path)
     known = {row["id"] for row in db.query("select id from runs")}
+    readable = []
     for run_dir in run_directories(home):
         if run_dir.name.rpartition("-")[2] in known:
             continue
+        progress(f"{run_dir.name}: verifying its checkpoints")
         try:
-            run, found = _read_run(run_dir, report)
+            readable.append((run_dir, *_read_run(run_dir, report)))
         except (OSError, ValueError) as exc:
             report.skipped_runs.append(f"{run_dir}: {exc}")
-            continue
-        progress(f"run {run['id']} ({run['name']}): registering {len(found.steps)} checkpoint(s)")
+    # Added oldest first: the registry orders runs by insertion, never by hosts' clocks (queries.py)
+    for run_dir, run, found in sorted(readable, key=lambda r: r[1]["created_at"] or ""):
         with transaction(db):
             if list(db.query("select 1 from runs where id = ?", [run["id"]])):
                 continue  # another rebuild added it meanwhile: this transaction writes nothing
