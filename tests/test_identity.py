@@ -288,3 +288,22 @@ def test_simultaneous_auto_resumes_make_exactly_one_run(tmp_path, shakespeare):
         assert code in (0, 2) and "Traceback" not in err, err
         if code == 2:
             assert err.count("\n") == 1, err
+
+
+def test_rebuild_never_replays_the_journal_of_a_deleted_registry(tmp_path, shakespeare):
+    """`rm gptctl.db` while a process still had it open leaves its -wal and -shm: a journal whose database
+    is gone is never applied to the new registry (kept aside), and the rebuild re-creates the whole run."""
+    home = tmp_path / "home"
+    train(home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "2", "--run-name", "base")
+    expected = rows(home, "select step, loss from metrics order by step")
+    holder = sqlite3.connect(home / "gptctl.db")  # a process that still has it open: its journal stays
+    holder.execute("pragma journal_mode = wal")
+    holder.execute("create table if not exists scratch (x)")
+    holder.commit()
+    assert (home / "gptctl.db-wal").exists()
+    (home / "gptctl.db").unlink()
+    result = cli("registry", "rebuild", home=home)
+    assert "journal of a deleted registry" in result.stderr and list(home.glob("gptctl.db.orphan-journal-*-wal"))
+    holder.close()
+    assert rows(home, "select step, loss from metrics order by step") == expected
+    assert rows(home, "select name from sqlite_master where name = 'scratch'") == []

@@ -23,7 +23,7 @@ def rebuild_cmd(as_json: bool = typer.Option(False, "--json", help="Print what w
     writable_home()
     report = rebuild(home_dir(), progress=lambda m: typer.echo(m, err=True))
     if report.moved_aside:
-        typer.echo(f"the damaged registry was moved to {report.moved_aside}", err=True)
+        typer.echo(f"{report.moved_why} was moved to {report.moved_aside}", err=True)
     for line in report.skipped:
         typer.echo(f"warning: {line}", err=True)
     for line in report.skipped_runs:

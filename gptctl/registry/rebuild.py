@@ -28,6 +28,7 @@ RUN_INFO = "run.json"  # written by create_run beside config.json
 @dataclass
 class RebuildReport:
     moved_aside: Path | None = None
+    moved_why: str = ""  # what was moved aside: a damaged registry, or the journal of a deleted one
     runs: list[dict[str, Any]] = field(default_factory=list)  # one row per run added: id, name, status, checkpoints
     skipped_runs: list[str] = field(default_factory=list)  # run directories not added, and why: the command fails
     skipped: list[str] = field(default_factory=list)  # files not trusted, and other notes
@@ -49,13 +50,18 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
     """
     report = RebuildReport()
     path = registry_path(home)
+    if not path.exists() and any(Path(f"{path}{s}").exists() for s in JOURNALS):
+        # The journal of a registry that was deleted (`rm gptctl.db` while a run trained) holds pages of that
+        # file, not of the new one: kept aside, never applied to it.
+        report.moved_aside = _move_aside(path, "orphan-journal")
+        report.moved_why = "the journal of a deleted registry (never replayed)"
     try:
         db = _open(path)
         db.execute("select count(*) from runs").fetchall()
     except sqlite3.Error as exc:
         if not is_damaged(exc, path):  # a full disk, a lock, a read-only file: a healthy registry stays put
             raise UserError(explain(exc, path)) from None
-        report.moved_aside = _move_aside(path)
+        report.moved_aside, report.moved_why = _move_aside(path), "the damaged registry"
         db = _open(path)
     known = {row["id"] for row in db.query("select id from runs")}
     readable = []
@@ -85,10 +91,13 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
     return report
 
 
-def _move_aside(path: Path) -> Path:
+JOURNALS = ("-wal", "-shm", "-journal")  # SQLite's files beside the registry
+
+
+def _move_aside(path: Path, why: str = "damaged") -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    aside = path.with_name(f"{path.name}.damaged-{stamp}")
-    for suffix in ("", "-wal", "-shm"):
+    aside = path.with_name(f"{path.name}.{why}-{stamp}")
+    for suffix in ("", *JOURNALS):
         source = Path(f"{path}{suffix}")
         if source.exists():
             os.replace(source, f"{aside}{suffix}")
