@@ -53,6 +53,12 @@ class _Settings(BaseModel):
                 raise ValueError(f"{number} is too large; at most {INT64_MAX} (2**63-1)")
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _absolute_paths(cls, value: Any) -> Any:
+        """Every path a run records is absolute: a resume run from another directory means the same files."""
+        return value.expanduser().resolve() if isinstance(value, Path) else value
+
 
 class LaunchSettings(_Settings):
     """How one launch spreads a run over processes and nodes, and how it stops. They belong to the launch,

@@ -165,11 +165,16 @@ def test_a_shard_that_no_longer_matches_its_manifest_is_refused_in_preflight(tmp
 def test_a_run_records_its_data_root_resolved_and_moved_data_is_the_same_data(tmp_path, monkeypatch):
     home, data = tmp_path / "home", prepare(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    train(home, Path("data"), "--max-steps", "3", "--run-name", "base")
+    train(home, Path("data"), "--max-steps", "3", "--run-name", "base", "--log-dir", "logs")
     settings = json.loads(rows(home, "select settings from runs")[0][0])
     assert settings["data_root"] == str(data.resolve()) and settings["data_fingerprint"]
+    assert settings["log_dir"] == str((tmp_path / "logs").resolve())
     shutil.move(data, tmp_path / "elsewhere")  # what it is, not where it is: the same data, moved
-    cli("resume", "base", "--max-steps", "4", "--data-root", str(tmp_path / "elsewhere"), home=home)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")  # run from elsewhere: the same log, not ./logs here
+    cli("resume", "base", "--max-steps", "4", "--data-root", "../elsewhere", home=home)
+    assert not (tmp_path / "other" / "logs").exists()
+    assert "step 4/4" in (tmp_path / "logs" / "train.log").read_text()
 
 
 # --- a registry that does not know the run directories beside it ----------------------------------

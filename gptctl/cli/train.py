@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from pydantic import ValidationError
 
 from gptctl import control, preflight, slurm
 from gptctl.cli import app
@@ -17,7 +18,7 @@ from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.resume import OVERRIDE, resume_changes, resume_settings
 from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
-                             build_settings, given_settings)
+                             build_settings, describe, given_settings)
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -66,8 +67,6 @@ def pretrain(
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
-        if values.get("data_root") is not None:  # recorded resolved: the same directory from wherever it is run
-            values["data_root"] = Path(values["data_root"]).expanduser().resolve()
         settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
         # What the data is, compared by every resume: the same path may hold other data
         values["data_fingerprint"] = preflight.check_data(settings, home_dir())
@@ -257,12 +256,12 @@ def _with_data_identity(run: dict[str, Any], values: dict[str, Any]) -> dict[str
     stored = TrainSettings.model_validate_json(run["settings"])
     if stored.kind != "pretrain":
         return values  # a finetune trains on the tokenized copy in its run directory
-    values = dict(values)
-    if values.get("data_root") is not None:
-        values["data_root"] = Path(values["data_root"]).expanduser().resolve()
-    probe = stored.model_copy(update={k: values[k] for k in ("data_root", "batch_size", "seq_len") if values.get(k)})
-    values["data_fingerprint"] = preflight.check_data(probe, home_dir())
-    return values
+    given = {k: values[k] for k in ("data_root", "batch_size", "seq_len") if values.get(k) is not None}
+    try:
+        probe = TrainSettings(**{**stored.model_dump(), **given})  # validated: the data root made absolute
+    except ValidationError as exc:
+        raise UserError(describe(exc)) from None
+    return {**values, "data_fingerprint": preflight.check_data(probe, home_dir())}
 
 
 def command_line() -> list[str]:
