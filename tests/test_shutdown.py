@@ -226,8 +226,10 @@ class _RandomTokens:
 
 
 def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int | None = None,
-                on_metrics=lambda row: None, accumulation: int = 1) -> list[int]:
-    """The steps a Trainer saves, driven in-process with a recording checkpointer."""
+                on_metrics=lambda row: None, accumulation: int = 1, evals: dict | None = None,
+                saved: list[int] | None = None) -> list[int]:
+    """The steps a Trainer saves (also into `saved`, should training raise), driven in-process with a
+    recording checkpointer; `evals` besides the val loss, as Trainer.evals."""
     import torch
 
     from gptctl.engine.distributed import Dist
@@ -236,7 +238,7 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
 
     class Recording(NoCheckpoints):
         def __init__(self):
-            self.steps = []
+            self.steps = [] if saved is None else saved
 
         def save(self, step, make_state):
             self.steps.append(step)
@@ -252,6 +254,7 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
     trainer = Trainer(settings, Dist(0, 0, 1, torch.device("cpu")),
                       loaders=(_RandomTokens(64, None, stop_at),) * 2)
     trainer.train_loader.stop = trainer.stop
+    trainer.evals.update(evals or {})
     trainer.checkpointer, trainer.metrics = Recording(), Rows()
     trainer.train()
     return trainer.checkpointer.steps
@@ -260,6 +263,36 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
 def test_permanent_steps_are_saved_even_off_the_checkpoint_interval():
     assert _train_tiny(12, 5, {3, 5, 11}) == [3, 5, 10, 11, 12]
     assert _train_tiny(12, 5, set(), stop_at=7) == [5, 7]  # a stop saves the step it finished
+
+
+def test_the_last_checkpoint_carries_the_last_steps_evals(shakespeare, tmp_path):
+    """Issue 27: the last step was saved before its evals, so its checkpoint (and a registry rebuilt
+    from it) lacked the run's final val loss and HellaSwag accuracy. Step 6 evaluates only for being last."""
+    import torch
+
+    from conftest import train_in_process
+    from test_eval import write_items
+
+    rows, saved = train_in_process(shakespeare, tmp_path / "run", fields=("val_loss", "hellaswag_acc"), max_steps=6,
+                                   checkpoint_interval=6, hellaswag_interval=4,
+                                   hellaswag_file=write_items(tmp_path / "hellaswag.jsonl"))
+    assert sorted(saved) == [6] and None not in rows[6]
+    last = torch.load(saved[6], weights_only=True)["metrics"][-1]
+    assert (last["step"], last.get("val_loss"), last.get("hellaswag_acc")) == (6, *rows[6])
+
+
+def test_an_eval_that_fails_never_costs_the_steps_checkpoint():
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory (as an eval may run out)")
+
+    saved = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _train_tiny(6, 4, set(), evals={"boom": (5, out_of_memory)}, saved=saved)  # fails at step 5 and the last
+    assert saved == [4]  # step 5 is not one to save: nothing more
+    saved = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _train_tiny(6, 4, set(), evals={"boom": (1000, out_of_memory)}, saved=saved)  # the last step's only
+    assert saved == [4, 6]
 
 
 def test_a_training_step_reads_the_device_once(monkeypatch):

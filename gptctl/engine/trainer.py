@@ -226,8 +226,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> LoopState:
         """Train from the state's step to --max-steps, or until a stop request (the finished step is saved)
-        or a divergence with no rollback left. The last step is saved before its evals: an eval that fails
-        never costs the checkpoint."""
+        or a divergence with no rollback left. A step is saved after its evals, so that its checkpoint
+        carries them (the last step's val loss too); an eval that fails never costs the checkpoint."""
         first = self.state.step + 1
         if self.clock.first_step_at is None:
             self.clock.first_step_at = time.time()
@@ -244,13 +244,11 @@ class Trainer:
                 if self.diverged(row["step"], why):
                     continue  # rolled back: the loop goes on from the restored step
                 break
-            last = self.state.step == self.settings.max_steps
+            saving = bool(stop_now) or self.should_save(self.state.step)  # the last step always is
             self.state.history.append(row)
-            if last:
-                self.save()
             evals = time.perf_counter()
             with self.timer("eval"):
-                self.evaluate(row)
+                self.evaluate_before_saving(row, saving)
             self.clock.eval_s += time.perf_counter() - evals
             self.clock.recent.append(time.perf_counter() - began)
             self.metrics.log(row)
@@ -259,7 +257,7 @@ class Trainer:
                 if stop_now:
                     why = "the deadline is near, " if stop_now == "deadline" else ""
                     self.progress.message(f"step {self.state.step} finished: {why}saving its checkpoint before stopping")
-                if not last and (stop_now or self.should_save(self.state.step)):
+                if saving:
                     self.save()
             if self.timer.enabled:
                 self.progress.message(f"step {self.state.step} timing: {self.timer.report()}")
@@ -377,6 +375,19 @@ class Trainer:
         for name, (interval, fn) in self.evals.items():
             if step % interval == 0 or last:
                 row[name] = fn()
+
+    def evaluate_before_saving(self, row: dict, saving: bool) -> None:
+        """`evaluate(row)`; should it fail at a step that is to be saved, the step is saved first, without
+        the evals (a run that trained for days never loses its last step to, say, an eval out of memory).
+        The save is collective under sharding: it completes where the eval failed alike on every rank,
+        as running out of memory on the same shapes does."""
+        try:
+            self.evaluate(row)
+        except Exception:
+            if saving:
+                self.metrics.log(row)  # the registry has every row a checkpoint has
+                self.save()
+            raise
 
     def should_save(self, step: int) -> bool:
         return self.settings.is_save_step(step, self.settings.max_steps)
