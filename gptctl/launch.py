@@ -1,11 +1,19 @@
 """Builds the torchrun command for a run, starts it, streams its output and stops its workers on a signal."""
 
 import ctypes
+import fcntl
 import math
 import os
+import re
+import select
+import shlex
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +96,8 @@ def die_with_parent() -> None:
         pass
 
 
-def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None) -> tuple[int, int | None]:
+def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None,
+                log: Path | None = None) -> tuple[int, int | None]:
     """Run torchrun to completion. Returns (exit code, the first stop signal received, or None).
 
     gptctl, not torchrun, owns the shutdown. torchrun runs in its own session, so a terminal's Ctrl-C
@@ -97,22 +106,29 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
     We signal the workers themselves; they finish the step, save a checkpoint and exit 0 (see
     `worker.stopped_exit_code`), so torchrun ends normally. `stop_timeout` seconds later, or at a
     second signal, we kill them all without waiting for the save.
+
+    gptctl also owns the terminal (see `Output`): the workers' output reaches it through us, and
+    torchrun's own stderr goes to `log` (default: `launcher_log(cmd)`), which a failure's one line names.
     """
     # Should torchrun get a signal all the same (a scheduler signalling every process of a job), its own
     # grace period before SIGKILL is ours where the installed torch reads this variable.
     shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(stop_timeout)),
                 "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}  # torchrun's --signals-to-handle, where it has one
-    proc = subprocess.Popen(
-        cmd,
-        env={**shutdown, **os.environ, LAUNCHED_ENV: "1", **(env or {})},
-        stdout=2,  # worker logs and progress go to stderr: stdout is kept for results (--json)
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
     received: list[int] = []
+    # Installed before torchrun starts: a signal from then on is a stop request, never our death.
     previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
     try:
-        return _supervise(proc, received, stop_timeout), (received[0] if received else None)
+        with Output(log or launcher_log(cmd), cmd) as out:
+            proc = subprocess.Popen(
+                cmd,
+                env={**shutdown, **os.environ, LAUNCHED_ENV: "1", **(env or {})},
+                stdout=out.workers,  # worker logs and progress go to our stderr: stdout is kept for results (--json)
+                stderr=out.report,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+            out.started()
+            return _supervise(proc, received, stop_timeout, out), (received[0] if received else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -121,29 +137,33 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
 POLL_SECONDS = 0.1
 
 
-def _supervise(proc: subprocess.Popen, received: list[int], stop_timeout: float) -> int:
+def _supervise(proc: subprocess.Popen, received: list[int], stop_timeout: float, out: "Output") -> int:
     """Wait for torchrun; on a stop signal, pass it to each worker once it can take it."""
     signalled: set[int] = set()
     deadline = None
     while True:
         try:
-            return proc.wait(timeout=POLL_SECONDS)
+            code = proc.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:
-            pass
+            code = None
+        if code is not None:
+            if code != 0 and out.log_path is not None:  # torchrun's report went to the log: name it
+                out.say(f"the workers failed ({out.failure(code)}); the details are in {out.log_path}")
+            return code
         if not received:
             continue
         if deadline is None:
             deadline = time.monotonic() + stop_timeout
-            _say("stopping: finishing the current step and saving a checkpoint "
-                 "(Ctrl-C again to stop now without saving)")
-        if len(received) > 1:
+            out.say("stopping: finishing the current step and saving a checkpoint "
+                    "(Ctrl-C again to stop now without saving)")
+        if hurried(received):
             _kill(proc)
-            _say("stopped now without saving: the workers were killed; the run resumes from its newest checkpoint")
+            out.say("stopped now without saving: the workers were killed; the run resumes from its newest checkpoint")
             return proc.wait()
         if time.monotonic() > deadline:
             _kill(proc)
-            _say(f"the workers did not stop within --stop-timeout {stop_timeout:g} s and were killed; "
-                 "the run resumes from its newest checkpoint")
+            out.say(f"the workers did not stop within --stop-timeout {stop_timeout:g} s and were killed; "
+                    "the run resumes from its newest checkpoint")
             return proc.wait()
         for pid in workers_of(proc.pid):
             if pid not in signalled and ready_to_stop(pid):
@@ -152,6 +172,13 @@ def _supervise(proc: subprocess.Popen, received: list[int], stop_timeout: float)
                 except ProcessLookupError:
                     continue
                 signalled.add(pid)  # a worker torchrun starts later (a restart) is signalled in turn
+
+
+def hurried(received: list[int]) -> bool:
+    """Whether a signal after the first asks to stop now. A hangup never does: one closed terminal can
+    send two (the shell passes its SIGHUP on to its jobs, then the kernel sends the foreground job
+    another as the shell exits), and nobody is left at it to ask for anything."""
+    return any(s != signal.SIGHUP for s in received[1:])
 
 
 def workers_of(pid: int) -> list[int]:
@@ -191,5 +218,208 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+LAUNCHER_LOG = "launcher.log"
+
+
+def launcher_log(cmd: list[str]) -> Path | None:
+    """Where the launch of `cmd` (torchrun_command's) logs: launcher.log in the run's directory, beside
+    its train.log; on a node without the run (nodes other than node 0), launcher-HOST.log in the home.
+    None where neither can be told (the run's row cannot be read): torchrun's stderr then stays ours."""
+    args = dict(zip(cmd, cmd[1:]))
+    if "--home" not in args:
+        return None
+    home = Path(args["--home"])
+    if "--run-id" not in args:
+        return home / f"launcher-{socket.gethostname()}.log"
+    import sqlite3
+
+    from gptctl.errors import UserError
+    from gptctl.registry import open_registry, queries
+
+    try:
+        run = queries.get_run(open_registry(home, create=False, check_home=False), args["--run-id"])
+        return Path(run["run_dir"]) / LAUNCHER_LOG
+    except (UserError, OSError, sqlite3.Error, KeyError, TypeError):
+        return None
+
+
+class Output:
+    """Where a launch's output goes. The user's terminal (our stderr) is ours alone: the workers write to
+    a pipe (a pseudo-terminal of the same size when ours is a terminal, so they still draw their progress
+    bar) whose output a thread copies there. torchrun's stderr, and so the workers' (tracebacks,
+    warnings, torchrun's 30-line report of a failed worker), goes to the log.
+
+    A terminal can go away under a run (ssh dropped, the window closed, the `| tee` reading us killed):
+    every write to it then fails. Had the workers written to it themselves, their next line would have
+    raised in the middle of the stop and lost the checkpoint. Here only a write of ours fails; from
+    then on the workers' lines (as plain text, without the progress bar) and ours, including what the
+    command prints after the launch, go to the log instead."""
+
+    def __init__(self, log_path: Path | None, cmd: list[str]):
+        self.log_path, self.log = log_path, _open_log(log_path)
+        self.start = 0  # where this launch's part of the log begins
+        if self.log is None:
+            self.log_path = None
+        else:
+            self.start = os.lseek(self.log, 0, os.SEEK_END)
+            _write_all(self.log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S %z')}: {shlex.join(cmd)}\n".encode())
+        self.report = self.log  # torchrun's stderr; None: ours, as when there is no log
+        # Our fds that die with the terminal: stderr, and stdout when it is a terminal or the same pipe.
+        self.stdio = [1, 2] if _same_terminal(1, 2) else [2]
+        self.lost = False
+        self.lock = threading.Lock()
+        self.plain = PlainLines()
+        self.source, self.workers = _terminal_like(2)
+        self.thread = threading.Thread(target=self._copy, name="gptctl-output", daemon=True)
+        self.resized = None
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def started(self) -> None:
+        """torchrun has its end of the pipe: close ours (so that the copy ends with torchrun) and copy."""
+        os.close(self.workers)
+        self.workers = None
+        self.thread.start()
+        if os.isatty(2):  # a resized terminal: the workers' bar follows
+            self.resized = signal.signal(signal.SIGWINCH, lambda _s, _f: _copy_size(2, self.source))
+
+    def __exit__(self, *_exc) -> None:
+        if self.resized is not None:
+            signal.signal(signal.SIGWINCH, self.resized)
+        if self.workers is not None:  # torchrun did not start
+            os.close(self.workers)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)  # the workers' last lines come before the command's summary
+        if not self.thread.is_alive():  # else a straggler holds the workers' end: leave the thread its fds
+            os.close(self.source)
+            if self.log is not None:
+                os.close(self.log)  # once the terminal is lost, our stdio has its own copy
+
+    def failure(self, code: int) -> str:
+        """How torchrun (exit code `code`) says the first worker to fail ended, from its report in the log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self.start, os.path.getsize(self.log_path) - REPORT_BYTES))
+                report = f.read().decode(errors="replace")
+        except OSError:
+            report = ""
+        first = re.search(r"exitcode\s*:\s*(-?\d+)", report)  # the root cause comes first
+        who, code = ("a worker", int(first.group(1))) if first else ("torchrun", code)
+        return f"{who} was killed by {_signal_name(-code)}" if code < 0 else f"{who} exited with code {code}"
+
+    def say(self, line: str) -> None:
+        """One line of gptctl's own."""
+        self._show((line + "\n").encode(), lines=True)
+
+    def _copy(self) -> None:
+        while True:
+            try:
+                data = os.read(self.source, 65536)
+            except OSError:  # a pseudo-terminal whose other end is closed says EIO, not end of file
+                data = b""
+            if not data:
+                return
+            self._show(data)
+
+    def _show(self, data: bytes, lines: bool = False) -> None:
+        with self.lock:
+            if not self.lost:
+                try:
+                    _write_all(2, data)
+                    return
+                except OSError:
+                    self._lose()
+            self._log(data if lines else self.plain.feed(data))
+
+    def _log(self, data: bytes) -> None:
+        if self.log is not None and data:
+            try:
+                _write_all(self.log, data)
+            except OSError:
+                pass  # a full disk: the run goes on without these lines (the copy must never stop)
+
+    def _lose(self) -> None:
+        """The terminal is gone: our stdio goes to the log (or nowhere), so that what the command prints
+        after the launch (its summary) neither fails nor changes its exit code."""
+        self.lost = True
+        self._log(b"--- the terminal went away: what it would have shown follows\n")
+        target = self.log if self.log is not None else os.open(os.devnull, os.O_WRONLY)
+        for fd in self.stdio:
+            os.dup2(target, fd)
+
+
+class PlainLines:
+    """A terminal's bytes as the lines they leave on the screen, for a log: escape sequences dropped,
+    and a line that is redrawn after a carriage return (a progress bar) only once it ends."""
+
+    CONTROL = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+    LIMIT = 1 << 16  # a partial line kept, at most
+
+    def __init__(self):
+        self.partial = b""
+
+    def feed(self, data: bytes) -> bytes:
+        *ended, partial = (self.partial + data).split(b"\n")
+        self.partial = partial.rsplit(b"\r", 1)[-1][-self.LIMIT:]  # a bar redrawn forever does not grow
+        shown = (self.CONTROL.sub(b"", line).rsplit(b"\r", 1)[-1] for line in ended)
+        return b"".join(line + b"\n" for line in shown if line.strip())
+
+
+REPORT_BYTES = 1 << 16  # how much of the log's end is searched for torchrun's report
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _open_log(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return None
+
+
+def _terminal_like(fd: int) -> tuple[int, int]:
+    """(our end, the workers' end): a pseudo-terminal of `fd`'s size where `fd` is a terminal, else a pipe."""
+    if os.isatty(fd):
+        try:
+            ours, theirs = os.openpty()
+        except OSError:  # no pseudo-terminals here: the workers print plain lines
+            return os.pipe()
+        _copy_size(fd, theirs)
+        attributes = termios.tcgetattr(theirs)
+        attributes[1] &= ~termios.OPOST  # the workers' "\n" stays "\n": our own terminal adds the "\r"
+        termios.tcsetattr(theirs, termios.TCSANOW, attributes)
+        return ours, theirs
+    return os.pipe()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:  # a terminal left non-blocking by another program: slow, not gone
+            select.select([], [fd], [])
+
+
+def _same_terminal(fd: int, other: int) -> bool:
+    try:
+        return os.isatty(fd) or os.path.sameopenfile(fd, other)
+    except OSError:
+        return False
+
+
+def _copy_size(tty: int, to: int) -> None:
+    """The terminal's size, for the workers' pseudo-terminal: their progress bar fits ours."""
+    try:
+        size = fcntl.ioctl(tty, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+        fcntl.ioctl(to, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass

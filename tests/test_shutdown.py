@@ -74,8 +74,16 @@ def launch(tmp_path: Path, stop_timeout: float, start_s: float, save_s: float, w
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, f"no {path.name}: {proc.communicate()}"
+        assert proc.poll() is None and time.time() < deadline, f"no {path.name}: {output_of(proc)}"
         time.sleep(0.02)
+
+
+def output_of(proc: subprocess.Popen) -> tuple[str, str] | str:
+    """For a failure's message: a launcher that died of a signal leaves its fake workers holding its pipes."""
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        return f"launcher exit code {proc.poll()}, its output held open by orphaned workers"
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, list[str]]:
@@ -83,7 +91,8 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, list[str]]
     return out.strip(), [line for line in err.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: SLURM's time-limit warning
+# SIGUSR1: SLURM's time-limit warning; SIGHUP: the terminal went away (ssh dropped, the window closed)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP])
 def test_a_stop_signal_goes_to_the_workers_who_save_however_long_it_takes(tmp_path, signum):
     # The signal comes before the workers can take it (still starting up): they get it once they can.
     # Their "save" takes 3 s, six times the grace this torchrun would give them: it never gets the signal.
@@ -99,18 +108,33 @@ def test_a_stop_signal_goes_to_the_workers_who_save_however_long_it_takes(tmp_pa
     assert err == ["stopping: finishing the current step and saving a checkpoint (Ctrl-C again to stop now without saving)"]
 
 
-def test_a_second_signal_stops_at_once_without_saving(tmp_path):
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)])
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, first, second):
     proc = launch(tmp_path, stop_timeout=600, start_s=0.0, save_s=600, torchrun_kill_after=600)
     wait_for_file(tmp_path / "ready-1", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(first)
     wait_for_file(tmp_path / "saving-0", proc)
     t0 = time.time()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(second)
     out, err = finish(proc)
     assert time.time() - t0 < 10
-    assert out == f"(-9, {int(signal.SIGINT)})"  # torchrun was killed
+    assert out == f"(-9, {int(first)})"  # torchrun was killed
     assert err[1] == "stopped now without saving: the workers were killed; the run resumes from its newest checkpoint"
     assert len(err) == 2 and not list(tmp_path.glob("saved-*")) and not (tmp_path / "torchrun-signalled").exists()
+
+
+def test_a_second_hangup_does_not_hurry_the_save(tmp_path):
+    # A closed terminal may send two SIGHUPs (the shell passes its own on, the kernel sends another as
+    # the shell exits): nobody asked to stop now, so the save goes on to its end.
+    proc = launch(tmp_path, stop_timeout=600, start_s=0.0, save_s=2.0, torchrun_kill_after=600)
+    wait_for_file(tmp_path / "ready-1", proc)
+    proc.send_signal(signal.SIGHUP)
+    wait_for_file(tmp_path / "saving-0", proc)
+    proc.send_signal(signal.SIGHUP)
+    out, err = finish(proc)
+    assert out == f"(0, {int(signal.SIGHUP)})"
+    assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"]
+    assert err == ["stopping: finishing the current step and saving a checkpoint (Ctrl-C again to stop now without saving)"]
 
 
 def test_the_stop_timeout_bounds_the_wait(tmp_path):
@@ -204,6 +228,83 @@ def test_second_ctrl_c_during_the_final_save_stops_now_and_leaves_no_valid_looki
     assert {c["step"]: c["state"] for c in shown["checkpoints"]} == {1: "valid"}  # the run resumes from step 1
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names[0].startswith(".tmp-model_") and names[1:] == ["model_00001.pt"]  # the cut-off file has no name
+
+
+class Terminal:
+    """A pseudo-terminal as an ssh session's: `command` runs as the session's leader with it as its
+    controlling terminal, and a thread reads what it shows (else its writes would block). `hang_up`
+    closes our end, as sshd does when the connection drops: the kernel sends SIGHUP, and every write
+    to the terminal fails from then on."""
+
+    # Makes the terminal the controlling one (a session leader opening a terminal takes it), then
+    # becomes the command: the same process, our child, whose exit status we see.
+    TAKE_TERMINAL = "import os, sys; os.close(os.open(os.ttyname(0), os.O_RDWR)); os.execv(sys.argv[1], sys.argv[1:])"
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        import threading
+
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-c", self.TAKE_TERMINAL, *command], stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True, env=env)
+        os.close(slave)
+        self.shown, self.closing = bytearray(), threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        import select
+
+        while not self.closing.is_set():
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.shown += os.read(self.master, 65536)
+                except OSError:
+                    break
+        os.close(self.master)  # here, not while a read holds it: the hangup comes with the last close
+
+    def hang_up(self) -> None:
+        self.closing.set()
+        self.reader.join()
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_with_its_checkpoint_and_it_resumes_bit_exact(shakespeare, gptctl_home,
+                                                                                      tmp_path):
+    """The ssh connection drops while step 2's checkpoint is being saved (slowed to 2 s): the run finishes
+    that save and its step, saves that step, stops with exit code 128+SIGHUP, and what the terminal
+    would have shown since is in the run's launcher.log. Resumed, it matches an undisturbed run to the bit."""
+    from conftest import losses, train_in_process
+
+    layout = ["--max-steps", "400", "--lr-decay-steps", "400", "--checkpoint-interval", "1000",
+              "--permanent-checkpoints", "2"]
+    command = [sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(shakespeare), *layout,
+               "--run-name", "hup"]
+    terminal = Terminal(command, {**os.environ, "GPTCTL_HOME": str(gptctl_home), "GPTCTL_TEST_SLOW_SAVE": "2",
+                                  "GPTCTL_TEST_FAULT_FROM_STEP": "2"})
+    deadline = time.time() + 120
+    while not list(gptctl_home.glob("hup-*/checkpoints/.tmp-model_00002*")):  # the save of step 2 has begun
+        assert terminal.proc.poll() is None and time.time() < deadline, terminal.shown.decode(errors="replace")
+        time.sleep(0.02)
+    terminal.hang_up()
+    assert terminal.proc.wait(timeout=120) == 128 + signal.SIGHUP
+    run_id = only_run_id(gptctl_home, "hup")
+    shown = json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)
+    stopped_at = shown["last_step"]
+    assert shown["status"] == "interrupted" and shown["exit_code"] == 128 + signal.SIGHUP and stopped_at > 2
+    assert {c["step"]: c["state"] for c in shown["checkpoints"]} == {2: "valid", stopped_at: "valid"}
+    log = (Path(shown["run_dir"]) / "launcher.log").read_text()
+    for line in ("stopping: finishing the current step and saving a checkpoint",
+                 f"step {stopped_at} finished: saving its checkpoint before stopping",
+                 f"stopped at step {stopped_at}, checkpoint saved",
+                 f"run {run_id} interrupted at step {stopped_at}/400"):  # the command's summary, printed after
+        assert log.count(line) == 1, log
+    for noise in ("Traceback", "ChildFailedError", "\x1b["):  # nor the progress bar's redraws
+        assert noise not in log, log
+
+    cli("resume", run_id, "--max-steps", str(stopped_at + 2), home=gptctl_home)
+    reference, _ = train_in_process(shakespeare, tmp_path / "reference", max_steps=stopped_at + 2, lr_decay_steps=400,
+                                    checkpoint_interval=1000)
+    assert losses(gptctl_home, run_id) == reference  # every step's loss and val loss, to the last bit
 
 
 # Which steps the loop saves (in process: a tiny model, batches of random tokens, a recording saver).

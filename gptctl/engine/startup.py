@@ -6,12 +6,13 @@ import signal
 from dataclasses import dataclass
 
 # SIGUSR1: what SLURM sends ahead of a job's time limit (#SBATCH --signal=USR1@120): a stop request too.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# SIGHUP: the terminal went away (ssh dropped, the window closed): stop and save rather than die unsaved.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 @dataclass
 class StopFlag:
-    """Set by SIGINT, SIGTERM or SIGUSR1; the loop finishes the step, checkpoints and stops. Installed before the
+    """Set by SIGINT, SIGTERM, SIGUSR1 or SIGHUP; the loop finishes the step, checkpoints and stops. Installed before the
     slow imports, so a stop asked for during start-up is kept rather than killing the worker (gptctl's
     launcher only signals a worker once this handler is in place: see `launch.ready_to_stop`)."""
 
