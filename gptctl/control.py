@@ -32,12 +32,14 @@ class Outcome:
 
 
 def create_run(home: Path, settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
-               dataset=None, name: str | None = None, new_run: bool = False) -> tuple[dict, DirectoryLock]:
+               dataset=None, name: str | None = None, new_run: bool = False,
+               parent_kind: str | None = None) -> tuple[dict, DirectoryLock]:
     """Everything has been validated before this: from here on the run exists on disk and in the registry.
 
     `name`: the run's name, which no run may have already unless `new_run`; None: the kind, numbered
     (pretrain-2) when taken. The name is checked and the row inserted in one transaction, so of any
-    number of commands making the same name at once exactly one makes it. The directory is made and
+    number of commands making the same name at once exactly one makes it. `parent_kind`: what the parent
+    gives, 'weights' (--init-from, a finetune) or 'state' (--resume --checkpoint-path). The directory is made and
     locked first: until the row is in, a locked directory is one being made (db.unregistered_run_directories)."""
     home = home.resolve()
     db = open_registry(home)
@@ -56,7 +58,7 @@ def create_run(home: Path, settings: TrainSettings, command: list[str], save_con
                     queries.insert_run(db, {
                         "id": run_id, "name": chosen, "kind": settings.kind, "settings": stored.model_dump_json(),
                         "run_dir": str(run_dir), "command": shlex.join(command), "max_steps": settings.max_steps,
-                        "parent_checkpoint": parent_checkpoint, "last_step": 0,
+                        "parent_checkpoint": parent_checkpoint, "parent_kind": parent_kind, "last_step": 0,
                     })
         except BaseException:
             _unmake(run_dir, lock)
@@ -152,7 +154,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
                                               launch_settings.stop_timeout, worker_env(launch_settings))
     finally:
         try:  # a registry that cannot be written now (a full disk) is said by the CLI in one line
-            db = open_registry(home, check_home=False)
+            db = open_registry(home, create=False, check_home=False)
             # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
             launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
             row = queries.get_run(db, run["id"])
@@ -162,7 +164,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
                 queries.update_run(db, run["id"], status=status, ended_at=queries.now())
         finally:
             lock.release()
-    db = open_registry(home, check_home=False)
+    db = open_registry(home, create=False, check_home=False)
     status = queries.get_run(db, run["id"])["status"]
     newest = launches.newest(db, run["id"])
     if status == "interrupted" and not stopped_by and newest and newest["reason"] == "deadline":
@@ -176,7 +178,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
 
 
 def summary(home: Path, run: dict[str, Any]) -> dict[str, Any]:
-    db = open_registry(home, check_home=False)
+    db = open_registry(home, create=False, check_home=False)
     metrics = queries.metrics_of(db, run["id"])
     last = metrics[-1] if metrics else {}
     val = [m["val_loss"] for m in metrics if m["val_loss"] is not None]

@@ -27,6 +27,9 @@ def check_data(settings: TrainSettings, home: Path) -> str:
 
     if settings.data_root is None:
         raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
+    if settings.data_root.is_dir() and (problem := shard_problem(settings.data_root)):  # sizes, before any is read
+        raise UserError(f"--data-root: in {settings.data_root}, {problem}; restore it, or prepare the data again "
+                        "(`gptctl data prepare --force`)")
     for split in ("train", "val"):
         check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
     db = open_registry(home, create=False)
@@ -133,7 +136,8 @@ def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettin
         raise UserError(f"--data-root: {settings.data_root} holds other data than {path} was trained on (fingerprint "
                         f"{trained} then, {now} now); give its data, or add --override-settings to continue on this "
                         "data (recorded)")
-    return f"started from {path} (step {step}), trained on data fingerprint {trained}; now {now}, by --override-settings"
+    return (f"started from {path.resolve()} (step {step}), trained on data fingerprint {trained}; now {now}, "
+            "by --override-settings")
 
 
 def check_run_dir(run: dict[str, Any]) -> None:

@@ -156,6 +156,15 @@ def test_val_split_smaller_than_a_micro_batch(shakespeare, tmp_path, gptctl_home
 
     (data / "tinyshakespeare_val_000000.npy").unlink()
     np.save(data / "tinyshakespeare_val_000000.npy", np.arange(100, dtype=np.uint16))
+    (data / "manifest.json").unlink()  # a manifest that says what the data now is (else: refused as a changed shard)
+    manifest = json.loads((shakespeare / "manifest.json").read_text())
+    from gptctl.digest import sha256_of
+
+    val = data / "tinyshakespeare_val_000000.npy"
+    for shard in manifest["shards"]:
+        if shard["file"] == val.name:
+            shard.update(tokens=100, bytes=val.stat().st_size, sha256=sha256_of(val))
+    (data / "manifest.json").write_text(json.dumps(manifest))
     args = base(data)
     args[args.index("--batch-size") + 1] = "4"
     refused(args, "--data-root", gptctl_home, "val", "100", "129")

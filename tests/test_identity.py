@@ -312,3 +312,105 @@ def test_rebuild_never_replays_the_journal_of_a_deleted_registry(tmp_path, shake
     holder.close()
     assert rows(home, "select step, loss from metrics order by step") == expected
     assert rows(home, "select name from sqlite_master where name = 'scratch'") == []
+
+
+# --- what the break test found ----------------------------------------------------------------------
+
+def test_a_run_started_from_a_checkpoint_file_continues_from_it_until_it_saves_its_own(tmp_path, shakespeare):
+    """`--resume --checkpoint-path F --print-command`, then the job script's `--auto-resume`: it trained from
+    fresh weights at step 0 (the file was used only by the first launch)."""
+    home = tmp_path / "home"
+    train(home, shakespeare, "--max-steps", "6", "--checkpoint-interval", "2", "--keep-last-n-checkpoints", "9",
+          "--run-name", "base")
+    start = next(home.glob("base-*/checkpoints/model_00002.pt"))
+    args = ["--max-steps", "6", "--checkpoint-interval", "2", "--run-name", "q"]
+    queued = train(home, shakespeare, *args, "--resume", "--checkpoint-path", str(start), "--print-command")
+    assert "gptctl.engine.worker" in queued.stdout
+    again = train(home, shakespeare, *args, "--resume", "--checkpoint-path", str(start), "--auto-resume", "--print-command")
+    assert "queued to continue" in again.stderr and len(rows(home, "select id from runs where name = 'q'")) == 1
+    done = train(home, shakespeare, *args, "--resume", "--checkpoint-path", str(start), "--auto-resume")
+    assert "resuming from step 2" in done.stderr, done.stderr
+    run_id = only_run_id(home, "q")
+    assert losses(home, run_id) == {s: v for s, v in losses(home, only_run_id(home, "base")).items() if s > 2}
+
+
+def test_a_rebuild_from_another_directory_keeps_a_finetunes_parent_protected(tmp_path, shakespeare, monkeypatch):
+    from test_finetune import write_dolly
+
+    home = tmp_path / "home"
+    train(home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "2", "--keep-last-n-checkpoints", "9",
+          "--run-name", "base")
+    write_dolly(tmp_path / "dolly.jsonl", n=40)
+    cli("finetune", "--pretrained-checkpoint", "base:2", "--dataset-path", str(tmp_path / "dolly.jsonl"),
+        "--max-steps", "3", "--warmup-steps", "1", "--run-name", "ft", "--print-command", home=home)
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"gptctl.db{suffix}").unlink(missing_ok=True)
+    monkeypatch.chdir(tmp_path)  # not the home
+    cli("registry", "rebuild", home=home)
+    assert rows(home, "select parent_checkpoint, parent_kind from runs where name = 'ft'") == \
+        [(f"{next(home.glob('base-*')).name}/checkpoints/model_00002.pt", "weights")]
+    cli("ckpt", "prune", "--run", "base", "--keep-last", "1", "--yes", home=home)
+    assert next(home.glob("base-*/checkpoints/model_00002.pt")).is_file()
+
+
+def test_a_queued_command_of_a_moved_home_says_so_and_creates_nothing(tmp_path, shakespeare):
+    home, moved = tmp_path / "home", tmp_path / "moved"
+    queued = train(home, shakespeare, "--max-steps", "3", "--run-name", "q", "--print-command")
+    shutil.move(home, moved)
+    result = subprocess.run(queued.stdout.strip(), shell=True, capture_output=True, text=True,
+                            env={**os.environ, "GPTCTL_HOME": str(moved)})
+    # the worker's line (torchrun, which the printed command is, then reports its worker's exit its own way)
+    assert result.returncode != 0 and "was the home moved?" in result.stdout + result.stderr
+    assert not home.exists(), "a new registry was made where the home was"
+
+
+def test_a_rebuilt_run_whose_checkpoints_are_all_bad_is_never_started_over(tmp_path, shakespeare):
+    home = tmp_path / "home"
+    train(home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "2", "--run-name", "z")
+    for file in home.glob("z-*/checkpoints/*.pt"):
+        os.truncate(file, 1_000_000)
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"gptctl.db{suffix}").unlink(missing_ok=True)
+    cli("registry", "rebuild", home=home)
+    before = files_under(next(home.glob("z-*")))
+    result = train(home, shakespeare, "--max-steps", "6", "--run-name", "z", "--auto-resume", check=False)
+    assert result.returncode != 0 and "missing or corrupt" in result.stderr, result.stderr
+    assert {k: v for k, v in files_under(next(home.glob("z-*"))).items() if k.endswith(".pt")} == \
+        {k: v for k, v in before.items() if k.endswith(".pt")}
+
+
+def test_a_run_that_recorded_a_relative_data_root_needs_it_given(tmp_path, shakespeare):
+    home = tmp_path / "home"
+    train(home, shakespeare, "--max-steps", "3", "--run-name", "old")
+    with sqlite3.connect(home / "gptctl.db") as conn:  # as an older gptctl stored it, with no fingerprint
+        settings = json.loads(conn.execute("select settings from runs").fetchone()[0])
+        conn.execute("update runs set settings = ?", [json.dumps({**settings, "data_root": "data",
+                                                                  "data_fingerprint": None})])
+    one_line_refusal(cli("resume", "old", "--max-steps", "4", home=home, check=False), "--data-root", "relative")
+    cli("resume", "old", "--max-steps", "4", "--data-root", str(shakespeare), home=home)
+
+
+def test_another_programs_database_is_not_made_a_registry(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        conn.execute("create table runs (a, b)")
+    before = (home / "gptctl.db").read_bytes()
+    for command in (["runs", "list"], ["registry", "rebuild"]):
+        one_line_refusal(cli(*command, home=home, check=False), "not a gptctl registry")
+    assert (home / "gptctl.db").read_bytes() == before and not list(home.glob("gptctl.db.*"))
+
+
+def test_retention_deletes_nothing_through_a_symlinked_run_directory(tmp_path, shakespeare):
+    """A run directory moved to another disk and symlinked back: `cp -a` of the home copies the link, so
+    pruning in the copy would delete the original's files."""
+    home, elsewhere, copy = tmp_path / "home", tmp_path / "bigdisk", tmp_path / "copy"
+    train(home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "2", "--keep-last-n-checkpoints", "9",
+          "--run-name", "base")
+    run_dir = next(home.glob("base-*"))
+    shutil.move(run_dir, elsewhere)
+    run_dir.symlink_to(elsewhere)
+    subprocess.run(["cp", "-a", str(home), str(copy)], check=True)
+    result = cli("ckpt", "prune", "--keep-last", "1", "--yes", home=copy)
+    assert "is a symlink" in result.stderr
+    assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == ["model_00002.pt", "model_00004.pt"]

@@ -82,7 +82,9 @@ def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
     assert shown["id"] == "0123abcd" and shown["status"] == "completed" and shown["command"] == "gptctl pretrain …"
     assert [m["step"] for m in shown["metrics"]] == [1, 2, 3, 4] and shown["metrics"][3]["loss"] == 6.0
     listed = json.loads(invoke("ckpt", "list", "--run", "base", "--json").stdout)
-    assert [(c["step"], c["state"], bool(c["pinned"])) for c in listed] == [(2, "valid", True), (4, "valid", False)]
+    # the partial copy is registered as corrupt (never trusted, never started over beside); the symlink not at all
+    assert [(c["step"], c["state"], bool(c["pinned"])) for c in listed] == \
+        [(2, "valid", True), (4, "valid", False), (6, "corrupt", False)]
     for c in listed:
         assert c["sha256"] == files.sha256_of(run_dir / "checkpoints" / f"model_{c['step']:05d}.pt")
     again = json.loads(invoke("registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add

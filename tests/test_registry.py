@@ -3,6 +3,7 @@
 import json
 import sqlite3
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_migrations_are_recorded_and_idempotent(gptctl_home):
         applied = conn.execute("select name from _sqlite_migrations").fetchall()
         assert applied == [("0001_initial",), ("0002_val_loss_steps_index",), ("0003_watching",),
                            ("0004_checkpoint_integrity",), ("0005_health",), ("0006_launches",),
-                          ("0007_home_relative_paths",), ("0008_verified_files",)]
+                          ("0007_home_relative_paths",), ("0008_verified_files",), ("0009_parent_kind",)]
         assert conn.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -260,13 +261,18 @@ def test_checkpoint_listing_has_val_loss_age_and_permanence(gptctl_home):
     run = make_run(db, gptctl_home / "r")
     db["runs"].update(run, {"settings": json.dumps({"permanent_checkpoints": [2]})})
     queries.write_metrics(db, run, [{"step": 2, "loss": 3.0, "val_loss": 2.5}, {"step": 3, "loss": 2.9}])
+    began = time.time()
     for step in (2, 3):
         save_file(db, run, step)
-    time.sleep(0.01)
+    # Step 2 was saved an hour ago (registered as the registry does: whole seconds, UTC); step 3 just now.
+    an_hour_ago = datetime.fromtimestamp(time.time() - 3600, timezone.utc).isoformat(timespec="seconds")
+    db.execute("update checkpoints set created_at = ? where run_id = ? and step = 2", [an_hour_ago, run])
     rows = {r["step"]: r for r in queries.checkpoint_listing(db, run)}
+    took = time.time() - began
     assert rows[2]["val_loss"] == 2.5 and rows[3]["val_loss"] is None
     assert rows[2]["permanent"] and not rows[3]["permanent"]
-    assert all(r["age_s"] >= 0 for r in rows.values())
+    # An age is now less the time registered (rounded down to the second): not clamped, not reversed.
+    assert 3600 <= rows[2]["age_s"] < 3601 + took and 0 <= rows[3]["age_s"] < 1 + took
 
 
 def test_a_run_whose_settings_lack_keep_last_keeps_the_default_three(gptctl_home):

@@ -132,14 +132,15 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     if print_command and launch.deadline:
         raise UserError("--deadline: not with --print-command, whose command runs later, under its scheduler; inside "
                         "SLURM its workers stop before the job's end by themselves (SLURM_JOB_END_TIME)")
-    # One name, one run: --auto-resume continues the run of its name; a new run takes a name no run has
-    # (the default, the kind, gets a number), unless --new-run says a second one is meant.
-    name = settings.run_name or (settings.kind if auto_resume and not resume else None)
+    # One name, one run: --auto-resume continues the run of its name (with --resume too: a requeued job
+    # continues the run its first start made from the file); a new run takes a name no run has (the
+    # default, the kind, gets a number), unless --new-run says a second one is meant.
+    name = settings.run_name or (settings.kind if auto_resume else None)
     if name is not None and not new_run:
         db = open_registry(home_dir(), create=False)
         previous = queries.newest_run_named(db, name)
-        if previous is not None and auto_resume and not resume:
-            _auto_resume(previous, settings, values, override, launch, as_json)
+        if previous is not None and auto_resume:
+            _auto_resume(previous, settings, values, override, launch, print_command, as_json)
         if previous is not None:
             raise UserError(f"--run-name {name}: run {previous['id']} has this name ({previous['status']} at step "
                             f"{previous['last_step'] or 0}); continue it with --auto-resume (or `gptctl resume {name}`), "
@@ -152,7 +153,8 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     writable_home()  # the last check: the run is created next
     init = str(checkpoint_path.resolve()) if resume else None
     run, lock = control.create_run(home_dir(), settings, command_line(), save_config, name=name, new_run=new_run,
-                                   parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared)
+                                   parent_checkpoint=init or settings.pretrained_checkpoint, dataset=prepared,
+                                   parent_kind="state" if init else "weights" if settings.pretrained_checkpoint else None)
     preflight.remember_verified(home_dir())
     if start_note:
         queries.add_event(open_registry(home_dir(), check_home=False), run["id"], 0, "start", start_note)
@@ -168,9 +170,9 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
 
 
 def _auto_resume(previous: dict[str, Any], settings: TrainSettings, values: dict[str, Any], override: bool,
-                 launch: LaunchSettings, as_json: bool) -> None:
+                 launch: LaunchSettings, print_command: bool, as_json: bool) -> None:
     """--auto-resume found the run of its name: continue it (a completed one to a higher --max-steps, as
-    `resume RUN --max-steps N` does), or say it is complete. Never returns."""
+    `resume RUN --max-steps N` does; with --print-command, queue it), or say it is complete. Never returns."""
     if previous["kind"] != settings.kind:
         raise UserError(f"--run-name {previous['name']}: run {previous['id']} of this name is a {previous['kind']}; "
                         "give another --run-name")
@@ -183,12 +185,24 @@ def _auto_resume(previous: dict[str, Any], settings: TrainSettings, values: dict
         typer.echo(f"run {previous['id']} ({previous['name']}) is already complete at step {last}; nothing to train "
                    f"(a --max-steps above {last} trains it further)", err=True)
         _finish(control.Outcome(previous, 0), as_json)
+    _note_other_parent(previous, settings)
     changes = resume_changes(previous, values, override)
-    _resume(previous, *resume_settings(previous, max_steps, changes), launch, as_json)
+    _resume(previous, *resume_settings(previous, max_steps, changes), launch, as_json, print_command)
+
+
+def _note_other_parent(run: dict[str, Any], settings: TrainSettings) -> None:
+    """--init-from or --pretrained-checkpoint naming another file than the run started from (RUN names its
+    newest checkpoint, which moves on): the run continues from its own checkpoints; say so."""
+    if settings.pretrained_checkpoint is None or run["parent_kind"] != "weights":
+        return
+    db = open_registry(home_dir(), check_home=False)
+    if queries.stored_path(db, settings.pretrained_checkpoint) != queries.stored_path(db, run["parent_checkpoint"]):
+        typer.echo(f"note: run {run['id']} started from {run['parent_checkpoint']}; it continues from its own "
+                   f"checkpoints, not from {settings.pretrained_checkpoint}", err=True)
 
 
 def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, launch: LaunchSettings,
-            as_json: bool) -> None:
+            as_json: bool, print_command: bool = False) -> None:
     preflight.check_run_dir(run)
     writable_home()
     preflight.check_world_size(settings, launch)
@@ -204,6 +218,10 @@ def _resume(run: dict[str, Any], settings: TrainSettings, note: str | None, laun
     except BaseException:
         lock.release()  # refused, or the disk refused the new settings: the run stays as it was
         raise
+    if print_command:  # a job script's submission: the run is queued for the printed command
+        typer.echo(f"run {run['id']} ({run['name']}) queued to continue", err=True)
+        typer.echo(control.queue(home_dir(), run, lock, launch))
+        raise typer.Exit(0)
     typer.echo(f"resuming run {run['id']} ({run['name']})", err=True)  # from the step its workers say: they verify
     _finish(control.execute(home_dir(), queries.get_run(db, run["id"]), lock, launch), as_json)
 
@@ -256,6 +274,15 @@ def _with_data_identity(run: dict[str, Any], values: dict[str, Any]) -> dict[str
     stored = TrainSettings.model_validate_json(run["settings"])
     if stored.kind != "pretrain":
         return values  # a finetune trains on the tokenized copy in its run directory
+    if values.get("data_root") is None:
+        recorded = json.loads(run["settings"]).get("data_root")
+        if recorded and not Path(recorded).is_absolute():
+            raise UserError(f"--data-root: run {run['id']} recorded its data root as {recorded!r}, relative to a "
+                            "directory an older gptctl did not record; give --data-root with the directory it trained on")
+        if stored.data_root is not None and not stored.data_root.exists():
+            raise UserError(f"--data-root: {stored.data_root}, where run {run['id']}'s data was, is gone; give where it "
+                            f"is now: `gptctl resume {run['name']} --data-root DIR` (the same data is recognised by "
+                            "its fingerprint)")
     given = {k: values[k] for k in ("data_root", "batch_size", "seq_len") if values.get(k) is not None}
     try:
         probe = TrainSettings(**{**stored.model_dump(), **given})  # validated: the data root made absolute

@@ -44,6 +44,7 @@ from gptctl.engine.optim import muon_lr_scale
 from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
+from gptctl.paths import registry_path
 from gptctl.registry import files, launches, open_registry, queries
 from gptctl.registry.locks import TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.settings import TrainSettings
@@ -233,14 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     db = run = None
     if args.run_id:
-        db = open_registry(args.home, check_home=False)
+        if not registry_path(args.home).is_file():  # never a new registry where the home was
+            print(f"error: the registry {registry_path(args.home)} does not exist (was the home moved?); print the "
+                  "command again where the home is now (--print-command --auto-resume)", flush=True)
+            return 2
+        db = open_registry(args.home, create=False, check_home=False)
         run = queries.get_run(db, args.run_id)
     settings = TrainSettings.model_validate_json(run["settings"]) if run else None
     pin_numerics(settings.deterministic if settings else False)  # before CUDA starts (setup)
     d = setup(settings.device if settings else args.device)
     run = share_run(d, run)  # every node trains the run node 0 created
     if run is not None and d.is_main and db is None:  # rank 0 landed on another node: the home is shared
-        db = open_registry(args.home, check_home=False)
+        db = open_registry(args.home, create=False, check_home=False)
     if run is None:
         print("error: no node has the run; start node 0 (--node-rank 0) through gptctl, which creates it", flush=True)
         return 2
@@ -293,12 +298,14 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     components that write the run's registry rows and files; the run's outcome recorded after."""
     run_dir = Path(run["run_dir"])
     trainer = Trainer(settings, d, stop=stop, run_dir=run_dir)
+    if init_checkpoint is None and run.get("parent_kind") == "state":
+        init_checkpoint = run["parent_checkpoint"]  # a --resume start, again, until the run saved its own
     start = choose_start(db, run["id"], init_checkpoint, d, settings)
     if start.path:
         trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
     elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
         # the registry records in this home (a copied home reads its own copy, not the original's)
-        parent = run["parent_checkpoint"] or settings.pretrained_checkpoint
+        parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
         trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
     start_step = trainer.state.step
     if start_step >= settings.max_steps:

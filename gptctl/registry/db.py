@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
 
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
@@ -103,8 +104,17 @@ def _open_snapshot(path: Path) -> Database:
             source.close()
     db = Database(memory)
     db.gptctl_home = path.parent.resolve()
+    _refuse_foreign(db, path)
     migrations.apply(db)
     return db
+
+
+def _refuse_foreign(db: Database, path: Path) -> None:
+    """Another program's SQLite file is not made a registry by adding gptctl's tables to it."""
+    tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'").fetchall()}
+    if tables and Migrations.migrations_table not in tables:  # every gptctl registry has it, since 0001
+        raise UserError(f"{path} is an SQLite database but not a gptctl registry (it has tables "
+                        f"{', '.join(sorted(tables)[:4])}); move it away, or point --home at another directory")
 
 
 def _open(path: Path) -> Database:
@@ -112,6 +122,7 @@ def _open(path: Path) -> Database:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     db = Database(conn)
     db.gptctl_home = path.parent.resolve()  # rows' paths are relative to it (homepaths.py)
+    _refuse_foreign(db, path)  # before anything is set in its header
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if storage.is_network(path.parent):  # WAL's shared memory is one host's (storage.py)
         db.execute("PRAGMA journal_mode = DELETE")

@@ -116,7 +116,7 @@ def remove_checkpoint(db: Database, run: dict[str, Any], row: dict[str, Any]) ->
     midway leaves a 'deleting' row, which `reconcile` finishes; a row never says deleted while its
     file is still there, and a concurrent reader never sees a half-deleted checkpoint as valid.
     """
-    if not is_own_checkpoint_file(run, row["path"]):
+    if not is_own_checkpoint_file(run, row["path"]) or Path(run["run_dir"]).is_symlink():
         return None
     if row["state"] != "deleting" and not queries.mark_deleting(db, row["id"], only_if=row["state"]):
         return None  # changed meanwhile, leased by a reader, or become a run's parent

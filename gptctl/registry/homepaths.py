@@ -20,9 +20,10 @@ def absolute(path: Path | str) -> Path:
 
 
 def to_stored(home: Path, path: Path | str | None) -> str | None:
-    """The registry's form of a file path: relative to `home` (resolved) when inside it, else absolute."""
-    if path is None:
-        return None
+    """The registry's form of a file path: relative to `home` (resolved) when inside it, else absolute.
+    `path` is absolute, or already in this form (relative to the home, never to the working directory)."""
+    if path is None or not Path(path).is_absolute():
+        return None if path is None else str(path)
     path = absolute(path)
     return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
 

@@ -177,3 +177,22 @@ def m0008_verified_files(db: Database) -> None:
         pk="path",
         if_not_exists=True,
     )
+
+
+@migrations(name="0009_parent_kind")
+def m0009_parent_kind(db: Database) -> None:
+    # What a run's parent checkpoint gives it: 'weights' (--init-from, a finetune's parent) or 'state' (a
+    # --resume --checkpoint-path start: weights, optimizer and step, which a later launch must start from
+    # again while the run has no checkpoint of its own). Older rows: a parent that is not the settings'
+    # pretrained_checkpoint was a --resume start.
+    import json
+
+    from gptctl.registry.homepaths import adopt, home_of
+
+    if "parent_kind" not in db["runs"].columns_dict:
+        db["runs"].add_column("parent_kind", str)
+    home = home_of(db)
+    for run in list(db.query("select id, parent_checkpoint, settings from runs where parent_checkpoint is not null")):
+        weights = json.loads(run["settings"] or "{}").get("pretrained_checkpoint")
+        kind = "weights" if weights and adopt(home, weights) == run["parent_checkpoint"] else "state"
+        db.execute("update runs set parent_kind = ? where id = ?", [kind, run["id"]])

@@ -60,7 +60,13 @@ def update_run(db: Database, run_id: str, **values: Any) -> None:
 
 
 def get_run(db: Database, run_id: str) -> dict[str, Any]:
-    return run_row(db, db["runs"].get(run_id))
+    from sqlite_utils.db import NotFoundError
+
+    try:
+        return run_row(db, db["runs"].get(run_id))
+    except NotFoundError:
+        raise UserError(f"run {run_id} is not in the registry of {homepaths.home_of(db)} (was the home moved, "
+                        "or its registry replaced?)") from None
 
 
 _HEX = re.compile(r"[0-9a-f]+")

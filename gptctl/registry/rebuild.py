@@ -36,7 +36,7 @@ class RebuildReport:
 
 def write_run_info(run: dict[str, Any]) -> None:
     """What the registry knows of a run that its settings do not say, for a rebuild."""
-    keys = ("id", "name", "kind", "command", "parent_checkpoint", "created_at", "host")
+    keys = ("id", "name", "kind", "command", "parent_checkpoint", "parent_kind", "created_at", "host")
     write_text_atomic(Path(run["run_dir"]) / RUN_INFO, json.dumps({k: run.get(k) for k in keys}, indent=2) + "\n")
 
 
@@ -81,6 +81,9 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
             queries.insert_run(db, run)
             for step, (file, size, sha) in found.steps.items():
                 queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=step in found.permanent)
+            for step, (file, size, sha) in found.corrupt.items():
+                queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=False)
+                queries.mark_checkpoint(db, queries.checkpoint_at(db, run["id"], step)["id"], "corrupt")
             queries.write_metrics(db, run["id"], found.metrics)
             last = max(found.steps, default=0)
             queries.update_run(db, run["id"], last_step=last,
@@ -108,6 +111,7 @@ def _move_aside(path: Path, why: str = "damaged") -> Path:
 class _Found:
     """What a run directory's checkpoints say: the verified ones, the newest one's settings and metrics."""
     steps: dict[int, tuple[Path, int, str]] = field(default_factory=dict)  # step: (file, bytes, sha256)
+    corrupt: dict[int, tuple[Path, int, str]] = field(default_factory=dict)  # files that do not load as their step
     settings: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     permanent: set[int] = field(default_factory=set)
@@ -132,15 +136,25 @@ def _read_run(run_dir: Path, report: RebuildReport) -> tuple[dict[str, Any], _Fo
         report.skipped.append(f"{run_dir / 'config.json'}: differed from the settings of its newest checkpoint "
                               f"(step {max(found.steps)}), which were taken and written back")
     found.permanent = set(settings.get("permanent_checkpoints") or [])
+    home = run_dir.parent.resolve()
+    parent = adopt(home, info.get("parent_checkpoint") or settings.get("pretrained_checkpoint"))
     created = datetime.fromtimestamp(run_dir.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
     return {
         "id": run_id, "name": info.get("name") or settings.get("run_name") or name,
         "kind": info.get("kind") or settings.get("kind") or "pretrain",
         "settings": json.dumps(settings), "run_dir": str(run_dir.resolve()), "command": info.get("command"),
-        "parent_checkpoint": adopt(run_dir.parent.resolve(), info.get("parent_checkpoint") or settings.get("pretrained_checkpoint")),
+        "parent_checkpoint": parent, "parent_kind": info.get("parent_kind") or _parent_kind(home, parent, settings),
         "created_at": info.get("created_at") or created, "host": info.get("host"),
         "max_steps": settings.get("max_steps"), "status": "interrupted", "last_step": 0,
     }, found
+
+
+def _parent_kind(home: Path, parent: str | None, settings: dict[str, Any]) -> str | None:
+    """An older run.json's parent: the settings' pretrained_checkpoint gives weights, another file a state."""
+    if parent is None:
+        return None
+    weights = settings.get("pretrained_checkpoint")
+    return "weights" if weights and adopt(home, weights) == parent else "state"
 
 
 def _json_object(path: Path, report: RebuildReport) -> dict[str, Any] | None:
@@ -177,8 +191,10 @@ def _checkpoints(run_dir: Path, run_id: str, report: RebuildReport) -> _Found:
             if int(state.get("step", -1)) != step or not isinstance(state.get("settings"), dict):
                 raise UnsafeCheckpoint(f"{path} holds step {state.get('step')}, not {step}")
         except (UnsafeCheckpoint, AttributeError, TypeError, ValueError) as exc:
-            report.skipped.append(f"{path}: {exc}")
+            report.skipped.append(f"{path}: {exc}; registered as corrupt")
             found.bad += 1
+            # Registered, as corrupt: a run whose every checkpoint is bad is refused, never started over beside them
+            found.corrupt[step] = (path, path.stat().st_size, files.sha256_of(path))
             continue
         found.steps[step] = (path, path.stat().st_size, files.sha256_of(path))
         newest = state

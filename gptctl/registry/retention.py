@@ -1,6 +1,7 @@
 """Which checkpoints may be deleted, and deleting them. One rule set, used by training and `ckpt prune` alike."""
 
 import json
+from pathlib import Path
 from typing import Any, Callable
 
 from sqlite_utils import Database
@@ -42,6 +43,9 @@ def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: 
     than the verified newest (registered meanwhile) are left for a later look.
     A row whose path is not in the run's own checkpoints directory is left alone, with a warning.
     """
+    if Path(run["run_dir"]).is_symlink():  # a copy of the home (cp -a) holds the same link: its files are shared
+        warn(f"run {run['id']}: its directory {run['run_dir']} is a symlink; retention deletes nothing through it")
+        return []
     newest = files.newest_verified_checkpoint(db, run["id"], warn)
     if newest is None:
         return []
