@@ -3,6 +3,7 @@
 import errno
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,15 @@ def listing(run_id=None):
 @pytest.mark.slow
 def test_listings_pin_prune_verify(run_with_checkpoints):
     run_id = run_with_checkpoints
+    before = time.time()
     rows = listing()
+    after = time.time()
     assert sorted(rows) == [2, 4, 6, 8] and rows[2]["pinned"] and rows[2]["permanent"]  # permanent steps are pins
     assert [rows[s]["val_loss"] is not None for s in (2, 4, 6, 8)] == [False, True, False, True]  # evals every 4
-    assert all(r["age_s"] >= 0 and r["bytes"] > 0 and r["state"] == "valid" for r in rows.values())
+    assert all(r["bytes"] > 0 and r["state"] == "valid" for r in rows.values())
+    for r in rows.values():  # an age is the listing's now less the time the checkpoint was registered
+        registered = datetime.fromisoformat(r["created_at"]).timestamp()
+        assert before - registered <= r["age_s"] <= after - registered, r
     table = runner.invoke(app, ["ckpt", "list"]).stdout
     total = sum(r["bytes"] for r in rows.values())
     assert "permanent" in table and f"4 checkpoint(s); 4 valid, {format_size(total)}" in table
@@ -45,7 +51,8 @@ def test_listings_pin_prune_verify(run_with_checkpoints):
     assert (run["status"], run["step"], run["max_steps"], run["tokens_seen"], run["val_step"]) == ("completed", 8, 8, tokens, 8)
     metrics = json.loads(runner.invoke(app, ["runs", "show", run_id, "--json"]).stdout)["metrics"]
     assert (run["loss"], run["val_loss"]) == (metrics[-1]["loss"], metrics[-1]["val_loss"]) != (None, None)
-    assert run["elapsed_s"] is not None
+    started, ended = (datetime.fromisoformat(run[k]) for k in ("started_at", "ended_at"))
+    assert run["elapsed_s"] == (ended - started).total_seconds()  # a finished run's: start to end, not to now
     assert (run["checkpoint_count"], run["checkpoint_bytes"]) == (4, total)
     assert run["command"].startswith("gptctl pretrain") and run["parent_checkpoint"] is None
     shown = runner.invoke(app, ["runs", "show", run_id]).stdout
