@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,7 @@ def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
     state = torch.load(ckpt_dir / "model_00024.pt", weights_only=True)
     assert state["step"] == 24 and "transformer.h.0.attn.c_attn.weight" in state["model"]
     assert [m["step"] for m in state["metrics"]] == list(range(1, 25))
+    assert state["metrics"][-1]["val_loss"] == metrics[24][1]  # saved after the last step's eval
 
     shown = json.loads(cli("runs", "show", run_id[:4], "--json", home=gptctl_home).stdout)
     assert shown["status"] == "completed" and shown["settings"]["max_steps"] == 24
@@ -108,7 +110,7 @@ def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):
     assert starts[1]["redone_steps"] == max(starts[0]["last_step"] - starts[1]["first_step"], 0)
 
 
-def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gptctl_home):
+def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gptctl_home, tmp_path):
     args = [*TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "400", "--checkpoint-interval", "3", "--run-name", "mine"]
     pretrain(gptctl_home, shakespeare, "--max-steps", "3", "--checkpoint-interval", "3", "--run-name", "other", run=cli)
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
@@ -130,7 +132,19 @@ def test_sigterm_interrupts_then_auto_resume_continues_that_run(shakespeare, gpt
     summary = json.loads(proc.stdout)
     assert summary["run_id"] == mine and summary["last_step"] == stopped_at + 3, summary
     assert f"from step {stopped_at}" in proc.stderr
-    assert sorted(losses(gptctl_home, mine)) == list(range(1, stopped_at + 4))
+    logged = losses(gptctl_home, mine)
+    assert sorted(logged) == list(range(1, stopped_at + 4))
+    # The same losses, to the bit, as the Trainer in-process: up to the stop with the first launch's schedule
+    # (its val losses at multiples of 4: this one also measures the step it ends at), then resumed
+    # from there with the settings the auto-resume stored.
+    stored = json.loads(cli("runs", "show", mine, "--json", home=gptctl_home).stdout)["settings"]
+    first, saved = train_in_process(shakespeare, tmp_path / "first", max_steps=stopped_at,
+                                    lr_decay_steps=400, checkpoint_interval=stopped_at)
+    assert {s: logged[s][0] for s in first} == {s: loss for s, (loss, _) in first.items()}
+    assert {s: logged[s][1] for s in first if s < stopped_at} == {s: v for s, (_, v) in first.items() if s < stopped_at}
+    then, _ = train_in_process(shakespeare, tmp_path / "then", resume_from=saved[stopped_at], max_steps=stopped_at + 3,
+                               checkpoint_interval=3, lr_decay_steps=stored["lr_decay_steps"])
+    assert {s: logged[s] for s in then} == then
     shown = json.loads(cli("runs", "show", mine, "--json", home=gptctl_home).stdout)
     assert [r["reason"] for r in shown["launches"]] == ["signal", "completed"]
     usage = shown["goodput"]
@@ -156,7 +170,7 @@ def test_two_processes_match_one_with_the_same_total_batch(shakespeare, gptctl_h
         assert two[step][0] == pytest.approx(one[step][0], rel=1e-5, abs=1e-5)
 
 
-def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
+def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home, tmp_path):
     pretrain(gptctl_home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "4", "--run-name", "base", run=cli)
     base = only_run_id(gptctl_home, "base")
     path = str(gptctl_home / checkpoint_rows(gptctl_home, base)[-1]["path"])
@@ -164,6 +178,11 @@ def test_resume_from_explicit_checkpoint_path(shakespeare, gptctl_home):
                     "--resume", "--checkpoint-path", path, "--json", run=cli)
     branch = json.loads(proc.stdout)["run_id"]
     assert sorted(losses(gptctl_home, branch)) == [5, 6, 7, 8]  # continued after step 4, in a new run
+    # ...from that checkpoint's weights, optimizer and data position: the Trainer resumed from it in-process
+    # logs the same losses to the bit (a fresh start at step 5 would not).
+    resumed, _ = train_in_process(shakespeare, tmp_path / "branch", resume_from=Path(path), max_steps=8,
+                                  checkpoint_interval=4)
+    assert losses(gptctl_home, branch) == resumed
 
 
 def test_resume_on_two_processes_continues_a_one_process_run(shakespeare, gptctl_home, tmp_path):
