@@ -359,6 +359,13 @@ def test_measured_mfus_pure():
 def test_estimate_function_direct():
     r = estimate(EstimateInputs(model="tiny", seq_len=256, batch_size=4, total_batch_size=1024, max_steps=10))
     assert r["grad_accum_steps"] == 1 and r["fits"] is True
+    # The verdict turns where the memory runs out, for the tiny model too: it fits at the largest
+    # micro-batch the estimate names, and not at one more.
+    top = r["max_micro_batch"]
+    edge = [estimate(EstimateInputs(model="tiny", seq_len=256, batch_size=b, total_batch_size=b * 256, max_steps=10))
+            for b in (top, top + 1)]
+    assert 4 < top and [e["fits"] for e in edge] == [True, False]
+    assert edge[0]["memory"]["total_bytes"] <= edge[0]["memory"]["gpu_memory_bytes"] < edge[1]["memory"]["total_bytes"]
 
 
 # ---- no heavy imports ---------------------------------------------------------------------------
