@@ -151,7 +151,8 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
     code, stopped_by = None, None
     try:
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
-                                              launch_settings.stop_timeout, worker_env(launch_settings))
+                                              launch_settings.stop_timeout, worker_env(launch_settings),
+                                              log=Path(run["run_dir"]) / launch.LAUNCHER_LOG)
     finally:
         try:  # a registry that cannot be written now (a full disk) is said by the CLI in one line
             db = open_registry(home, create=False, check_home=False)

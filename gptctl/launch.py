@@ -222,25 +222,13 @@ LAUNCHER_LOG = "launcher.log"
 
 
 def launcher_log(cmd: list[str]) -> Path | None:
-    """Where the launch of `cmd` (torchrun_command's) logs: launcher.log in the run's directory, beside
-    its train.log; on a node without the run (nodes other than node 0), launcher-HOST.log in the home.
-    None where neither can be told (the run's row cannot be read): torchrun's stderr then stays ours."""
+    """Where the launch of `cmd` (torchrun_command's) logs when its caller names no log: on a node without
+    the run (nodes other than node 0), launcher-HOST.log in the home. (Node 0's launcher, control.execute,
+    names the run's launcher.log, beside its train.log.) None otherwise: torchrun's stderr stays ours."""
     args = dict(zip(cmd, cmd[1:]))
-    if "--home" not in args:
+    if "--home" not in args or "--run-id" in args:
         return None
-    home = Path(args["--home"])
-    if "--run-id" not in args:
-        return home / f"launcher-{socket.gethostname()}.log"
-    import sqlite3
-
-    from gptctl.errors import UserError
-    from gptctl.registry import open_registry, queries
-
-    try:
-        run = queries.get_run(open_registry(home, create=False, check_home=False), args["--run-id"])
-        return Path(run["run_dir"]) / LAUNCHER_LOG
-    except (UserError, OSError, sqlite3.Error, KeyError, TypeError):
-        return None
+    return Path(args["--home"]) / f"launcher-{socket.gethostname()}.log"
 
 
 class Output:

@@ -100,7 +100,7 @@ def workers_in_process():
     from gptctl import launch
     from gptctl.engine import startup, worker
 
-    def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None):
+    def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None, log=None):
         assert "--nproc-per-node=1" in cmd and "--standalone" in cmd, f"one process only: {cmd}"
         argv = cmd[cmd.index("gptctl.engine.worker") + 1:]
         saved_env = dict(os.environ)

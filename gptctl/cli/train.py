@@ -235,8 +235,7 @@ def _finish(outcome: control.Outcome, as_json: bool) -> None:
         val = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "-"
         typer.echo(f"run {info['run_id']} {info['status']} at step {info['last_step']}/{info['max_steps']}: "
                    f"loss {loss}, val loss {val}; {len(info['checkpoints'])} checkpoint(s) in {info['run_dir']}", err=True)
-        if info["status"] in ("failed", "diverged") and outcome.run.get("error"):
-            typer.echo(f"error: {outcome.run['error']}", err=True)
+        # why it failed or diverged: the workers' own "error:" line, just above (runs show keeps it)
     raise typer.Exit(outcome.exit_code)
 
 
