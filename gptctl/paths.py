@@ -11,8 +11,11 @@ DB_NAME = "gptctl.db"
 def home_dir() -> Path:
     """The home directory (it need not exist yet); UserError when something else is in its place."""
     home = Path(os.environ.get("GPTCTL_HOME") or "runs")
-    if home.exists() and not home.is_dir():
-        raise UserError(f"GPTCTL_HOME: {home} is not a directory; point GPTCTL_HOME (or --home) at a directory")
+    try:
+        if home.exists() and not home.is_dir():
+            raise UserError(f"GPTCTL_HOME: {home} is not a directory; point GPTCTL_HOME (or --home) at a directory")
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise UserError(f"GPTCTL_HOME: {exc.strerror} ({home}); point GPTCTL_HOME (or --home) at a shorter path") from None
     return home
 
 
@@ -26,6 +29,10 @@ def writable_home() -> Path:
                         "at a directory you can write") from None
     if not os.access(home, os.W_OK | os.X_OK):
         raise UserError(f"GPTCTL_HOME: {home} is not writable; point GPTCTL_HOME (or --home) at a directory you can write")
+    registry = registry_path(home)
+    if registry.exists() and not os.access(registry, os.W_OK):  # its commands would write a copy in memory
+        raise UserError(f"GPTCTL_HOME: the registry {registry} is not writable; make it writable (chmod u+w), or "
+                        "point GPTCTL_HOME (or --home) at a home you can write")
     return home
 
 

@@ -75,8 +75,7 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
     train at the final LR; only a wsd run that has not started decaying moves its decay to the new end."""
     stored = TrainSettings.model_validate_json(run["settings"])
     changed = _describe_changes(changes, stored, run)
-    if changes and "batch_size" in changes:
-        changes = {**_same_tokens_per_step(stored, run), **changes}
+    changes = {**_same_tokens_per_step(stored, run, (changes or {}).get("batch_size")), **(changes or {})}
     settings = TrainSettings(**{**stored.model_dump(), **changes}) if changes else stored
     if max_steps is None or max_steps == settings.max_steps:
         return settings, changed
@@ -105,11 +104,18 @@ def resume_settings(run: dict[str, Any], max_steps: int | None,
     return settings, "; ".join(n for n in (note, changed) if n) or None
 
 
-def _same_tokens_per_step(stored: TrainSettings, run: dict[str, Any]) -> dict[str, Any]:
-    """What keeps a run's tokens per step when its micro-batch changes: the total batch, as its last launch
-    computed it, with the micro-steps derived from it again (the launch checks that they divide)."""
-    world = run.get("world_size") or 1
-    return {"total_batch_size": stored.tokens_per_step(world), "grad_accumulation_steps": None}
+def _same_tokens_per_step(stored: TrainSettings, run: dict[str, Any], batch_size: int | None) -> dict[str, Any]:
+    """What keeps what a run's steps compute on a launch with another micro-batch (`batch_size`) or number
+    of processes: its total batch as its last launch computed it (a finetune's default, None, counts the
+    processes, so it is fixed once a launch has run), the micro-steps derived from it again (the launch
+    checks that they divide), and the val tokens of an eval (--eval-steps counts micro-batches)."""
+    world = run.get("world_size")
+    if world is None or (batch_size is None and stored.total_batch_size is not None):
+        return {}
+    keep = {"total_batch_size": stored.tokens_per_step(world), "grad_accumulation_steps": None}
+    if batch_size is not None and stored.eval_steps * stored.batch_size % batch_size == 0:
+        keep["eval_steps"] = stored.eval_steps * stored.batch_size // batch_size
+    return keep
 
 
 def _describe_changes(changes: dict[str, Any] | None, stored: TrainSettings, run: dict[str, Any]) -> str | None:

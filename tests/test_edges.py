@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,12 +34,14 @@ def test_a_resume_may_change_the_micro_batch_and_keeps_the_tokens_per_step(shake
     assert "--batch-size 1 (was 2)" in result.stderr and "4 micro-steps of 1×32" in result.stderr, result.stderr
     run_id = only_run_id(home)
     settings = json.loads(cli("runs", "show", run_id, "--json", home=home).stdout)["settings"]
-    assert (settings["batch_size"], settings["total_batch_size"]) == (1, 128)
+    # the same tokens per step, and the same val tokens per eval (--eval-steps counts micro-batches)
+    assert (settings["batch_size"], settings["total_batch_size"], settings["eval_steps"]) == (1, 128, 4)
     resumed = losses(home, run_id)
     assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     assert {s: resumed[s] for s in range(1, 5)} == {s: reference[s] for s in range(1, 5)}  # before: bit for bit
     for step in range(5, 9):  # after: the same tokens summed in another order, equal within float rounding
         assert resumed[step][0] == pytest.approx(reference[step][0], rel=1e-5), step
+    assert resumed[8][1] == pytest.approx(reference[8][1], rel=1e-5)  # val loss over the same val tokens
 
 
 # --- the registry's faults, said as what they are -------------------------------------------------
@@ -47,7 +50,8 @@ def test_a_resume_may_change_the_micro_batch_and_keeps_the_tokens_per_step(shake
 def mounted(path: Path, *options: str, source: str = "tmpfs"):
     """A real mount for the test's lifetime (a small tmpfs to fill, or a read-only bind); skipped, with the
     reason, where this process may not mount."""
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():  # a directory to mount on (a bind mount may also cover one file)
+        path.mkdir(parents=True)
     kind = ["-t", "tmpfs"] if source == "tmpfs" else ["--bind"]
     done = subprocess.run(["mount", *kind, *options, source, str(path)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -274,3 +278,109 @@ def test_the_newest_run_of_a_name_does_not_depend_on_clocks(shakespeare, tmp_pat
         first, second = [r[0] for r in conn.execute("select id from runs order by rowid")]
         conn.execute("update runs set created_at = '2020-01-01T00:00:00+00:00' where id = ?", [second])
     assert json.loads(cli("runs", "show", "twin", "--json", home=home).stdout)["id"] == second
+
+
+def test_a_finetunes_default_total_batch_is_kept_on_a_launch_with_more_processes():
+    """A finetune's default total batch is batch × seq × processes: a resume on two processes doubled its
+    tokens per step, silently. It is fixed at what the run's last launch computed."""
+    from gptctl.resume import resume_settings
+    from gptctl.settings import TrainSettings
+
+    settings = TrainSettings(kind="finetune", model="tiny", seq_len=32, batch_size=8, total_batch_size=None,
+                             max_steps=8, warmup_steps=1)
+    run = {"id": "abc123", "name": "ft", "settings": settings.model_dump_json(), "last_step": 4, "world_size": 1}
+    resumed, note = resume_settings(run, None, {})
+    assert (resumed.total_batch_size, note) == (256, None)
+    with pytest.raises(ValueError, match="must be divisible"):
+        resumed.check_world(2)  # 8×32 on each of 2 processes is 512 tokens: said, never silently doubled
+    resumed, _ = resume_settings(run, None, {"batch_size": 4})
+    assert (resumed.tokens_per_step(2), resumed.resolved_accumulation(2)) == (256, 1)
+
+
+def test_the_registry_file_alone_read_only_refuses_writes_in_one_line(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    registry = home / "gptctl.db"
+    with mounted(registry, "-o", "ro", source=str(registry)):  # the file, read-only; its directory writable
+        assert json.loads(cli("runs", "list", "--json", home=home).stdout)[0]["name"] == "base"
+        for command in (["ckpt", "pin", "3"], ["ckpt", "prune", "--yes"], ["resume", "base", "--max-steps", "6"],
+                        ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "x"]):
+            one_line(cli(*command, home=home, check=False), "is not writable")
+        assert not list(home.glob("x-*"))
+
+
+def test_damage_anywhere_in_the_registry_is_moved_aside_by_rebuild(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    clean = tmp_path / "clean.db"
+    with sqlite3.connect(home / "gptctl.db") as conn:  # one file, no journal beside it
+        conn.execute(f"vacuum into '{clean}'")
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"gptctl.db{suffix}").unlink(missing_ok=True)
+    with sqlite3.connect(clean) as conn:
+        page = conn.execute("select rootpage from sqlite_master where name = 'metrics'").fetchone()[0]
+    raw = bytearray(clean.read_bytes())
+    raw[(page - 1) * 4096:page * 4096] = bytes(range(256)) * 16  # the metrics table's root page, garbage
+    (home / "gptctl.db").write_bytes(bytes(raw))
+    one_line(cli("runs", "show", "base", "--json", home=home, check=False), "is damaged", "registry rebuild")
+    rebuilt = cli("registry", "rebuild", home=home)
+    assert "damaged registry was moved" in rebuilt.stderr and list(home.glob("gptctl.db.damaged-*"))
+    assert json.loads(cli("runs", "show", "base", "--json", home=home).stdout)["last_step"] == 3
+
+
+def test_a_home_path_too_long_is_one_line(tmp_path):
+    one_line(cli("runs", "list", home=tmp_path / ("a" * 300), check=False), "too long")
+
+
+def test_a_full_disk_without_journal_files_is_still_said_as_a_full_disk(shakespeare, tmp_path):
+    """After a clean exit no -wal/-shm is left; SQLite then fails to make its shared-memory file on a full
+    disk (SQLITE_IOERR_SHMSIZE), which read as "no working locks"."""
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    with mounted(tmp_path / "disk", "-o", "size=64m") as disk:
+        copy = disk / "home"
+        shutil.copytree(home, copy, ignore=shutil.ignore_patterns("gptctl.db*", "*.pt"))
+        with sqlite3.connect(home / "gptctl.db") as conn:
+            conn.execute(f"vacuum into '{copy / 'gptctl.db'}'")
+        fill(disk)
+        said = cli("runs", "list", home=copy, check=False)
+        assert "working locks" not in said.stderr and "Traceback" not in said.stderr
+        assert said.returncode == 0 or "no space left" in said.stderr, said.stderr
+
+
+def test_a_write_that_fails_names_the_file_meant_not_its_temporary(tmp_path):
+    from gptctl.atomic import write_text_atomic
+
+    with mounted(tmp_path / "disk", "-o", "size=64k") as disk:
+        fill(disk)
+        with pytest.raises(OSError) as failed:
+            write_text_atomic(disk / "config.json", "x" * 100_000)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(disk / "config.json")
+
+
+KILLED_MID_TRANSACTION = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("pragma journal_mode = delete")  # as on a network filesystem
+conn.execute("pragma cache_size = 2")  # spill: pages of the open transaction reach the file itself
+conn.execute("begin immediate")
+conn.execute("update runs set name = 'HALF'")
+for i in range(3000):
+    conn.execute("insert into events (run_id, kind, detail) select id, 'x', ? from runs", ["x" * 200])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_read_only_home_with_a_hot_rollback_journal_reads_what_was_committed(shakespeare, tmp_path):
+    home = tmp_path / "home"
+    cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
+    clean = tmp_path / "clean.db"
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        conn.execute(f"vacuum into '{clean}'")
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"gptctl.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(clean, home / "gptctl.db")
+    subprocess.run([sys.executable, "-c", KILLED_MID_TRANSACTION, str(home / "gptctl.db")])
+    assert (home / "gptctl.db-journal").exists()
+    with mounted(tmp_path / "ro", "-o", "ro", source=str(home)) as ro:
+        assert [r["name"] for r in json.loads(cli("runs", "list", "--json", home=ro).stdout)] == ["base"]

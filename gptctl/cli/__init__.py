@@ -116,7 +116,11 @@ class GptctlGroup(TyperGroup):
             from gptctl.paths import registry_path
             from gptctl.registry import diagnose
 
-            path = registry_path(home_dir())
+            try:
+                path = registry_path(home_dir())
+            except UserError as bad_home:
+                typer.echo(f"Error: {bad_home}", err=True)
+                raise typer.Exit(2)
             typer.echo(f"Error: {diagnose.explain_file_error(exc, path) if fixable else diagnose.explain(exc, path)}",
                        err=True)
             raise typer.Exit(2)

@@ -13,7 +13,7 @@ from sqlite_utils.migrations import Migrations
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
 from gptctl.registry import storage
-from gptctl.registry.diagnose import REBUILD, explain, is_damaged
+from gptctl.registry.diagnose import REBUILD, STATE_FILES, explain, is_damaged
 from gptctl.registry.homepaths import RUN_DIR_NAME
 from gptctl.registry.migrations import migrations
 
@@ -93,7 +93,7 @@ def _open_snapshot(path: Path) -> Database:
     lease) stays in memory, and commands that must write refuse before they start (paths.writable_home)."""
     with tempfile.TemporaryDirectory(prefix="gptctl-snapshot-") as tmp:
         copy = Path(tmp) / path.name
-        for suffix in ("", "-wal"):
+        for suffix in STATE_FILES:  # a hot rollback journal too: opening the copy rolls it back, as SQLite would
             if Path(f"{path}{suffix}").is_file():
                 shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
         source = sqlite3.connect(copy)

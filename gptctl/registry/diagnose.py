@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 REBUILD = "`gptctl registry rebuild`"
+STATE_FILES = ("", "-wal", "-journal")  # the registry and the journals that hold its latest state
 
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 # What SQLite says when the filesystem's locks fail it (NFS without lockd, some FUSE and CIFS mounts).
@@ -27,7 +28,8 @@ def explain(exc: BaseException, path: Path) -> str:
     name = getattr(exc, "sqlite_errorname", "") or ""
     code = getattr(exc, "errno", None)
     text = str(exc)
-    if name.startswith("SQLITE_FULL") or code == errno.ENOSPC or "disk is full" in text:
+    if name.startswith("SQLITE_FULL") or code == errno.ENOSPC or "disk is full" in text or (
+            name.startswith("SQLITE_IOERR") and _nearly_full(path)):  # e.g. no room to grow the -shm file
         return (f"no space left on the disk holding the registry {path} ({_free(path)} free); free some space and "
                 "run the command again (the registry is intact)")
     if name.startswith("SQLITE_READONLY") or code in _READ_ONLY or "readonly database" in text:
@@ -66,11 +68,11 @@ def integrity_problem(path: Path) -> str | None:
     with tempfile.TemporaryDirectory(prefix="gptctl-check-") as tmp:
         copy = Path(tmp) / path.name
         try:
-            for suffix in ("", "-wal"):
+            for suffix in STATE_FILES:
                 if Path(f"{path}{suffix}").is_file():
                     shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
-        except OSError as exc:
-            return None if exc.errno == errno.ENOSPC else f"cannot read it: {exc.strerror}"
+        except OSError:
+            return None  # not readable (permissions, a full /tmp): no verdict on damage
         try:
             conn = sqlite3.connect(copy)
             try:
@@ -86,6 +88,13 @@ def integrity_problem(path: Path) -> str | None:
 def is_damaged(exc: BaseException, path: Path) -> bool:
     """Whether `exc` comes from real damage: only then may a rebuild move the registry aside."""
     return explain(exc, path).startswith(f"the registry {path} is damaged")
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _free(path: Path) -> str:
@@ -118,7 +127,8 @@ def _too_long(path: Path) -> bool:
         limit = os.pathconf(path.parent if path.parent.exists() else "/", "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    return any(len(os.fsencode(part)) > limit for part in path.parts) or len(os.fsencode(str(path))) >= 4096
+    # SQLite takes paths of at most 512 bytes, its journal's name ("-journal") included
+    return any(len(os.fsencode(part)) > limit for part in path.parts) or len(os.fsencode(str(path))) > 503
 
 
 # Conditions of the disk a user can fix in a second: one line, no traceback, wherever they happen.

@@ -140,6 +140,7 @@ class DirectoryLock:
             if self._inode() != dead:
                 return None
             fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=self.path.parent)
+            os.fchmod(fd, 0o644)  # as the lock it replaces: other users of a shared home read it
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.replace(tmp, self.path)
         finally:

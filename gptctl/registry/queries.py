@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,7 +121,10 @@ def refresh_status(db: Database, row: dict[str, Any]) -> dict[str, Any]:
         last = [m["time"] for m in db.query("select time from metrics where run_id = ? and time is not null "
                                             "order by step desc limit 1", [row["id"]])]
         ended = row["ended_at"] or (datetime.fromtimestamp(last[0], timezone.utc).isoformat(timespec="seconds") if last else now())
-        update_run(db, row["id"], status="stale", ended_at=ended)
+        try:
+            update_run(db, row["id"], status="stale", ended_at=ended)
+        except sqlite3.OperationalError:
+            pass  # a full disk or a read-only registry: still shown stale, recorded on a later look
         row = {**row, "status": "stale", "ended_at": ended}
     return row
 

@@ -19,7 +19,7 @@ from gptctl.paths import registry_path
 from gptctl.registry import files, queries
 from gptctl.registry.db import _open, run_directories, transaction
 from gptctl.errors import UserError
-from gptctl.registry.diagnose import explain, is_damaged
+from gptctl.registry.diagnose import explain, integrity_problem, is_damaged
 from gptctl.registry.homepaths import adopt
 
 RUN_INFO = "run.json"  # written by create_run beside config.json
@@ -56,6 +56,8 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
         report.moved_aside = _move_aside(path, "orphan-journal")
         report.moved_why = "the journal of a deleted registry (never replayed)"
     try:
+        if (problem := integrity_problem(path)) is not None:  # damage anywhere in the file, not only in runs
+            raise sqlite3.DatabaseError(problem)
         db = _open(path)
         db.execute("select count(*) from runs").fetchall()
     except sqlite3.Error as exc:
