@@ -46,6 +46,7 @@ from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
 from gptctl.registry import files, launches, open_registry, queries
+from gptctl.registry.db import BUSY_TIMEOUT_MS
 from gptctl.registry.locks import TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.settings import TrainSettings
 
@@ -130,10 +131,20 @@ class RegistryMetrics(Metrics):
             self.launch.restart(step, reached)
 
     def flush(self) -> None:
-        if self.enabled and self.buffer:
-            queries.write_metrics(self.db, self.run_id, self.buffer)
-            queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs show`
-        self.launch.update()
+        try:
+            if self.enabled and self.buffer:
+                queries.write_metrics(self.db, self.run_id, self.buffer)
+                queries.update_run(self.db, self.run_id, last_step=self.buffer[-1]["step"])  # progress for `runs show`
+            self.launch.update()
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise
+            # another process held the registry past the busy timeout (a long prune?): the rows stay
+            # buffered for the next flush rather than the run failing; its checkpoints carry them too
+            print(f"warning: the registry was busy for {BUSY_TIMEOUT_MS // 1000} s; metrics kept for the next write",
+                  flush=True)
+            self.last_flush = time.monotonic()
+            return
         self.buffer = []
         self.last_flush = time.monotonic()
 
