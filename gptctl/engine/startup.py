@@ -33,7 +33,17 @@ class StopFlag:
 # from run to run. Read by the libraries when torch loads them, so set before the import.
 FIXED_THREAD_POOLS = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
 
+# MKL's Conditional Numerical Reproducibility, which MKL's documentation lists, beside a fixed thread
+# count, among the conditions for the same results from run to run: AUTO keeps MKL's usual code path
+# for this CPU but with fixed cache sizes, deterministic reductions and static scheduling (with CNR
+# off, none of those is promised). A default only: a user's own MKL_CBWR (COMPATIBLE: one SSE2 code
+# path for every x86 CPU) is kept. MKL reads it at its first BLAS call. On the machine measured (2-core AMD
+# EPYC) it cost nothing measurable and gave the same bits as CNR off (benchmarks/exactness.py).
+REPRODUCIBLE_MKL = {"MKL_CBWR": "AUTO"}
+
 
 def pin_thread_pools() -> None:
     for name, value in FIXED_THREAD_POOLS.items():
         os.environ[name] = value
+    for name, value in REPRODUCIBLE_MKL.items():
+        os.environ.setdefault(name, value)

@@ -221,8 +221,11 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: Trai
 
 def pin_numerics(deterministic: bool) -> None:
     """The same inputs give the same bits. Always: a fixed number of threads (torch.set_num_threads also
-    turns MKL's dynamic thread choice off). With --deterministic, also deterministic algorithms only;
+    turns MKL's dynamic thread choice off) and MKL's CNR mode (`startup.REPRODUCIBLE_MKL`: the worker set
+    it before torch loaded; set again here for a Trainer in a process that did not, which it reaches
+    when MKL has made no BLAS call yet). With --deterministic, also deterministic algorithms only;
     cuBLAS reads its workspace setting when CUDA creates its handle, so this runs before that."""
+    pin_thread_pools()
     torch.set_num_threads(torch.get_num_threads())
     if deterministic:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
