@@ -27,11 +27,6 @@ def check_data(settings: TrainSettings, home: Path) -> str:
 
     if settings.data_root is None:
         raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
-    if settings.data_root.is_dir() and (problem := shard_problem(settings.data_root)):  # sizes, before any is read
-        raise UserError(f"--data-root: in {settings.data_root}, {problem}; restore it, or prepare the data again "
-                        "(`gptctl data prepare --force`)")
-    for split in ("train", "val"):
-        check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
     db = open_registry(home, create=False)
 
     def content(path: Path) -> str:
@@ -41,10 +36,13 @@ def check_data(settings: TrainSettings, home: Path) -> str:
             _VERIFIED.append(row + [known])
         return known
 
-    problem = shard_problem(settings.data_root, content)
-    if problem:
+    # Each shard's size before its sha256, and both before numpy reads a shard (a truncated one fails
+    # there in numpy's words)
+    if settings.data_root.is_dir() and (problem := shard_problem(settings.data_root, content)):
         raise UserError(f"--data-root: in {settings.data_root}, {problem}; restore it, or prepare the data again "
                         "(`gptctl data prepare --force`)")
+    for split in ("train", "val"):
+        check_split_size(settings.data_root, split, settings.batch_size, settings.seq_len)
     return fingerprint(settings.data_root)
 
 
