@@ -7,11 +7,13 @@ gptctl.gpus.peak_flops) to log MFU, so the two agree by construction.
 Assumptions (all stated in the output's `assumptions` too):
 
 * Compute, per token of training (forward + backward), PaLM appendix B / nanoGPT estimate_mfu:
-  ``6·N + 12·L·d·T`` with N = all parameters except the position embeddings (``wpe``).
-  Reason: wpe is a table lookup (no multiply-adds), whereas wte is tied to the lm_head, whose
-  d×V matmul over every token is real work (2·V·d forward + 4·V·d backward = 6·V·d) and is
-  counted by keeping wte in N. This is exactly nanoGPT's ``get_num_params()`` (non_embedding=True
-  subtracts only wpe). 12·L·d·T counts the attention score and value matmuls (QKᵀ and AV) without
+  ``6·N + 12·L·d·T`` with N = the parameters of every matmul: the blocks' and the head's, not the
+  table lookups. gpt2: all parameters except the position embeddings (``wpe``): wte is tied to the
+  lm_head, whose d×V matmul over every token is real work (2·V·d forward + 4·V·d backward = 6·V·d).
+  This is exactly nanoGPT's ``get_num_params()`` (non_embedding=True subtracts only wpe). modern: its
+  untied wte is a lookup and its lm_head the matmul, so N counts V·d once too; SwiGLU's three d×h
+  matrices are in N; RoPE, RMSNorm and QK-norm are elementwise (O(d) per token, not counted, as
+  LayerNorm is not). 12·L·d·T counts the attention score and value matmuls (QKᵀ and AV) without
   crediting causal masking, as PaLM/nanoGPT do.
 * Memory per GPU with mixed precision (autocast bf16/fp16): parameters stay fp32 (4 bytes/param)
   and AdamW keeps two fp32 moments (8 bytes/param); the fp32 parameters *are* the master weights.
@@ -25,6 +27,10 @@ Assumptions (all stated in the output's `assumptions` too):
   autocast, the two LayerNorm inputs of the fp32 residual stream (4 + 4 bytes), the 16-bit inputs
   of c_attn and c_fc (2 + 2), q, k, v (6), the attention output and its contiguous copy (2 + 2), the
   MLP's c_fc and GELU outputs (8 + 8): 38 bytes; in fp32 the same 17 values at 4 bytes: 68 bytes.
+  modern, the same way with r = h/d = 8/3 for SwiGLU's width: the two RMSNorm inputs (4 + 4), the
+  16-bit inputs of the q/k/v and MLP matmuls (2 + 2), q, k, v (6), QK-norm's fp32 inputs of q and k
+  (4 + 4), the rotated q and k (2 + 2), the attention output and its copy (2 + 2), the MLP's gate,
+  up, SiLU and product outputs (4 × 2r): 34 + 8r ≈ 55 bytes; in fp32 (all at 4 bytes) 52 + 16r ≈ 95.
   A recomputed block (--activation-checkpointing) keeps only its fp32 input (4 bytes) and, during
   backward, one block is rebuilt at a time (+ one block's worth). selective recomputes blocks
   0, 2, 4, …; full all of them. After the blocks: ln_f's input (4 bytes per s·b·h) and the loss.
@@ -32,11 +38,12 @@ Assumptions (all stated in the output's `assumptions` too):
   LOSS_CHUNK_ROWS rows of logits at a time (V·(4 + 2) bytes per row with autocast, V·4 in fp32);
   the whole-logits loss it replaced kept ``s·b·V·(act bytes + 8)``. benchmarks/memory.py measures
   these against real peaks.
-* Checkpoints: model weights in fp32 (4 bytes/param; tied wte/lm_head stored once) and, with the
-  optimizer, + 8 bytes/param of AdamW moments (--optimizer muon: 4 bytes/param of Muon momentum for
-  the block matrices, 12·L·d² params, and AdamW moments for the rest). Muon's Newton-Schulz
-  iterations add 5 × 56·d³ FLOPs per block per optimizer step on every GPU: for gpt2 124M at
-  524,288 tokens per step about 0.3% of the step's FLOPs.
+* Checkpoints: model weights in fp32 (4 bytes/param; tied wte/lm_head stored once, modern's
+  untied pair twice) and, with the optimizer, + 8 bytes/param of AdamW moments (--optimizer muon:
+  4 bytes/param of Muon momentum for the block matrices, and AdamW moments for the rest). Muon's
+  Newton-Schulz iterations add 5 × (4m²n + 2m³) FLOPs per m×n block matrix (m ≤ n) per optimizer
+  step on every GPU: 5 × 56·d³ per gpt2 block, for gpt2 124M at 524,288 tokens per step about 0.3%
+  of the step's FLOPs.
 * Multi-GPU: DDP ring allreduce of the fp32 gradients once per optimizer step,
   ``2(n-1)/n × 4·P / bandwidth``, assumed *not* overlapped with compute (pessimistic; DDP overlaps
   part of it with backward). Scaling efficiency = compute time / (compute + allreduce).
@@ -61,7 +68,8 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
-BLOCK_BYTES = {2: 38, 4: 68}  # bytes per s·b·h one block keeps for backward, by activation bytes (see above)
+# bytes per s·b·h one block keeps for backward, by architecture and activation bytes (see above)
+BLOCK_BYTES = {"gpt2": {2: 38, 4: 68}, "modern": {2: 34 + 8 * 8 / 3, 4: 52 + 16 * 8 / 3}}
 RESIDUAL_BYTES = 4  # the fp32 residual stream: all a recomputed block keeps
 LOSS_CHUNK_ROWS = 2048  # rows of logits alive at once; the engine's gptctl.engine.model.LOSS_CHUNK_ROWS
 CHECKPOINTING_MODES = ("none", "selective", "full")
@@ -69,7 +77,7 @@ MAX_SEARCHED_BATCH = 1 << 20
 
 
 def flop_params(shape: ModelShape) -> int:
-    """N of the FLOP formula: all parameters except the position embeddings (see module docstring)."""
+    """N of the FLOP formula: the blocks' parameters and the head's (see module docstring)."""
     return shape.num_params(include_embeddings=False) + shape.vocab_size * shape.n_embd
 
 
@@ -79,14 +87,14 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> float:
 
 
 def total_params(shape: ModelShape, seq_len: int) -> int:
-    """All parameters as the model holds them (wpe has seq_len rows; wte tied to lm_head, once)."""
-    return flop_params(shape) + seq_len * shape.n_embd
+    """All parameters as the model holds them (gpt2's wpe has seq_len rows; its wte tied to lm_head, once)."""
+    return ModelShape(shape.n_layer, shape.n_head, shape.n_embd, seq_len, shape.vocab_size, shape.arch).num_params()
 
 
 def muon_params(shape: ModelShape) -> int:
-    """Parameters --optimizer muon gives to Muon: the block matrices c_attn (3d×d), attn.c_proj (d×d),
-    c_fc (4d×d) and mlp.c_proj (d×4d): 12·L·d² (engine/optim.py's split)."""
-    return 12 * shape.n_layer * shape.n_embd ** 2
+    """Parameters --optimizer muon gives to Muon: the block matrices (engine/optim.py's split); 12·L·d²
+    for gpt2 (c_attn 3d×d, attn.c_proj d×d, c_fc 4d×d, mlp.c_proj d×4d)."""
+    return shape.n_layer * sum(rows * cols for rows, cols in shape.block_matrices())
 
 
 MUON_NS_STEPS = 5  # engine/optim.py's Newton-Schulz steps per update
@@ -95,8 +103,9 @@ MUON_NS_STEPS = 5  # engine/optim.py's Newton-Schulz steps per update
 def newton_schulz_flops(shape: ModelShape) -> int:
     """FLOPs of Muon's orthogonalisation per optimizer step, on every process (DDP replicates it). For an
     m×n matrix (m ≤ n) one Newton-Schulz iteration computes A = X·Xᵀ (2m²n), A·A (2m³) and B·X (2m²n);
-    per block that is 14d³ (c_attn) + 6d³ (attn.c_proj) + 18d³ (c_fc) + 18d³ (mlp.c_proj) = 56d³."""
-    return MUON_NS_STEPS * 56 * shape.n_layer * shape.n_embd ** 3
+    per gpt2 block that is 14d³ (c_attn) + 6d³ (attn.c_proj) + 18d³ (c_fc) + 18d³ (mlp.c_proj) = 56d³."""
+    per_iteration = sum(4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3 for r, c in shape.block_matrices())
+    return MUON_NS_STEPS * shape.n_layer * per_iteration
 
 
 def optimizer_bytes(shape: ModelShape, seq_len: int, optimizer: str) -> dict[str, int]:
@@ -119,7 +128,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, dtype: s
     """Activation memory of one micro-batch at its peak (end of forward), see the module docstring."""
     act = 4 if normalize_dtype(dtype) == "float32" else 2
     rows, h, V = seq_len * micro_batch, shape.n_embd, shape.vocab_size
-    block = BLOCK_BYTES[act] * rows * h
+    block = round(BLOCK_BYTES[shape.arch][act] * rows * h)
     recomputed = recomputed_blocks(shape.n_layer, checkpointing)
     blocks = (shape.n_layer - recomputed) * block + recomputed * RESIDUAL_BYTES * rows * h
     if recomputed:
@@ -186,6 +195,7 @@ class EstimateInputs:
     gpu: str = "rtx3090"
     num_gpus: int = 1
     model: str = "gpt2"
+    arch: str = "gpt2"
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -206,7 +216,7 @@ class EstimateInputs:
     def from_settings(cls, settings: TrainSettings, **estimate_only: Any) -> "EstimateInputs":
         """The run `gptctl pretrain` (or `finetune`) would make of these settings, on `estimate_only`'s GPUs."""
         shape = settings.shape
-        return cls(model=settings.model, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+        return cls(model=settings.model, arch=shape.arch, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
                    seq_len=settings.seq_len, batch_size=settings.batch_size, total_batch_size=settings.total_batch_size,
                    max_steps=settings.max_steps, dtype=settings.dtype,
                    keep_last_n_checkpoints=settings.keep_last_n_checkpoints,
@@ -224,6 +234,7 @@ def resolve_shape(inp: EstimateInputs) -> ModelShape:
         n_head=inp.n_head or preset.n_head,
         n_embd=inp.n_embd or preset.n_embd,
         block_size=inp.seq_len,
+        arch=inp.arch,
     )
     if shape.n_embd % shape.n_head:
         raise UserError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
@@ -272,6 +283,7 @@ def run_shape(settings: dict[str, Any]) -> tuple[ModelShape, int] | None:
         n_head=int(settings.get("n_head") or preset.n_head),
         n_embd=int(settings.get("n_embd") or preset.n_embd),
         block_size=seq_len,
+        arch=settings.get("arch") or "gpt2",
     )
     return shape, seq_len
 
@@ -366,7 +378,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         "num_gpus": n,
         "dtype": dtype,
         "model": {
-            "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "arch": shape.arch, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
             "vocab_size": shape.vocab_size, "seq_len": inp.seq_len,
             "params": params, "flop_params": flop_params(shape),
         },
@@ -418,7 +430,8 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         total_days=total_seconds / 86400,
         total_human=human_duration(total_seconds),
         assumptions=[
-            "FLOPs/token = 6N + 12·L·d·T, N = all params except position embeddings (nanoGPT/PaLM)",
+            "FLOPs/token = 6N + 12·L·d·T, N = the params of every matmul: blocks and head, not the embedding "
+            "lookups (nanoGPT/PaLM)",
             ("fp32 params, grads and AdamW moments (16 B/param)" if inp.optimizer == "adamw" else
              "fp32 params and grads; AdamW moments for embeddings and 1-D params, one Muon momentum buffer "
              f"for the block matrices; Newton-Schulz: {MUON_NS_STEPS} iterations, 56·d³ FLOPs per block each, "
@@ -426,8 +439,9 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             + (f"; {dtype} autocast activations + 2 B/param autocast weight cache" if dtype != "float32"
                else "; fp32 activations")
             + "; + 1 GiB CUDA overhead",
-            "activations counted per tensor (Korthikanti et al. 2022's method): per layer 38·s·b·h bytes with "
-            "autocast (68 in fp32), 4·s·b·h for a recomputed block; chunked loss: 2048 rows of logits at a time; "
+            "activations counted per tensor (Korthikanti et al. 2022's method): per layer "
+            f"{BLOCK_BYTES[shape.arch][2]:.0f}·s·b·h bytes with autocast ({BLOCK_BYTES[shape.arch][4]:.0f} in fp32), "
+            "4·s·b·h for a recomputed block; chunked loss: 2048 rows of logits at a time; "
             "gradients (4 B/param) replace activations during backward, so the peak holds the larger of the two",
             "allreduce not overlapped with compute" if n > 1 else "single GPU: no communication",
         ],

@@ -168,9 +168,7 @@ def read_checkpoint(path: Path, option: str) -> tuple[dict[str, Any], TrainSetti
 def parent_model(path: Path, option: str) -> dict[str, Any]:
     """The model settings of the checkpoint a run starts from (loaded as plain data only)."""
     parent = read_checkpoint(path, option)[1]
-    shape = parent.shape
-    return {"model": parent.model, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
-            "block_size": shape.block_size}
+    return {"model": parent.model, **parent.shape.model_settings()}
 
 
 def refuse_if_done(home: Path, run: dict[str, Any], settings: TrainSettings) -> None:

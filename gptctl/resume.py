@@ -23,7 +23,7 @@ CHANGEABLE_ON_RESUME = frozenset(
     # --nproc-per-node; resume_settings keeps the tokens per step (a requeue onto a smaller GPU).
     | {"batch_size"}
 )
-SHAPE_OPTIONS = ("model", "n_layer", "n_head", "n_embd", "seq_len")
+SHAPE_OPTIONS = ("arch", "model", "n_layer", "n_head", "n_embd", "seq_len")
 OVERRIDE = "--override-settings"
 
 
@@ -49,8 +49,9 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
         raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
                         "state; drop the option, or start a new run from its weights (--init-from RUN)")
     if unused := wanted.unused_options(sorted(given)):
-        raise UserError(f"{option_name(unused[0])}: {was} --optimizer {stored.optimizer}, which does not use it; "
-                        "drop the option")
+        name, setting, _ = unused[0]
+        raise UserError(f"{option_name(name)}: {was} {option_name(setting)} {getattr(stored, setting)}, which does "
+                        "not use it; drop the option")
     if "data_fingerprint" in changes and stored.data_fingerprint is not None and not override:
         raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "
                         f"trained on (fingerprint {_short(stored.data_fingerprint)} then, "

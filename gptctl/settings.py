@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from gptctl.deadline import DEFAULT_MARGIN, parse_deadline
 from gptctl.errors import UserError
-from gptctl.presets import PRESETS, ModelShape
+from gptctl.presets import ARCHS, PRESETS, RECIPES, ModelShape
 from gptctl.schedule import Schedule
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let "name\n" through
@@ -26,6 +26,9 @@ SEED_MAX = 2**32 - 1
 PRETRAIN_ONLY = {"json_schema_extra": {"only": "pretrain"}}
 FINETUNE_ONLY = {"json_schema_extra": {"only": "finetune"}}
 NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
+# Options that mean something only when another setting has a value: given otherwise, they are refused.
+NEEDS_MUON = {"json_schema_extra": {"needs": ("optimizer", "muon")}}
+NEEDS_MODERN = {"json_schema_extra": {"needs": ("arch", "modern")}}
 
 # Settings of earlier versions that TrainSettings still reads (as --lr-scheduler): stored runs,
 # checkpoints and config files written by them keep loading.
@@ -139,6 +142,13 @@ class ModelSettings(_Settings):
     """Model: the preset and what overrides it."""
     panel: ClassVar[str] = "Model"
 
+    recipe: Literal[tuple(RECIPES)] = Field(
+        "classic", description="Training recipe: classic (GPT-2's: --arch gpt2, AdamW, cosine) or speedrun (--arch "
+        "modern, Muon, wsd and the speedruns' learning rates: GPT-2's loss in a fraction of the tokens). Options "
+        "given explicitly override the recipe's.", **PRETRAIN_ONLY)
+    arch: Literal[ARCHS] = Field(
+        "gpt2", description="Architecture: gpt2 (learned positions, LayerNorm, GELU, tied head) or modern (RoPE, "
+        "RMSNorm, QK-norm, SwiGLU, no biases, untied head; exports as Qwen3).", **PRETRAIN_ONLY)
     model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS), **PRETRAIN_ONLY)
     n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.", **PRETRAIN_ONLY)
     n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.", **PRETRAIN_ONLY)
@@ -232,19 +242,16 @@ class OptimizerSettings(_Settings):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
     muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
-                           "√max(1, rows/cols) per matrix; follows the same schedule).")
-    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).")
+                           "√max(1, rows/cols) per matrix; follows the same schedule).", **NEEDS_MUON)
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).", **NEEDS_MUON)
     muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
-                                     "block matrices.")
-
-    def unused_options(self, given: Iterable[str]) -> list[str]:
-        """The options among `given` (set by the user, not by default) that this optimizer ignores, at a
-        value of their own: stored settings and saved config files carry every field at its default, so
-        only what was given, and differs, tells a user's mistake."""
-        if self.optimizer == "muon":
-            return []
-        fields = OptimizerSettings.model_fields
-        return [n for n in given if n.startswith("muon_") and getattr(self, n) != fields[n].default]
+                                     "block matrices.", **NEEDS_MUON)
+    embedding_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the token embedding "
+                                       "(AdamW). (default: --max-lr)", **NEEDS_MODERN)
+    head_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the untied head (AdamW). "
+                                  "(default: --max-lr)", **NEEDS_MODERN)
+    scalar_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the RMSNorm gains (AdamW). "
+                                    "(default: --max-lr)", **NEEDS_MODERN)
 
 
 class ScheduleSettings(_Settings):
@@ -442,8 +449,12 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         if self.block_size is not None and self.seq_len > self.block_size:
             raise ValueError(f"--seq-len ({self.seq_len}) must not exceed the model's context of {self.block_size} tokens")
         if self.optimizer == "muon" and self.model_parallel:
-            raise ValueError("--optimizer muon: Muon orthogonalises whole matrices, which --model-parallel shards "
-                             "across processes; drop --model-parallel (DDP) or use --optimizer adamw")
+            which = " (the speedrun recipe's)" if self.recipe == "speedrun" else ""
+            raise ValueError(f"--optimizer muon{which}: Muon orthogonalises whole matrices, which --model-parallel "
+                             "shards across processes; drop --model-parallel (DDP) or use --optimizer adamw")
+        if shape.arch == "modern" and shape.head_dim % 2:
+            raise ValueError(f"--arch modern: rotary embeddings need an even head size; --n-embd / --n-head is "
+                             f"{shape.head_dim}")
         return self
 
     @property
@@ -454,7 +465,19 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
             n_head=self.n_head or preset.n_head,
             n_embd=self.n_embd or preset.n_embd,
             block_size=self.block_size or self.seq_len,
+            arch=self.arch,
         )
+
+    def unused_options(self, given: Iterable[str]) -> list[tuple[str, str, str]]:
+        """(option, setting, value it needs) for the options among `given` (set by the user, not by default) that
+        these settings ignore, at a value of their own: stored settings and saved config files carry every
+        field at its default, so only what was given, and differs, tells a user's mistake."""
+        unused = []
+        for name in given:
+            needs = _needs(name)
+            if needs and getattr(self, needs[0]) != needs[1] and getattr(self, name) != TrainSettings.model_fields[name].default:
+                unused.append((name, *needs))
+        return unused
 
     def check_world(self, world_size: int) -> None:
         """Raise ValueError when the batch or the sharding does not split over `world_size` processes."""
@@ -473,6 +496,23 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         warmup = self.warmup_steps if self.seq_len_warmup_steps is None else self.seq_len_warmup_steps
         stage = stages - 1 if warmup == 0 else min((step - 1) * stages // warmup, stages - 1)
         return self.min_seq_length << stage
+
+
+def _needs(name: str) -> tuple[str, str] | None:
+    """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
+    field = setting_field(name)
+    extra = field.json_schema_extra if field is not None else None
+    return extra.get("needs") if isinstance(extra, dict) else None
+
+
+def recipe_values(chosen: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the recipe `chosen` names that stand: those the user (or the parent checkpoint)
+    did not choose, less those that need what was chosen otherwise (speedrun's embedding LR on --arch
+    gpt2). An unknown recipe gives nothing here; validation names it."""
+    preset = {k: v for k, v in RECIPES.get(chosen.get("recipe", "classic"), {}).items() if k not in chosen}
+    merged = {**preset, **chosen}
+    unmet = lambda k: (n := _needs(k)) and merged.get(n[0], TrainSettings.model_fields[n[0]].default) != n[1]  # noqa: E731
+    return {k: v for k, v in preset.items() if not unmet(k)}
 
 
 def option_name(field: str) -> str:
@@ -513,15 +553,17 @@ def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None
     """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
     and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
     given = {k: v for k, v in given.items() if v is not None}
-    values = {**(defaults or {}), **given, **fixed}
+    values = {**(defaults or {}), **recipe_values({**given, **fixed}), **given, **fixed}
     launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
         settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
     if unused := settings.unused_options(sorted(given)):
-        raise UserError(f"{option_name(unused[0])}: applies only with --optimizer muon; add --optimizer muon, "
-                        "or drop the option (from the command line or the --config file)")
+        name, setting, value = unused[0]
+        needs = f"{option_name(setting)} {value}"
+        raise UserError(f"{option_name(name)}: applies only with {needs}; add {needs}, or drop the option "
+                        "(from the command line or the --config file)")
     return settings, launch_settings
 
 

@@ -13,7 +13,7 @@ from gptctl.cli import app
 from gptctl.preflight import parent_model
 from gptctl.data.tokenizer import get_encoding
 from gptctl.engine.checkpoint import save_atomic
-from gptctl.engine.hf import load_hf_gpt2, write_checkpoint
+from gptctl.engine.hf import load_hf, write_checkpoint
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.sample import Sampler
 from gptctl.errors import UserError
@@ -99,8 +99,8 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokens(checkpo
 
 
 def test_an_hf_gpt2_imports_with_the_same_logits_and_padding_takes_no_probability(hf_dir, tmp_path):
-    state, settings = load_hf_gpt2(str(hf_dir), "--pretrained-checkpoint")
-    assert settings == {"model": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
+    state, settings = load_hf(str(hf_dir), "--pretrained-checkpoint")
+    assert settings == {"model": "tiny", "arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
     model.load_state_dict(state)  # strict: every name and shape matches
     ours = gptctl_logits(model, tokens())
@@ -119,7 +119,7 @@ def test_an_hf_gpt2_imports_with_the_same_logits_and_padding_takes_no_probabilit
     weights = {name.removeprefix("transformer."): t for name, t in weights.items()}
     weights["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     torch.save(weights, legacy / "pytorch_model.bin")
-    legacy_state, _ = load_hf_gpt2(str(legacy), "--init-from")
+    legacy_state, _ = load_hf(str(legacy), "--init-from")
     assert legacy_state.keys() == state.keys()
     assert all(torch.equal(legacy_state[k], state[k]) for k in state)
 
@@ -127,7 +127,7 @@ def test_an_hf_gpt2_imports_with_the_same_logits_and_padding_takes_no_probabilit
 def test_export_then_import_is_the_identity(checkpoint, tmp_path):
     assert export(str(checkpoint), "-o", str(tmp_path / "out")).exit_code == 0
     original = Sampler(checkpoint, "cpu").model.state_dict()
-    state, _ = load_hf_gpt2(str(tmp_path / "out"), "--init-from")
+    state, _ = load_hf(str(tmp_path / "out"), "--init-from")
     assert state.keys() == original.keys()
     for name, tensor in original.items():
         if name not in ("transformer.wte.weight", "lm_head.weight"):
@@ -211,7 +211,7 @@ def test_malicious_pickles_are_refused_and_run_nothing(tmp_path, monkeypatch, hf
     (hf_dir / "model.safetensors").unlink()
     torch.save({"wte.weight": Evil()}, hf_dir / "pytorch_model.bin")
     with pytest.raises(UserError, match="--pretrained-checkpoint: .*not a plain-data checkpoint"):
-        load_hf_gpt2(str(hf_dir), "--pretrained-checkpoint")
+        load_hf(str(hf_dir), "--pretrained-checkpoint")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -219,14 +219,14 @@ def test_import_refuses_what_is_not_gptctls_gpt2(hf_dir, monkeypatch, tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(UserError, match=r"--init-from: .*activation_function='relu'; gptctl's GPT-2 needs 'gelu_new'"):
-        load_hf_gpt2(str(hf_dir), "--init-from")
+        load_hf(str(hf_dir), "--init-from")
     (hf_dir / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     with pytest.raises(UserError, match="does not hold the GPT-2 its config.json describes .*transformer.h.2"):
-        load_hf_gpt2(str(hf_dir), "--pretrained-checkpoint")
+        load_hf(str(hf_dir), "--pretrained-checkpoint")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="'openai-community/gpt2' is neither a directory nor a model in the local"):
-        load_hf_gpt2("openai-community/gpt2", "--pretrained-checkpoint")
+        load_hf("openai-community/gpt2", "--pretrained-checkpoint")
 
 
 @pytest.mark.slow
@@ -269,7 +269,7 @@ def test_finetune_and_pretrain_start_from_hugging_face_weights(hf_dir, shakespea
         assert run["settings"]["n_embd"] == 64 and run["settings"]["seq_len"] == 64
     # Both runs started from the imported weights: after 3 small steps they are still within reach of them
     # (the HF weights have std 0.2; a fresh gptctl init would be ~0.3 away on average).
-    hf_state, _ = load_hf_gpt2(str(hf_dir), "--init-from")
+    hf_state, _ = load_hf(str(hf_dir), "--init-from")
     for summary in (ft, pt):
         trained = torch.load(summary["checkpoints"][-1], weights_only=True)["model"]
         for name in ("transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"):

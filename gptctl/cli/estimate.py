@@ -14,7 +14,7 @@ DEFAULT_GPU = "rtx3090"  # the single consumer card most nanoGPT users train GPT
 
 # The training settings an estimate depends on: the same options, parsing, checks and defaults as
 # `gptctl pretrain` (FINETUNE_DEFAULTS with --finetune), so an estimate is of the run training would make.
-ESTIMATED = frozenset({"model", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
+ESTIMATED = frozenset({"recipe", "arch", "model", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
                        "max_steps", "warmup_steps", "dtype", "keep_last_n_checkpoints", "permanent_checkpoints",
                        "activation_checkpointing", "optimizer"})
 
@@ -92,7 +92,7 @@ def _print_estimate(r) -> None:
     m, mem = r["model"], r["memory"]
     table = Table("quantity", "value", title=f"{r['num_gpus']}× {r['gpu_name']} ({r['dtype']})")
     rows = [
-        ("model", f"L={m['n_layer']} H={m['n_head']} d={m['n_embd']} T={m['seq_len']} ({m['params'] / 1e6:.1f}M params)"),
+        ("model", f"{m['arch']} L={m['n_layer']} H={m['n_head']} d={m['n_embd']} T={m['seq_len']} ({m['params'] / 1e6:.1f}M params)"),
         ("batch", f"{r['batch_size']} × {m['seq_len']} × {r['num_gpus']} GPU × {r['grad_accum_steps']} accum = {r['total_batch_size']:,} tokens/step"),
         ("FLOPs per token", f"{r['flops_per_token']:.4g}"),
         ("FLOPs per step", f"{r['flops_per_step']:.4g}"),

@@ -30,8 +30,8 @@ def export_cmd(
     checkpoint: str = typer.Argument(..., metavar="RUN[:STEP]|PATH",
                                      help="A run (its newest valid checkpoint), RUN:STEP, or a checkpoint file."),
     fmt: str = typer.Option("hf", "--format", show_default=False,
-                            help="hf: a directory transformers.GPT2LMHeadModel.from_pretrained loads, with GPT-2 "
-                                 "tokenizer files; safetensors: gptctl's own weights and gptctl.json. (default: hf)"),
+                            help="hf: a directory transformers' AutoModelForCausalLM.from_pretrained loads (GPT2LMHeadModel "
+                                 "for --arch gpt2, Qwen3ForCausalLM for modern), with GPT-2 tokenizer files; safetensors: gptctl's own weights and gptctl.json. (default: hf)"),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write; must be new or empty."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output directory."),
 ):
@@ -52,11 +52,12 @@ def export_cmd(
 
     typer.echo(f"exporting {path}: {loaded.describe()}", err=True)
     console = Console(stderr=True)
-    info = {"model": loaded.settings.model, "kind": loaded.settings.kind, "step": loaded.step}
+    info = {"model": loaded.settings.model, "recipe": loaded.settings.recipe, "kind": loaded.settings.kind,
+            "step": loaded.step}
     with console.status(f"writing {out}") if console.is_terminal else nullcontext():
         names = hf.export(loaded.model, loaded.enc, fmt, out, info)
     typer.echo(f"wrote {', '.join(names)}", err=True)
     if fmt == "hf":
-        typer.echo(f'load it with transformers: GPT2LMHeadModel.from_pretrained("{out}"), '
+        typer.echo(f'load it with transformers: AutoModelForCausalLM.from_pretrained("{out}"), '
                    f'AutoTokenizer.from_pretrained("{out}")', err=True)
     typer.echo(str(out))

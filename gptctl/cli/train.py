@@ -60,7 +60,7 @@ def pretrain(
         if init_from is not None:
             from gptctl.refs import checkpoint_for_reading
 
-            shape_options = [o for o in ("model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
+            shape_options = [o for o in ("arch", "model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
             if shape_options:
                 raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
             parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from", home_dir()))

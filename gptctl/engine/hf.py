@@ -1,7 +1,10 @@
-"""Hugging Face GPT-2 interop: export gptctl models as transformers directories, import HF GPT-2 weights.
+"""Hugging Face interop: export gptctl models as transformers directories, import their weights.
 
-gptctl's parameter names are HF's, with two differences: HF's Conv1D stores c_attn, c_proj and c_fc
-weights transposed relative to nn.Linear, and gptctl pads the vocabulary from 50257 to 50304 rows.
+--arch gpt2 is HF's GPT2LMHeadModel: gptctl's parameter names are HF's, with two differences: HF's
+Conv1D stores c_attn, c_proj and c_fc weights transposed relative to nn.Linear, and gptctl pads the
+vocabulary from 50257 to 50304 rows. --arch modern is HF's Qwen3ForCausalLM (RMSNorm, RoPE, QK-norm,
+SwiGLU, no biases, untied head): the leaves have Qwen3's names and the containers GPT-2's, so
+QWEN3_NAMES renames one into the other; the vocabulary is padded the same way.
 transformers itself is never imported: the files are plain JSON and safetensors.
 """
 
@@ -18,7 +21,7 @@ from gptctl.data.tokenizer import EOT_TOKEN
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.errors import UserError
-from gptctl.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, ModelShape
+from gptctl.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, RMS_NORM_EPS, ROPE_THETA, ModelShape
 from gptctl.settings import TrainSettings
 
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -26,6 +29,11 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older tr
 SETTINGS_FILE = "gptctl.json"
 TIED = "lm_head.weight"  # gptctl and HF both tie it to transformer.wte.weight
 EOT_TEXT = "<|endoftext|>"
+# gptctl's modern names -> Qwen3's, applied in order (and the other way round on import).
+QWEN3_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+               (".attn.", ".self_attn."), (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+               ("transformer.ln_f.", "model.norm."))
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # padded to 50304 rows in gptctl
 
 
 def require_safetensors(option: str):
@@ -39,22 +47,64 @@ def require_safetensors(option: str):
 # --- gptctl -> Hugging Face
 
 
-def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gptctl's state dict under HF GPT2LMHeadModel's names and layouts, on the real 50257-token vocabulary."""
+def _renamed(name: str, pairs) -> str:
+    for old, new in pairs:
+        name = name.replace(old, new)
+    return name
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], arch: str = "gpt2") -> dict[str, torch.Tensor]:
+    """gptctl's state dict under HF's names and layouts (GPT2LMHeadModel or Qwen3ForCausalLM), on the
+    real 50257-token vocabulary."""
     out = {}
     for name, tensor in state.items():
-        if name == TIED:
+        if name == TIED and arch == "gpt2":
             continue  # HF re-ties lm_head to wte from tie_word_embeddings; safetensors refuses shared tensors
-        if name == "transformer.wte.weight":
+        if name in VOCAB_ROWS:
             tensor = tensor[:GPT2_VOCAB_SIZE]  # the padded rows are no tokens
-        if name.endswith(CONV1D_WEIGHTS):
+        if arch == "gpt2" and name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
-        out[name] = tensor.detach().contiguous()
+        out[_renamed(name, QWEN3_NAMES) if arch == "modern" else name] = tensor.detach().contiguous()
     return out
 
 
 def hf_config(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for transformers' GPT2LMHeadModel with exactly gptctl's architecture."""
+    """config.json for the transformers architecture that computes exactly gptctl's model."""
+    return (_qwen3_config if config.arch == "modern" else _gpt2_config)(config, dtype)
+
+
+def _qwen3_config(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": GPT2_VOCAB_SIZE,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head,  # full multi-head attention
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": RMS_NORM_EPS,
+        # transformers 5 reads rope_parameters, earlier versions rope_theta
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "rope_theta": ROPE_THETA,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.n_layer,
+        "initializer_range": 0.02,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _gpt2_config(config: GPTConfig, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -134,8 +184,8 @@ def tokenizer_files(enc, block_size: int) -> dict[str, str]:
 
 
 def _write_hf(directory: Path, model: GPT, enc, info: dict[str, Any]) -> None:
-    state = hf_state_dict(model.state_dict())
-    dtype = state["transformer.wte.weight"].dtype
+    state = hf_state_dict(model.state_dict(), model.config.arch)
+    dtype = model.lm_head.weight.dtype
     require_safetensors("--format").save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n")
     for name, text in tokenizer_files(enc, model.config.block_size).items():
@@ -213,7 +263,10 @@ def locate(dir_or_name: str, option: str) -> Path:
 
 
 def _check_config(config: dict[str, Any], where: Path, option: str) -> ModelShape:
-    """The model's shape, if the config describes exactly gptctl's architecture; else a UserError saying what differs."""
+    """The model's shape, if the config describes exactly one of gptctl's architectures; else a UserError
+    saying what differs."""
+    if config.get("model_type") == "qwen3":
+        return _check_qwen3(config, where, option)
     n_embd, n_head = config.get("n_embd"), config.get("n_head")
     expected = {
         "model_type": ("gpt2",),
@@ -230,7 +283,8 @@ def _check_config(config: dict[str, Any], where: Path, option: str) -> ModelShap
         value = config.get(key, defaults.get(key))
         if value not in allowed:
             raise UserError(f"{option}: {where}/config.json has {key}={value!r}; gptctl's GPT-2 needs "
-                            + " or ".join(repr(a) for a in allowed))
+                            + " or ".join(repr(a) for a in allowed) + (" (or model_type 'qwen3': --arch modern)"
+                                                                       if key == "model_type" else ""))
     if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise UserError(f"{option}: {where}/config.json has layer_norm_epsilon={config['layer_norm_epsilon']}; "
                         "gptctl's GPT-2 needs 1e-05")
@@ -241,6 +295,37 @@ def _check_config(config: dict[str, Any], where: Path, option: str) -> ModelShap
         raise UserError(f"{option}: {where}/config.json lacks n_layer, n_head, n_embd or n_positions") from None
     if min(shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) <= 0 or shape.n_embd % shape.n_head:
         raise UserError(f"{option}: {where}/config.json has an impossible shape {shape}")
+    return shape
+
+
+def _check_qwen3(config: dict[str, Any], where: Path, option: str) -> ModelShape:
+    """--arch modern's shape from a Qwen3 config.json that describes exactly it."""
+    try:
+        shape = ModelShape(n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
+                           n_embd=int(config["hidden_size"]), block_size=int(config["max_position_embeddings"]),
+                           arch="modern")
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{option}: {where}/config.json lacks num_hidden_layers, num_attention_heads, hidden_size "
+                        "or max_position_embeddings") from None
+    if min(shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) <= 0 or shape.n_embd % shape.n_head:
+        raise UserError(f"{option}: {where}/config.json has an impossible shape {shape}")
+    rope = config.get("rope_parameters") or {}
+    expected = {
+        "vocab_size": (config.get("vocab_size"), GPT2_VOCAB_SIZE),  # token ids must mean what GPT-2's BPE means
+        "intermediate_size": (config.get("intermediate_size"), shape.mlp_hidden),
+        "num_key_value_heads": (config.get("num_key_value_heads", shape.n_head), shape.n_head),
+        "head_dim": (config.get("head_dim", shape.head_dim), shape.head_dim),
+        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+        "rope_theta": (rope.get("rope_theta", config.get("rope_theta", ROPE_THETA)), ROPE_THETA),
+        "rope_type": (rope.get("rope_type", "default"), "default"),
+        "rms_norm_eps": (config.get("rms_norm_eps", RMS_NORM_EPS), RMS_NORM_EPS),
+        "attention_bias": (config.get("attention_bias", False), False),
+        "use_sliding_window": (config.get("use_sliding_window", False), False),
+        "tie_word_embeddings": (config.get("tie_word_embeddings", False), False),
+    }
+    for key, (value, needed) in expected.items():
+        if value != needed:
+            raise UserError(f"{option}: {where}/config.json has {key}={value!r}; gptctl's --arch modern needs {needed!r}")
     return shape
 
 
@@ -267,12 +352,12 @@ def _model_settings(shape: ModelShape) -> dict[str, Any]:
     """What preflight.parent_model returns for a gptctl checkpoint: a preset name and the explicit shape."""
     same = (shape.n_layer, shape.n_head, shape.n_embd)
     preset = next((name for name, p in PRESETS.items() if (p.n_layer, p.n_head, p.n_embd) == same), "gpt2")
-    return {"model": preset, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
-            "block_size": shape.block_size}
+    return {"model": preset, **shape.model_settings()}
 
 
-def load_hf_gpt2(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict for gptctl's GPT with the vocabulary padded to 50304, model settings) of an HF GPT-2.
+def load_hf(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict for gptctl's GPT with the vocabulary padded to 50304, model settings) of an HF GPT-2 or
+    of a Qwen3 of --arch modern's shape.
 
     `dir_or_name` is a directory (config.json + weights) or a model name in the local HF cache;
     `option` names the command-line option in error messages.
@@ -284,9 +369,13 @@ def load_hf_gpt2(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor]
         raise UserError(f"{option}: {directory}/config.json is missing or not JSON ({exc})") from None
     shape = _check_config(config, directory, option)
     weights = _read_weights(directory, option)
+    gpt2 = shape.arch == "gpt2"
 
     state, lm_head = {}, None
     for name, tensor in weights.items():
+        if not gpt2:
+            state[_renamed(name, [(new, old) for old, new in reversed(QWEN3_NAMES)])] = tensor.float().contiguous()
+            continue
         name = name.removeprefix("transformer.")  # HF hub files often lack the prefix; save_pretrained adds it
         if name.endswith(HF_BUFFERS):
             continue
@@ -296,27 +385,32 @@ def load_hf_gpt2(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor]
         state["transformer." + name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).float().contiguous()
     with torch.device("meta"):
         expected = GPT(shape).state_dict()
-    expected.pop(TIED)
-    wte = state.get("transformer.wte.weight")
-    if wte is not None and wte.shape[0] == GPT2_VOCAB_SIZE:
-        if lm_head is not None and not torch.equal(lm_head.float(), wte):
+    if gpt2:
+        expected.pop(TIED)
+        wte = state.get("transformer.wte.weight")
+        if wte is not None and wte.shape[0] == GPT2_VOCAB_SIZE and lm_head is not None and not torch.equal(lm_head.float(), wte):
             raise UserError(f"{option}: {directory} has an lm_head that is not tied to wte; gptctl's GPT ties them")
-        # The padded rows are no tokens but do get logits: the mean embedding makes each padded logit the
-        # mean of the real ones, so (Jensen) they hold at most 47/50257 of the real probability mass.
-        padding = wte.mean(dim=0, keepdim=True).expand(PADDED_VOCAB_SIZE - GPT2_VOCAB_SIZE, -1)
-        state["transformer.wte.weight"] = torch.cat([wte, padding])
+    for name in VOCAB_ROWS:
+        rows = state.get(name)
+        if rows is not None and rows.shape[0] == GPT2_VOCAB_SIZE:
+            # The padded rows are no tokens but do get logits: the mean row makes each padded logit the mean
+            # of the real ones (embedding: the mean input), so (Jensen) they hold at most 47/50257 of the mass.
+            padding = rows.mean(dim=0, keepdim=True).expand(PADDED_VOCAB_SIZE - GPT2_VOCAB_SIZE, -1)
+            state[name] = torch.cat([rows, padding])
     wrong = sorted(set(expected) ^ set(state))
     wrong += [n for n in sorted(set(expected) & set(state)) if expected[n].shape != state[n].shape]
     if wrong:
-        raise UserError(f"{option}: {directory} does not hold the GPT-2 its config.json describes "
-                        f"(missing, unexpected or misshapen: {', '.join(wrong[:4])}{', ...' if len(wrong) > 4 else ''})")
-    state[TIED] = state["transformer.wte.weight"]  # the same tensor, as in gptctl's own checkpoints
+        raise UserError(f"{option}: {directory} does not hold the {'GPT-2' if gpt2 else 'Qwen3'} its config.json "
+                        f"describes (missing, unexpected or misshapen: {', '.join(wrong[:4])}"
+                        f"{', ...' if len(wrong) > 4 else ''})")
+    if gpt2:
+        state[TIED] = state["transformer.wte.weight"]  # the same tensor, as in gptctl's own checkpoints
     return state, _model_settings(shape)
 
 
 def write_checkpoint(dir_or_name: str, path: Path, option: str) -> dict[str, Any]:
-    """Convert an HF GPT-2 into a gptctl checkpoint file at `path` (step 0); returns its model settings."""
-    state, model = load_hf_gpt2(dir_or_name, option)
+    """Convert an HF GPT-2 (or Qwen3 of --arch modern's shape) into a gptctl checkpoint file at `path` (step 0); returns its model settings."""
+    state, model = load_hf(dir_or_name, option)
     # The stored settings only describe the model: a run that starts from it brings its own batch settings.
     settings = TrainSettings(**model, seq_len=model["block_size"], total_batch_size=None)
     ckpt.save_atomic({"model": state, "settings": settings.model_dump(mode="json"), "step": 0,

@@ -1,4 +1,19 @@
-"""GPT-2, nanoGPT style: parameter names match Hugging Face's GPT-2 one to one.
+"""gptctl's GPT, nanoGPT style, in two architectures that share everything where they agree.
+
+gpt2 (the default): GPT-2 as OpenAI made it; parameter names match Hugging Face's GPT-2 one to one.
+modern: the decoder that the speedruns (modded-nanogpt, nanochat) reach GPT-2's quality with, limited to
+what a standard transformers architecture computes, so that it exports to Qwen3 (Qwen3ForCausalLM):
+  * rotary position embeddings (RoPE, HF's rotate-half layout) instead of learned positions;
+  * RMSNorm instead of LayerNorm, and QK-norm (RMSNorm of each head's queries and keys) against
+    attention logits that grow without bound;
+  * no biases; a SwiGLU MLP (same parameters as GPT-2's 4d GELU MLP);
+  * an untied head: the embedding and lm_head learn at rates of their own (engine/optim.py);
+  * output projections (o_proj, down_proj) and the head start at zero: each block starts as the
+    identity, and the first steps do not undo a random head.
+Left out because Qwen3 cannot compute them: logit soft-capping, value embeddings, U-net skips, ReLU²
+(Qwen3's MLP is gated), the norm after the embedding, sliding windows. The containers keep nanoGPT's
+names (transformer.h.N, ln_1, ln_2, ln_f) and the leaves take Qwen3's (q_proj, gate_proj, q_norm), so
+the export is one rename table (engine/hf.py).
 
 Two memory savers, neither of which changes a parameter name (checkpoints load into any model):
 
@@ -26,7 +41,7 @@ LOSS_CHUNK_ROWS = 2048  # rows (tokens) of logits alive at once: 2048 × 50304 f
 CHECKPOINTING_MODES = ("none", "selective", "full")
 
 # The one description of a model, shared with settings and estimate (pure Python); nanoGPT's name here.
-from gptctl.presets import ModelShape as GPTConfig  # noqa: E402
+from gptctl.presets import RMS_NORM_EPS, ROPE_THETA, ModelShape as GPTConfig  # noqa: E402
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,16 +73,85 @@ class MLP(nn.Module):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+class RMSNorm(nn.Module):
+    """Qwen3RMSNorm's arithmetic: normalised in fp32, cast back, then the gain (a learnable vector)."""
+
+    def __init__(self, dim: int, eps: float = RMS_NORM_EPS):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotary_tables(head_dim: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length × head_dim, fp32) of HF's rotate-half RoPE: frequency i serves dims i and i+d/2."""
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd) rotated by position: x·cos + rotate_half(x)·sin, rotate_half(a, b) = (-b, a)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RotaryAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.n_embd
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj.ZERO_INIT = True
+        self.q_norm = RMSNorm(config.head_dim)
+        self.k_norm = RMSNorm(config.head_dim)
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.size()
+        heads = (B, T, self.n_head, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(heads)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(heads)).transpose(1, 2)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
+        cos, sin = rotary
+        # The norms' fp32 gains would promote q and k out of autocast's dtype; v's is the one attention runs in.
+        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.down_proj.ZERO_INIT = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block, the same in both architectures: only its parts differ."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        modern = config.arch == "modern"
+        self.ln_1 = RMSNorm(config.n_embd) if modern else nn.LayerNorm(config.n_embd)
+        self.attn = RotaryAttention(config) if modern else CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd) if modern else nn.LayerNorm(config.n_embd)
+        self.mlp = SwiGLU(config) if modern else MLP(config)
+
+    def forward(self, x: torch.Tensor, *rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), *rotary)  # rotary: modern's (cos, sin); gpt2 has none
         return x + self.mlp(self.ln_2(x))
 
 
@@ -79,17 +163,37 @@ class GPT(nn.Module):
             raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING_MODES}")
         self.config = config
         self.activation_checkpointing = activation_checkpointing  # a plain attribute: not in the state dict
+        if config.arch not in ("gpt2", "modern"):
+            raise ValueError(f"unknown architecture {config.arch!r}")
+        modern = config.arch == "modern"
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not modern:
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **layers,
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
+                ln_f=RMSNorm(config.n_embd) if modern else nn.LayerNorm(config.n_embd),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        self.apply(self._init_weights)
+        if config.tied_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        else:
+            self.lm_head.ZERO_INIT = True
+        self.apply(self._init_modern_weights if modern else self._init_weights)
+
+    def _init_modern_weights(self, module: nn.Module) -> None:
+        """The speedruns' init: matrices uniform with std 1/√fan_in (no outliers), zero where ZERO_INIT,
+        the embedding at std 1 (the first RMSNorm rescales it, and its large LR moves it)."""
+        if isinstance(module, nn.Linear):
+            if getattr(module, "ZERO_INIT", False):
+                torch.nn.init.zeros_(module.weight)
+            else:
+                bound = 3 ** 0.5 * module.in_features ** -0.5
+                torch.nn.init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=1.0)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -106,13 +210,17 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx)
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
+            extra = ()
+        else:  # computed per call: cheap next to a block, and a buffer would not survive meta-device init
+            extra = (rotary_tables(self.config.head_dim, T, idx.device),)
         for i, block in enumerate(self.transformer.h):
             if self._recomputes(i):
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, *extra, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, *extra)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None

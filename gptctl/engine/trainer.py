@@ -301,7 +301,7 @@ class Trainer:
         lr = self.schedule.at(step)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr * lr_scale(optimizer, self.settings)
+                group["lr"] = lr * lr_scale(optimizer, group, self.settings)
             optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.d.device, dtype=torch.float32)
         position = step + self.state.data_offset  # which batches: a rollback skips the ones that led to it
