@@ -1,28 +1,26 @@
-"""The classic GPT-2 recipe against the Muon recipe: val loss against tokens, from the same initial
-weights on the same data, trained alternately in one invocation, each with the same number of LR tries.
+"""The recipes side by side: val loss against tokens, from the same seed on the same data, each
+configuration with the same number of LR tries, the tries alternating between configurations so that a
+load change on the shared machine falls on all of them.
 
-classic: AdamW at --max-lr, linear warmup, cosine decay to max_lr/10 (GPT-2's, gptctl's default).
-muon:    --optimizer muon (Muon at --muon-lr for the block matrices, AdamW at --max-lr for embeddings
-         and 1-D parameters), --lr-scheduler wsd (warmup, stable, linear decay over the last 20 %: the
-         speedrun's schedule).
+The four configurations separate the architecture's gain from the optimizer's (and schedule's):
 
-The sweep: try i trains classic at --max-lr C[i], then muon at --muon-lr M[i] with its AdamW part at
-C[i]; the tries alternate, so that a load change on the shared machine falls on both recipes.
+    classic        --arch gpt2   AdamW at --max-lr, cosine            (GPT-2's, gptctl's default)
+    gpt2-muon      --arch gpt2   Muon at --muon-lr, AdamW part at the classic try's --max-lr, wsd
+    modern-adamw   --arch modern AdamW at --max-lr for every parameter, cosine
+    speedrun       --recipe speedrun (modern, Muon, wsd, its own embedding/head/scalar LRs), every
+                   one of its LRs times the try's factor
 
 Data: ../shared/data/shakespeare-works/ (42 plays and poems) prepared by `gptctl data prepare`, with
 whole plays held out as val (--val-plays: they come first and --val-tokens is exactly their tokens).
-Every run is a real `gptctl pretrain` (same --seed: the same initial weights; the batch of a step is a
-function of the step: the same data order). The figure: tokens each recipe's best run needs to reach
-the classic best run's final val loss (linear between evals), and their ratio; plus a PNG of both
-best runs from `gptctl runs plot` (needs matplotlib).
+Every run is a real `gptctl pretrain` (same --seed; the batch of a step is a function of the step: the
+same data order). The figure: tokens each configuration's best run needs to reach the classic best
+run's final val loss (linear between evals), and the ratio to classic's; plus a PNG of the best runs
+from `gptctl runs plot` (needs matplotlib).
 
-The muon recipe changes two things at once. Unless --no-ablation, two more runs separate them, each at
-its recipe's best LRs: AdamW with the wsd schedule ("adamw-wsd") and Muon with the cosine schedule
-("muon-cosine"); their tokens to the same target say how much of the gain is the optimizer's.
-
-    python benchmarks/recipes.py --model small --seq-len 128 --batch-size 8 --total-batch-size 4096 \
-        --steps 200 --warmup-steps 10 --eval-interval 20 --eval-steps 16 \
-        --classic-lrs 1e-3,2e-3,4e-3 --muon-lrs 0.01,0.02,0.04 --out benchmarks/recipes
+    python benchmarks/recipes.py --model tiny --seq-len 128 --batch-size 8 --total-batch-size 1024 \
+        --steps 200 --warmup-steps 10 --eval-interval 20 --eval-steps 8 \
+        --classic-lrs 1e-3,3e-3,6e-3 --muon-lrs 0.01,0.02,0.04 --modern-lrs 1e-3,3e-3,6e-3 \
+        --speedrun-scales 0.5,1,2 --out benchmarks/recipes
 """
 
 import argparse
@@ -84,76 +82,83 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
+CONFIGS = ("classic", "gpt2-muon", "modern-adamw", "speedrun")
+
+
+def options(config: str, i: int, sweeps: dict[str, list[float]]) -> tuple[str, list[str]]:
+    """(run name, options) of try `i` of `config`."""
+    from gptctl.presets import RECIPES
+
+    if config == "classic":
+        lr = sweeps["classic"][i]
+        return f"classic-{lr:g}", ["--max-lr", str(lr)]
+    if config == "gpt2-muon":
+        lr = sweeps["gpt2-muon"][i]
+        return f"gpt2-muon-{lr:g}", muon_options(lr, sweeps["classic"][i], "wsd")
+    if config == "modern-adamw":
+        lr = sweeps["modern-adamw"][i]
+        return f"modern-adamw-{lr:g}", ["--arch", "modern", "--max-lr", str(lr)]
+    factor = sweeps["speedrun"][i]
+    lrs = {k: v * factor for k, v in RECIPES["speedrun"].items() if k.endswith("_lr")}
+    return f"speedrun-x{factor:g}", ["--recipe", "speedrun", *(a for k, v in lrs.items()
+                                                                for a in (f"--{k.replace('_', '-')}", f"{v:g}"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small")
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--total-batch-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--eval-interval", type=int, default=25)
-    parser.add_argument("--eval-steps", type=int, default=16)
-    parser.add_argument("--classic-lrs", default="6e-4,1.2e-3,2.4e-3", help="--max-lr values tried for classic")
-    parser.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="--muon-lr values tried for muon")
+    parser.add_argument("--total-batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--eval-interval", type=int, default=20)
+    parser.add_argument("--eval-steps", type=int, default=8)
+    parser.add_argument("--classic-lrs", default="1e-3,3e-3,6e-3", help="--max-lr values tried for classic")
+    parser.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="--muon-lr values tried for gpt2-muon")
+    parser.add_argument("--modern-lrs", default="1e-3,3e-3,6e-3", help="--max-lr values tried for modern-adamw")
+    parser.add_argument("--speedrun-scales", default="0.5,1,2", help="factors on every LR of --recipe speedrun")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of " + ", ".join(CONFIGS))
     parser.add_argument("--val-plays", default="hamlet,macbeth,tempest")
     parser.add_argument("--data-root", type=Path, default=None, help="An already prepared data root.")
-    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also train adamw-wsd and muon-cosine at the best LRs (optimizer vs schedule).")
     parser.add_argument("--out", type=Path, default=None, help="Where to write results.json and recipes.png.")
     args = parser.parse_args()
-    classic_lrs = [float(x) for x in args.classic_lrs.split(",")]
-    muon_lrs = [float(x) for x in args.muon_lrs.split(",")]
+    sweeps = {"classic": args.classic_lrs, "gpt2-muon": args.muon_lrs, "modern-adamw": args.modern_lrs,
+              "speedrun": args.speedrun_scales}
+    sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
+    configs = [c for c in args.configs.split(",") if c]
+    if "classic" not in configs or set(configs) - set(CONFIGS):
+        raise SystemExit(f"--configs: classic (the target) and any of {', '.join(CONFIGS)}")
+    if len({len(sweeps[c]) for c in configs}) != 1:
+        raise SystemExit("every configuration gets the same number of LR tries")
     print_header("recipes", "python benchmarks/recipes.py " + " ".join(
-        (f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
-        else f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
 
     with scratch_dir() as work:
         data = args.data_root or prepare(work, args.val_plays.split(","))
         home = work / "home"
-        curves: dict[str, list] = {}
-        if len(classic_lrs) != len(muon_lrs):
-            raise SystemExit("--classic-lrs and --muon-lrs: give both recipes the same number of tries")
-        lrs_of: dict[str, tuple[float, float]] = {}
-        for classic_lr, muon_lr in zip(classic_lrs, muon_lrs):
-            curves[f"classic-{classic_lr:g}"] = train(home, data, f"classic-{classic_lr:g}", args,
-                                                      ["--max-lr", str(classic_lr)])
-            curves[f"muon-{muon_lr:g}"] = train(home, data, f"muon-{muon_lr:g}", args,
-                                                muon_options(muon_lr, classic_lr, "wsd"))
-            lrs_of[f"classic-{classic_lr:g}"] = lrs_of[f"muon-{muon_lr:g}"] = (classic_lr, muon_lr)
-        best_classic = min((c for c in curves if c.startswith("classic")), key=lambda c: curves[c][-1][1])
-        best_muon = min((c for c in curves if c.startswith("muon")), key=lambda c: curves[c][-1][1])
-        target = curves[best_classic][-1][1]
-        classic_tokens = tokens_to_reach(curves[best_classic], target)
-        muon_tokens = tokens_to_reach(curves[best_muon], target)
-        ablation = {}
-        if args.ablation:
-            curves["adamw-wsd"] = train(home, data, "adamw-wsd", args,
-                                        ["--max-lr", str(lrs_of[best_classic][0]), "--lr-scheduler", "wsd"])
-            classic_lr, muon_lr = lrs_of[best_muon]
-            curves["muon-cosine"] = train(home, data, "muon-cosine", args,
-                                          muon_options(muon_lr, classic_lr, "cosine"))
-            ablation = {name: tokens_to_reach(curves[name], target) for name in ("adamw-wsd", "muon-cosine")}
+        curves: dict[str, dict[str, list]] = {c: {} for c in configs}
+        for i in range(len(sweeps["classic"])):
+            for config in configs:
+                name, extra = options(config, i, sweeps)
+                curves[config][name] = train(home, data, name, args, extra)
+                print(f"{name}: final val loss {curves[config][name][-1][1]:.4f}", flush=True)
+        best = {c: min(curves[c], key=lambda n: curves[c][n][-1][1]) for c in configs}
+        target = curves["classic"][best["classic"]][-1][1]
+        tokens = {c: tokens_to_reach(curves[c][best[c]], target) for c in configs}
         print_table("final val loss of every try", ["run", "final val loss", "tokens"],
-                    [[name, curve[-1][1], curve[-1][0]] for name, curve in curves.items()])
-        ratio = classic_tokens / muon_tokens if muon_tokens else None
+                    [[n, curve[-1][1], curve[-1][0]] for c in configs for n, curve in curves[c].items()])
+        ratios = {c: tokens["classic"] / tokens[c] if tokens[c] else None for c in configs}
         print_table(f"tokens to reach the classic best's final val loss {target:.4f}",
-                    ["recipe", "best run", "tokens"],
-                    [["classic", best_classic, classic_tokens], ["muon", best_muon, muon_tokens or "not reached"]])
-        print(f"\nratio classic/muon tokens: {ratio:.2f}" if ratio else "\nmuon did not reach it")
-        if ablation:
-            print_table("optimizer against schedule: tokens to reach the same target",
-                        ["optimizer", "cosine", "wsd"],
-                        [["adamw", classic_tokens, ablation["adamw-wsd"] or "not reached"],
-                         ["muon", ablation["muon-cosine"] or "not reached", muon_tokens or "not reached"]])
+                    ["configuration", "best run", "final val loss", "tokens", "classic / it"],
+                    [[c, best[c], curves[c][best[c]][-1][1], tokens[c] or "not reached",
+                      f"{ratios[c]:.2f}" if ratios[c] else "-"] for c in configs])
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "results.json").write_text(json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "best_classic": best_classic,
-                 "best_muon": best_muon, "target": target, "classic_tokens": classic_tokens,
-                 "muon_tokens": muon_tokens, "ratio": ratio, "ablation": ablation}, indent=2))
-            gptctl("runs", "plot", best_classic, best_muon, "--x", "tokens", "-o", str(args.out / "recipes.png"),
-                   home=home)
+                {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "best": best,
+                 "target": target, "tokens": tokens, "ratios": ratios}, indent=2))
+            gptctl("runs", "plot", *best.values(), "--x", "tokens", "-o", str(args.out / "recipes.png"), home=home)
             print(f"wrote {args.out / 'results.json'} and {args.out / 'recipes.png'}")
     print_footer()
 

@@ -76,8 +76,11 @@ def show_cmd(
         typer.echo(json.dumps(info, indent=2))
         return
     val = f"{_fmt(run['val_loss'], '.4f')}" + (f" at step {run['val_step']}" if run["val_step"] is not None else "")
+    stored = json.loads(run["settings"])
+    recipe = (f"{stored.get('recipe', 'classic')} (--arch {stored.get('arch', 'gpt2')}, --optimizer "
+              f"{stored.get('optimizer', 'adamw')}, --lr-scheduler {stored.get('lr_scheduler', 'cosine')})")
     fields = {
-        "id": run["id"], "name": run["name"], "kind": run["kind"], "status": run["status"],
+        "id": run["id"], "name": run["name"], "kind": run["kind"], "recipe": recipe, "status": run["status"],
         "progress": f"step {_progress(run)}", "loss": _fmt(run["loss"], ".4f"), "val loss": val,
         "tokens seen": _fmt(run["tokens_seen"], ",d"), "tokens/s": _fmt(run["tokens_per_s"], ",.0f"),
         "elapsed": f"{format_duration(run['elapsed_s'])} ({_fmt(run['started_at'])} → {run['ended_at'] or 'now'})",
