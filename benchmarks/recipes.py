@@ -104,6 +104,19 @@ def options(config: str, i: int, sweeps: dict[str, list[float]]) -> tuple[str, l
                                                                 for a in (f"--{k.replace('_', '-')}", f"{v:g}"))]
 
 
+TRAINING = ("model", "seq_len", "batch_size", "total_batch_size", "steps", "warmup_steps", "eval_interval",
+            "eval_steps", "val_plays")
+
+
+def reuse(args) -> dict[str, dict[str, list]]:
+    """The curves of an earlier invocation with the same training options, by configuration."""
+    earlier = json.loads(args.reuse.read_text())
+    differ = [k for k in TRAINING if earlier["args"][k] != str(getattr(args, k))]
+    if differ:
+        raise SystemExit(f"--reuse: {args.reuse} was trained with other {', '.join(differ)}")
+    return {c: {n: [tuple(p) for p in curve] for n, curve in runs.items()} for c, runs in earlier["curves"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -122,11 +135,18 @@ def main() -> None:
     parser.add_argument("--val-plays", default="hamlet,macbeth,tempest")
     parser.add_argument("--data-root", type=Path, default=None, help="An already prepared data root.")
     parser.add_argument("--out", type=Path, default=None, help="Where to write results.json and recipes.png.")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="An earlier results.json with the same training options: its configurations are "
+                             "read from it, only the others are trained (the PNG shows the new runs).")
     args = parser.parse_args()
     sweeps = {"classic": args.classic_lrs, "gpt2-muon": args.muon_lrs, "modern-adamw": args.modern_lrs,
               "speedrun": args.speedrun_scales}
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
     configs = [c for c in args.configs.split(",") if c]
+    earlier = reuse(args) if args.reuse else {}
+    for config, curves_of in earlier.items():
+        sweeps[config] = [float(name.rsplit("-", 1)[-1].lstrip("x")) for name in curves_of]  # "speedrun-x0.5"
+    configs = [*earlier, *(c for c in configs if c not in earlier)]
     if "classic" not in configs or set(configs) - set(CONFIGS):
         raise SystemExit(f"--configs: classic (the target) and any of {', '.join(CONFIGS)}")
     if len({len(sweeps[c]) for c in configs}) != 1:
@@ -137,9 +157,9 @@ def main() -> None:
     with scratch_dir() as work:
         data = args.data_root or prepare(work, args.val_plays.split(","))
         home = work / "home"
-        curves: dict[str, dict[str, list]] = {c: {} for c in configs}
+        curves: dict[str, dict[str, list]] = {c: earlier.get(c, {}) for c in configs}
         for i in range(len(sweeps["classic"])):
-            for config in configs:
+            for config in (c for c in configs if c not in earlier):
                 name, extra = options(config, i, sweeps)
                 curves[config][name] = train(home, data, name, args, extra)
                 print(f"{name}: final val loss {curves[config][name][-1][1]:.4f}", flush=True)
@@ -158,7 +178,7 @@ def main() -> None:
             (args.out / "results.json").write_text(json.dumps(
                 {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "best": best,
                  "target": target, "tokens": tokens, "ratios": ratios}, indent=2))
-            gptctl("runs", "plot", *best.values(), "--x", "tokens", "-o", str(args.out / "recipes.png"), home=home)
+            gptctl("runs", "plot", *(best[c] for c in configs if c not in earlier), "--x", "tokens", "-o", str(args.out / "recipes.png"), home=home)
             print(f"wrote {args.out / 'results.json'} and {args.out / 'recipes.png'}")
     print_footer()
 
