@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptctl import launch
+from gptctl import launch, stop_request
 from gptctl.atomic import write_text_atomic
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.errors import UserError
@@ -147,12 +147,13 @@ def follow(home: Path, settings: TrainSettings, launch_settings: LaunchSettings)
 def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
             init_checkpoint: str | None = None) -> Outcome:
     """Launch the workers for `run` (which holds `lock`) and record how they ended."""
-    home = home.resolve()
+    home, run_dir = home.resolve(), Path(run["run_dir"])
     code, stopped_by = None, None
     try:
+        stop_request.clear(run_dir)  # asked of an earlier launch
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings),
-                                              log=Path(run["run_dir"]) / launch.LAUNCHER_LOG)
+                                              log=run_dir / launch.LAUNCHER_LOG, requests=stop_request.Watch(run_dir))
     finally:
         try:  # a registry that cannot be written now (a full disk) is said by the CLI in one line
             db = open_registry(home, create=False, check_home=False)

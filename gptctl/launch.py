@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gptctl.engine.startup import STOP_SIGNALS
 from gptctl.settings import LaunchSettings
+from gptctl.stop_request import Watch
 
 ENGINE_MODULE = "gptctl.engine.worker"
 # The signals torchrun passes on to its workers: its own list plus SLURM's time-limit warning, which
@@ -97,7 +98,7 @@ def die_with_parent() -> None:
 
 
 def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None,
-                log: Path | None = None) -> tuple[int, int | None]:
+                log: Path | None = None, requests: Watch | None = None) -> tuple[int, int | None]:
     """Run torchrun to completion. Returns (exit code, the first stop signal received, or None).
 
     gptctl, not torchrun, owns the shutdown. torchrun runs in its own session, so a terminal's Ctrl-C
@@ -109,6 +110,9 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
 
     gptctl also owns the terminal (see `Output`): the workers' output reaches it through us, and
     torchrun's own stderr goes to `log` (default: `launcher_log(cmd)`), which a failure's one line names.
+
+    `requests`: the run's stop requests (`gptctl runs stop` from any terminal or node), each taken as a
+    SIGTERM received here.
     """
     # Should torchrun get a signal all the same (a scheduler signalling every process of a job), its own
     # grace period before SIGKILL is ours where the installed torch reads this variable.
@@ -128,7 +132,7 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
                 preexec_fn=die_with_parent,
             )
             out.started()
-            return _supervise(proc, received, stop_timeout, out), (received[0] if received else None)
+            return _supervise(proc, received, stop_timeout, out, requests), (received[0] if received else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -137,11 +141,15 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
 POLL_SECONDS = 0.1
 
 
-def _supervise(proc: subprocess.Popen, received: list[int], stop_timeout: float, out: "Output") -> int:
+def _supervise(proc: subprocess.Popen, received: list[int], stop_timeout: float, out: "Output",
+               requests: Watch | None) -> int:
     """Wait for torchrun; on a stop signal, pass it to each worker once it can take it."""
     signalled: set[int] = set()
     deadline = None
     while True:
+        if requests is not None and (asked := requests.new()):
+            out.say("`gptctl runs stop` asked this run to stop" + (" now" if asked > 1 or received else ""))
+            received.extend([signal.SIGTERM] * asked)
         try:
             code = proc.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:

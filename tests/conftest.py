@@ -100,12 +100,13 @@ def workers_in_process():
     from gptctl import launch
     from gptctl.engine import startup, worker
 
-    def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None, log=None):
+    def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None = None, log=None, requests=None):
         assert "--nproc-per-node=1" in cmd and "--standalone" in cmd, f"one process only: {cmd}"
         argv = cmd[cmd.index("gptctl.engine.worker") + 1:]
         saved_env = dict(os.environ)
         handlers = {s: signal.getsignal(s) for s in startup.STOP_SIGNALS}
         stop, worker.STOP = worker.STOP, startup.StopFlag()  # a fresh one per launch, as a new process has
+        worker.STOP.requests = requests  # `runs stop` reaches the in-process worker directly, not by a signal
         orphan_guard, worker.die_with_parent = worker.die_with_parent, lambda: None  # not for pytest's process
         os.environ.update({launch.LAUNCHED_ENV: "1", **(env or {})})
         try:
@@ -294,3 +295,40 @@ def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, fie
     trainer.checkpointer, start = Files(), trainer.state.step
     rows = {r["step"]: tuple(r.get(f) for f in fields) for r in trainer.train().history if r["step"] > start}
     return rows, trainer.checkpointer.paths
+
+
+class Terminal:
+    """A pseudo-terminal as an ssh session's: `command` runs as the session's leader with it as its
+    controlling terminal, and a thread reads what it shows (else its writes would block). `hang_up`
+    closes our end, as sshd does when the connection drops: the kernel sends SIGHUP, and every write
+    to the terminal fails from then on."""
+
+    # Makes the terminal the controlling one (a session leader opening a terminal takes it), then
+    # becomes the command: the same process, our child, whose exit status we see.
+    TAKE_TERMINAL = "import os, sys; os.close(os.open(os.ttyname(0), os.O_RDWR)); os.execv(sys.argv[1], sys.argv[1:])"
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        import threading
+
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-c", self.TAKE_TERMINAL, *command], stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True, env=env)
+        os.close(slave)
+        self.shown, self.closing = bytearray(), threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        import select
+
+        while not self.closing.is_set():
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.shown += os.read(self.master, 65536)
+                except OSError:
+                    break
+        os.close(self.master)  # here, not while a read holds it: the hangup comes with the last close
+
+    def hang_up(self) -> None:
+        self.closing.set()
+        self.reader.join()

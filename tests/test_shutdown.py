@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, cli, gptctl, only_run_id
+from conftest import TINY_RUN, Terminal, cli, gptctl, only_run_id
 from gptctl.launch import ready_to_stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,43 +228,6 @@ def test_second_ctrl_c_during_the_final_save_stops_now_and_leaves_no_valid_looki
     assert {c["step"]: c["state"] for c in shown["checkpoints"]} == {1: "valid"}  # the run resumes from step 1
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names[0].startswith(".tmp-model_") and names[1:] == ["model_00001.pt"]  # the cut-off file has no name
-
-
-class Terminal:
-    """A pseudo-terminal as an ssh session's: `command` runs as the session's leader with it as its
-    controlling terminal, and a thread reads what it shows (else its writes would block). `hang_up`
-    closes our end, as sshd does when the connection drops: the kernel sends SIGHUP, and every write
-    to the terminal fails from then on."""
-
-    # Makes the terminal the controlling one (a session leader opening a terminal takes it), then
-    # becomes the command: the same process, our child, whose exit status we see.
-    TAKE_TERMINAL = "import os, sys; os.close(os.open(os.ttyname(0), os.O_RDWR)); os.execv(sys.argv[1], sys.argv[1:])"
-
-    def __init__(self, command: list[str], env: dict[str, str]):
-        import threading
-
-        self.master, slave = os.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-c", self.TAKE_TERMINAL, *command], stdin=slave, stdout=slave,
-                                     stderr=slave, start_new_session=True, env=env)
-        os.close(slave)
-        self.shown, self.closing = bytearray(), threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        import select
-
-        while not self.closing.is_set():
-            if select.select([self.master], [], [], 0.05)[0]:
-                try:
-                    self.shown += os.read(self.master, 65536)
-                except OSError:
-                    break
-        os.close(self.master)  # here, not while a read holds it: the hangup comes with the last close
-
-    def hang_up(self) -> None:
-        self.closing.set()
-        self.reader.join()
 
 
 @pytest.mark.slow

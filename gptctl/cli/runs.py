@@ -1,4 +1,4 @@
-"""`gptctl runs list|show|plot`."""
+"""`gptctl runs list|show|plot` (logs, stop, rm and compare: runs_manage.py)."""
 
 import json
 from pathlib import Path
@@ -167,3 +167,6 @@ def plot_cmd(
         return
     png_plot(panels, x_axis, str(output))
     typer.echo(str(output))
+
+
+from gptctl.cli import runs_manage  # noqa: E402,F401  (registers its commands on runs_app)

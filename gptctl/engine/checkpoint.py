@@ -190,8 +190,9 @@ class CheckpointManager:
     """
 
     def __init__(self, connect: Callable[[], Any], run_id: str, directory: Path, config: CheckpointSettings,
-                 write: bool, copy_state: bool = True):
+                 write: bool, copy_state: bool = True, note: Callable[[str], None] = lambda line: None):
         self.connect, self.run_id, self.directory, self.write = connect, run_id, directory, write
+        self.note = note  # a line for the run's log once a checkpoint is durable and registered
         self.keep_last, self.permanent = config.keep_last_n_checkpoints, set(config.permanent_checkpoints)
         self.asynchronous = config.async_checkpoint
         self.copy_state = copy_state
@@ -292,6 +293,7 @@ class CheckpointManager:
         queries.register_checkpoint(db, self.run_id, step, path, size, sha, pinned=step in self.permanent,
                                     verified=files.stat_key(path))
         self.write_seconds = time.perf_counter() - began
+        self.note(f"step {step}: checkpoint saved ({path.name}, {size / 1e6:,.1f} MB, {self.write_seconds:.1f} s)")
         run = queries.get_run(db, self.run_id)
         retention.delete(db, retention.plan(db, run, self.keep_last, _warn), _warn)
 

@@ -63,6 +63,11 @@ class TrainingProgress:
             self.log.write(text + "\n")
         (self.bar.console.print if self.bar is not None else lambda t: print(t, flush=True))(text)
 
+    def note(self, text: str) -> None:
+        """A line for the log only (`gptctl runs logs`), e.g. a checkpoint saved in the background."""
+        if self.log:
+            self.log.write(text + "\n")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

@@ -4,6 +4,7 @@ thread pools. Imports no torch, so the worker can call it first thing."""
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 # SIGUSR1: what SLURM sends ahead of a job's time limit (#SBATCH --signal=USR1@120): a stop request too.
 # SIGHUP: the terminal went away (ssh dropped, the window closed): stop and save rather than die unsaved.
@@ -18,6 +19,13 @@ class StopFlag:
 
     requested: bool = False
     signum: int | None = None
+    requests: Any = None  # a stop_request.Watch where no gptctl launcher passes `runs stop` on as a signal
+
+    def asked(self) -> bool:
+        """Whether to stop after this step: a signal, or a `runs stop` request (taken as a SIGTERM)."""
+        if not self.requested and self.requests is not None and self.requests.new():
+            self.requested, self.signum = True, signal.SIGTERM
+        return self.requested
 
     def install(self) -> None:
         for s in STOP_SIGNALS:

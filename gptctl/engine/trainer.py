@@ -327,7 +327,7 @@ class Trainer:
         # the grad norm to the host: the step's only host-device sync. The flags are filled on the device
         # (torch.tensor of host values would copy, and wait, on CUDA). It comes before the update, so
         # that a non-finite step never reaches the weights.
-        packed = torch.stack([loss_sum, loss_sum.new_full((), float(self.stop.requested)),
+        packed = torch.stack([loss_sum, loss_sum.new_full((), float(self.stop.asked())),
                               loss_sum.new_full((), float(near_deadline)),
                               loss_sum.new_full((), float(self.checkpointer.failed))])
         all_reduce_sum(packed)

@@ -37,6 +37,7 @@ if __name__ == "__main__":
 
 import torch
 
+from gptctl import stop_request
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import broadcast_object, setup, share_run, teardown
 from gptctl.engine.loggers import ExternalLoggers
@@ -48,6 +49,7 @@ from gptctl.paths import registry_path
 from gptctl.registry import files, launches, open_registry, queries
 from gptctl.registry.db import BUSY_TIMEOUT_MS
 from gptctl.registry.locks import TAKEOVER_WAIT_S, DirectoryLock
+from gptctl.run_log import LOG_NAME
 from gptctl.settings import TrainSettings
 
 METRICS_FLUSH_SECONDS = 5.0
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             lock = DirectoryLock(Path(run["run_dir"]))
             if not lock.acquire(wait_s=TAKEOVER_WAIT_S, say=lambda message: print(message, flush=True)):
                 raise RunRefused(f"run {run['id']} is being trained by another process")
+            stop_request.clear(lock.path.parent)  # asked of an earlier launch
+            stop.requests = stop_request.Watch(lock.path.parent)  # no launcher passes `runs stop` on: look here
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
         message = user_message(exc, args.home)  # None: a bug, shown with its traceback
@@ -347,12 +351,12 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     log_dir = settings.log_dir or run_dir
     if write:
         log_dir.mkdir(parents=True, exist_ok=True)
-    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / "train.log", write, settings.log_level,
+    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / LOG_NAME, write, settings.log_level,
                                         memory=trainer.peak_memory,
                                         muon_lr_scale=muon_lr_scale(settings) if settings.optimizer == "muon" else None)
     trainer.checkpointer = ckpt.CheckpointManager(
         lambda: open_registry(home, check_home=False), run["id"], run_dir / "checkpoints", settings, write,
-        copy_state=d.device.type != "cuda")  # from CUDA, full_state is a CPU copy
+        copy_state=d.device.type != "cuda", note=trainer.progress.note)  # from CUDA, full_state is a CPU copy
     trainer.progress.message(
         f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "
         f"{d.world_size}×{trainer.device_name}, {trainer.dtype}, {trainer.accumulation} micro-steps of "
@@ -379,10 +383,16 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         queries.update_run(db, run["id"], status=status, last_step=result.step, ended_at=queries.now(),
                            tokens_per_s=tokens_per_s, error=divergence,
                            mfu=(trainer.flops_per_token * tokens_per_s / peak) if (peak and tokens_per_s) else None)
-        print(f"stopped at step {result.step} before the deadline, checkpoint saved" if result.stopped_by == "deadline"
-              else f"stopped at step {result.step}, checkpoint saved" if result.interrupted
-              else f"error: {divergence}" if result.diverged
-              else f"run {run['id']} completed at step {result.step}", flush=True)
+        outcome = (f"stopped at step {result.step} before the deadline, checkpoint saved" if result.stopped_by == "deadline"
+                   else f"stopped at step {result.step}, checkpoint saved" if result.interrupted
+                   else f"error: {divergence}" if result.diverged
+                   else f"run {run['id']} completed at step {result.step}")
+        print(outcome, flush=True)
+        try:  # the log's last line says how the launch ended (`gptctl runs logs`)
+            with open(log_dir / LOG_NAME, "a") as log:
+                log.write(outcome + "\n")
+        except OSError:
+            pass
     # A diverged run exits 0 for torchrun, which would otherwise restart it into the same divergence;
     # the launcher reads the status from the registry.
     return stopped_exit_code(stop) if result.interrupted else 0

@@ -18,6 +18,21 @@ def _import_sqlite_utils_lightly() -> None:
 
 _import_sqlite_utils_lightly()
 
-from gptctl.registry.db import open_registry, registry_path  # noqa: E402
+import sqlite3  # noqa: E402
+
+from gptctl.registry import db as _db, removal as _removal  # noqa: E402
+from gptctl.registry.db import registry_path  # noqa: E402
+
+
+def open_registry(home=None, create: bool = True, check_home: bool = True):
+    """`db.open_registry`; a command's look (check_home) also finishes a `runs rm` that a crash interrupted."""
+    db = _db.open_registry(home, create=create, check_home=check_home)
+    if check_home:
+        try:
+            _removal.finish_interrupted(db)
+        except (OSError, sqlite3.Error):
+            pass  # a read-only or full home: finished by a later command that can write
+    return db
+
 
 __all__ = ["open_registry", "registry_path"]

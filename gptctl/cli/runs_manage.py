@@ -1,0 +1,134 @@
+"""`gptctl runs logs|stop|rm`: a run managed from any terminal (or node) of its home."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gptctl.cli.runs import runs_app
+from gptctl.errors import UserError
+from gptctl.paths import home_dir
+from gptctl.registry import open_registry, queries
+
+RUN = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name.")
+
+
+@runs_app.command("logs")
+def logs_cmd(
+    run_ref: str = RUN,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the run ends; "
+                                "then print how it ended and exit with its exit code."),
+    tail: Optional[int] = typer.Option(None, "--tail", "-n", help="Only the last N lines (default: all)."),
+):
+    """A run's own log: steps, loss, LR, tokens/s, evals, checkpoints, and why it stopped."""
+    from gptctl import run_log
+    from gptctl.registry.locks import run_is_locked
+
+    if tail is not None and tail < 0:
+        raise UserError(f"--tail: must be 0 or more lines, got {tail}")
+    db = open_registry(home_dir(), create=False)
+    run = queries.resolve_run(db, run_ref)
+    path = run_log.log_path(run)
+    lines, end = run_log.last_lines(path, tail)
+    for line in lines:
+        typer.echo(line)
+    if not follow:
+        if not path.exists():
+            typer.echo(f"run {run['id']} ({run['name']}) has no log yet ({path})", err=True)
+        return
+
+    def running() -> bool:
+        row = queries.refresh_status(db, queries.get_run(db, run["id"]))
+        return row["status"] in queries.ACTIVE or run_is_locked(Path(row["run_dir"]))
+
+    try:
+        for line in run_log.follow(path, end, running):
+            typer.echo(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)  # the run goes on: only following it stopped
+    row = queries.get_run(db, run["id"])
+    code = row["exit_code"] if row["exit_code"] is not None else 0 if row["status"] == "completed" else 1
+    typer.echo(f"run {row['id']} ({row['name']}) {row['status']} at step {row['last_step'] or 0} "
+               f"(exit code {code})", err=True)
+    raise typer.Exit(code)
+
+
+@runs_app.command("stop")
+def stop_cmd(
+    run_ref: str = RUN,
+    now: bool = typer.Option(False, "--now", help="Stop without saving the step (a second `runs stop` does "
+                             "the same): the run resumes from its newest checkpoint."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once the stop is asked, not once the run stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stopped run's summary as JSON."),
+):
+    """Stop a run from any terminal or node of its home, as SIGTERM would: finish the step, save, stop."""
+    from gptctl.stop_request import stop_run
+
+    db = open_registry(home_dir(), create=False)
+    run = queries.resolve_run(db, run_ref)
+    def asked() -> None:
+        if not no_wait:
+            typer.echo(f"asked run {run['id']} ({run['name']}) to stop{' now, without saving' if now else ''}; "
+                       "waiting for it (Ctrl-C stops waiting, not the stop)", err=True)
+
+    try:
+        row = stop_run(db, run, now=now, wait=not no_wait, asked=asked)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if no_wait:
+        typer.echo(f"asked run {run['id']} ({run['name']}) to stop{' now' if now else ''}; "
+                   f"`gptctl runs logs {run['name']} --follow` shows when it has", err=True)
+        return
+    saved = queries.checkpoints_of(db, row["id"], states=["valid"])
+    newest = saved[-1]["step"] if saved else None
+    if as_json:
+        typer.echo(json.dumps({"run_id": row["id"], "name": row["name"], "status": row["status"],
+                               "last_step": row["last_step"], "checkpoint_step": newest}, indent=2))
+        return
+    if row["status"] == "completed":
+        typer.echo(f"run {row['id']} ({row['name']}) completed at step {row['last_step']} before the stop took effect")
+    elif newest is not None and newest == row["last_step"]:
+        typer.echo(f"run {row['id']} ({row['name']}) stopped at step {newest}, checkpoint saved; "
+                   f"`gptctl resume {row['name']}` continues it")
+    else:
+        where = f"its checkpoint of step {newest}" if newest is not None else "step 0 (it has no checkpoint)"
+        typer.echo(f"run {row['id']} ({row['name']}) stopped ({row['status']}) without saving its last step; "
+                   f"`gptctl resume {row['name']}` continues from {where}")
+
+
+@runs_app.command("rm")
+def rm_cmd(
+    run_refs: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to delete (ids, prefixes or names)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete; without it, only list what would be deleted."),
+    force: bool = typer.Option(False, "--force", help="Also delete pinned checkpoints and queued runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print what is (or would be) deleted as JSON."),
+):
+    """Delete runs: their directories, checkpoints and registry rows, each run whole or not at all."""
+    from gptctl.cli.listing import format_size
+    from gptctl.paths import writable_home
+    from gptctl.registry import removal
+
+    db = open_registry(home_dir(), create=False)
+    runs = list({r["id"]: r for r in (queries.resolve_run(db, ref) for ref in run_refs)}.values())
+    removals = removal.plan(db, runs, force)
+    listed = [{"run_id": r.run["id"], "name": r.run["name"], "status": r.run["status"], "run_dir": r.run["run_dir"],
+               "checkpoints": r.checkpoints, "bytes": r.bytes} for r in removals]
+    if not yes:
+        if as_json:
+            typer.echo(json.dumps({"deleted": False, "runs": listed}, indent=2))
+            return
+        for r in removals:
+            typer.echo(f"run {r.run['id']} ({r.run['name']}, {r.run['status']}): {r.checkpoints} checkpoint(s), "
+                       f"{format_size(r.bytes)}" + (", directory already gone" if r.missing else f" in {r.run['run_dir']}"))
+        typer.echo(f"would free {format_size(sum(r.bytes for r in removals))}; add --yes to delete "
+                   f"{'it' if len(removals) == 1 else 'them'}", err=True)
+        return
+    writable_home()
+    for r in removals:
+        removal.remove(db, r)
+        if not as_json:
+            typer.echo(f"deleted run {r.run['id']} ({r.run['name']}): {format_size(r.bytes)} freed")
+    if as_json:
+        typer.echo(json.dumps({"deleted": True, "runs": listed}, indent=2))
+
