@@ -132,6 +132,32 @@ def _usage(starts: list[dict], usage: dict, run: dict) -> dict[str, str]:
     return out
 
 
+def check_png(output: Path | None, option: str = "--output") -> None:
+    if output is not None and output.suffix.lower() != ".png":
+        raise UserError(f"{option}: {output} should end in .png")
+    if output is not None:
+        from importlib.util import find_spec
+
+        if find_spec("matplotlib") is None:
+            raise UserError(f"{option}: matplotlib is not installed; pip install 'gptctl[plot]', or drop it for a "
+                            "terminal plot")
+
+
+def loss_panels(db, runs: list[dict], x_axis: str) -> dict[str, list]:
+    """Train loss, val loss and LR of each run against steps or tokens, as plot.Series per panel."""
+    from gptctl.plot import Series
+
+    panels: dict[str, list[Series]] = {"train loss": [], "val loss": [], "lr": []}
+    x_key = "step" if x_axis == "step" else "tokens_seen"
+    for run in runs:
+        metrics = queries.metrics_of(db, run["id"])
+        label = f"{run['name']} ({run['id']})"
+        for panel, key in (("train loss", "loss"), ("val loss", "val_loss"), ("lr", "lr")):
+            points = [(m[x_key], m[key]) for m in metrics if m[key] is not None and m[x_key] is not None]
+            panels[panel].append(Series(label, points))
+    return panels
+
+
 @runs_app.command("plot")
 def plot_cmd(
     run_refs: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to overlay (ids, prefixes or names)."),
@@ -140,27 +166,13 @@ def plot_cmd(
     x_axis: str = typer.Option("step", "--x", help="step or tokens."),
 ):
     """Train and val loss (and the learning rate) of one or more runs, against steps or tokens."""
-    from gptctl.plot import Series, png_plot, terminal_plot
+    from gptctl.plot import png_plot, terminal_plot
 
     if x_axis not in ("step", "tokens"):
         raise UserError(f"--x: expected step or tokens, got {x_axis!r}")
-    if output is not None and output.suffix.lower() != ".png":
-        raise UserError(f"--output: {output} should end in .png")
-    if output is not None:
-        from importlib.util import find_spec
-
-        if find_spec("matplotlib") is None:
-            raise UserError("--output: matplotlib is not installed; pip install 'gptctl[plot]', or drop -o for a terminal plot")
+    check_png(output)
     db = open_registry(home_dir(), create=False)
-    runs = [queries.resolve_run(db, ref) for ref in run_refs]
-    panels: dict[str, list[Series]] = {"train loss": [], "val loss": [], "lr": []}
-    for run in runs:
-        metrics = queries.metrics_of(db, run["id"])
-        label = f"{run['name']} ({run['id']})"
-        for panel, key in (("train loss", "loss"), ("val loss", "val_loss"), ("lr", "lr")):
-            x_key = "step" if x_axis == "step" else "tokens_seen"
-            points = [(m[x_key], m[key]) for m in metrics if m[key] is not None and m[x_key] is not None]
-            panels[panel].append(Series(label, points))
+    panels = loss_panels(db, [queries.resolve_run(db, ref) for ref in run_refs], x_axis)
     if output is None:
         for panel in ("train loss", "val loss"):
             typer.echo(terminal_plot(panels[panel], panel, x_axis) + "\n")

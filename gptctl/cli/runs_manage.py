@@ -1,4 +1,4 @@
-"""`gptctl runs logs|stop|rm`: a run managed from any terminal (or node) of its home."""
+"""`gptctl runs logs|stop|rm|compare`: a run managed from any terminal (or node) of its home."""
 
 import json
 from pathlib import Path
@@ -132,3 +132,68 @@ def rm_cmd(
     if as_json:
         typer.echo(json.dumps({"deleted": True, "runs": listed}, indent=2))
 
+
+@runs_app.command("compare")
+def compare_cmd(
+    run_refs: list[str] = typer.Argument(..., metavar="RUN...", help="Two or more runs (ids, prefixes or names)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    plot: bool = typer.Option(False, "--plot", help="Also draw their val loss against tokens in the terminal."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write their curves against tokens to a "
+                                          "PNG (pip install 'gptctl[plot]')."),
+):
+    """Runs side by side: the settings that differ, val loss at equal tokens, best and last val, speed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gptctl.cli.listing import format_count, format_duration
+    from gptctl.cli.runs import check_png, loss_panels
+    from gptctl.run_compare import compare
+
+    check_png(output)
+    db = open_registry(home_dir(), create=False)
+    runs = list({r["id"]: r for r in (queries.resolve_run(db, ref) for ref in run_refs)}.values())
+    if len(runs) < 2:
+        raise UserError(f"RUN: name two or more different runs to compare, got {len(runs)}")
+    found = compare(db, [r["id"] for r in runs])
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+    else:
+        def num(value, spec=".4f"):
+            return "-" if value is None else format(value, spec)
+
+        table = Table(box=None, show_edge=False, pad_edge=False)
+        table.add_column("")
+        for r in found["runs"]:
+            table.add_column(f"{r['name']}\n{r['id']}", justify="right")
+        equal = found["equal_tokens"]
+        rows = {
+            "status": [r["status"] for r in found["runs"]],
+            "step": [f"{num(r['step'], 'd')}/{num(r['max_steps'], 'd')}" for r in found["runs"]],
+            "tokens": [format_count(r["tokens_seen"]) for r in found["runs"]],
+            f"val @ {format_count(equal)} tok" if equal is not None else "val @ equal tokens":
+                [num(r["val_loss_at_equal_tokens"]) for r in found["runs"]],
+            "best val": [num(r["best_val_loss"]) + (f" @{format_count(r['best_val_tokens'])}"
+                                                    if r["best_val_tokens"] is not None else "") for r in found["runs"]],
+            "last val": [num(r["last_val_loss"]) for r in found["runs"]],
+            "tokens/s": [num(r["tokens_per_s"], ",.0f") for r in found["runs"]],
+            "goodput": ["-" if r["goodput"] is None else f"{100 * r['goodput']:.0f}%" for r in found["runs"]],
+            "wall": [format_duration(r["wall_s"]) for r in found["runs"]],
+        }
+        for label, cells in rows.items():
+            table.add_row(label, *cells)
+        for panel, options in found["differing_settings"].items():
+            table.add_row(f"[bold]{panel}[/]", *[""] * len(found["runs"]))
+            for option, values in options.items():
+                table.add_row(option, *["-" if v is None else str(v) for v in values])
+        if not found["differing_settings"]:
+            table.add_row("[bold]settings[/]", *["all the same"] * len(found["runs"]))
+        Console().print(table)
+    if plot or output is not None:
+        from gptctl.plot import png_plot, terminal_plot
+
+        panels = loss_panels(db, runs, "tokens")
+        if plot:
+            typer.echo(terminal_plot(panels["val loss"], "val loss", "tokens"), err=as_json)
+        if output is not None:
+            png_plot(panels, "tokens", str(output))
+            typer.echo(str(output), err=as_json)
