@@ -13,6 +13,7 @@ from typing import Any
 from gptctl import launch, stop_request
 from gptctl.atomic import write_text_atomic
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
+from gptctl.detach import hand_off
 from gptctl.errors import UserError
 from gptctl.registry import launches, open_registry, queries
 from gptctl.registry.db import transaction
@@ -151,6 +152,7 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
     code, stopped_by = None, None
     try:
         stop_request.clear(run_dir)  # asked of an earlier launch
+        hand_off(run, run_dir)  # --detach: from here on the run goes on without the terminal
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings),
                                               log=run_dir / launch.LAUNCHER_LOG, requests=stop_request.Watch(run_dir))

@@ -11,6 +11,7 @@ import typer
 from pydantic import ValidationError
 
 from gptctl import control, preflight, slurm
+from gptctl.detach import detached, start_detached
 from gptctl.cli import app
 from gptctl.cli.settings_options import with_settings_options
 from gptctl.errors import UserError
@@ -33,6 +34,9 @@ OVERRIDE_SETTINGS = typer.Option(False, OVERRIDE, help="When resuming, let the o
                                  "settings that make the run (data, batch, optimizer settings, schedule, seed, "
                                  "dtype); each change is recorded with its step. The model's shape and --optimizer "
                                  "never change: the checkpoints hold them.")
+DETACH = typer.Option(False, "--detach", help="Train in the background, free of this terminal: return once the "
+                      "workers start (checks and refusals print here first); `gptctl runs logs RUN --follow` "
+                      "follows it, `gptctl runs stop RUN` stops it.")
 PRINT_COMMAND = typer.Option(False, "--print-command", help="Create the run (status queued) and print the torchrun "
                              "command that trains it, for a job script; train nothing now.")
 
@@ -52,9 +56,11 @@ def pretrain(
     print_command: bool = PRINT_COMMAND,
     override_settings: bool = OVERRIDE_SETTINGS,
     new_run: bool = NEW_RUN,
+    detach: bool = DETACH,
     as_json: bool = JSON,
 ):
     """Train GPT-2 on prepared token shards, from scratch or --init-from weights (torchrun workers; DDP or FSDP)."""
+    _maybe_detach(detach, print_command, as_json)
     defaults, fixed = slurm.launch_defaults(dict(os.environ)), {}
     with ExitStack() as reading:  # the parent is leased until the run row records it (then retention spares it)
         if init_from is not None:
@@ -91,6 +97,7 @@ def finetune(
     print_command: bool = PRINT_COMMAND,
     override_settings: bool = OVERRIDE_SETTINGS,
     new_run: bool = NEW_RUN,
+    detach: bool = DETACH,
     as_json: bool = JSON,
 ):
     """Instruction-tune a pretrained model on databricks-dolly-15k (or a local file in its schema).
@@ -99,6 +106,7 @@ def finetune(
     """
     from gptctl.refs import checkpoint_for_reading
 
+    _maybe_detach(detach, print_command, as_json)
     # The parent is leased from the moment it is chosen until the run row records it (then retention spares it).
     with checkpoint_for_reading(pretrained_checkpoint, "--pretrained-checkpoint", home_dir()) as parent:
         model = preflight.parent_model(parent, "--pretrained-checkpoint")
@@ -123,6 +131,9 @@ def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, An
     preflight.check_world_size(settings, launch)
     preflight.check_extras(settings)
     if launch.node_rank > 0:
+        if detached():
+            raise UserError("--detach: only for node 0, which owns the run; start the other nodes' commands "
+                            "under their own scheduler or terminal multiplexer")
         if print_command:
             raise UserError("--print-command: run it for node 0 (--node-rank 0); each node then runs the printed "
                             "command (with its own --node-rank unless --rdzv-endpoint is used)")
@@ -245,6 +256,7 @@ def resume_cmd(
     values: dict[str, Any],
     run_ref: str = typer.Argument(..., metavar="RUN", help="Run id (or unique prefix) or name."),
     override_settings: bool = OVERRIDE_SETTINGS,
+    detach: bool = DETACH,
     as_json: bool = JSON,
 ):
     """Continue a run from its newest valid checkpoint with its stored settings.
@@ -255,6 +267,7 @@ def resume_cmd(
 
     Launch settings are this launch's own: more processes or other nodes (a SLURM job requeued elsewhere).
     """
+    _maybe_detach(detach, False, as_json)
     launch = build_launch({k: v for k, v in values.items() if k in LAUNCH_FIELDS},
                           defaults=slurm.launch_defaults(dict(os.environ)))
     if values.get("run_name") is not None:
@@ -288,6 +301,34 @@ def _with_data_identity(run: dict[str, Any], values: dict[str, Any]) -> dict[str
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
     return {**values, "data_fingerprint": preflight.check_data(probe, home_dir())}
+
+
+def _maybe_detach(wanted: bool, print_command: bool, as_json: bool) -> None:
+    """--detach: run this command again in the background and return once its workers start."""
+    if not wanted or detached():
+        return
+    if print_command:
+        raise UserError("--detach: not with --print-command, which trains nothing now; the printed command runs "
+                        "under your scheduler")
+    code, run = start_detached(command_line()[1:], waiting=lambda run: typer.echo(
+        "waiting for its workers to start (Ctrl-C stops waiting; the run goes on)", err=True))
+    if run is None:
+        raise typer.Exit(code)  # it said why, on this terminal, before it would have detached
+    if code != 0:
+        from gptctl.run_log import last_lines
+
+        lines, _ = last_lines(Path(run["console_log"]), 5)
+        typer.echo(f"Error: run {run['run_id']} ({run['name']}) failed to start (exit code {code}); the end of "
+                   f"{run['console_log']}:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(code)
+    if as_json:
+        typer.echo(json.dumps(run, indent=2))
+    else:
+        typer.echo(f"run {run['run_id']} ({run['name']}) trains in the background "
+                   f"(pid {run['pid']}, console in {run['console_log']})\n"
+                   f"  follow it: gptctl runs logs {run['name']} --follow\n"
+                   f"  stop it:   gptctl runs stop {run['name']}")
+    raise typer.Exit(0)
 
 
 def command_line() -> list[str]:
