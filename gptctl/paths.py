@@ -19,6 +19,16 @@ def home_dir() -> Path:
     return home
 
 
+# Where `data prepare` writes and `pretrain` reads when --data-root is left out, relative to the current
+# directory as the home's default is; runs record it resolved, so a resume from elsewhere finds the same.
+DATA_ROOT_ENV = "GPTCTL_DATA_ROOT"
+DEFAULT_DATA_ROOT = "data"
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
 def writable_home() -> Path:
     """The home, created if it is missing, as a directory this process can write in; UserError otherwise."""
     home = home_dir()

@@ -19,6 +19,19 @@ from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describ
 _VERIFIED: list[list] = []
 
 
+def default_data_root() -> Path:
+    """--data-root left out: the documented default, once something is prepared there."""
+    from gptctl.data.shards import MANIFEST
+    from gptctl.paths import DATA_ROOT_ENV, default_data_root as root_of
+
+    root = root_of()
+    if not (root / MANIFEST).is_file() and not any(root.glob("*_train_*.npy")):
+        raise UserError(f"--data-root: nothing is prepared in {root.resolve()} (the default; {DATA_ROOT_ENV} names another): "
+                        "`gptctl data prepare fineweb-edu` streams FineWeb-Edu's sample-10BT into it from the Hugging "
+                        "Face hub (about 10B tokens: 20 GB of shards), or give --data-root DIR with prepared shards")
+    return root
+
+
 def check_data(settings: TrainSettings, home: Path) -> str:
     """The data root holds shards enough for a micro-batch, each still what its manifest says (size, and
     sha256 unless unchanged since checked: cached in `home`'s registry); returns its fingerprint."""

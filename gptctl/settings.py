@@ -167,7 +167,8 @@ class DataSettings(_Settings):
     """Data: where tokens or instruction examples come from, and how they are read."""
     panel: ClassVar[str] = "Data"
 
-    data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare).", **PRETRAIN_ONLY)
+    data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare); default: "
+                                 "$GPTCTL_DATA_ROOT, else ./data.", **PRETRAIN_ONLY)
     pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
     # What the data root held when the run was made (data/shards.py fingerprint): a resume compares it,
     # since the same path may hold other data (re-prepared with --force).

@@ -39,7 +39,8 @@ def prepare_cmd(
         None, "--input", "-i", show_default=False,
         help="Local input file; repeat for several. .txt/other: one document; .jsonl: field 'text'; .parquet: column 'text'.",
     ),
-    data_root: Path = typer.Option(..., "--data-root", help="Directory to write the shards and manifest.json into."),
+    data_root: Path = typer.Option(None, "--data-root", show_default=False, help="Directory to write the shards and "
+                                   "manifest.json into (default: $GPTCTL_DATA_ROOT, else ./data, where pretrain reads)."),
     data_files: list[Path] = typer.Option(
         None, "--data-files", show_default=False,
         help="fineweb-edu only: read these local .parquet/.jsonl files (FineWeb-Edu's schema) instead of the Hub, "
@@ -70,7 +71,9 @@ def prepare_cmd(
     An interrupted prepare continues from its last finished shard when the same command is run again.
     """
     from gptctl.data.prepare import PrepareOptions, run, validate
+    from gptctl.paths import default_data_root
 
+    data_root = data_root or default_data_root()
     opts = PrepareOptions(
         data_root=data_root,
         inputs=list(inputs or []),

@@ -73,6 +73,8 @@ def pretrain(
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
+        if values.get("data_root") is None:
+            defaults["data_root"] = _default_data_root(values.get("run_name"), auto_resume)
         settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
         # What the data is, compared by every resume: the same path may hold other data
         values["data_fingerprint"] = preflight.check_data(settings, home_dir())
@@ -117,6 +119,16 @@ def finetune(
         preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, new_run, as_json)
+
+
+def _default_data_root(name: str | None, auto_resume: bool) -> Path:
+    """--data-root left out: the run --auto-resume continues reads what it recorded; a new run, the default."""
+    if auto_resume:
+        previous = queries.newest_run_named(open_registry(home_dir(), create=False), name or "pretrain")
+        recorded = json.loads(previous["settings"]).get("data_root") if previous is not None else None
+        if recorded and previous["kind"] == "pretrain":
+            return Path(recorded)
+    return preflight.default_data_root()
 
 
 def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,
