@@ -29,6 +29,10 @@ NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
 # Options that mean something only when another setting has a value: given otherwise, they are refused.
 NEEDS_MUON = {"json_schema_extra": {"needs": ("optimizer", "muon")}}
 NEEDS_MODERN = {"json_schema_extra": {"needs": ("arch", "modern")}}
+# An option that does nothing when these settings all have these values (engine/optim.py's groups): given then, refused.
+UNUSED_BY_MODERN_MUON = {"json_schema_extra": {"unused_with": {"arch": "modern", "optimizer": "muon"}, "why": (
+    "AdamW then has only the embedding, the head and the gains, which take no weight decay; Muon's block matrices "
+    "take --muon-weight-decay")}}
 
 # Settings of earlier versions that TrainSettings still reads (as --lr-scheduler): stored runs,
 # checkpoints and config files written by them keep loading.
@@ -239,7 +243,8 @@ class OptimizerSettings(_Settings):
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
         "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only; none with --arch modern "
+                                "--optimizer muon, whose AdamW has no matrix).", **UNUSED_BY_MODERN_MUON)
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
     muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
                            "√max(1, rows/cols) per matrix; follows the same schedule).", **NEEDS_MUON)
@@ -468,15 +473,20 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
             arch=self.arch,
         )
 
-    def unused_options(self, given: Iterable[str]) -> list[tuple[str, str, str]]:
-        """(option, setting, value it needs) for the options among `given` (set by the user, not by default) that
-        these settings ignore, at a value of their own: stored settings and saved config files carry every
-        field at its default, so only what was given, and differs, tells a user's mistake."""
+    def unused_options(self, given: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+        """(option, {setting: value} of these settings that leave it unused) for the options among `given` (set by
+        the user, not by default) that these settings ignore, at a value of their own: stored settings and saved
+        config files carry every field at its default (or the recipe's), so only what was given, and differs,
+        tells a user's mistake."""
         unused = []
         for name in given:
-            needs = _needs(name)
-            if needs and getattr(self, needs[0]) != needs[1] and getattr(self, name) != TrainSettings.model_fields[name].default:
-                unused.append((name, *needs))
+            if getattr(self, name) == RECIPES.get(self.recipe, {}).get(name, TrainSettings.model_fields[name].default):
+                continue
+            needs, unused_with = _needs(name), _extra(name).get("unused_with", {})
+            if needs and getattr(self, needs[0]) != needs[1]:
+                unused.append((name, {needs[0]: getattr(self, needs[0])}))
+            elif unused_with and all(getattr(self, k) == v for k, v in unused_with.items()):
+                unused.append((name, unused_with))
         return unused
 
     def check_world(self, world_size: int) -> None:
@@ -498,11 +508,29 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         return self.min_seq_length << stage
 
 
-def _needs(name: str) -> tuple[str, str] | None:
-    """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
+def _extra(name: str) -> dict[str, Any]:
     field = setting_field(name)
     extra = field.json_schema_extra if field is not None else None
-    return extra.get("needs") if isinstance(extra, dict) else None
+    return extra if isinstance(extra, dict) else {}
+
+
+def _needs(name: str) -> tuple[str, str] | None:
+    """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
+    return _extra(name).get("needs")
+
+
+def refuse_unused(settings: TrainSettings, given: Iterable[str], fixed: Iterable[str] = (), origin: str = "") -> None:
+    """UserError for the first option among `given` that `settings` leave unused (TrainSettings.unused_options).
+    `fixed`: the settings the user cannot change here, and `origin` where their values come from, with {} for
+    them (a resumed run's: "run X was started with {}"): then the fix is to drop the option, not to add one."""
+    for name, cause in settings.unused_options(sorted(given)):
+        needs, why = _needs(name), _extra(name).get("why")
+        spell = lambda values: " and ".join(f"{option_name(k)} {v}" for k, v in values.items())  # noqa: E731
+        when = f"applies only with {spell(dict([needs]))}" if needs else f"does nothing with {spell(cause)} ({why})"
+        if held := {k: v for k, v in cause.items() if k in fixed}:
+            raise UserError(f"{option_name(name)}: {when}, and {origin.format(spell(held))}; drop the option")
+        fix = f"add {spell(dict([needs]))}, or drop the option" if needs else "drop the option"
+        raise UserError(f"{option_name(name)}: {when}; {fix} (from the command line or the --config file)")
 
 
 def recipe_values(chosen: dict[str, Any]) -> dict[str, Any]:
@@ -559,11 +587,7 @@ def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None
         settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
-    if unused := settings.unused_options(sorted(given)):
-        name, setting, value = unused[0]
-        needs = f"{option_name(setting)} {value}"
-        raise UserError(f"{option_name(name)}: applies only with {needs}; add {needs}, or drop the option "
-                        "(from the command line or the --config file)")
+    refuse_unused(settings, given)
     return settings, launch_settings
 
 

@@ -336,3 +336,54 @@ def test_estimate_says_the_newton_schulz_flops_it_counts():
         result = estimate(EstimateInputs(model="gpt2", arch=arch, optimizer="muon"), [])
         text = " ".join(result["assumptions"])
         assert f"{per_block}·d³ FLOPs per block" in text, text
+
+
+def queue_run(home, data_root, name: str, *args: str) -> dict:
+    """A run created, not trained (`pretrain --print-command`: status queued), and its stored settings."""
+    cli("pretrain", *TINY_RUN, "--data-root", str(data_root), "--max-steps", "8", "--run-name", name, *args,
+        "--print-command", home=home)
+    return stored_settings(home, name)
+
+
+def stored_settings(home, name: str) -> dict:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        return json.loads(conn.execute("select settings from runs where name = ? order by rowid desc",
+                                       [name]).fetchone()[0])
+
+
+def registry_rows(home) -> list:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        return [conn.execute(f"select * from {table} order by rowid").fetchall() for table in ("runs", "events")]
+
+
+def refused_in_one_line(result, *words: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(word in lines[0] for word in words), (words, result.stderr)
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["--recipe", "speedrun"], ["--arch", "modern", "--optimizer", "muon"]])
+def test_weight_decay_that_no_parameter_takes_is_refused(shakespeare, gptctl_home, args):
+    """--arch modern with Muon: Muon has the block matrices (--muon-weight-decay); AdamW's embedding, head and
+    gains take no weight decay (engine/optim.py), so --weight-decay would do nothing."""
+    result = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", *args,
+                 "--weight-decay", "0.05", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--weight-decay:", "--arch modern", "--optimizer muon", "--muon-weight-decay")
+    assert not gptctl_home.joinpath("gptctl.db").exists()
+
+
+def test_weight_decay_where_a_parameter_takes_it(shakespeare, gptctl_home, tmp_path):
+    # gpt2 with Muon: AdamW decays the embeddings; modern with AdamW: the block matrices.
+    for name, args in (("gpt2-muon", ["--optimizer", "muon"]), ("modern-adamw", ["--arch", "modern"])):
+        assert queue_run(gptctl_home, shakespeare, name, *args, "--weight-decay", "0.05")["weight_decay"] == 0.05
+    # A speedrun's saved config carries the recipe's weight_decay (0): it reads back.
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun", "--save-config")
+    config = next(gptctl_home.glob("fast-*")) / "config.toml"
+    cli("pretrain", "--config", str(config), "--run-name", "fast2", "--print-command", home=gptctl_home)
+    # A resume that sets it is refused too, naming the run's settings.
+    before = registry_rows(gptctl_home)
+    result = cli("resume", "fast", "--weight-decay", "0.2", "--override-settings", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--weight-decay: does nothing with --arch modern and --optimizer muon",
+                        "was started with --arch modern and --optimizer muon; drop the option")
+    assert registry_rows(gptctl_home) == before
