@@ -560,6 +560,15 @@ def is_option(field: str, kind: str) -> bool:
     return extra.get("cli") is not False and (kind == "resume" or extra.get("only", kind) == kind)
 
 
+# What `gptctl finetune` takes from its parent checkpoint, not from options: given on its command line or in
+# its --config file, refused with this reason.
+FINETUNE_FROM_PARENT = {
+    **dict.fromkeys(("arch", "model", "n_layer", "n_head", "n_embd"),
+                    "a finetune takes its parent's architecture and shape (from --pretrained-checkpoint)"),
+    "recipe": "a finetune takes its parent's architecture (from --pretrained-checkpoint), and a recipe is for "
+              "pretraining from scratch; set a finetune's optimizer and learning rates with their own options",
+}
+
 # Why a setting that is not an option cannot come from a --config file, and what to do instead.
 _NOT_IN_CONFIG = {
     "pretrained_checkpoint": "pass the checkpoint on the command line (pretrain --init-from, finetune "
@@ -629,7 +638,8 @@ def read_config(path: Path, kind: str) -> dict[str, Any]:
         if not is_option(key, kind):
             extra = setting_field(key).json_schema_extra
             only = extra.get("only") if isinstance(extra, dict) else None
-            why = _NOT_IN_CONFIG.get(key) or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`"
+            why = (_NOT_IN_CONFIG.get(key) or (FINETUNE_FROM_PARENT.get(key) if kind == "finetune" else None)
+                   or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`")
             raise UserError(f"--config: {path} sets {key!r}, which a config file may not: {why}")
     return values
 

@@ -365,6 +365,26 @@ def test_data_prepare_numbers(tmp_path, gptctl_home, extra, option):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--arch", "modern"], ["--arch:", "a finetune takes its parent's architecture"]),
+    (["--recipe", "speedrun"], ["--recipe:", "a finetune takes its parent's architecture"]),
+    (["--n-layer", "4"], ["--n-layer:", "a finetune takes its parent's"]),
+])
+def test_finetune_options_of_another_architecture(tmp_path, gptctl_home, args, words):
+    parent = save_tiny_checkpoint(tmp_path / "parent.pt")
+    line = refused(["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(tmp_path / "x.jsonl"),
+                    *args], args[0], gptctl_home, *words)
+    assert "add --arch" not in line
+
+
+def test_finetune_config_file_naming_the_architecture(tmp_path, gptctl_home):
+    parent = save_tiny_checkpoint(tmp_path / "parent.pt")
+    cfg = tmp_path / "ft.toml"
+    cfg.write_text('arch = "modern"\n')
+    refused(["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
+             str(tmp_path / "x.jsonl")], "--config", gptctl_home, "'arch'", "a finetune takes its parent's architecture")
+
+
 def qwen3_config(directory: Path, **changes) -> Path:
     """config.json of a Qwen3 of --arch modern's tiny shape (as `gptctl export` writes it), changed; no weights:
     the config is checked first."""

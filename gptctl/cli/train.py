@@ -17,8 +17,8 @@ from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.resume import OVERRIDE, resume_changes, resume_settings
-from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
-                             build_settings, describe, given_settings)
+from gptctl.settings import (FINETUNE_DEFAULTS, FINETUNE_FROM_PARENT, LAUNCH_FIELDS, LaunchSettings, TrainSettings,
+                             build_launch, build_settings, describe, given_settings)
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -77,7 +77,7 @@ def pretrain(
 
 @app.command()
 @with_settings_options("finetune", defaults={**FINETUNE_DEFAULTS, "total_batch_size": "batch-size × seq-len × processes × grad-accumulation-steps",
-                                            "seq_len": "the pretrained model's"})
+                                            "seq_len": "the pretrained model's"}, refused=FINETUNE_FROM_PARENT)
 def finetune(
     values: dict[str, Any],
     pretrained_checkpoint: str = typer.Option(
