@@ -596,7 +596,10 @@ def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None
         settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
-    refuse_unused(settings, given)
+    # A parent checkpoint's model settings (finetune, --init-from) are `fixed`: the user cannot add --arch there.
+    parent = "pretrained_checkpoint" in fixed
+    refuse_unused(settings, given, fixed=fixed if parent else (),
+                  origin="the parent checkpoint is an {} model, whose architecture the run takes")
     return settings, launch_settings
 
 

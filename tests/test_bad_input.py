@@ -365,10 +365,15 @@ def test_data_prepare_numbers(tmp_path, gptctl_home, extra, option):
     assert not (tmp_path / "out").exists()
 
 
+# --- a finetune takes its parent's model; a Qwen3 import its exact block --------------------------------------
+
 @pytest.mark.parametrize("args, words", [
     (["--arch", "modern"], ["--arch:", "a finetune takes its parent's architecture"]),
     (["--recipe", "speedrun"], ["--recipe:", "a finetune takes its parent's architecture"]),
     (["--n-layer", "4"], ["--n-layer:", "a finetune takes its parent's"]),
+    # The parent is gpt2: there is no --arch to add (the break test's "add --arch modern").
+    (["--embedding-lr", "0.1"], ["--embedding-lr: applies only with --arch modern",
+                                 "the parent checkpoint is an --arch gpt2 model"]),
 ])
 def test_finetune_options_of_another_architecture(tmp_path, gptctl_home, args, words):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt")
@@ -400,6 +405,12 @@ def qwen3_config(directory: Path, **changes) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_scaling=", "'linear'"]),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}, "rope_parameters": Ellipsis}, ["rope_scaling="]),
+    # transformers' Qwen3Config reads a missing head_dim as 128, not hidden_size // num_attention_heads (32 here)
+    ({"head_dim": Ellipsis}, ["head_dim", "128", "32"]),
+])
 def test_a_qwen3_that_computes_another_model_is_refused(tmp_path, gptctl_home, changes, words):
     directory = qwen3_config(tmp_path / "qwen3", **changes)
     refused(["pretrain", "--init-from", f"hf:{directory}", "--data-root", str(tmp_path / "data")], "--init-from",
