@@ -480,9 +480,10 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         tells a user's mistake."""
         unused = []
         for name in given:
-            if getattr(self, name) == RECIPES.get(self.recipe, {}).get(name, TrainSettings.model_fields[name].default):
-                continue
             needs, unused_with = _needs(name), _extra(name).get("unused_with", {})
+            if not (needs or unused_with) or getattr(self, name) == RECIPES.get(self.recipe, {}).get(
+                    name, TrainSettings.model_fields[name].default):
+                continue  # not one of these options (a launch's, a renamed one), or at the value it would have anyway
             if needs and getattr(self, needs[0]) != needs[1]:
                 unused.append((name, {needs[0]: getattr(self, needs[0])}))
             elif unused_with and all(getattr(self, k) == v for k, v in unused_with.items()):
