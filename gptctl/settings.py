@@ -587,20 +587,26 @@ def given_settings(overrides: dict[str, Any], config_file: Path | None, kind: st
 
 
 def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
-                   **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
+                   continues: TrainSettings | None = None, **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
     """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
-    and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
+    and this launch's, or raise UserError. Options are flat: each name belongs to one group.
+
+    `continues`: the settings of the run --auto-resume continues. They stand in for the defaults and the
+    recipe (chosen when that run started), so what is given is judged against the run it changes, as
+    `gptctl resume` judges it (resume_changes, which also says which options it refuses)."""
     given = {k: v for k, v in given.items() if v is not None}
-    values = {**(defaults or {}), **recipe_values({**given, **fixed}), **given, **fixed}
+    start = continues.model_dump() if continues is not None else recipe_values({**given, **fixed})
+    values = {**(defaults or {}), **start, **given, **fixed}
     launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
         settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
-    # A parent checkpoint's model settings (finetune, --init-from) are `fixed`: the user cannot add --arch there.
-    parent = "pretrained_checkpoint" in fixed
-    refuse_unused(settings, given, fixed=fixed if parent else (),
-                  origin="the parent checkpoint is an {} model, whose architecture the run takes")
+    if continues is None:
+        # A parent checkpoint's model settings (finetune, --init-from) are `fixed`: the user cannot add --arch there.
+        parent = "pretrained_checkpoint" in fixed
+        refuse_unused(settings, given, fixed=fixed if parent else (),
+                      origin="the parent checkpoint is an {} model, whose architecture the run takes")
     return settings, launch_settings
 
 

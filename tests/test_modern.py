@@ -387,3 +387,19 @@ def test_weight_decay_where_a_parameter_takes_it(shakespeare, gptctl_home, tmp_p
     refused_in_one_line(result, "--weight-decay: does nothing with --arch modern and --optimizer muon",
                         "was started with --arch modern and --optimizer muon; drop the option")
     assert registry_rows(gptctl_home) == before
+
+
+def test_auto_resume_judges_options_by_the_run_it_continues(shakespeare, gptctl_home):
+    """Not by a fresh run's defaults (--arch gpt2, --optimizer adamw, 2000 warmup steps)."""
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun")
+    cli("pretrain", "--auto-resume", "--run-name", "fast", "--embedding-lr", "0.1", "--muon-lr", "0.03",
+        "--max-steps", "12", "--override-settings", "--print-command", home=gptctl_home)
+    settings = stored_settings(gptctl_home, "fast")
+    assert (settings["embedding_lr"], settings["muon_lr"], settings["max_steps"]) == (0.1, 0.03, 12)
+    # A gpt2 run is judged by its own settings too, with the run's words.
+    queue_run(gptctl_home, shakespeare, "plain")
+    before = registry_rows(gptctl_home)
+    result = cli("pretrain", "--auto-resume", "--run-name", "plain", "--embedding-lr", "0.1", "--override-settings",
+                 "--print-command", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--embedding-lr: applies only with --arch modern", "was started with --arch gpt2")
+    assert registry_rows(gptctl_home) == before

@@ -67,7 +67,8 @@ def pretrain(
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
-        settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
+        settings, launch = build_settings(values, defaults=defaults, kind="pretrain",
+                                          continues=_continued(values, "pretrain", auto_resume), **fixed)
         # What the data is, compared by every resume: the same path may hold other data
         values["data_fingerprint"] = preflight.check_data(settings, home_dir())
         settings = settings.model_copy(update={"data_fingerprint": values["data_fingerprint"]})
@@ -105,10 +106,20 @@ def finetune(
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
         values = given_settings(values, config, "finetune")
         settings, launch = build_settings(values, defaults=defaults, kind="finetune",
+                                          continues=_continued(values, "finetune", auto_resume),
                                           pretrained_checkpoint=str(parent), **model)
         preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, new_run, as_json)
+
+
+def _continued(values: dict[str, Any], kind: str, auto_resume: bool) -> TrainSettings | None:
+    """The settings of the run --auto-resume will continue (the newest of its --run-name, by default the
+    kind's, if it is of this kind; `_start` finds the same run): what the options given are judged against."""
+    if not auto_resume:
+        return None
+    run = queries.newest_run_named(open_registry(home_dir(), create=False), values.get("run_name") or kind)
+    return TrainSettings.model_validate_json(run["settings"]) if run is not None and run["kind"] == kind else None
 
 
 def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,
