@@ -48,6 +48,11 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     if "optimizer" in changes:  # its checkpoints hold the other optimizer's state, which cannot load
         raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
                         "state; drop the option, or start a new run from its weights (--init-from RUN)")
+    if "recipe" in changes:  # it chose the run's starting values: another name would relabel them, not change them
+        raise UserError(f"--recipe: {was} recipe {stored.recipe!r}; a recipe is chosen when a run starts (it sets the "
+                        f"starting values), so a resume cannot change it, not even with {OVERRIDE}. Drop it, and "
+                        f"change the settings themselves (--max-lr, --muon-lr, --lr-scheduler, ... with {OVERRIDE}; "
+                        "never --arch or --optimizer)")
     refuse_unused(wanted, given, fixed=TrainSettings.model_fields, origin=f"{was} {{}}")
     if "data_fingerprint" in changes and stored.data_fingerprint is not None and not override:
         raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "

@@ -581,9 +581,20 @@ _NOT_IN_CONFIG = {
 
 
 def given_settings(overrides: dict[str, Any], config_file: Path | None, kind: str) -> dict[str, Any]:
-    """What the user set: a --config file's settings, then the command line's over them (None: not given)."""
+    """What the user set: a --config file's settings, then the command line's over them (None: not given).
+
+    A config file holds its recipe's values besides its own choices (--save-config writes every setting): with
+    another --recipe on the command line, the file's values that are just its recipe's (classic's: the defaults)
+    are that recipe's, not choices, and give way to the command line's recipe, so the run trains with, and
+    records, the recipe it names; what the file sets otherwise still overrides the recipe."""
     given = read_config(config_file, kind) if config_file is not None else {}
-    return {**given, **{k: v for k, v in overrides.items() if v is not None}}
+    command_line = {k: v for k, v in overrides.items() if v is not None}
+    recipe = given.get("recipe", "classic")
+    if command_line.get("recipe", recipe) != recipe:
+        recipe_keys = {k for values in RECIPES.values() for k in values}
+        own = lambda k: RECIPES.get(recipe, {}).get(k, TrainSettings.model_fields[k].default)  # noqa: E731
+        given = {k: v for k, v in given.items() if not (k in recipe_keys and v == own(k))}
+    return {**given, **command_line}
 
 
 def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
