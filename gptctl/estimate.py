@@ -42,8 +42,8 @@ Assumptions (all stated in the output's `assumptions` too):
   untied pair twice) and, with the optimizer, + 8 bytes/param of AdamW moments (--optimizer muon:
   4 bytes/param of Muon momentum for the block matrices, and AdamW moments for the rest). Muon's
   Newton-Schulz iterations add 5 × (4m²n + 2m³) FLOPs per m×n block matrix (m ≤ n) per optimizer
-  step on every GPU: 5 × 56·d³ per gpt2 block, for gpt2 124M at 524,288 tokens per step about 0.3%
-  of the step's FLOPs.
+  step on every GPU: 5 × 56·d³ per gpt2 block (5 × 62·d³ per modern block at h = 8d/3: its SwiGLU
+  has three MLP matrices), for gpt2 124M at 524,288 tokens per step about 0.3% of the step's FLOPs.
 * Multi-GPU: DDP ring allreduce of the fp32 gradients once per optimizer step,
   ``2(n-1)/n × 4·P / bandwidth``, assumed *not* overlapped with compute (pessimistic; DDP overlaps
   part of it with backward). Scaling efficiency = compute time / (compute + allreduce).
@@ -101,11 +101,16 @@ MUON_NS_STEPS = 5  # engine/optim.py's Newton-Schulz steps per update
 
 
 def newton_schulz_flops(shape: ModelShape) -> int:
-    """FLOPs of Muon's orthogonalisation per optimizer step, on every process (DDP replicates it). For an
-    m×n matrix (m ≤ n) one Newton-Schulz iteration computes A = X·Xᵀ (2m²n), A·A (2m³) and B·X (2m²n);
-    per gpt2 block that is 14d³ (c_attn) + 6d³ (attn.c_proj) + 18d³ (c_fc) + 18d³ (mlp.c_proj) = 56d³."""
-    per_iteration = sum(4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3 for r, c in shape.block_matrices())
-    return MUON_NS_STEPS * shape.n_layer * per_iteration
+    """FLOPs of Muon's orthogonalisation per optimizer step, on every process (DDP replicates it)."""
+    return MUON_NS_STEPS * shape.n_layer * newton_schulz_block_flops(shape)
+
+
+def newton_schulz_block_flops(shape: ModelShape) -> int:
+    """FLOPs of one Newton-Schulz iteration over one block's matrices. For an m×n matrix (m ≤ n) it computes
+    A = X·Xᵀ (2m²n), A·A (2m³) and B·X (2m²n). gpt2: 14d³ (c_attn) + 6d³ (attn.c_proj) + 18d³ (c_fc) + 18d³
+    (mlp.c_proj) = 56d³. modern: 4 × 6d³ (q, k, v, o_proj) + 3 × (4d²h + 2d³) (gate, up, down_proj) = 30d³ +
+    12d²h, 62d³ at h = 8d/3 (the width rounds up to a multiple of 64, so a little more at some widths)."""
+    return sum(4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3 for r, c in shape.block_matrices())
 
 
 def optimizer_bytes(shape: ModelShape, seq_len: int, optimizer: str) -> dict[str, int]:
@@ -434,8 +439,8 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             "lookups (nanoGPT/PaLM)",
             ("fp32 params, grads and AdamW moments (16 B/param)" if inp.optimizer == "adamw" else
              "fp32 params and grads; AdamW moments for embeddings and 1-D params, one Muon momentum buffer "
-             f"for the block matrices; Newton-Schulz: {MUON_NS_STEPS} iterations, 56·d³ FLOPs per block each, "
-             "on every GPU")
+             f"for the block matrices; Newton-Schulz: {MUON_NS_STEPS} iterations, "
+             f"{newton_schulz_block_flops(shape) / shape.n_embd ** 3:.3g}·d³ FLOPs per block each, on every GPU")
             + (f"; {dtype} autocast activations + 2 B/param autocast weight cache" if dtype != "float32"
                else "; fp32 activations")
             + "; + 1 GiB CUDA overhead",

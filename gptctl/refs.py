@@ -107,8 +107,7 @@ def _import_hf(dir_or_name: str, option: str, home: Path) -> Path:
     from gptctl.atomic import TMP_PREFIX
     from gptctl.registry.files import sha256_of
 
-    imports = (home / "imports").resolve()
-    imports.mkdir(parents=True, exist_ok=True)
+    imports = (home / "imports").resolve()  # made by write_checkpoint once the weights are read: a refusal writes nothing
     _remove_abandoned_imports(imports, TMP_PREFIX)
     staging = imports / f"{TMP_PREFIX}import-{os.getpid()}.pt"
     try:

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from gptctl.errors import UserError
 from gptctl.settings import (CheckpointSettings, EvalSettings, HealthSettings, LogSettings, TrainSettings, describe,
-                             option_name)
+                             option_name, refuse_unused)
 
 
 # Settings a resume may change: how the run is checkpointed, evaluated, logged and guarded (those groups
@@ -48,10 +48,12 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     if "optimizer" in changes:  # its checkpoints hold the other optimizer's state, which cannot load
         raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
                         "state; drop the option, or start a new run from its weights (--init-from RUN)")
-    if unused := wanted.unused_options(sorted(given)):
-        name, setting, _ = unused[0]
-        raise UserError(f"{option_name(name)}: {was} {option_name(setting)} {getattr(stored, setting)}, which does "
-                        "not use it; drop the option")
+    if "recipe" in changes:  # it chose the run's starting values: another name would relabel them, not change them
+        raise UserError(f"--recipe: {was} recipe {stored.recipe!r}; a recipe is chosen when a run starts (it sets the "
+                        f"starting values), so a resume cannot change it, not even with {OVERRIDE}. Drop it, and "
+                        f"change the settings themselves (--max-lr, --muon-lr, --lr-scheduler, ... with {OVERRIDE}; "
+                        "never --arch or --optimizer)")
+    refuse_unused(wanted, given, fixed=TrainSettings.model_fields, origin=f"{was} {{}}")
     if "data_fingerprint" in changes and stored.data_fingerprint is not None and not override:
         raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "
                         f"trained on (fingerprint {_short(stored.data_fingerprint)} then, "

@@ -29,6 +29,10 @@ NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
 # Options that mean something only when another setting has a value: given otherwise, they are refused.
 NEEDS_MUON = {"json_schema_extra": {"needs": ("optimizer", "muon")}}
 NEEDS_MODERN = {"json_schema_extra": {"needs": ("arch", "modern")}}
+# An option that does nothing when these settings all have these values (engine/optim.py's groups): given then, refused.
+UNUSED_BY_MODERN_MUON = {"json_schema_extra": {"unused_with": {"arch": "modern", "optimizer": "muon"}, "why": (
+    "AdamW then has only the embedding, the head and the gains, which take no weight decay; Muon's block matrices "
+    "take --muon-weight-decay")}}
 
 # Settings of earlier versions that TrainSettings still reads (as --lr-scheduler): stored runs,
 # checkpoints and config files written by them keep loading.
@@ -240,7 +244,8 @@ class OptimizerSettings(_Settings):
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
         "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only; none with --arch modern "
+                                "--optimizer muon, whose AdamW has no matrix).", **UNUSED_BY_MODERN_MUON)
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
     muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
                            "√max(1, rows/cols) per matrix; follows the same schedule).", **NEEDS_MUON)
@@ -469,15 +474,21 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
             arch=self.arch,
         )
 
-    def unused_options(self, given: Iterable[str]) -> list[tuple[str, str, str]]:
-        """(option, setting, value it needs) for the options among `given` (set by the user, not by default) that
-        these settings ignore, at a value of their own: stored settings and saved config files carry every
-        field at its default, so only what was given, and differs, tells a user's mistake."""
+    def unused_options(self, given: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+        """(option, {setting: value} of these settings that leave it unused) for the options among `given` (set by
+        the user, not by default) that these settings ignore, at a value of their own: stored settings and saved
+        config files carry every field at its default (or the recipe's), so only what was given, and differs,
+        tells a user's mistake."""
         unused = []
         for name in given:
-            needs = _needs(name)
-            if needs and getattr(self, needs[0]) != needs[1] and getattr(self, name) != TrainSettings.model_fields[name].default:
-                unused.append((name, *needs))
+            needs, unused_with = _needs(name), _extra(name).get("unused_with", {})
+            if not (needs or unused_with) or getattr(self, name) == RECIPES.get(self.recipe, {}).get(
+                    name, TrainSettings.model_fields[name].default):
+                continue  # not one of these options (a launch's, a renamed one), or at the value it would have anyway
+            if needs and getattr(self, needs[0]) != needs[1]:
+                unused.append((name, {needs[0]: getattr(self, needs[0])}))
+            elif unused_with and all(getattr(self, k) == v for k, v in unused_with.items()):
+                unused.append((name, unused_with))
         return unused
 
     def check_world(self, world_size: int) -> None:
@@ -499,11 +510,29 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         return self.min_seq_length << stage
 
 
-def _needs(name: str) -> tuple[str, str] | None:
-    """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
+def _extra(name: str) -> dict[str, Any]:
     field = setting_field(name)
     extra = field.json_schema_extra if field is not None else None
-    return extra.get("needs") if isinstance(extra, dict) else None
+    return extra if isinstance(extra, dict) else {}
+
+
+def _needs(name: str) -> tuple[str, str] | None:
+    """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
+    return _extra(name).get("needs")
+
+
+def refuse_unused(settings: TrainSettings, given: Iterable[str], fixed: Iterable[str] = (), origin: str = "") -> None:
+    """UserError for the first option among `given` that `settings` leave unused (TrainSettings.unused_options).
+    `fixed`: the settings the user cannot change here, and `origin` where their values come from, with {} for
+    them (a resumed run's: "run X was started with {}"): then the fix is to drop the option, not to add one."""
+    for name, cause in settings.unused_options(sorted(given)):
+        needs, why = _needs(name), _extra(name).get("why")
+        spell = lambda values: " and ".join(f"{option_name(k)} {v}" for k, v in values.items())  # noqa: E731
+        when = f"applies only with {spell(dict([needs]))}" if needs else f"does nothing with {spell(cause)} ({why})"
+        if held := {k: v for k, v in cause.items() if k in fixed}:
+            raise UserError(f"{option_name(name)}: {when}, and {origin.format(spell(held))}; drop the option")
+        fix = f"add {spell(dict([needs]))}, or drop the option" if needs else "drop the option"
+        raise UserError(f"{option_name(name)}: {when}; {fix} (from the command line or the --config file)")
 
 
 def recipe_values(chosen: dict[str, Any]) -> dict[str, Any]:
@@ -533,6 +562,15 @@ def is_option(field: str, kind: str) -> bool:
     return extra.get("cli") is not False and (kind == "resume" or extra.get("only", kind) == kind)
 
 
+# What `gptctl finetune` takes from its parent checkpoint, not from options: given on its command line or in
+# its --config file, refused with this reason.
+FINETUNE_FROM_PARENT = {
+    **dict.fromkeys(("arch", "model", "n_layer", "n_head", "n_embd"),
+                    "a finetune takes its parent's architecture and shape (from --pretrained-checkpoint)"),
+    "recipe": "a finetune takes its parent's architecture (from --pretrained-checkpoint), and a recipe is for "
+              "pretraining from scratch; set a finetune's optimizer and learning rates with their own options",
+}
+
 # Why a setting that is not an option cannot come from a --config file, and what to do instead.
 _NOT_IN_CONFIG = {
     "pretrained_checkpoint": "pass the checkpoint on the command line (pretrain --init-from, finetune "
@@ -544,27 +582,43 @@ _NOT_IN_CONFIG = {
 
 
 def given_settings(overrides: dict[str, Any], config_file: Path | None, kind: str) -> dict[str, Any]:
-    """What the user set: a --config file's settings, then the command line's over them (None: not given)."""
+    """What the user set: a --config file's settings, then the command line's over them (None: not given).
+
+    A config file holds its recipe's values besides its own choices (--save-config writes every setting): with
+    another --recipe on the command line, the file's values that are just its recipe's (classic's: the defaults)
+    are that recipe's, not choices, and give way to the command line's recipe, so the run trains with, and
+    records, the recipe it names; what the file sets otherwise still overrides the recipe."""
     given = read_config(config_file, kind) if config_file is not None else {}
-    return {**given, **{k: v for k, v in overrides.items() if v is not None}}
+    command_line = {k: v for k, v in overrides.items() if v is not None}
+    recipe = given.get("recipe", "classic")
+    if command_line.get("recipe", recipe) != recipe:
+        recipe_keys = {k for values in RECIPES.values() for k in values}
+        own = lambda k: RECIPES.get(recipe, {}).get(k, TrainSettings.model_fields[k].default)  # noqa: E731
+        given = {k: v for k, v in given.items() if not (k in recipe_keys and v == own(k))}
+    return {**given, **command_line}
 
 
 def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
-                   **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
+                   continues: TrainSettings | None = None, **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
     """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
-    and this launch's, or raise UserError. Options are flat: each name belongs to one group."""
+    and this launch's, or raise UserError. Options are flat: each name belongs to one group.
+
+    `continues`: the settings of the run --auto-resume continues. They stand in for the defaults and the
+    recipe (chosen when that run started), so what is given is judged against the run it changes, as
+    `gptctl resume` judges it (resume_changes, which also says which options it refuses)."""
     given = {k: v for k, v in given.items() if v is not None}
-    values = {**(defaults or {}), **recipe_values({**given, **fixed}), **given, **fixed}
+    start = continues.model_dump() if continues is not None else recipe_values({**given, **fixed})
+    values = {**(defaults or {}), **start, **given, **fixed}
     launch = {k: values.pop(k) for k in list(values) if k in LAUNCH_FIELDS}
     try:
         settings, launch_settings = TrainSettings(**values), LaunchSettings(**launch)
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
-    if unused := settings.unused_options(sorted(given)):
-        name, setting, value = unused[0]
-        needs = f"{option_name(setting)} {value}"
-        raise UserError(f"{option_name(name)}: applies only with {needs}; add {needs}, or drop the option "
-                        "(from the command line or the --config file)")
+    if continues is None:
+        # A parent checkpoint's model settings (finetune, --init-from) are `fixed`: the user cannot add --arch there.
+        parent = "pretrained_checkpoint" in fixed
+        refuse_unused(settings, given, fixed=fixed if parent else (),
+                      origin="the parent checkpoint is an {} model, whose architecture the run takes")
     return settings, launch_settings
 
 
@@ -606,7 +660,8 @@ def read_config(path: Path, kind: str) -> dict[str, Any]:
         if not is_option(key, kind):
             extra = setting_field(key).json_schema_extra
             only = extra.get("only") if isinstance(extra, dict) else None
-            why = _NOT_IN_CONFIG.get(key) or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`"
+            why = (_NOT_IN_CONFIG.get(key) or (FINETUNE_FROM_PARENT.get(key) if kind == "finetune" else None)
+                   or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`")
             raise UserError(f"--config: {path} sets {key!r}, which a config file may not: {why}")
     return values
 

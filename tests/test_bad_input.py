@@ -363,3 +363,66 @@ def test_data_prepare_numbers(tmp_path, gptctl_home, extra, option):
     src.write_text("hello world\n" * 100)
     refused(["data", "prepare", "-i", str(src), "--data-root", str(tmp_path / "out")] + extra, option, gptctl_home)
     assert not (tmp_path / "out").exists()
+
+
+# --- a finetune takes its parent's model; a Qwen3 import its exact block --------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--arch", "modern"], ["--arch:", "a finetune takes its parent's architecture"]),
+    (["--recipe", "speedrun"], ["--recipe:", "a finetune takes its parent's architecture"]),
+    (["--n-layer", "4"], ["--n-layer:", "a finetune takes its parent's"]),
+    # The parent is gpt2: there is no --arch to add (the break test's "add --arch modern").
+    (["--embedding-lr", "0.1"], ["--embedding-lr: applies only with --arch modern",
+                                 "the parent checkpoint is an --arch gpt2 model"]),
+])
+def test_finetune_options_of_another_architecture(tmp_path, gptctl_home, args, words):
+    parent = save_tiny_checkpoint(tmp_path / "parent.pt")
+    line = refused(["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(tmp_path / "x.jsonl"),
+                    *args], args[0], gptctl_home, *words)
+    assert "add --arch" not in line
+
+
+def test_finetune_config_file_naming_the_architecture(tmp_path, gptctl_home):
+    parent = save_tiny_checkpoint(tmp_path / "parent.pt")
+    cfg = tmp_path / "ft.toml"
+    cfg.write_text('arch = "modern"\n')
+    refused(["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
+             str(tmp_path / "x.jsonl")], "--config", gptctl_home, "'arch'", "a finetune takes its parent's architecture")
+
+
+def qwen3_config(directory: Path, **changes) -> Path:
+    """config.json of a Qwen3 of --arch modern's tiny shape (as `gptctl export` writes it), changed; no weights:
+    the config is checked first."""
+    import torch
+
+    from gptctl.engine.hf import hf_config
+    from gptctl.engine.model import GPTConfig
+
+    config = {**hf_config(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, arch="modern"), torch.float32),
+              **changes}
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not Ellipsis}))
+    return directory
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["rope_scaling=", "'linear'"]),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}, "rope_parameters": Ellipsis}, ["rope_scaling="]),
+    # transformers' Qwen3Config reads a missing head_dim as 128, not hidden_size // num_attention_heads (32 here)
+    ({"head_dim": Ellipsis}, ["head_dim", "128", "32"]),
+])
+def test_a_qwen3_that_computes_another_model_is_refused(tmp_path, gptctl_home, changes, words):
+    directory = qwen3_config(tmp_path / "qwen3", **changes)
+    refused(["pretrain", "--init-from", f"hf:{directory}", "--data-root", str(tmp_path / "data")], "--init-from",
+            gptctl_home, *words)
+
+
+def test_a_qwen3_config_read_as_transformers_reads_it(tmp_path):
+    from gptctl.engine.hf import _check_config
+
+    # rope_scaling null (transformers 4's key, unset) and a missing head_dim where 128 is the model's own are fine.
+    config = json.loads((qwen3_config(tmp_path / "a", rope_scaling=None)).joinpath("config.json").read_text())
+    assert _check_config(config, tmp_path, "--init-from").n_embd == 64
+    config.update(hidden_size=256, num_attention_heads=2, intermediate_size=704)
+    del config["head_dim"]
+    assert _check_config(config, tmp_path, "--init-from").head_dim == 128

@@ -324,3 +324,121 @@ def test_compiled_modern_model_matches_eager():
         eager, _ = model(idx)
         compiled, _ = torch.compile(model)(idx)
     assert (compiled - eager).abs().max().item() < 1e-4
+
+
+# --- the break test's findings: each refusal one line, exit 2, nothing written --------------------------------
+
+def queue_run(home, data_root, name: str, *args: str) -> dict:
+    """A run created, not trained (`pretrain --print-command`: status queued), and its stored settings."""
+    cli("pretrain", *TINY_RUN, "--data-root", str(data_root), "--max-steps", "8", "--run-name", name, *args,
+        "--print-command", home=home)
+    return stored_settings(home, name)
+
+
+def stored_settings(home, name: str) -> dict:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        return json.loads(conn.execute("select settings from runs where name = ? order by rowid desc",
+                                       [name]).fetchone()[0])
+
+
+def registry_rows(home) -> list:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        return [conn.execute(f"select * from {table} order by rowid").fetchall() for table in ("runs", "events")]
+
+
+def refused_in_one_line(result, *words: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(word in lines[0] for word in words), (words, result.stderr)
+    return lines[0]
+
+
+def test_a_resume_may_not_change_the_recipe_even_with_override(shakespeare, gptctl_home):
+    """It only relabelled the run: the stored values (modern, Muon, its LRs) stayed."""
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun", "--save-config")
+    config = next(gptctl_home.glob("fast-*")) / "config.toml"
+    before = registry_rows(gptctl_home)
+    for args in (["resume", "fast", "--recipe", "classic", "--override-settings"],
+                 ["resume", "fast", "--recipe", "classic"],
+                 ["pretrain", "--config", str(config), "--recipe", "classic", "--auto-resume", "--override-settings",
+                  "--print-command"]):
+        line = refused_in_one_line(cli(*args, home=gptctl_home, check=False), "--recipe: run", "'speedrun'",
+                                   "a recipe is chosen when a run starts", "--override-settings")
+        assert "--max-lr" in line, line  # which explicit options can change instead
+    assert registry_rows(gptctl_home) == before
+    # The same recipe again (a requeued job's own command line) changes nothing, and is no refusal.
+    cli("pretrain", "--config", str(config), "--auto-resume", "--print-command", home=gptctl_home)
+    assert stored_settings(gptctl_home, "fast")["recipe"] == "speedrun"
+
+
+def test_a_config_file_of_one_recipe_with_another_recipe_on_the_command_line(shakespeare, gptctl_home):
+    """A saved config file holds its recipe's values too; the command line's --recipe replaces them (so the run
+    records the recipe it trains with), while what the file chose otherwise stays (max_lr: TINY_RUN's)."""
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun", "--save-config")
+    queue_run(gptctl_home, shakespeare, "plain", "--save-config")
+    keys = ("recipe", "arch", "optimizer", "lr_scheduler", "weight_decay", "embedding_lr", "max_lr")
+    for saved, recipe, expected in (("fast", "classic", ("classic", "gpt2", "adamw", "cosine", 0.1, None, 3e-3)),
+                                    ("plain", "speedrun", ("speedrun", "modern", "muon", "wsd", 0.0, 0.3, 3e-3))):
+        config = next(gptctl_home.glob(f"{saved}-*")) / "config.toml"
+        cli("pretrain", "--config", str(config), "--recipe", recipe, "--run-name", f"{saved}-as-{recipe}",
+            "--print-command", home=gptctl_home)
+        settings = stored_settings(gptctl_home, f"{saved}-as-{recipe}")
+        assert tuple(settings[k] for k in keys) == expected, settings
+        # Without --recipe the file is the run it was saved from.
+        cli("pretrain", "--config", str(config), "--run-name", f"{saved}-again", "--print-command", home=gptctl_home)
+        again = stored_settings(gptctl_home, f"{saved}-again")
+        assert {k: again[k] for k in keys} == {k: stored_settings(gptctl_home, saved)[k] for k in keys}
+
+
+@pytest.mark.parametrize("args", [["--recipe", "speedrun"], ["--arch", "modern", "--optimizer", "muon"]])
+def test_weight_decay_that_no_parameter_takes_is_refused(shakespeare, gptctl_home, args):
+    """--arch modern with Muon: Muon has the block matrices (--muon-weight-decay); AdamW's embedding, head and
+    gains take no weight decay (engine/optim.py), so --weight-decay would do nothing."""
+    result = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", *args,
+                 "--weight-decay", "0.05", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--weight-decay:", "--arch modern", "--optimizer muon", "--muon-weight-decay")
+    assert not gptctl_home.joinpath("gptctl.db").exists()
+
+
+def test_weight_decay_where_a_parameter_takes_it(shakespeare, gptctl_home, tmp_path):
+    # gpt2 with Muon: AdamW decays the embeddings; modern with AdamW: the block matrices.
+    for name, args in (("gpt2-muon", ["--optimizer", "muon"]), ("modern-adamw", ["--arch", "modern"])):
+        assert queue_run(gptctl_home, shakespeare, name, *args, "--weight-decay", "0.05")["weight_decay"] == 0.05
+    # A speedrun's saved config carries the recipe's weight_decay (0): it reads back.
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun", "--save-config")
+    config = next(gptctl_home.glob("fast-*")) / "config.toml"
+    cli("pretrain", "--config", str(config), "--run-name", "fast2", "--print-command", home=gptctl_home)
+    # A resume that sets it is refused too, naming the run's settings.
+    before = registry_rows(gptctl_home)
+    result = cli("resume", "fast", "--weight-decay", "0.2", "--override-settings", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--weight-decay: does nothing with --arch modern and --optimizer muon",
+                        "was started with --arch modern and --optimizer muon; drop the option")
+    assert registry_rows(gptctl_home) == before
+
+
+def test_auto_resume_judges_options_by_the_run_it_continues(shakespeare, gptctl_home):
+    """Not by a fresh run's defaults (--arch gpt2, --optimizer adamw, 2000 warmup steps)."""
+    queue_run(gptctl_home, shakespeare, "fast", "--recipe", "speedrun")
+    cli("pretrain", "--auto-resume", "--run-name", "fast", "--embedding-lr", "0.1", "--muon-lr", "0.03",
+        "--max-steps", "12", "--override-settings", "--print-command", home=gptctl_home)
+    settings = stored_settings(gptctl_home, "fast")
+    assert (settings["embedding_lr"], settings["muon_lr"], settings["max_steps"]) == (0.1, 0.03, 12)
+    # A gpt2 run is judged by its own settings too, with the run's words.
+    queue_run(gptctl_home, shakespeare, "plain")
+    before = registry_rows(gptctl_home)
+    result = cli("pretrain", "--auto-resume", "--run-name", "plain", "--embedding-lr", "0.1", "--override-settings",
+                 "--print-command", home=gptctl_home, check=False)
+    refused_in_one_line(result, "--embedding-lr: applies only with --arch modern", "was started with --arch gpt2")
+    assert registry_rows(gptctl_home) == before
+
+
+def test_estimate_says_the_newton_schulz_flops_it_counts():
+    from gptctl.estimate import EstimateInputs, estimate, newton_schulz_flops
+    from gptctl.presets import ModelShape
+
+    for arch, per_block in (("gpt2", 56), ("modern", 62)):  # modern: q, k, v, o 4·6d³; gate, up, down 3·(4·8/3 + 2)d³
+        shape = ModelShape(12, 12, 768, arch=arch)
+        assert newton_schulz_flops(shape) == 5 * 12 * per_block * 768**3
+        result = estimate(EstimateInputs(model="gpt2", arch=arch, optimizer="muon"), [])
+        text = " ".join(result["assumptions"])
+        assert f"{per_block}·d³ FLOPs per block" in text, text

@@ -111,8 +111,8 @@ def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
         resume_changes(queries.get_run(db, "abc123"), {"optimizer": "muon"}, override=True)
     assert resume_changes(queries.get_run(db, "abc123"), {"optimizer": "adamw"}, override=True) == {}
     # Nor are Muon's options taken by an AdamW run, even with the override: they would do nothing.
-    with pytest.raises(UserError, match="--muon-lr: run abc123 .r. was started with --optimizer adamw, which does "
-                                        "not use it; drop the option"):
+    with pytest.raises(UserError, match="--muon-lr: applies only with --optimizer muon, and run abc123 .r. was started "
+                                        "with --optimizer adamw; drop the option"):
         resume_changes(queries.get_run(db, "abc123"), {"muon_lr": 0.01}, override=True)
 
 

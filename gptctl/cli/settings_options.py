@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import typer
 from pydantic_core import PydanticUndefined
 
+from gptctl.errors import UserError
 from gptctl.settings import TRAIN_GROUPS, LaunchSettings, is_option, option_name
 
 # Each group's options under its own heading in --help; on the command line they are all flat.
@@ -31,9 +32,11 @@ def _help(field) -> str:
 
 
 def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
-                          groups: tuple = GROUPS, only: frozenset[str] | None = None) -> Callable:
+                          groups: tuple = GROUPS, only: frozenset[str] | None = None,
+                          refused: dict[str, str] | None = None) -> Callable:
     """Decorate a command `fn(settings_values: dict, **own_options)`: adds one option per setting of `kind`
-    in `groups` (or only those named in `only`).
+    in `groups` (or only those named in `only`), and a hidden one per setting in `refused` that the command
+    refuses in one line with its reason (instead of click's "No such option").
 
     Every generated option defaults to None, meaning "not given", so a --config file value
     is overridden only by what the user actually typed.
@@ -58,8 +61,15 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=help_text, rich_help_panel=panel), annotation=cli_type))
             annotations[name] = cli_type
             names.append(name)
+        for name in refused or {}:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                            default=typer.Option(None, option_name(name), hidden=True)))
+            annotations[name] = Optional[str]
 
         def command(**kwargs):
+            for name, why in (refused or {}).items():
+                if kwargs.pop(name) is not None:
+                    raise UserError(f"{option_name(name)}: {why}; drop the option")
             values = {n: kwargs.pop(n) for n in names}
             return fn(values, **kwargs)
 

@@ -18,8 +18,8 @@ from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.resume import OVERRIDE, resume_changes, resume_settings
-from gptctl.settings import (FINETUNE_DEFAULTS, LAUNCH_FIELDS, LaunchSettings, TrainSettings, build_launch,
-                             build_settings, describe, given_settings)
+from gptctl.settings import (FINETUNE_DEFAULTS, FINETUNE_FROM_PARENT, LAUNCH_FIELDS, LaunchSettings, TrainSettings,
+                             build_launch, build_settings, describe, given_settings)
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -73,9 +73,11 @@ def pretrain(
             fixed = {"pretrained_checkpoint": str(parent), **preflight.parent_model(parent, "--init-from")}
             defaults["seq_len"] = fixed["block_size"]
         values = given_settings(values, config, "pretrain")  # a resume compares the config file's settings too
-        if values.get("data_root") is None:
-            defaults["data_root"] = _default_data_root(values.get("run_name"), auto_resume)
-        settings, launch = build_settings(values, defaults=defaults, kind="pretrain", **fixed)
+        continued = _continued(values, "pretrain", auto_resume)
+        if values.get("data_root") is None:  # the run --auto-resume continues reads the root it recorded
+            recorded = continued.data_root if continued is not None else None
+            defaults["data_root"] = recorded or preflight.default_data_root()
+        settings, launch = build_settings(values, defaults=defaults, kind="pretrain", continues=continued, **fixed)
         # What the data is, compared by every resume: the same path may hold other data
         values["data_fingerprint"] = preflight.check_data(settings, home_dir())
         settings = settings.model_copy(update={"data_fingerprint": values["data_fingerprint"]})
@@ -85,7 +87,7 @@ def pretrain(
 
 @app.command()
 @with_settings_options("finetune", defaults={**FINETUNE_DEFAULTS, "total_batch_size": "batch-size × seq-len × processes × grad-accumulation-steps",
-                                            "seq_len": "the pretrained model's"})
+                                            "seq_len": "the pretrained model's"}, refused=FINETUNE_FROM_PARENT)
 def finetune(
     values: dict[str, Any],
     pretrained_checkpoint: str = typer.Option(
@@ -115,20 +117,20 @@ def finetune(
         defaults = {**FINETUNE_DEFAULTS, "seq_len": model["block_size"], **slurm.launch_defaults(dict(os.environ))}
         values = given_settings(values, config, "finetune")
         settings, launch = build_settings(values, defaults=defaults, kind="finetune",
+                                          continues=_continued(values, "finetune", auto_resume),
                                           pretrained_checkpoint=str(parent), **model)
         preflight.check_dataset(settings)
         _start(settings, launch, values, save_config, auto_resume, resume, checkpoint_path, print_command,
                override_settings, new_run, as_json)
 
 
-def _default_data_root(name: str | None, auto_resume: bool) -> Path:
-    """--data-root left out: the run --auto-resume continues reads what it recorded; a new run, the default."""
-    if auto_resume:
-        previous = queries.newest_run_named(open_registry(home_dir(), create=False), name or "pretrain")
-        recorded = json.loads(previous["settings"]).get("data_root") if previous is not None else None
-        if recorded and previous["kind"] == "pretrain":
-            return Path(recorded)
-    return preflight.default_data_root()
+def _continued(values: dict[str, Any], kind: str, auto_resume: bool) -> TrainSettings | None:
+    """The settings of the run --auto-resume will continue (the newest of its --run-name, by default the
+    kind's, if it is of this kind; `_start` finds the same run): what the options given are judged against."""
+    if not auto_resume:
+        return None
+    run = queries.newest_run_named(open_registry(home_dir(), create=False), values.get("run_name") or kind)
+    return TrainSettings.model_validate_json(run["settings"]) if run is not None and run["kind"] == kind else None
 
 
 def _start(settings: TrainSettings, launch: LaunchSettings, values: dict[str, Any], save_config: bool,

@@ -34,6 +34,7 @@ QWEN3_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "
                (".attn.", ".self_attn."), (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
                ("transformer.ln_f.", "model.norm."))
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # padded to 50304 rows in gptctl
+QWEN3_HEAD_DIM = 128  # what transformers' Qwen3Config takes when config.json has no head_dim
 
 
 def require_safetensors(option: str):
@@ -309,15 +310,24 @@ def _check_qwen3(config: dict[str, Any], where: Path, option: str) -> ModelShape
                         "or max_position_embeddings") from None
     if min(shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) <= 0 or shape.n_embd % shape.n_head:
         raise UserError(f"{option}: {where}/config.json has an impossible shape {shape}")
-    rope = config.get("rope_parameters") or {}
+    if "head_dim" not in config and shape.head_dim != QWEN3_HEAD_DIM:
+        raise UserError(f"{option}: {where}/config.json has no head_dim, which transformers' Qwen3Config reads as "
+                        f"{QWEN3_HEAD_DIM}; gptctl's --arch modern needs {shape.head_dim} (hidden_size / "
+                        "num_attention_heads): add \"head_dim\": " + str(shape.head_dim) + " if that is the model's")
+    # As transformers reads them: rope_scaling (transformers 4's name) replaces rope_parameters when set, and
+    # a RoPE type other than "default" (linear, dynamic, yarn, llama3, ...) computes other frequencies.
+    rope_field = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    rope = config.get(rope_field) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{option}: {where}/config.json has {rope_field}={rope!r}; gptctl's --arch modern computes "
+                        "plain RoPE (rope_type 'default', no scaling)")
     expected = {
         "vocab_size": (config.get("vocab_size"), GPT2_VOCAB_SIZE),  # token ids must mean what GPT-2's BPE means
         "intermediate_size": (config.get("intermediate_size"), shape.mlp_hidden),
         "num_key_value_heads": (config.get("num_key_value_heads", shape.n_head), shape.n_head),
-        "head_dim": (config.get("head_dim", shape.head_dim), shape.head_dim),
+        "head_dim": (config.get("head_dim", QWEN3_HEAD_DIM), shape.head_dim),
         "hidden_act": (config.get("hidden_act", "silu"), "silu"),
         "rope_theta": (rope.get("rope_theta", config.get("rope_theta", ROPE_THETA)), ROPE_THETA),
-        "rope_type": (rope.get("rope_type", "default"), "default"),
         "rms_norm_eps": (config.get("rms_norm_eps", RMS_NORM_EPS), RMS_NORM_EPS),
         "attention_bias": (config.get("attention_bias", False), False),
         "use_sliding_window": (config.get("use_sliding_window", False), False),
@@ -411,6 +421,7 @@ def load_hf(dir_or_name: str, option: str) -> tuple[dict[str, torch.Tensor], dic
 def write_checkpoint(dir_or_name: str, path: Path, option: str) -> dict[str, Any]:
     """Convert an HF GPT-2 (or Qwen3 of --arch modern's shape) into a gptctl checkpoint file at `path` (step 0); returns its model settings."""
     state, model = load_hf(dir_or_name, option)
+    path.parent.mkdir(parents=True, exist_ok=True)  # only now: weights that are refused leave nothing behind
     # The stored settings only describe the model: a run that starts from it brings its own batch settings.
     settings = TrainSettings(**model, seq_len=model["block_size"], total_batch_size=None)
     ckpt.save_atomic({"model": state, "settings": settings.model_dump(mode="json"), "step": 0,
