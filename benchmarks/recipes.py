@@ -59,9 +59,17 @@ def train(home: Path, data: Path, name: str, args, extra: list[str]) -> list[tup
            "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
            "--eval-interval", str(args.eval_interval), "--eval-steps", str(args.eval_steps),
            "--checkpoint-interval", str(args.steps), "--keep-last-n-checkpoints", "1", "--device", "cpu",
-           "--run-name", name, *extra, home=home)
+           "--run-name", name, *shape_options(args.shape), *extra, home=home)
     shown = json.loads(gptctl("runs", "show", name, "--json", home=home).stdout)
     return [(m["tokens_seen"], m["val_loss"]) for m in shown["metrics"] if m["val_loss"] is not None]
+
+
+def shape_options(shape: str | None) -> list[str]:
+    """--shape LAYERS,HEADS,WIDTH: the preset's shape replaced (a larger shape than the presets)."""
+    if not shape:
+        return []
+    layers, heads, width = shape.split(",")
+    return ["--n-layer", layers, "--n-head", heads, "--n-embd", width]
 
 
 def muon_options(muon_lr: float, adamw_lr: float, scheduler: str) -> list[str]:
@@ -120,6 +128,7 @@ def reuse(args) -> dict[str, dict[str, list]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--shape", help="LAYERS,HEADS,WIDTH instead of the preset's (e.g. 8,8,384)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--total-batch-size", type=int, default=1024)
