@@ -15,7 +15,8 @@ from gptctl.settings import DEVICES, SEED_MAX
 SEPARATOR = "-" * 15  # between streamed samples, as nanoGPT's sample.py prints them
 
 
-def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, seed, device) -> None:
+def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, top_p, stop, num_samples, seed,
+           device) -> None:
     if prompt is not None and instruction is not None:
         raise UserError("--prompt and --instruction exclude each other; give one")
     if prompt is None and instruction is None:
@@ -28,6 +29,10 @@ def _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num
         raise UserError(f"--temperature: must be 0 (greedy) or more, and finite; got {temperature}")
     if top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p: must be more than 0 and at most 1 (1 = off), got {top_p}")
+    if "" in stop:
+        raise UserError("--stop: must not be empty; give the text that ends a sample")
     if num_samples < 1:
         raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
     if not 0 <= seed <= SEED_MAX:
@@ -46,14 +51,18 @@ def sample_cmd(
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", show_default=False, help="Tokens to generate at most; end-of-text stops earlier. (default: 200)"),
     temperature: float = typer.Option(0.8, "--temperature", show_default=False, help="Sampling temperature; 0 = greedy. (default: 0.8)"),
     top_k: int = typer.Option(200, "--top-k", show_default=False, help="Sample only among the k likeliest tokens. (default: 200)"),
+    top_p: float = typer.Option(1.0, "--top-p", show_default=False, help="Sample only among the likeliest tokens that together hold this probability (nucleus); 1 = off. (default: 1)"),
+    stop: list[str] = typer.Option(None, "--stop", metavar="<str>", show_default=False, help="End a sample before this text; repeat for several (the first found ends it)."),
     num_samples: int = typer.Option(1, "--num-samples", show_default=False, help="Independent samples. (default: 1)"),
     seed: int = typer.Option(1337, "--seed", show_default=False, help="Random seed; the same seed gives the same text. (default: 1337)"),
     device: str = typer.Option("auto", "--device", show_default=False, help="auto, cuda, cpu or mps. (default: auto)"),
     as_json: bool = typer.Option(False, "--json", help="Print a list of {sample, text, tokens} at the end instead of streaming."),
 ):
     """Generate text from a checkpoint, streaming tokens to stdout as they are generated."""
-    _check(prompt, instruction, context, max_new_tokens, temperature, top_k, num_samples, seed, device)
+    stop = tuple(stop or ())
+    _check(prompt, instruction, context, max_new_tokens, temperature, top_k, top_p, stop, num_samples, seed, device)
     with checkpoint_for_reading(checkpoint, "RUN[:STEP]|PATH", home_dir()) as path:  # retention spares it while it loads
+        from gptctl.engine.generate import Sampling
         from gptctl.engine.sample import Sampler  # torch: only once the command line is known to be good
 
         sampler = Sampler(path, device, option="RUN[:STEP]|PATH")
@@ -62,7 +71,8 @@ def sample_cmd(
     block_size = sampler.model.config.block_size
     if len(prompt_tokens) > block_size:
         typer.echo(f"note: the prompt has {len(prompt_tokens)} tokens; the model sees only the last {block_size}", err=True)
-    completions = sampler.samples(prompt_tokens, num_samples, max_new_tokens, temperature, top_k, seed)
+    sampling = Sampling(temperature, top_k, top_p, stop)
+    completions = sampler.samples(prompt_tokens, num_samples, max_new_tokens, sampling, seed)
     if as_json:
         typer.echo(json.dumps([{"sample": i, "text": c.text(), "tokens": len(c.tokens)} for i, c in enumerate(completions)],
                               indent=2))
