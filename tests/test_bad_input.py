@@ -334,6 +334,9 @@ def test_checkpoint_path_without_resume_is_not_silently_ignored(shakespeare, tmp
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**64)], "--seed"),
     (["--top-k", "0"], "--top-k"),
+    (["--top-p", "inf"], "--top-p"),
+    (["--top-p", "nan"], "--top-p"),
+    (["--top-p", "-0.5"], "--top-p"),
 ])
 def test_sample_numbers(tmp_path, gptctl_home, extra, option):
     path = save_tiny_checkpoint(tmp_path / "model.pt")
