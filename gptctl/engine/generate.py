@@ -153,7 +153,7 @@ class Generation:
         self._pieces: list[list[str]] = [[] for _ in range(num_samples)]
         self._streams = [TextStream(enc, sampling.stop) for _ in range(num_samples)]
         self.running = list(range(num_samples))  # the samples in the cache's rows, in row order
-        # Room for the prompt and every new token but the last (which is never fed), up to the context.
+        # Room for the prompt and the new tokens (one more than is ever fed: the last is not), up to the context.
         max_len = min(self.block_size, len(self.prompt) + max_new_tokens)
         self.cache = KVCache(model.config, num_samples, max_len, self.device, dtype)
 
