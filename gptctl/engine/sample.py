@@ -81,9 +81,25 @@ class Sampler:
         self.dtype = resolve_dtype("auto", self.device)  # bfloat16 autocast where CUDA supports it
         self.enc = get_encoding("gpt2")
 
+    @property
+    def finetuned(self) -> bool:
+        """Whether the model was instruction-tuned (gptctl finetune), so it answers prompts in prompt.py's template."""
+        return self.settings.kind == "finetune"
+
+    @property
+    def block_size(self) -> int:
+        """Tokens the model sees at most (its context); generation slides past it."""
+        return self.model.config.block_size
+
+    def cropped(self, prompt_tokens: list[int]) -> str | None:
+        """What to tell the user when a prompt is longer than the context: the model sees only its end."""
+        if len(prompt_tokens) > self.block_size:
+            return f"the prompt has {len(prompt_tokens)} tokens; the model sees only the last {self.block_size}"
+        return None
+
     def describe(self) -> str:
         return (f"{self.settings.kind} model, step {self.step}, {self.model.num_params() / 1e6:.2f}M parameters, "
-                f"context {self.model.config.block_size} tokens, on {self.device.type} ({str(self.dtype).removeprefix('torch.')})")
+                f"context {self.block_size} tokens, on {self.device.type} ({str(self.dtype).removeprefix('torch.')})")
 
     def encode(self, prompt: str | None = None, instruction: str | None = None, context: str | None = None) -> list[int]:
         return encode_prompt(self.enc, prompt, instruction, context)
