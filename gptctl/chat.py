@@ -150,8 +150,8 @@ class Chat:
         try:
             tokens, dropped = self.conversation.prompt(message)
         except MessageTooLong as exc:
-            return f"that message does not fit: it takes {exc.tokens} tokens in the template, and {self._room()}; " \
-                   "shorten it, or lower --max-new-tokens"
+            return (f"that message does not fit: it takes {exc.tokens} tokens in the template, and {self._room()}; "
+                    "shorten it, or lower --max-new-tokens")
         notice = None
         if dropped:
             exchanges = "oldest exchange" if dropped == 1 else f"{dropped} oldest exchanges"
