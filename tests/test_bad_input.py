@@ -334,10 +334,14 @@ def test_checkpoint_path_without_resume_is_not_silently_ignored(shakespeare, tmp
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**64)], "--seed"),
     (["--top-k", "0"], "--top-k"),
+    (["--top-p", "inf"], "--top-p"),
+    (["--top-p", "nan"], "--top-p"),
+    (["--top-p", "-0.5"], "--top-p"),
 ])
-def test_sample_numbers(tmp_path, gptctl_home, extra, option):
+@pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"]])  # one check of each option for both
+def test_sample_and_chat_numbers(tmp_path, gptctl_home, extra, option, command):
     path = save_tiny_checkpoint(tmp_path / "model.pt")
-    refused(["sample", str(path), "--prompt", "hi"] + extra, option, gptctl_home)
+    refused([command[0], str(path), *command[1:]] + extra, option, gptctl_home)
 
 
 @pytest.mark.parametrize("extra, option", [

@@ -103,7 +103,8 @@ def test_unknown_run_is_a_clean_error(gptctl_home):
     assert result.exit_code == 2
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["runs", "list"], ["ckpt", "list"], ["estimate", "--gpu", "rtx3090"]])
+@pytest.mark.parametrize("argv", [["--help"], ["runs", "list"], ["ckpt", "list"], ["estimate", "--gpu", "rtx3090"],
+                                  ["chat", "--help"]])
 def test_light_commands_do_not_import_heavy_modules(argv, gptctl_home):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gptctl", *argv], capture_output=True, text=True,
                           env={**__import__("os").environ, "GPTCTL_HOME": str(gptctl_home)})

@@ -12,7 +12,8 @@ from conftest import cli, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine.model import GPT
-from gptctl.engine.sample import Sampler, generate
+from gptctl.engine.generate import Generation, Sampling, TextStream
+from gptctl.engine.sample import Sampler
 from gptctl.presets import GPT2_VOCAB_SIZE
 from gptctl.prompt import format_prompt
 
@@ -103,7 +104,7 @@ def test_generation_stops_at_end_of_text(tmp_path):
     path = save_tiny(tmp_path / "eot.pt", edit=make_eot_at(eot_position))
     model = Sampler(path, "cpu").model
 
-    tokens = list(generate(model, prompt_tokens, 10, temperature=0, top_k=200))
+    (tokens,) = Generation(model, enc, prompt_tokens, 10, Sampling(temperature=0)).run()
     assert len(tokens) == 4 and tokens == argmax_loop(model, prompt_tokens, 4)[len(prompt_tokens):]
     assert argmax_loop(model, prompt_tokens, 5)[-1] == EOT_TOKEN  # the model really chose EOT next
     assert sample(str(path), "--prompt", "Once upon a time", "--max-new-tokens", "10", "--temperature", "0") == [
@@ -123,7 +124,8 @@ def test_padding_rows_of_the_vocabulary_are_never_chosen(tmp_path):
     prompt_tokens = get_encoding().encode_ordinary("Hello")
     assert int(model(torch.tensor([prompt_tokens]))[0][0, -1].argmax()) == padding  # unmasked it would win
     for temperature in (0, 1.0):
-        tokens = list(generate(model, prompt_tokens, 5, temperature, top_k=200, generator=torch.Generator().manual_seed(0)))
+        (tokens,) = Generation(model, get_encoding(), prompt_tokens, 5, Sampling(temperature, top_k=200),
+                               generator=torch.Generator().manual_seed(0)).run()
         assert len(tokens) == 5 and max(tokens) < GPT2_VOCAB_SIZE
     assert sample(str(path), "--prompt", "Hello", "--max-new-tokens", "5")[0]["tokens"] == 5
 
@@ -134,12 +136,11 @@ def test_an_empty_prompt_starts_a_new_document(ckpt):
     assert [empty] == sample(str(ckpt), "--prompt", "<|endoftext|>", "--max-new-tokens", "5", "--seed", "9")
 
 
-def test_streamed_text_never_splits_a_character(ckpt):
-    from gptctl.engine.sample import Completion
-
+def test_streamed_text_never_splits_a_character():
     enc = get_encoding()
     text = "naïve café 😀 €"
-    pieces = list(Completion(enc, iter(enc.encode_ordinary(text))))
+    stream = TextStream(enc)
+    pieces = [p for p in [*map(stream.push, enc.encode_ordinary(text)), stream.close()] if p]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert len(pieces) > 3  # it does stream
 

@@ -57,6 +57,7 @@ COMMANDS = {
     "runs": ("runs", "The run registry."),
     "ckpt": ("ckpt", "Checkpoints and their retention."),
     "sample": ("sample", "Generate text from a checkpoint, streaming tokens to stdout as they are generated."),
+    "chat": ("chat", "Chat with a checkpoint in the terminal, streaming each reply as it is generated."),
     "eval": ("eval", "Evaluate a checkpoint: HellaSwag accuracy, or the mean loss over the val split of prepared "
                      "shards."),
     "export": ("export", "Export a checkpoint's model for Hugging Face transformers or as plain safetensors weights."),

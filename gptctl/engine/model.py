@@ -27,6 +27,10 @@ Two memory savers, neither of which changes a parameter name (checkpoints load i
   backward, torchtitan's layer-selective mode). Through torch.utils.checkpoint (non-reentrant),
   which torch.compile, DDP and FSDP2 support; recomputation is deterministic, so losses are the
   same to the bit.
+
+Generation (engine/generate.py) passes a KV cache to forward: positions then start at the cache's
+fill, each attention layer adds its keys and values to the cache and attends over it, and only the
+last position's logits are computed. Without a cache (training, evaluation) nothing changes.
 """
 
 from typing import Literal
@@ -44,6 +48,22 @@ CHECKPOINTING_MODES = ("none", "selective", "full")
 from gptctl.presets import RMS_NORM_EPS, ROPE_THETA, ModelShape as GPTConfig  # noqa: E402
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv=None) -> torch.Tensor:
+    """Causal self-attention (B, H, T, hd); with `kv` (a layer of generate.KVCache), over the cache too.
+
+    The cache takes two shapes of input: a prefill into an empty cache (causal over the new positions
+    alone; its batch may be 1 where the cache's is N, the cache copies the rows) and one new position,
+    which sees every filled position: no mask.
+    """
+    if kv is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+    prefill = kv.empty
+    keys, values = kv.append(k, v)
+    if prefill:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, keys, values)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -53,11 +73,11 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv=None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+        y = attention(q, k, v, kv)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -86,10 +106,12 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rotary_tables(head_dim: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (length × head_dim, fp32) of HF's rotate-half RoPE: frequency i serves dims i and i+d/2."""
+def rotary_tables(head_dim: int, length: int, device=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length × head_dim, fp32) of HF's rotate-half RoPE at positions start…start+length-1:
+    frequency i serves dims i and i+d/2."""
     inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -114,7 +136,7 @@ class RotaryAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim)
         self.n_head, self.head_dim = config.n_head, config.head_dim
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], kv=None) -> torch.Tensor:
         B, T, C = x.size()
         heads = (B, T, self.n_head, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(heads)).transpose(1, 2)
@@ -123,7 +145,7 @@ class RotaryAttention(nn.Module):
         cos, sin = rotary
         # The norms' fp32 gains would promote q and k out of autocast's dtype; v's is the one attention runs in.
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = attention(q, k, v, kv)
         return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -150,8 +172,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd) if modern else nn.LayerNorm(config.n_embd)
         self.mlp = SwiGLU(config) if modern else MLP(config)
 
-    def forward(self, x: torch.Tensor, *rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), *rotary)  # rotary: modern's (cos, sin); gpt2 has none
+    def forward(self, x: torch.Tensor, *rotary: tuple[torch.Tensor, torch.Tensor], kv=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), *rotary, kv=kv)  # rotary: modern's (cos, sin); gpt2 has none
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,21 +228,29 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        """(logits, loss): logits without targets, the loss with them. With `cache` (a generate.KVCache),
+        idx continues the cached positions and the logits are the last position's only (B, 1, V)."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block size {self.config.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block size {self.config.block_size}")
         x = self.transformer.wte(idx)
         if self.config.arch == "gpt2":
-            x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
             extra = ()
         else:  # computed per call: cheap next to a block, and a buffer would not survive meta-device init
-            extra = (rotary_tables(self.config.head_dim, T, idx.device),)
+            extra = (rotary_tables(self.config.head_dim, T, idx.device, start),)
         for i, block in enumerate(self.transformer.h):
-            if self._recomputes(i):
+            if cache is not None:
+                x = block(x, *extra, kv=cache.layers[i])
+            elif self._recomputes(i):
                 x = checkpoint(block, x, *extra, use_reentrant=False)
             else:
                 x = block(x, *extra)
+        if cache is not None:
+            cache.length += T
+            x = x[:, -1:]  # generation samples from the last position: the head's matmul for it alone
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None

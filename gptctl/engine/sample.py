@@ -1,18 +1,18 @@
-"""Text generation from a checkpoint: safe load, prompt encoding, token-by-token sampling, incremental decoding."""
+"""Text generation from a checkpoint: safe load, prompt encoding, one sample's text as it streams.
+The generation itself (KV cache, sampling, incremental decoding) is engine/generate.py."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from torch.nn import functional as F
 
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine import checkpoint as ckpt
-from gptctl.engine.distributed import autocast_for, resolve_device, resolve_dtype
+from gptctl.engine.distributed import resolve_device, resolve_dtype
+from gptctl.engine.generate import Generation, Sampling
 from gptctl.engine.model import GPT
 from gptctl.errors import UserError
-from gptctl.presets import GPT2_VOCAB_SIZE
 from gptctl.prompt import format_prompt
 from gptctl.settings import TrainSettings
 
@@ -26,65 +26,33 @@ def encode_prompt(enc, prompt: str | None = None, instruction: str | None = None
     return tokens or [EOT_TOKEN]  # an empty prompt: an unconditional sample, i.e. the start of a document
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
-    """Pick one token from a 1-D row of logits: argmax at temperature 0, else top-k sampling."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
-
-
-@torch.no_grad()
-def generate(model: GPT, prompt_tokens: list[int], max_new_tokens: int, temperature: float, top_k: int,
-             generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Iterator[int]:
-    """Yield new tokens one at a time; stops after max_new_tokens or at end-of-text (which is not yielded)."""
-    device = next(model.parameters()).device
-    block_size = model.config.block_size
-    idx = torch.tensor([prompt_tokens[-block_size:]], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        with autocast_for(device, dtype):
-            logits, _ = model(idx)
-        # The padded vocabulary's extra rows are no tokens; tiktoken could not decode them.
-        token = next_token(logits[0, -1, :GPT2_VOCAB_SIZE].float(), temperature, top_k, generator)
-        if token == EOT_TOKEN:
-            return
-        yield token
-        # The model sees at most block_size positions, so the context slides.
-        idx = torch.cat([idx, torch.tensor([[token]], device=device)], dim=1)[:, -block_size:]
-
-
 class Completion:
-    """One sample: iterate for text pieces as tokens arrive; `tokens` and `text()` hold the whole of it.
+    """One sample of a Generation: iterate for its text as it arrives; `tokens` and `text()` hold the whole of it.
 
-    Each step decodes all tokens so far and hands out the new suffix, except while the text ends in
-    U+FFFD: a character whose UTF-8 bytes span several tokens waits until its last byte has arrived.
+    The generation advances all its samples together: iterating this one steps it, and the other
+    samples' text waits in it until their Completion is iterated.
     """
 
-    def __init__(self, enc, tokens: Iterator[int]):
-        self.enc, self._source, self.tokens, self._emitted = enc, tokens, [], 0
+    def __init__(self, generation: Generation, row: int):
+        self.generation, self.row, self._pieces = generation, row, []
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.generation.tokens[self.row]
 
     def __iter__(self) -> Iterator[str]:
-        for token in self._source:
-            self.tokens.append(token)
-            text = self.enc.decode(self.tokens)
-            new = "" if text.endswith("\ufffd") else self._take(text)
-            if new:
-                yield new
-        rest = self._take(self.enc.decode(self.tokens))  # bytes that never completed stay U+FFFD
-        if rest:
-            yield rest
-
-    def _take(self, text: str) -> str:
-        new, self._emitted = text[self._emitted:], len(text)
-        return new
+        while True:
+            for piece in self.generation.take(self.row):
+                self._pieces.append(piece)
+                yield piece
+            if self.generation.finished(self.row):
+                return
+            self.generation.step()
 
     def text(self) -> str:
         for _ in self:
             pass
-        return self.enc.decode(self.tokens)
+        return "".join(self._pieces)
 
 
 class Sampler:
@@ -113,17 +81,33 @@ class Sampler:
         self.dtype = resolve_dtype("auto", self.device)  # bfloat16 autocast where CUDA supports it
         self.enc = get_encoding("gpt2")
 
+    @property
+    def finetuned(self) -> bool:
+        """Whether the model was instruction-tuned (gptctl finetune), so it answers prompts in prompt.py's template."""
+        return self.settings.kind == "finetune"
+
+    @property
+    def block_size(self) -> int:
+        """Tokens the model sees at most (its context); generation slides past it."""
+        return self.model.config.block_size
+
+    def cropped(self, prompt_tokens: list[int]) -> str | None:
+        """What to tell the user when a prompt is longer than the context: the model sees only its end."""
+        if len(prompt_tokens) > self.block_size:
+            return f"the prompt has {len(prompt_tokens)} tokens; the model sees only the last {self.block_size}"
+        return None
+
     def describe(self) -> str:
         return (f"{self.settings.kind} model, step {self.step}, {self.model.num_params() / 1e6:.2f}M parameters, "
-                f"context {self.model.config.block_size} tokens, on {self.device.type} ({str(self.dtype).removeprefix('torch.')})")
+                f"context {self.block_size} tokens, on {self.device.type} ({str(self.dtype).removeprefix('torch.')})")
 
     def encode(self, prompt: str | None = None, instruction: str | None = None, context: str | None = None) -> list[int]:
         return encode_prompt(self.enc, prompt, instruction, context)
 
-    def samples(self, prompt_tokens: list[int], num_samples: int, max_new_tokens: int, temperature: float,
-                top_k: int, seed: int) -> Iterator[Completion]:
-        """num_samples completions drawn from one seeded generator; consume each before taking the next."""
+    def samples(self, prompt_tokens: list[int], num_samples: int, max_new_tokens: int, sampling: Sampling,
+                seed: int) -> list[Completion]:
+        """num_samples completions, generated together and drawn from one seeded generator."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        for _ in range(num_samples):
-            tokens = generate(self.model, prompt_tokens, max_new_tokens, temperature, top_k, generator, self.dtype)
-            yield Completion(self.enc, tokens)
+        generation = Generation(self.model, self.enc, prompt_tokens, max_new_tokens, sampling, num_samples,
+                                generator, self.dtype)
+        return [Completion(generation, row) for row in range(num_samples)]
