@@ -68,18 +68,20 @@ def test_cached_decode_logits_equal_the_uncached_last_position(arch):
     model = tiny_model(arch)
     config = model.config
     prompt = [464, 3290, 318, 257, 922]
-    # Two rows from one batch-1 prefill, then each its own tokens.
+    # Two rows from one batch-1 prefill, then each its own tokens. fp32 sums in another order than the
+    # full forward's: about 1e-6 apart here, 1.2e-5 once an earlier in-process run has changed the
+    # thread settings of the test process; 1e-4 is export parity's bar too.
     rows = [prompt + [11, 290, 340], prompt + [13, 198, 40]]
     cache = KVCache(config, batch=2, max_len=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
     with torch.inference_mode():
         logits = model(torch.tensor([prompt]), cache=cache)[0]
         assert logits.shape == (1, 1, config.vocab_size) and cache.length == len(prompt)
-        torch.testing.assert_close(logits[0, -1, :GPT2_VOCAB_SIZE], last_logits(model, prompt), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[0, -1, :GPT2_VOCAB_SIZE], last_logits(model, prompt), atol=1e-4, rtol=0)
         for i in range(len(prompt), len(rows[0])):
             logits = model(torch.tensor([[row[i]] for row in rows]), cache=cache)[0]
             for r, row in enumerate(rows):
                 torch.testing.assert_close(logits[r, -1, :GPT2_VOCAB_SIZE], last_logits(model, row[:i + 1]),
-                                           atol=1e-5, rtol=0)
+                                           atol=1e-4, rtol=0)
     assert cache.length == len(rows[0])
 
 
