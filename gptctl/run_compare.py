@@ -11,7 +11,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from gptctl.registry import launches, queries
-from gptctl.settings import TRAIN_GROUPS, option_name
+from gptctl.settings import option_name, panel_of
 
 
 def _val_curve(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -33,13 +33,12 @@ NOT_COMPARED = {"run_name"}  # differs by definition; the table's columns alread
 def differing_settings(settings: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
     """{panel: {--option: [value of each run]}} for the settings whose values are not all the same,
     grouped as in `pretrain --help`; what no panel holds (kind, recipe) comes under "Run"."""
-    panel_of = {name: group.panel for group in TRAIN_GROUPS for name in group.model_fields}
     out: dict[str, dict[str, list[Any]]] = {}
     names = {key for s in settings for key in s} - NOT_COMPARED
-    for name in sorted(names, key=lambda n: (n not in panel_of, n)):
+    for name in sorted(names, key=lambda n: (panel_of(n) != "Run", n)):
         values = [s.get(name) for s in settings]
         if any(v != values[0] for v in values[1:]):
-            out.setdefault(panel_of.get(name, "Run"), {})[option_name(name)] = values
+            out.setdefault(panel_of(name), {})[option_name(name)] = values
     return out
 
 

@@ -554,6 +554,24 @@ def setting_field(name: str):
     return TrainSettings.model_fields.get(name) or LaunchSettings.model_fields.get(name)
 
 
+def panel_of(name: str) -> str:
+    """The `--help` heading a setting is listed under ("Run" for what no group holds: kind, recipe)."""
+    return next((group.panel for group in TRAIN_GROUPS if name in group.model_fields), "Run")
+
+
+def grouped_settings(stored: dict[str, Any]) -> dict[str, list[tuple[str, Any, bool]]]:
+    """A run's stored settings as `--help` groups them: {panel: [(--option, value, is the default)]},
+    in each panel the ones that differ from the defaults (of the run's kind) first; what no panel
+    holds (kind, recipe) under "Run"."""
+    kind = stored.get("kind", "pretrain")
+    defaults = {**{name: f.get_default(call_default_factory=True) for name, f in TrainSettings.model_fields.items()},
+                **(FINETUNE_DEFAULTS if kind == "finetune" else {})}
+    out: dict[str, list[tuple[str, Any, bool]]] = {}
+    for name, value in stored.items():
+        out.setdefault(panel_of(name), []).append((option_name(name), value, value == defaults.get(name)))
+    return {panel: sorted(rows, key=lambda row: row[2]) for panel, rows in sorted(out.items(), key=lambda kv: kv[0] != "Run")}
+
+
 def is_option(field: str, kind: str) -> bool:
     """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file).
     `gptctl resume` takes every option of either kind: it judges them against the run's own settings."""

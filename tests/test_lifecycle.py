@@ -239,3 +239,18 @@ def test_runs_rm_killed_at_any_moment_leaves_each_run_whole_or_gone(shakespeare,
         assert rows == dirs, (rows, dirs)
         outcomes.add(Path(run["run_dir"]).name in rows)
     assert outcomes == {True, False}, "the kills should land both before and after the removal's commit"
+
+
+def test_runs_show_groups_the_settings_non_defaults_first_at_80_columns(trained_run):
+    home, run_id = trained_run
+    shown = cli("runs", "show", run_id, home=home, env={"COLUMNS": "80"}).stdout
+    settings = shown[shown.index("settings: "):]
+    assert max(len(line) for line in settings.splitlines()) <= 80 or "--data-fingerprint sha256:" in settings
+    for line in settings.splitlines():  # an option and its value are never split over two lines
+        assert not line.rstrip().endswith(("--max-steps", "--seq-len")), line
+    steps = settings[settings.index("  Steps and LR schedule: "):]
+    steps = steps[:steps.index("\n  Hardware")]
+    # given on the command line: before the group's defaults
+    assert steps.index("--max-steps 8") < steps.index("--max-lr 0.003") < steps.index("defaults: ")
+    assert steps.index("defaults: ") < steps.index("--lr-scheduler cosine")
+    assert json.loads(cli("runs", "show", run_id, "--json", home=home).stdout)["settings"]["max_steps"] == 8

@@ -89,7 +89,7 @@ def show_cmd(
                                     for c in checkpoints if c["state"] != "deleted") or "none"),
         "parent checkpoint": _fmt(run["parent_checkpoint"]), "command": _fmt(run["command"]),
         "run dir": run["run_dir"], "device": f"{_fmt(run['world_size'])}× {_fmt(run['device_name'])}, {_fmt(run['dtype'])}",
-        "created": run["created_at"], "error": _fmt(run["error"]), "settings": run["settings"],
+        "created": run["created_at"], "error": _fmt(run["error"]), "settings": _settings_text(stored),
     }
     events = queries.events_of(db, run["id"])
     if events:  # rollbacks, spikes, skipped steps: before the settings, where a reader looks first
@@ -103,6 +103,29 @@ def show_cmd(
     console = Console()
     for key, value in fields.items():
         console.print(f"[bold]{key}[/]: {escape(value)}", highlight=False, soft_wrap=True)
+
+
+def _settings_text(stored: dict) -> str:
+    """Grouped as --help groups them, each group's non-default values first (--json has the object),
+    wrapped between options so that an option and its value stay on one line."""
+    from gptctl.settings import grouped_settings
+
+    width = max(Console().width, 40)
+    lines = []
+    for panel, rows in grouped_settings({k: v for k, v in stored.items() if k != "kind"}).items():
+        changed = [f"{o} {'-' if v is None else v}" for o, v, default in rows if not default] or ["(all defaults)"]
+        kept = [f"{o} {'-' if v is None else v}" for o, v, default in rows if default]
+        items = [f"{panel}: {changed[0]}", *changed[1:]] + (["defaults: " + kept[0], *kept[1:]] if kept else [])
+        line = "  " + items[0]
+        for item in items[1:]:
+            separator = "; " if item.startswith("defaults: ") else ", "
+            if len(line) + len(separator) + len(item) > width:
+                lines.append(line + separator.rstrip())
+                line = "      " + item
+            else:
+                line += separator + item
+        lines.append(line)
+    return "(non-defaults first; --json has them as one object)\n" + "\n".join(lines)
 
 
 def _usage(starts: list[dict], usage: dict, run: dict) -> dict[str, str]:
