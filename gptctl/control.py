@@ -108,6 +108,9 @@ def lock_existing(run: dict[str, Any]) -> DirectoryLock:
         holder = lock.holder()
         where = f" (pid {holder['pid']} on {holder['host']})" if holder.get("host") else ""
         raise UserError(f"run {run['id']} is being trained by another process{where}; wait for it or stop it first")
+    # Asked of an earlier launch; cleared now, before the run shows as created, so that a `runs stop`
+    # of this launch is never taken for an old one
+    stop_request.clear(Path(run["run_dir"]))
     return lock
 
 
@@ -151,7 +154,6 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
     home, run_dir = home.resolve(), Path(run["run_dir"])
     code, stopped_by = None, None
     try:
-        stop_request.clear(run_dir)  # asked of an earlier launch
         hand_off(run, run_dir)  # --detach: from here on the run goes on without the terminal
         code, stopped_by = launch.run_workers(_command(home, run, launch_settings, init_checkpoint),
                                               launch_settings.stop_timeout, worker_env(launch_settings),

@@ -59,13 +59,13 @@ def _until_training(child: subprocess.Popen, run: dict[str, Any]) -> int:
     db = open_registry(home_dir(), create=False, check_home=False)
     try:
         while child.poll() is None:
-            if queries.get_run(db, run["run_id"])["status"] != "created":
+            if queries.get_run(db, run["run_id"])["status"] in ("running", "completed"):
                 return 0
-            time.sleep(POLL_SECONDS)
+            time.sleep(POLL_SECONDS)  # created, or failed/interrupted at start: wait for the launcher's end
     except KeyboardInterrupt:
         return 0  # it goes on starting in the background; this terminal only stopped waiting
     code = child.returncode
-    return code if code != 0 or queries.get_run(db, run["run_id"])["status"] != "failed" else 1
+    return code if code != 0 or queries.get_run(db, run["run_id"])["status"] not in ("failed", "created") else 1
 
 
 def hand_off(run: dict[str, Any], run_dir: Path) -> None:

@@ -19,12 +19,23 @@ from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describ
 _VERIFIED: list[list] = []
 
 
+def refuse_unfinished_prepare(root: Path) -> None:
+    """Shards of a prepare that has not finished are not a dataset yet (its last shards and its manifest
+    are still to come): training on them would be training on other data than the finished one."""
+    from gptctl.data.resume import STATE_FILE
+
+    if (root / STATE_FILE).exists():
+        raise UserError(f"--data-root: a `gptctl data prepare` into {root} is unfinished (or still running); "
+                        "run the same command again to finish it, then train")
+
+
 def default_data_root() -> Path:
     """--data-root left out: the documented default, once something is prepared there."""
     from gptctl.data.shards import MANIFEST
     from gptctl.paths import DATA_ROOT_ENV, default_data_root as root_of
 
     root = root_of()
+    refuse_unfinished_prepare(root)
     if not (root / MANIFEST).is_file() and not any(root.glob("*_train_*.npy")):
         raise UserError(f"--data-root: nothing is prepared in {root.resolve()} (the default; {DATA_ROOT_ENV} names another): "
                         "`gptctl data prepare fineweb-edu` streams FineWeb-Edu's sample-10BT into it from the Hugging "
@@ -40,6 +51,7 @@ def check_data(settings: TrainSettings, home: Path) -> str:
 
     if settings.data_root is None:
         raise UserError("--data-root is required: a directory prepared by `gptctl data prepare`")
+    refuse_unfinished_prepare(settings.data_root)
     db = open_registry(home, create=False)
 
     def content(path: Path) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from gptctl.registry import launches, queries
-from gptctl.settings import option_name, panel_of
+from gptctl.settings import is_option, option_name, panel_of
 
 
 def _val_curve(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -27,7 +27,7 @@ def value_at(curve: list[tuple[int, float]], tokens: int) -> float | None:
     return curve[0][1] if len(curve) == 1 and curve[0][0] == tokens else None
 
 
-NOT_COMPARED = {"run_name"}  # differs by definition; the table's columns already name the runs
+NOT_COMPARED = {"run_name", "kind"}  # differ by definition, or shown above (status, the run's kind)
 
 
 def differing_settings(settings: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
@@ -38,7 +38,8 @@ def differing_settings(settings: list[dict[str, Any]]) -> dict[str, dict[str, li
     for name in sorted(names, key=lambda n: (panel_of(n) != "Run", n)):
         values = [s.get(name) for s in settings]
         if any(v != values[0] for v in values[1:]):
-            out.setdefault(panel_of(name), {})[option_name(name)] = values
+            label = option_name(name) if is_option(name, "resume") else name.replace("_", " ")
+            out.setdefault(panel_of(name), {})[label] = values
     return out
 
 

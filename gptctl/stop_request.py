@@ -19,12 +19,22 @@ from gptctl.atomic import write_text_atomic
 
 STOP_FILE = "stop-request.json"
 LOOK_EVERY_S = 1.0  # a stat a second costs nothing, even on a network filesystem
+MERGE_S = 2 * LOOK_EVERY_S  # plain requests this close together are one
 
 
 def ask(run_dir: Path, now: bool = False) -> int:
-    """Record one more stop request (two at once with `now`); returns how many the launch has had."""
-    count = requests(run_dir) + (2 if now else 1)
-    write_text_atomic(run_dir / STOP_FILE, json.dumps(
+    """Record a stop request; returns how many the launch has had (2 or more: stop now, without saving).
+
+    A plain request within MERGE_S of the one before is the same request (two `runs stop` typed at
+    once in two terminals mean one SIGTERM, not two); later, or with `now`, it is one more."""
+    path = run_dir / STOP_FILE
+    count = requests(run_dir)
+    try:
+        recent = count > 0 and time.time() - json.loads(path.read_text()).get("at", 0) < MERGE_S
+    except (OSError, ValueError, AttributeError, TypeError):
+        recent = False
+    count = max(count, 1) + 1 if now else count if recent else count + 1
+    write_text_atomic(path, json.dumps(
         {"requests": count, "at": time.time(), "by": f"pid {os.getpid()} on {socket.gethostname()}"}) + "\n")
     return count
 
@@ -62,7 +72,7 @@ class Watch:
 
 
 def stop_run(db, run: dict, now: bool = False, wait: bool = True, poll_s: float = 0.5,
-             asked=lambda: None) -> dict:
+             asked=lambda count: None) -> dict:
     """`gptctl runs stop`: ask a live run to stop (twice with `now`), and with `wait` return its row once its
     launcher has let go of it. Refused (UserError) when the run is not being trained."""
     from gptctl.errors import UserError
@@ -77,7 +87,7 @@ def stop_run(db, run: dict, now: bool = False, wait: bool = True, poll_s: float 
     queries.add_event(db, run["id"], run["last_step"], "stop",
                       f"`gptctl runs stop{' --now' if now else ''}` from {socket.gethostname()}: "
                       + ("stop now, without saving the step" if count > 1 else "finish the step, save it and stop"))
-    asked()
+    asked(count)
     if not wait:
         return run
     while True:

@@ -254,3 +254,79 @@ def test_runs_show_groups_the_settings_non_defaults_first_at_80_columns(trained_
     assert steps.index("--max-steps 8") < steps.index("--max-lr 0.003") < steps.index("defaults: ")
     assert steps.index("defaults: ") < steps.index("--lr-scheduler cosine")
     assert json.loads(cli("runs", "show", run_id, "--json", home=home).stdout)["settings"]["max_steps"] == 8
+
+
+def test_stop_requests_typed_at_once_are_one_and_a_later_one_or_now_is_a_second(tmp_path, monkeypatch):
+    from gptctl import stop_request
+
+    assert stop_request.ask(tmp_path) == 1
+    assert stop_request.ask(tmp_path) == 1  # two terminals at the same moment: one SIGTERM, the save kept
+    clock = time.time() + stop_request.MERGE_S + 0.1
+    monkeypatch.setattr(stop_request.time, "time", lambda: clock)
+    assert stop_request.ask(tmp_path) == 2  # asked again later: the second signal, without the save
+    stop_request.clear(tmp_path)
+    assert stop_request.ask(tmp_path, now=True) == 2
+
+
+def test_a_stop_read_from_the_file_exits_0_under_a_bare_torchrun(monkeypatch):
+    """torchrun restarts (--max-restarts) workers that fail: a `runs stop` must not look like a failure."""
+    from gptctl.engine import worker
+    from gptctl.engine.startup import StopFlag
+    from gptctl.launch import LAUNCHED_ENV
+
+    monkeypatch.delenv(LAUNCHED_ENV, raising=False)
+    asked = StopFlag(requests=type("Asked", (), {"new": lambda self: 1})())
+    assert asked.asked() and worker.stopped_exit_code(asked) == 0
+    signalled = StopFlag()
+    signalled._handle(signal.SIGTERM, None)
+    assert worker.stopped_exit_code(signalled) == 128 + signal.SIGTERM
+
+
+def test_only_removals_gptctl_began_are_finished(trained_run, gptctl_home):
+    """A NAME-ID.removing directory is finished only when its run.json says it is that run and the
+    registry has no other directory for it; a user's directory of that shape, or a copy, stays."""
+    import shutil
+
+    src_home, run_id = trained_run
+    shutil.copytree(src_home, gptctl_home)
+    cli("runs", "list", home=gptctl_home)
+    run_dir = Path(json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)["run_dir"])
+    photos = gptctl_home / "photos.removing"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"x")
+    copy = gptctl_home / f"old-{run_id}.removing"  # the run's id in its name, and its run.json: a copy
+    shutil.copytree(run_dir, copy)
+    cli("runs", "list", home=gptctl_home)
+    assert (photos / "a.jpg").is_file() and copy.is_dir() and run_dir.is_dir()
+    assert json.loads(cli("runs", "show", run_id, "--json", home=gptctl_home).stdout)["id"] == run_id
+
+
+def test_an_unfinished_prepare_is_not_data(shakespeare, gptctl_home, tmp_path):
+    import shutil
+
+    from gptctl.data.resume import STATE_FILE
+
+    root = tmp_path / "half"
+    shutil.copytree(shakespeare, root)
+    (root / "manifest.json").unlink()
+    (root / STATE_FILE).write_text("{}")  # a prepare killed after its shards, before its manifest
+    refused = cli("pretrain", *TINY_RUN, "--data-root", str(root), "--max-steps", "3", home=gptctl_home, check=False)
+    _one_line_refusal(refused, "--data-root", "unfinished", "run the same command again")
+    assert not (gptctl_home / "gptctl.db").exists()
+
+
+@pytest.mark.slow
+def test_detach_says_when_the_launch_fails_to_start(trained_run, gptctl_home):
+    """Every checkpoint of the run corrupt: the detached resume's workers fail at start; --detach says
+    so with the console's last lines and the launcher's exit code, not 'trains in the background'."""
+    import shutil
+
+    src_home, run_id = trained_run
+    shutil.copytree(src_home, gptctl_home)
+    cli("runs", "list", home=gptctl_home)
+    for checkpoint in gptctl_home.glob("shared-*/checkpoints/*.pt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    proc = gptctl("resume", run_id, "--max-steps", "12", "--detach", home=gptctl_home, check=False)
+    assert proc.returncode not in (0, 2), (proc.stdout, proc.stderr)
+    assert "failed to start" in proc.stderr and "console.log" in proc.stderr, proc.stderr
+    assert "trains in the background" not in proc.stdout

@@ -38,9 +38,13 @@ def logs_cmd(
             typer.echo(f"run {run['id']} ({run['name']}) has no log yet ({path})", err=True)
         return
 
-    def running() -> bool:
+    if run["status"] == "queued":
+        typer.echo(f"run {run['id']} ({run['name']}) is queued: following it once its job starts it "
+                   "(Ctrl-C stops following)", err=True)
+
+    def running() -> bool:  # a queued run is followed until its job has started and ended it
         row = queries.refresh_status(db, queries.get_run(db, run["id"]))
-        return row["status"] in queries.ACTIVE or run_is_locked(Path(row["run_dir"]))
+        return row["status"] in (*queries.ACTIVE, "queued") or run_is_locked(Path(row["run_dir"]))
 
     try:
         for line in run_log.follow(path, end, running):
@@ -67,9 +71,13 @@ def stop_cmd(
 
     db = open_registry(home_dir(), create=False)
     run = queries.resolve_run(db, run_ref)
-    def asked() -> None:
+    said = {}
+
+    def asked(count: int) -> None:
+        said["now"] = count > 1  # --now, or a second request: the workers are killed without the save
+        how = " now, without saving (a second request)" if count > 1 and not now else " now, without saving" if now else ""
         if not no_wait:
-            typer.echo(f"asked run {run['id']} ({run['name']}) to stop{' now, without saving' if now else ''}; "
+            typer.echo(f"asked run {run['id']} ({run['name']}) to stop{how}; "
                        "waiting for it (Ctrl-C stops waiting, not the stop)", err=True)
 
     try:
@@ -77,7 +85,7 @@ def stop_cmd(
     except KeyboardInterrupt:
         raise typer.Exit(130)
     if no_wait:
-        typer.echo(f"asked run {run['id']} ({run['name']}) to stop{' now' if now else ''}; "
+        typer.echo(f"asked run {run['id']} ({run['name']}) to stop{' now' if said['now'] else ''}; "
                    f"`gptctl runs logs {run['name']} --follow` shows when it has", err=True)
         return
     saved = queries.checkpoints_of(db, row["id"], states=["valid"])
@@ -162,9 +170,9 @@ def compare_cmd(
             return "-" if value is None else format(value, spec)
 
         table = Table(box=None, show_edge=False, pad_edge=False)
-        table.add_column("")
+        table.add_column("", no_wrap=True)  # option names whole; long values and run names fold instead
         for r in found["runs"]:
-            table.add_column(f"{r['name']}\n{r['id']}", justify="right")
+            table.add_column(f"{r['name']}\n{r['id']}", justify="right", overflow="fold")
         equal = found["equal_tokens"]
         rows = {
             "status": [r["status"] for r in found["runs"]],

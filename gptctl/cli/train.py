@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -335,13 +336,17 @@ def _maybe_detach(wanted: bool, print_command: bool, as_json: bool) -> None:
         typer.echo(f"Error: run {run['run_id']} ({run['name']}) failed to start (exit code {code}); the end of "
                    f"{run['console_log']}:\n" + "\n".join(lines), err=True)
         raise typer.Exit(code)
+    # Commands that find the run from any directory: with the home they were given, should it be --home
+    given_home = any(a == "--home" or a.startswith("--home=") for a in command_line())
+    gptctl = f"gptctl --home {shlex.quote(str(home_dir().resolve()))}" if given_home else "gptctl"
+    run = {**run, "follow": f"{gptctl} runs logs {shlex.quote(run['name'])} --follow",
+           "stop": f"{gptctl} runs stop {shlex.quote(run['name'])}"}
     if as_json:
         typer.echo(json.dumps(run, indent=2))
     else:
         typer.echo(f"run {run['run_id']} ({run['name']}) trains in the background "
                    f"(pid {run['pid']}, console in {run['console_log']})\n"
-                   f"  follow it: gptctl runs logs {run['name']} --follow\n"
-                   f"  stop it:   gptctl runs stop {run['name']}")
+                   f"  follow it: {run['follow']}\n  stop it:   {run['stop']}")
     raise typer.Exit(0)
 
 

@@ -20,11 +20,12 @@ class StopFlag:
     requested: bool = False
     signum: int | None = None
     requests: Any = None  # a stop_request.Watch where no gptctl launcher passes `runs stop` on as a signal
+    by_request: bool = False  # the stop is a `runs stop` this process read, not a signal it received
 
     def asked(self) -> bool:
         """Whether to stop after this step: a signal, or a `runs stop` request (taken as a SIGTERM)."""
         if not self.requested and self.requests is not None and self.requests.new():
-            self.requested, self.signum = True, signal.SIGTERM
+            self.requested, self.signum, self.by_request = True, signal.SIGTERM, True
         return self.requested
 
     def install(self) -> None:

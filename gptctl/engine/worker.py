@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             lock = DirectoryLock(Path(run["run_dir"]))
             if not lock.acquire(wait_s=TAKEOVER_WAIT_S, say=lambda message: print(message, flush=True)):
                 raise RunRefused(f"run {run['id']} is being trained by another process")
-            stop_request.clear(lock.path.parent)  # asked of an earlier launch
+            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:  # not a restart of this launch
+                stop_request.clear(lock.path.parent)  # asked of an earlier launch
             stop.requests = stop_request.Watch(lock.path.parent)  # no launcher passes `runs stop` on: look here
         return _train(args.home, db, run, settings, d, args.init_checkpoint, stop, write)
     except Exception as exc:
@@ -410,8 +411,9 @@ def _divergence_line(db, run_id: str, why: str | None) -> str | None:
 def stopped_exit_code(stop: StopFlag) -> int:
     """Under gptctl's launcher a clean stop is a success for torchrun, which then neither restarts the
     workers nor reports them failed; the launcher and the registry say the run was interrupted (128+signal).
-    Under a bare torchrun, the signal's exit code."""
-    if os.environ.get(LAUNCHED_ENV) or not stop.signum:
+    Under a bare torchrun, the signal's exit code; but 0 for a `runs stop` request, which torchrun
+    does not know of: a failure exit would make it restart the workers (--max-restarts) into the run."""
+    if os.environ.get(LAUNCHED_ENV) or not stop.signum or stop.by_request:
         return 0
     return 128 + stop.signum
 

@@ -9,6 +9,7 @@ directory without rows. Either way the next command that opens the registry fini
 (`finish_interrupted`): the rename is the point of no return. Pure Python: no torch.
 """
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from gptctl.registry import queries
 from gptctl.registry.db import transaction
 from gptctl.registry.homepaths import from_stored, home_of
 from gptctl.registry.locks import DirectoryLock, run_is_locked
+from gptctl.registry.rebuild import RUN_INFO
 
 SUFFIX = ".removing"
 RUN_TABLES = ("grad_stats", "metrics", "events", "launches", "checkpoints")  # rows keyed by run_id
@@ -43,8 +45,11 @@ def plan(db, runs: list[dict], force: bool) -> list[Removal]:
         if run_dir.is_symlink() or run_dir.parent.resolve() != home:
             raise UserError(f"{who}: its directory {run_dir} is not a directory of the home {home}; "
                             "gptctl deletes only what lies in its home")
-        if run["status"] in queries.ACTIVE or run_is_locked(run_dir):
+        if run["status"] in queries.ACTIVE:
             raise UserError(f"{who} is running; stop it first (`gptctl runs stop {run['name']}`)")
+        if run_is_locked(run_dir):
+            raise UserError(f"{who} is held by another gptctl command (a launch starting, or another `runs rm`); "
+                            "try again when it is done")
         if run["status"] == "queued" and not force:
             raise UserError(f"{who} is queued for a job script that will train it; cancel the job, then add --force")
         child = _child(db, run, ids)
@@ -65,10 +70,14 @@ def remove(db, removal: Removal) -> None:
     run = removal.run
     run_dir = Path(run["run_dir"])
     lock = None
+    gone = UserError(f"run {run['id']} ({run['name']}) was removed meanwhile by another `runs rm`")
     if not removal.missing:
         lock = DirectoryLock(run_dir)
-        if not lock.acquire():
-            raise UserError(f"run {run['id']} ({run['name']}) was started meanwhile; nothing of it was deleted")
+        try:
+            if not lock.acquire():
+                raise UserError(f"run {run['id']} ({run['name']}) was started meanwhile; nothing of it was deleted")
+        except FileNotFoundError:
+            raise gone from None
     tombstone = run_dir.with_name(run_dir.name + SUFFIX)
     try:
         with transaction(db):
@@ -76,6 +85,8 @@ def remove(db, removal: Removal) -> None:
             if readers:
                 raise UserError(f"run {run['id']} ({run['name']}): {readers[0]} is being read (`gptctl sample`, "
                                 "`eval` or `export`); try again when it is done; nothing was deleted")
+            if db.execute("select 1 from runs where id = ?", [run["id"]]).fetchone() is None:
+                raise gone
             if not removal.missing:
                 os.rename(run_dir, tombstone)  # the point of no return: the next command finishes a crash
             try:
@@ -97,11 +108,26 @@ def finish_interrupted(db) -> list[str]:
         if not tombstone.is_dir() or tombstone.is_symlink() or run_is_locked(tombstone):
             continue  # a removal in progress holds the run's lock, which moved with the directory
         name = tombstone.name.removesuffix(SUFFIX)
+        run_id = _run_id_of(tombstone)
+        if run_id is None or name.rpartition("-")[2] != run_id:
+            continue  # not a run directory this command renamed: not ours to delete
+        row = db.execute("select run_dir from runs where id = ?", [run_id]).fetchone()
+        if row is not None and Path(row[0]).name != name:
+            continue  # the run's directory is another one: this is a copy of it, left alone
         with transaction(db):
-            _delete_rows(db, name.rpartition("-")[2], name)
+            _delete_rows(db, run_id, name)
         shutil.rmtree(tombstone, ignore_errors=True)
         done.append(name)
     return done
+
+
+def _run_id_of(directory: Path) -> str | None:
+    """The id a run directory's own run.json gives (what it is, not what it is called)."""
+    try:
+        info = json.loads((directory / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("id") if isinstance(info, dict) and isinstance(info.get("id"), str) else None
 
 
 def _delete_rows(db, run_id: str, dir_name: str) -> None:
