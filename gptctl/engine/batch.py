@@ -68,6 +68,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # 503: the server is shutting down
 
 
 @dataclass
@@ -270,12 +271,12 @@ class Batcher:
                         self._step()
                 except Exception as exc:  # the model failed (out of memory, …): fail what runs, serve on
                     log.exception("generation failed")
-                    self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+                    self._fail_running(f"generation failed: {type(exc).__name__}: {exc}", also=admitted)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.emit(Failed("the server is shutting down"))
-        self._fail_running("the server is shutting down")
+            job.emit(Failed("the server is shutting down", 503))
+        self._fail_running("the server is shutting down", 503)
 
     def _busy_rows(self) -> int:
         return len(self._rows) + len(self._sliding)
@@ -409,10 +410,10 @@ class Batcher:
         self._rows = [self._rows[i] for i in kept]
         self._sliding = [slot for slot in self._sliding if id(slot.job) not in gone]
 
-    def _fail_running(self, message: str) -> None:
-        jobs = {id(s.job): s.job.job for s in self._rows + self._sliding}
+    def _fail_running(self, message: str, status: int = 500, also: list[Job] = ()) -> None:
+        jobs = {id(job): job for job in [*also, *(s.job.job for s in self._rows + self._sliding)]}
         for job in jobs.values():
-            job.emit(Failed(message))
+            job.emit(Failed(message, status))
         self._rows, self._sliding = [], []
         if self._cache is not None:
             self._cache.keep([])
