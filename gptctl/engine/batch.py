@@ -195,6 +195,7 @@ class _Running:
 
 @dataclass
 class Stats:
+    submitted: int = 0  # jobs ever queued
     waiting: int = 0  # jobs in the queue
     rows: int = 0  # samples decoding now
     decode_steps: int = 0  # forwards of the decode batch
@@ -234,6 +235,7 @@ class Batcher:
             if len(self._waiting) + len(jobs) > self.max_waiting:
                 raise Busy(f"the queue is full ({self.max_waiting} prompts wait for {self.max_rows} rows); retry later")
             self._waiting.extend(jobs)
+            self._stats.submitted += len(jobs)
             self._cond.notify()
 
     def stats(self) -> dict:

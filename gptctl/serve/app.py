@@ -51,7 +51,7 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), exc.status)
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -238,7 +238,7 @@ class _Call:
         try:
             batcher.submit(self.jobs)
         except Busy as exc:
-            raise ApiError(503, str(exc), type="server_error", code="queue_full") from None
+            raise ApiError(503, str(exc), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
 
     def _emitter(self, j: int):
         def emit(event) -> None:
