@@ -64,6 +64,9 @@ def serve_cmd(
             typer.echo(f"  chat: {url}/")
             typer.echo("Ctrl-C stops.")
             serve(sampler, model, sock, api_key, max_batch, max_queue)
-    except (KeyboardInterrupt, Stopped) as exc:
-        typer.echo(f"stopped ({'SIGTERM' if isinstance(exc, Stopped) else 'SIGINT'}); the checkpoint's lease is released",
-                   err=True)
+        how = "stopped"  # by a signal its parent ignores, as in a background job of a script
+    except KeyboardInterrupt:
+        how = "stopped (SIGINT)"
+    except Stopped:
+        how = "stopped (SIGTERM)"
+    typer.echo(f"{how}; the checkpoint's lease is released", err=True)
