@@ -101,8 +101,10 @@ class RowCache:
 
     def __init__(self, config, capacity: int, device: torch.device, dtype: torch.dtype):
         shape = (config.n_layer, capacity, config.n_head, config.block_size, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # Zeros, not empty: a row's unfilled positions are masked out, but the mask's zero weight times a
+        # NaN left in reused memory is still NaN. Moved and ended rows leave only finite values behind.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.device, self.lengths = device, []
         self.layers = [_RowLayer(self, i) for i in range(config.n_layer)]
         self._mask = None
