@@ -9,3 +9,10 @@ fi
 # Pinned first, so pip takes the CPU wheel instead of downloading a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
+# gptctl serve's chat page is tested in headless Chromium, driven by playwright. Playwright's own browser
+# download comes from outside the package registries, so the browser is Debian's package (as root, where
+# apt-get is); elsewhere install chromium yourself, or the browser test is skipped (and fails under CI=true).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi

@@ -61,6 +61,7 @@ COMMANDS = {
     "eval": ("eval", "Evaluate a checkpoint: HellaSwag accuracy, or the mean loss over the val split of prepared "
                      "shards."),
     "export": ("export", "Export a checkpoint's model for Hugging Face transformers or as plain safetensors weights."),
+    "serve": ("serve", "Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page."),
     "registry": ("registry", "The registry file itself (gptctl.db)."),
 }
 

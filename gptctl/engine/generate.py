@@ -44,6 +44,13 @@ class KVCache:
     def full(self) -> bool:
         return self.length == self.max_len
 
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """The positions of `length` new tokens: after the filled ones, the same in every row."""
+        return torch.arange(self.length, self.length + length, device=device)
+
+    def advance(self, length: int) -> None:
+        self.length += length
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (the samples still running), in this order."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
@@ -51,6 +58,8 @@ class KVCache:
 
 class _LayerCache:
     """One layer's view of the cache: what model.attention appends to and attends over."""
+
+    mask = None  # every row holds the same positions: nothing to hide
 
     def __init__(self, cache: KVCache, index: int):
         self.cache, self.index = cache, index
@@ -134,6 +143,32 @@ class TextStream:
         return text[:len(text) - keep]
 
 
+class SampleText:
+    """One sample's new tokens and its text as they arrive; `finish` says why it ended ("stop": end-of-text
+    or a stop sequence; "length": max_new_tokens), None while it runs."""
+
+    def __init__(self, enc, stop: tuple[str, ...], max_new_tokens: int):
+        self.tokens: list[int] = []
+        self.stream, self.max_new_tokens, self.finish = TextStream(enc, stop), max_new_tokens, None
+
+    def add(self, token: int) -> str:
+        """Take the token the model chose; returns the text it completes (maybe none)."""
+        text = ""
+        if token != EOT_TOKEN:  # end-of-text ends the sample and is not part of it
+            self.tokens.append(token)
+            text = self.stream.push(token)
+        if token == EOT_TOKEN or self.stream.stopped:
+            self.finish = "stop"
+        elif len(self.tokens) == self.max_new_tokens:
+            self.finish = "length"
+        return text + self.stream.close() if self.finish else text
+
+
+def context_window(prompt: list[int], tokens: list[int], block_size: int) -> list[int]:
+    """What the model sees of a sample: its last block_size tokens, the prompt's included."""
+    return (prompt + tokens)[-block_size:]
+
+
 class Generation:
     """num_samples continuations of one prompt, decoded together against one KV cache.
 
@@ -149,9 +184,9 @@ class Generation:
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
         self.prompt = prompt_tokens[-self.block_size:]  # the model sees at most block_size positions
-        self.tokens: list[list[int]] = [[] for _ in range(num_samples)]
+        self._samples = [SampleText(enc, sampling.stop, max_new_tokens) for _ in range(num_samples)]
+        self.tokens: list[list[int]] = [sample.tokens for sample in self._samples]
         self._pieces: list[list[str]] = [[] for _ in range(num_samples)]
-        self._streams = [TextStream(enc, sampling.stop) for _ in range(num_samples)]
         self.running = list(range(num_samples))  # the samples in the cache's rows, in row order
         # Room for the prompt and the new tokens (one more than is ever fed: the last is not), up to the context.
         max_len = min(self.block_size, len(self.prompt) + max_new_tokens)
@@ -173,12 +208,8 @@ class Generation:
         chosen = sample_next(logits.float().expand(len(self.running), -1), self.sampling, self.generator)
         ended = []
         for row, token in zip(self.running, chosen.tolist()):
-            stream = self._streams[row]
-            if token != EOT_TOKEN:
-                self.tokens[row].append(token)
-                self._pieces[row].append(stream.push(token))
-            if token == EOT_TOKEN or stream.stopped or len(self.tokens[row]) == self.max_new_tokens:
-                self._pieces[row].append(stream.close())
+            self._pieces[row].append(self._samples[row].add(token))
+            if self._samples[row].finish:
                 ended.append(row)
         if ended:
             kept = [i for i, row in enumerate(self.running) if row not in ended]
@@ -199,7 +230,7 @@ class Generation:
             idx = [self.prompt]
         elif self.cache.full:  # past the context: the last block_size tokens, anew (module docstring)
             self.cache.length = 0
-            idx = [(self.prompt + self.tokens[row])[-self.block_size:] for row in self.running]
+            idx = [context_window(self.prompt, self.tokens[row], self.block_size) for row in self.running]
         else:
             idx = [self.tokens[row][-1:] for row in self.running]
         with autocast_for(self.device, self.dtype):

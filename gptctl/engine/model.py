@@ -53,7 +53,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv=None) -> tor
 
     The cache takes two shapes of input: a prefill into an empty cache (causal over the new positions
     alone; its batch may be 1 where the cache's is N, the cache copies the rows) and one new position,
-    which sees every filled position: no mask.
+    which sees every filled position: no mask, unless the cache's rows hold different lengths
+    (engine/batch.py's RowCache), whose `mask` hides each row's unfilled positions.
     """
     if kv is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
@@ -61,7 +62,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv=None) -> tor
     keys, values = kv.append(k, v)
     if prefill:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, keys, values)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=kv.mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,13 +107,15 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rotary_tables(head_dim: int, length: int, device=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (length × head_dim, fp32) of HF's rotate-half RoPE at positions start…start+length-1:
-    frequency i serves dims i and i+d/2."""
-    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, inv_freq)
+def rotary_at(head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (fp32) of HF's rotate-half RoPE at these positions (frequency i serves dims i and i+d/2):
+    T × head_dim for positions (T,); B × 1 × T × head_dim for positions (B, T), one row each (the rows of
+    a decode batch at different positions)."""
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # broadcast over the heads
     return angles.cos(), angles.sin()
 
 
@@ -232,15 +235,17 @@ class GPT(nn.Module):
         """(logits, loss): logits without targets, the loss with them. With `cache` (a generate.KVCache),
         idx continues the cached positions and the logits are the last position's only (B, 1, V)."""
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else 0  # a cache of rows of different lengths: the longest
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block size {self.config.block_size}")
+        # (T,), or (B, T) where each row of the cache has its own position
+        positions = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)
         if self.config.arch == "gpt2":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(positions)
             extra = ()
         else:  # computed per call: cheap next to a block, and a buffer would not survive meta-device init
-            extra = (rotary_tables(self.config.head_dim, T, idx.device, start),)
+            extra = (rotary_at(self.config.head_dim, positions),)
         for i, block in enumerate(self.transformer.h):
             if cache is not None:
                 x = block(x, *extra, kv=cache.layers[i])
@@ -249,7 +254,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, *extra)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
             x = x[:, -1:]  # generation samples from the last position: the head's matmul for it alone
         x = self.transformer.ln_f(x)
         if targets is None:

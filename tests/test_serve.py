@@ -1,0 +1,512 @@
+"""`gptctl serve`: the OpenAI client against a real uvicorn server on a free port (in a thread of this
+process, or `gptctl serve` in a process of its own), the batcher against Generation, errors, the key,
+the chat page in a headless browser, and a clean stop that releases the checkpoint's lease."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from conftest import save_tiny_checkpoint
+from gptctl.cli import app
+from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
+from gptctl.engine.batch import Batcher, Failed, Finished, Job, TokenEvent
+from gptctl.engine.generate import Generation, Sampling
+from gptctl.engine.sample import Sampler
+from gptctl.presets import GPT2_VOCAB_SIZE
+from gptctl.prompt import Turn, format_conversation
+
+BLOCK = 64
+ROMEO = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+runner = CliRunner()
+
+
+# --- servers ------------------------------------------------------------------------------------------
+
+class Gate:
+    """The model behind a gate: a forward waits until the gate is open (to hold requests in the queue)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.open = model, model.config, threading.Event()
+        self.open.set()
+
+    def __call__(self, *args, **kwargs):
+        assert self.open.wait(60), "the gate stayed closed"
+        return self.model(*args, **kwargs)
+
+
+@contextmanager
+def server(sampler: Sampler, path: Path, api_key: str | None = None, max_rows: int = 8, max_waiting: int = 32,
+           gate: Gate | None = None):
+    """A real uvicorn server on a free port, in a thread of this process: its base URL."""
+    import uvicorn
+
+    from gptctl.serve.app import create_app
+    from gptctl.serve.server import bind, model_info, url_of
+
+    model = model_info(sampler, path, str(path), path.parent / "home")
+    batcher = Batcher(gate or sampler.model, sampler.enc, sampler.device, sampler.dtype, max_rows, max_waiting)
+    sock = bind("127.0.0.1", 0)
+    uv = uvicorn.Server(uvicorn.Config(create_app(batcher, model, sampler.enc, api_key), log_level="warning",
+                                       lifespan="on", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield url_of(sock)
+    finally:
+        if gate is not None:
+            gate.open.set()
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    return {"pretrain": save_tiny_checkpoint(root / "model_00007.pt", block=BLOCK),
+            "finetune": save_tiny_checkpoint(root / "ft_00007.pt", kind="finetune", block=BLOCK)}
+
+
+@pytest.fixture(scope="module")
+def sampler(checkpoints) -> Sampler:
+    return Sampler(checkpoints["pretrain"], "cpu")
+
+
+@pytest.fixture(scope="module")
+def url(sampler, checkpoints):
+    with server(sampler, checkpoints["pretrain"]) as url:
+        yield url
+
+
+def sample(*args: str) -> list[dict]:
+    result = runner.invoke(app, ["sample", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --- the batcher ----------------------------------------------------------------------------------------
+
+def run_jobs(batcher: Batcher, specs: list[tuple[list[int], Sampling, int]], max_new: int) -> list[list[list[int]]]:
+    """Each (prompt, sampling, n) as one job, all submitted at once; each sample's tokens (end-of-text dropped)."""
+    results = [[[] for _ in range(n)] for _, _, n in specs]
+    done = threading.Semaphore(0)
+
+    def emitter(j):
+        def emit(event):
+            if isinstance(event, TokenEvent) and event.token != EOT_TOKEN:
+                results[j][event.sample].append(event.token)
+            elif isinstance(event, (Finished, Failed)):
+                assert not isinstance(event, Failed), event
+                done.release()
+        return emit
+
+    batcher.submit([Job(p, max_new, s, emitter(j), n, seed=3) for j, (p, s, n) in enumerate(specs)])
+    for _ in range(sum(n for _, _, n in specs)):
+        assert done.acquire(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_rows_that_join_and_leave_the_batch_decode_as_generation_does(arch):
+    """Jobs of different prompt lengths (one past the context: it slides), greedy and seeded, with more
+    samples than rows: each job's tokens are Generation's alone, while steps are shared."""
+    from test_generate import BLOCK as GEN_BLOCK, tiny_model
+
+    enc, model = get_encoding(), tiny_model(arch)
+    prompts = [enc.encode_ordinary(t) for t in ["Hello there", ROMEO, "a", "The quick brown fox"]]
+    assert len(prompts[1]) > GEN_BLOCK
+    specs = [(p, s, n) for p in prompts for s, n in ((Sampling(0), 1), (Sampling(1.0, top_k=50, stop=("e",)), 3))]
+    batcher = Batcher(model, enc, torch.device("cpu"), max_rows=5)
+    batcher.start()
+    try:
+        got = run_jobs(batcher, specs, 24)
+    finally:
+        batcher.close()
+    for (prompt, sampling, n), tokens in zip(specs, got):
+        assert tokens == Generation(model, enc, prompt, 24, sampling, n, torch.Generator().manual_seed(3)).run()
+    stats = batcher.stats()
+    assert stats["shared_steps"] > 0 and 1 < stats["max_rows_per_step"] <= 5 and stats["jobs_done"] == len(specs)
+
+
+# --- the API through the openai client ------------------------------------------------------------------
+
+def test_models_and_completions_text_ids_and_batch_equal_sample(url, checkpoints):
+    api, enc = client(url), get_encoding()
+    (card,) = api.models.list().data
+    assert card.id == "model_00007.pt" and card.max_model_len == BLOCK
+    path = str(checkpoints["pretrain"])
+    texts = {}
+    for prompt in ("Hello", ROMEO, "<|endoftext|>"):  # ROMEO's tokens and 24 more pass the context: it slides
+        (expected,) = sample(path, "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0")
+        response = api.completions.create(model=card.id, prompt=prompt, max_tokens=24, temperature=0)
+        assert response.choices[0].text == expected["text"] and expected["text"]
+        assert response.usage.completion_tokens == expected["tokens"]
+        by_ids = api.completions.create(model=card.id, prompt=enc.encode(prompt, allowed_special="all"), max_tokens=24,
+                                        temperature=0)
+        assert by_ids.choices[0].text == expected["text"]
+        texts[prompt] = expected["text"]
+    batch = api.completions.create(model=card.id, prompt=["Hello", enc.encode_ordinary(ROMEO)], max_tokens=24, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [texts["Hello"], texts[ROMEO]]
+    assert all(c.finish_reason == "length" for c in batch.choices)
+
+
+def test_chat_equals_sample_instruction_for_a_finetuned_model(sampler, checkpoints):
+    path = checkpoints["finetune"]
+    ft = Sampler(path, "cpu")
+    with server(ft, path) as url:
+        api = client(url)
+        (expected,) = sample(str(path), "--instruction", "Name a colour.", "--max-new-tokens", "16", "--temperature", "0")
+        reply = api.chat.completions.create(model="ft_00007.pt", messages=[{"role": "user", "content": "Name a colour."}],
+                                            max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == expected["text"] and reply.choices[0].message.role == "assistant"
+        # A system message and earlier exchanges: the prompt is prompt.format_conversation's, oldest turns dropped to fit.
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
+        two = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "temperature": 0})
+        enc = get_encoding()
+        whole = enc.encode_ordinary(format_conversation([Turn("Hi", "Hello!"), Turn("Name a colour.")], "Be brief."))
+        assert len(whole) <= BLOCK - 4 and two.status_code == 200
+        assert two.json()["usage"]["prompt_tokens"] == len(whole) and "x-gptctl-dropped-turns" not in two.headers
+        long = [{"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "ok"}, messages[-1]]
+        dropped = httpx.post(f"{url}/v1/chat/completions", json={"messages": long, "max_tokens": 4, "temperature": 0})
+        assert dropped.headers["x-gptctl-dropped-turns"] == "1" and dropped.headers["x-gptctl-model"] == "ft_00007.pt"
+        assert dropped.json()["usage"]["prompt_tokens"] == len(enc.encode_ordinary(format_conversation([Turn("Name a colour.")])))
+
+
+def test_streams_reassemble_to_the_whole_text(url):
+    api = client(url)
+    args = dict(model="model_00007.pt", max_tokens=30, temperature=0.9, seed=11, stop=["\n\n"])
+    whole = api.completions.create(prompt=ROMEO, **args).choices[0]
+    chunks = list(api.completions.create(prompt=ROMEO, stream=True, **args))
+    assert len(chunks) > 3 and "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    messages = [{"role": "user", "content": "Tell me about the sun."}]
+    reply = api.chat.completions.create(messages=messages, **args).choices[0]
+    stream = list(api.chat.completions.create(messages=messages, stream=True, **args))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reply.message.content and reply.message.content
+    assert stream[-1].choices[0].finish_reason == reply.finish_reason
+    # The wire format: server-sent events ending with [DONE].
+    raw = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("data: [DONE]\n\n") and raw.text.startswith("data: {")
+
+
+def test_echo_logprobs_of_token_ids_as_lm_eval_asks_match_a_forward(url, sampler):
+    """lm-evaluation-harness's loglikelihood request (local-completions: token ids, echo, logprobs 1,
+    max_tokens 1, temperature 0) and what it reads: token_logprobs[ctxlen:-1] and top_logprobs."""
+    enc = get_encoding()
+    context, continuation = enc.encode_ordinary("ROMEO: But soft, what light"), enc.encode_ordinary(" through yonder window")
+    tokens = context + continuation
+    payload = {"model": "model_00007.pt", "prompt": [tokens], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+               "seed": 1234, "echo": True}
+    response = httpx.post(f"{url}/v1/completions", json=payload, timeout=60)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    logprobs = choice["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert len(logprobs["token_logprobs"]) == len(tokens) + 1  # the prompt's, then the one new token's
+    assert logprobs["tokens"][:len(tokens)] == [enc.decode([t]) for t in tokens]
+    with torch.no_grad():
+        direct = F.log_softmax(sampler.model(torch.tensor([tokens]))[0][0, :, :GPT2_VOCAB_SIZE].float(), dim=-1)
+    expected = direct[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+    torch.testing.assert_close(torch.tensor(logprobs["token_logprobs"][1:len(tokens)]), expected, atol=1e-4, rtol=0)
+    for i, top in enumerate(logprobs["top_logprobs"][1:len(tokens)]):
+        ((token, value),) = top.items()
+        assert abs(value - float(direct[i].max())) < 1e-4 and token == enc.decode([int(direct[i].argmax())])
+    # lm-eval's parse_logprobs: the continuation's sum, and whether it is the greedy one.
+    ctxlen = len(context)
+    total = sum(logprobs["token_logprobs"][ctxlen:-1])
+    greedy = all(lp == max(top.values()) for lp, top in zip(logprobs["token_logprobs"][ctxlen:-1],
+                                                          logprobs["top_logprobs"][ctxlen:-1]))
+    assert abs(total - float(expected[ctxlen - 1:].sum())) < 1e-3
+    assert greedy == all(int(direct[i].argmax()) == tokens[i + 1] for i in range(ctxlen - 1, len(tokens) - 1))
+    # max_tokens 0: the prompt alone; and the text of an echo is the prompt's.
+    only = httpx.post(f"{url}/v1/completions", json={**payload, "max_tokens": 0}).json()["choices"][0]
+    assert only["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:-1] and only["text"] == enc.decode(tokens)
+    # lm-eval's remote tokenizer (vLLM's routes) finds the GPT-2 BPE here.
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>"
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "<|endoftext|>Hi", "add_special_tokens": False}).json()["tokens"] == [
+        EOT_TOKEN, *enc.encode_ordinary("Hi")]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}).json()["prompt"] == enc.decode(tokens)
+
+
+def test_n_samples_with_a_seed_are_reproducible_and_equal_sample(url, checkpoints):
+    api = client(url)
+    args = dict(model="model_00007.pt", prompt="Hello", max_tokens=12, temperature=1.0, n=3, extra_body={"top_k": 200})
+    first = [c.text for c in api.completions.create(seed=5, **args).choices]
+    assert first == [c.text for c in api.completions.create(seed=5, **args).choices]
+    assert len(set(first)) == 3 and first != [c.text for c in api.completions.create(seed=6, **args).choices]
+    expected = sample(str(checkpoints["pretrain"]), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "1.0",
+                      "--num-samples", "3", "--seed", "5")
+    assert first == [s["text"] for s in expected]
+
+
+# --- concurrency and the queue --------------------------------------------------------------------------
+
+def wait_for(url: str, predicate, timeout: float = 30) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        stats = httpx.get(f"{url}/health").json()["batch"]
+        if predicate(stats):
+            return stats
+        assert time.time() < deadline, stats
+        time.sleep(0.02)
+
+
+def test_concurrent_requests_share_decode_steps_and_are_each_answered_right(sampler, checkpoints):
+    enc = get_encoding()
+    prompts = [f"{word} is" for word in ("Rome", "Juliet", "The sun", "A rose", "Verona", "Night", "Love", "Death")]
+    expected = [enc.decode(Generation(sampler.model, enc, enc.encode_ordinary(p), 20, Sampling(0)).run()[0])
+                for p in prompts]
+    gate = Gate(sampler.model)
+    gate.open.clear()
+    with server(sampler, checkpoints["pretrain"], gate=gate) as url:
+        api, answers = client(url), [None] * len(prompts)
+
+        def ask(i):
+            answers[i] = api.completions.create(model="model_00007.pt", prompt=prompts[i], max_tokens=20,
+                                                temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        wait_for(url, lambda s: s["submitted"] == len(prompts))  # the first ones in their prefill, behind the gate
+        gate.open.set()
+        for t in threads:
+            t.join(60)
+        stats = httpx.get(f"{url}/health").json()["batch"]
+    assert answers == expected
+    assert stats["max_jobs_per_step"] == len(prompts) and stats["shared_steps"] >= 15, stats
+
+
+def test_a_full_queue_is_503_in_openais_shape(sampler, checkpoints):
+    gate = Gate(sampler.model)
+    gate.open.clear()
+    with server(sampler, checkpoints["pretrain"], max_rows=1, max_waiting=2, gate=gate) as url:
+        body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        with httpx.Client(timeout=60) as http:
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(http.post(f"{url}/v1/completions", json=body)))
+                       for _ in range(3)]
+            for t in threads:
+                t.start()
+                time.sleep(0.05)
+            wait_for(url, lambda s: s["waiting"] == 2)  # one in the (closed) model, two waiting
+            full = http.post(f"{url}/v1/completions", json=body)
+            assert full.status_code == 503 and full.headers["retry-after"] == "1"
+            error = full.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "server_error" and "queue is full" in error["message"]
+            gate.open.set()
+            for t in threads:
+                t.join(60)
+        assert [r.status_code for r in results] == [200] * 3
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("completions", {"prompt": "a", "model": "nope"}, "model"),
+    ("completions", {"prompt": "a", "max_tokens": "x"}, "max_tokens"),
+    ("completions", {"prompt": "a", "max_tokens": BLOCK + 1}, "max_tokens"),
+    ("completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ("completions", {"prompt": "a", "temperature": -0.5}, "temperature"),
+    ("completions", {"prompt": "a", "temperature": 3}, "temperature"),
+    ("completions", {"prompt": "a", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "a", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "a", "n": 0}, "n"),
+    ("completions", {"prompt": "a", "n": 9}, "n"),
+    ("completions", {"prompt": "a", "stop": [""]}, "stop"),
+    ("completions", {"prompt": "a", "stop": 5}, "stop"),
+    ("completions", {"prompt": "a", "seed": -1}, "seed"),
+    ("completions", {"prompt": "a", "logprobs": 50}, "logprobs"),
+    ("completions", {"prompt": "a", "stream": "yes"}, "stream"),
+    ("completions", {}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [1, "a"]}, "prompt"),
+    ("completions", {"prompt": [[1, 2], []]}, "prompt[1]"),
+    ("completions", {"prompt": [GPT2_VOCAB_SIZE]}, "prompt"),
+    ("completions", {"prompt": [1] * (BLOCK + 1), "echo": True, "logprobs": 1}, "prompt"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {}, "messages"),
+    ("chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ("chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, "messages[0]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 999},
+     "max_completion_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "temperature": -1}, "temperature"),
+])
+def test_bad_requests_are_400_naming_the_field(url, route, body, param):
+    response = httpx.post(f"{url}/v1/{route}", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": {"message": response.json()["error"]["message"], "type": "invalid_request_error",
+                                         "param": param, "code": response.json()["error"]["code"]}}
+    assert response.json()["error"]["message"].startswith(f"{param}: ")
+
+
+def test_bodies_that_are_no_json_object_and_unknown_routes(url):
+    for content in (b"{not json", b"[1, 2]"):
+        response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "the request body" in response.json()["error"]["message"]
+    missing = httpx.get(f"{url}/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "no route GET /v1/nothing"
+
+
+def test_the_api_key_guards_every_v1_route(sampler, checkpoints):
+    with server(sampler, checkpoints["pretrain"], api_key="s3cret") as url:
+        for method, route in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                response = httpx.request(method, f"{url}{route}", json={"prompt": "a"}, headers=headers)
+                assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", route
+        assert httpx.get(f"{url}/health").json()["auth"] is True  # open, as load balancers poll it
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        text = client(url, "s3cret").completions.create(model="model_00007.pt", prompt="Hi", max_tokens=3, temperature=0)
+        assert text.choices[0].text
+
+
+def test_listening_beyond_localhost_needs_a_key(checkpoints):
+    result = runner.invoke(app, ["serve", str(checkpoints["pretrain"]), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: --api-key: required to listen on 0.0.0.0")
+    for args, message in ((["--port", "70000"], "--port: must be between 0"), (["--max-batch", "0"], "--max-batch"),
+                          (["--api-key", " "], "--api-key: must not be empty")):
+        result = runner.invoke(app, ["serve", str(checkpoints["pretrain"]), *args])
+        assert result.exit_code == 2 and result.stderr.startswith(f"Error: {message}"), result.stderr
+
+
+def test_help_imports_neither_torch_nor_the_web_stack(gptctl_home):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gptctl", "serve", "--help"], capture_output=True,
+                          text=True, env={**os.environ, "GPTCTL_HOME": str(gptctl_home)})
+    assert proc.returncode == 0 and "--api-key" in proc.stdout, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    heavy = {"torch", "numpy", "tiktoken", "fastapi", "uvicorn", "starlette", "openai"}
+    assert not imported & heavy, imported & heavy
+
+
+# --- the chat page --------------------------------------------------------------------------------------
+
+def test_the_page_is_one_self_contained_file(url):
+    from importlib.resources import files
+
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == files("gptctl.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    assert "default-src 'self'" in page.headers["content-security-policy"]  # the browser loads nothing from elsewhere
+    lowered = page.text.lower()
+    assert "http://" not in lowered and "https://" not in lowered and 'src="//' not in lowered and "<link" not in lowered
+    for control in ("message", "temperature", "max-tokens", "system", "api-key"):
+        assert f'<label for="{control}">' in page.text  # every control has a label
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_page_streams_a_reply_and_stops_one_with_the_keyboard(sampler, checkpoints):
+    """In headless Chromium: type a message, Shift+Enter for a new line, Enter sends; the reply streams in
+    and equals the API's; Escape stops a reply; focus returns to the message box."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium for the page's browser test: scripts/setup.sh installs it (apt-get install chromium)")
+        pytest.skip("no chromium on PATH (scripts/setup.sh installs it as root)")
+    gate = Gate(sampler.model)
+    with server(sampler, checkpoints["pretrain"], gate=gate) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-state=idle]")
+            assert "model_00007.pt" in page.text_content("#model")
+            page.click("#settings summary")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "12")
+            page.focus("#message")
+            page.keyboard.type("Name a colour.")
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.type("Quickly.")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("body[data-state=idle]", timeout=30000)
+            reply = page.text_content("article.assistant .text")
+            expected = client(url).chat.completions.create(
+                model="model_00007.pt", messages=[{"role": "user", "content": "Name a colour.\nQuickly."}], max_tokens=12, temperature=0)
+            assert reply == expected.choices[0].message.content and reply
+            assert page.text_content("article.user .text") == "Name a colour.\nQuickly."
+            assert page.text_content("article.assistant .who") == "Model model_00007.pt"
+            assert page.evaluate("document.activeElement.id") == "message" and page.input_value("#message") == ""
+
+            gate.open.clear()  # the next reply waits in the model: Escape stops it
+            page.keyboard.type("And another?")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("body[data-state=replying]")
+            page.keyboard.press("Escape")
+            page.wait_for_selector("body[data-state=idle]")
+            assert page.text_content("article.assistant:last-of-type .text").endswith("[stopped]")
+            assert page.text_content("#status") == "Stopped." and page.evaluate("document.activeElement.id") == "message"
+            gate.open.set()
+            wait_for(url, lambda s: s["jobs_cancelled"] == 1 and s["rows"] == 0)  # the server let it go
+        finally:
+            browser.close()
+
+
+# --- a real `gptctl serve` ------------------------------------------------------------------------------
+
+def leases(home: Path) -> list:
+    with sqlite3.connect(home / "gptctl.db") as conn:
+        return conn.execute("select path, pid from checkpoint_leases").fetchall()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run, signum):
+    home, run_id = trained_run
+    proc = subprocess.Popen([sys.executable, "-m", "gptctl", "serve", "shared", "--port", "0"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "GPTCTL_HOME": str(home)})
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("Ctrl-C"):
+            line = proc.stdout.readline()
+            assert line, f"gptctl serve ended: {proc.stderr.read()}"
+            lines.append(line.strip())
+        assert lines[0].startswith("serving shared:8: pretrain model, step 8")
+        assert lines[1].startswith("API:  http://127.0.0.1:") and "model 'shared:8'" in lines[1]
+        page = lines[2].removeprefix("chat: ")
+        api = client(page.rstrip("/"))
+        assert [m.id for m in api.models.list().data] == ["shared:8"]
+        assert api.completions.create(model="shared", prompt="ROMEO:", max_tokens=5, temperature=0).model == "shared:8"
+        assert api.completions.create(model=run_id, prompt="ROMEO:", max_tokens=5).choices[0].text is not None
+        assert [pid for _, pid in leases(home)] == [proc.pid]  # the checkpoint is leased while it serves
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
+    assert leases(home) == []
