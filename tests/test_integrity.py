@@ -234,6 +234,18 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
     trainer_saves(14)
     assert states(db, "r1")[12] == "deleted" and list(db.query("select * from checkpoint_leases")) == []
 
+    # Expiry bounds only what cannot be checked: another host's lease. This host's live reader keeps its
+    # lease past it (gptctl serve, for days), and renews it for the other hosts.
+    db.execute("insert into checkpoint_leases (path, pid, host, expires_at) values (?, ?, ?, ?)",
+               [str(paths[14]), os.getpid(), socket.gethostname(), 1.0])
+    db.execute("insert into checkpoint_leases (path, pid, host, expires_at) values (?, ?, ?, ?)",
+               [str(paths[14]), 1, "another-host", 1.0])
+    queries.purge_stale_leases(db)
+    assert [(r["pid"], r["host"]) for r in db.query("select * from checkpoint_leases")] == [(os.getpid(), socket.gethostname())]
+    queries.renew_leases(db)
+    assert db.execute("select expires_at from checkpoint_leases").fetchone()[0] > time.time() + queries.LEASE_SECONDS - 60
+    db.execute("delete from checkpoint_leases")
+
     # A finetune's parent: once a run row records it, deletion is refused in the same statement.
     queries.insert_run(db, {"id": "ft", "name": "ft", "kind": "finetune", "settings": "{}", "run_dir": "/x",
                             "parent_checkpoint": str(paths[14])})

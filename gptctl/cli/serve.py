@@ -48,7 +48,7 @@ def serve_cmd(
 ):
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page."""
     _check(host, port, api_key, device, max_batch, max_queue)
-    from gptctl.serve.server import Stopped, bind, model_info, serve, stop_on_sigterm, url_of
+    from gptctl.serve.server import Stopped, bind, keep_leased, model_info, serve, stop_on_sigterm, url_of
 
     stop_on_sigterm()
     try:
@@ -63,6 +63,7 @@ def serve_cmd(
             typer.echo(f"  API:  {url}/v1  (model {model.id!r}{', Authorization: Bearer KEY' if api_key else ''})")
             typer.echo(f"  chat: {url}/")
             typer.echo("Ctrl-C stops.")
+            keep_leased(home_dir())
             serve(sampler, model, sock, api_key, max_batch, max_queue)
         how = "stopped"  # by a signal its parent ignores, as in a background job of a script
     except KeyboardInterrupt:

@@ -313,10 +313,17 @@ def release_lease(db: Database, lease_id: int) -> None:
     db.execute("delete from checkpoint_leases where id = ?", [lease_id])
 
 
+def renew_leases(db: Database) -> None:
+    """This process's leases last another LEASE_SECONDS (a reader that holds one for days: gptctl serve)."""
+    db.execute("update checkpoint_leases set expires_at = ? where pid = ? and host = ?",
+               [time.time() + LEASE_SECONDS, os.getpid(), socket.gethostname()])
+
+
 def purge_stale_leases(db: Database) -> None:
-    """Expired leases, and those of processes on this host that are gone (killed readers)."""
-    db.execute("delete from checkpoint_leases where expires_at <= ?", [time.time()])
+    """Leases of processes on this host that are gone (killed readers), and expired ones of other hosts,
+    whose holders cannot be checked from here (a live holder renews its lease: renew_leases)."""
     host = socket.gethostname()
+    db.execute("delete from checkpoint_leases where expires_at <= ? and host != ?", [time.time(), host])
     for lease in list(db.query("select id, pid from checkpoint_leases where host = ?", [host])):
         if not pid_alive(lease["pid"]):
             release_lease(db, lease["id"])

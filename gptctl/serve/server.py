@@ -6,6 +6,7 @@ KeyboardInterrupt), so that what it holds (the checkpoint's lease) is released o
 import ipaddress
 import signal
 import socket
+import time
 from pathlib import Path
 
 from gptctl.errors import UserError
@@ -80,3 +81,23 @@ def serve(sampler, model, sock: socket.socket, api_key: str | None, max_rows: in
     # uvicorn catches SIGINT and SIGTERM while it runs, shuts down, then raises the signal again with the
     # handlers it found: KeyboardInterrupt for SIGINT, Stopped for SIGTERM.
     uvicorn.Server(config).run(sockets=[sock])
+
+
+RENEW_EVERY_S = 3600.0
+
+
+def keep_leased(home: Path) -> None:
+    """Renew this process's checkpoint lease every hour while it serves (days, perhaps), so that another
+    host's retention never takes it for a reader that died; a thread of its own with its own connection."""
+    import threading
+
+    def renew() -> None:
+        from gptctl.registry import open_registry, queries
+
+        while not time.sleep(RENEW_EVERY_S):
+            try:
+                queries.renew_leases(open_registry(home, create=False, check_home=False))
+            except Exception:  # a registry busy or unwritable for a moment: the next hour tries again
+                pass
+
+    threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
