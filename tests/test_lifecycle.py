@@ -228,10 +228,11 @@ def test_runs_rm_killed_at_any_moment_leaves_each_run_whole_or_gone(shakespeare,
     subprocess.run([*command, run["id"]], env=env, check=True, capture_output=True)
     took = time.monotonic() - began  # a whole removal, start-up included, on this machine now
     outcomes = set()
-    for i in range(10):
+    moments = [took * (i + rng.random()) / 10 for i in range(10)]  # one in each tenth of a whole removal
+    for i, moment in enumerate(moments):
         run = _queued_run(gptctl_home, shakespeare, f"victim{i}", files=3000)
         proc = subprocess.Popen([*command, run["id"]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.1) * took)
+        time.sleep(moment)
         proc.kill()
         proc.wait()
         cli("runs", "list", home=gptctl_home)  # the next command's look finishes an interrupted removal

@@ -205,6 +205,7 @@ def test_streams_reassemble_to_the_whole_text(url):
     assert len(chunks) > 3 and "".join(c.choices[0].text for c in chunks) == whole.text
     assert chunks[-1].choices[0].finish_reason == whole.finish_reason
     messages = [{"role": "user", "content": "Tell me about the sun."}]
+    args["max_tokens"] = 20  # the template's 36 tokens and the reply within the 64-token context
     reply = api.chat.completions.create(messages=messages, **args).choices[0]
     stream = list(api.chat.completions.create(messages=messages, stream=True, **args))
     assert stream[0].choices[0].delta.role == "assistant"
@@ -360,6 +361,11 @@ def test_a_full_queue_is_503_in_openais_shape(sampler, checkpoints):
     ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 999},
      "max_completion_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "temperature": -1}, "temperature"),
+    # found by the break test
+    ("completions", {"prompt": "a", "temperature": True}, "temperature"),
+    ("completions", {"prompt": ["a"] * 33, "max_tokens": 1}, "prompt"),  # more than --max-queue: never served
+    ("chat/completions", {"messages": [{"role": "user", "content": "word " * (2 * BLOCK)}], "max_tokens": 4},
+     "messages"),
 ])
 def test_bad_requests_are_400_naming_the_field(url, route, body, param):
     response = httpx.post(f"{url}/v1/{route}", json=body)
@@ -510,3 +516,16 @@ def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run,
     assert proc.returncode == 0, err
     assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
     assert leases(home) == []
+
+
+def test_break_test_faults_of_the_server(tmp_path):
+    """A near-zero temperature is greedy, not a NaN softmax that fails every request in flight; a batch
+    larger than the queue is a 400 on prompt, not an endless 503; a chat message that cannot fit beside
+    max_tokens is a 400 on messages, not a front-cropped prompt; temperature true is a 400."""
+    import torch
+
+    from gptctl.engine.generate import Sampling, sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for temperature in (1e-300, 1e-45):
+        assert sample_next(logits, Sampling(temperature=temperature, top_k=None, top_p=1.0), None).tolist() == [1, 0]

@@ -13,6 +13,9 @@ from gptctl.errors import UserError
 SEPARATOR = "-" * 15  # between streamed samples, as nanoGPT's sample.py prints them
 
 
+MAX_SAMPLES = 256
+
+
 def _check(prompt, instruction, context, num_samples) -> None:
     if prompt is not None and instruction is not None:
         raise UserError("--prompt and --instruction exclude each other; give one")
@@ -20,8 +23,10 @@ def _check(prompt, instruction, context, num_samples) -> None:
         raise UserError("--prompt: missing; give --prompt TEXT, or --instruction TEXT for a finetuned model")
     if context is not None and instruction is None:
         raise UserError("--context: only goes with --instruction; add --instruction TEXT")
-    if num_samples < 1:
-        raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples: must be at least 1 and at most {MAX_SAMPLES} (they decode together: each "
+                        f"holds a KV cache and a row of 50,257 logits), got {num_samples}; for more, run again with "
+                        "another --seed")
 
 
 @app.command("sample")

@@ -91,11 +91,14 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
+GREEDY_BELOW = 1e-4  # a temperature below this is greedy: the likeliest token's share is ~1 already
+
+
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B × V, fp32): argmax at temperature 0, else a draw from the
     softmax of logits/temperature restricted to the top_k likeliest tokens, then to the fewest
     likeliest whose probabilities sum to top_p (the nucleus; the likeliest token always stays)."""
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:  # 0, or so small that logits/temperature would overflow to NaN
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):

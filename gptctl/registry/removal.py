@@ -98,7 +98,7 @@ def remove(db, removal: Removal) -> None:
     finally:
         if lock is not None:
             lock.release()
-    shutil.rmtree(tombstone, ignore_errors=True)
+    _delete_tree(tombstone)
 
 
 def finish_interrupted(db) -> list[str]:
@@ -109,6 +109,10 @@ def finish_interrupted(db) -> list[str]:
             continue  # a removal in progress holds the run's lock, which moved with the directory
         name = tombstone.name.removesuffix(SUFFIX)
         run_id = _run_id_of(tombstone)
+        if run_id is None and not any(tombstone.iterdir()):
+            tombstone.rmdir()  # a removal killed at its very end (run.json goes last): nothing left in it
+            done.append(name)
+            continue
         if run_id is None or name.rpartition("-")[2] != run_id:
             continue  # not a run directory this command renamed: not ours to delete
         row = db.execute("select run_dir from runs where id = ?", [run_id]).fetchone()
@@ -116,9 +120,28 @@ def finish_interrupted(db) -> list[str]:
             continue  # the run's directory is another one: this is a copy of it, left alone
         with transaction(db):
             _delete_rows(db, run_id, name)
-        shutil.rmtree(tombstone, ignore_errors=True)
+        _delete_tree(tombstone)
         done.append(name)
     return done
+
+
+def _delete_tree(tombstone: Path) -> None:
+    """Everything but run.json, then run.json, then the directory: killed halfway, what is left still
+    says which run it was (finish_interrupted checks it), or is empty."""
+    if not tombstone.is_dir():
+        return
+    for child in tombstone.iterdir():
+        if child.name == RUN_INFO:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    (tombstone / RUN_INFO).unlink(missing_ok=True)
+    try:
+        tombstone.rmdir()
+    except OSError:
+        shutil.rmtree(tombstone, ignore_errors=True)
 
 
 def _run_id_of(directory: Path) -> str | None:

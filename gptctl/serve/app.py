@@ -90,6 +90,9 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
         decoding = protocol.decoding(req, COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
                                      model, batcher.max_rows)
         prompts = protocol.prompts(req.prompt, enc)
+        if len(prompts) > batcher.max_waiting:  # would be refused however long one waits
+            raise bad("prompt", f"{len(prompts)} prompts are more than the server queues at once "
+                      f"({batcher.max_waiting}, its --max-queue); send fewer per request")
         scoring = req.echo and req.logprobs is not None
         for i, prompt in enumerate(prompts):
             if scoring and len(prompt) > model.block_size:
@@ -105,7 +108,7 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = min(CHAT_MAX_TOKENS, model.block_size) if asked is None else asked
+        max_tokens = min(CHAT_MAX_TOKENS, model.block_size // 2) if asked is None else asked  # room for the prompt
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         decoding = protocol.decoding(req, max_tokens, model, batcher.max_rows, least=1, param=param)
         turns, system = protocol.conversation(req.messages)

@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from gptctl.data.tokenizer import EOT_TOKEN
 from gptctl.presets import GPT2_VOCAB_SIZE
@@ -65,6 +65,7 @@ class ModelInfo:
 # --- requests -------------------------------------------------------------------------------------------
 
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Number = StrictFloat  # 1 and 0.7 (strict floats take ints), not true or "0.7"
 
 
 class _Sampled(BaseModel):
@@ -74,8 +75,8 @@ class _Sampled(BaseModel):
 
     model: str | None = None
     max_tokens: NonNegativeInt | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     top_k: StrictInt | None = None  # not OpenAI's: vLLM's; None, 0 or -1 = off
     n: Annotated[StrictInt, Field(ge=1)] = 1
     stop: Any = None
@@ -213,7 +214,12 @@ def chat_prompt(turns: list[Turn], system: str | None, enc, budget: int) -> tupl
     """The conversation's tokens, encoded as finetuning encodes its prompts, the oldest exchanges dropped
     to leave room for the reply; and how many were dropped."""
     kept, dropped = fit_conversation(turns, system, enc.encode_ordinary, max(budget, 1))
-    return enc.encode_ordinary(format_conversation(kept, system)), dropped
+    prompt = enc.encode_ordinary(format_conversation(kept, system))
+    if len(prompt) > budget:  # the newest message alone: cropped, the model would lose the template
+        raise bad("messages", f"the last message needs {len(prompt)} tokens in the template, and only {max(budget, 0)} "
+                              "of the model's context are left beside max_tokens; shorten it or ask for fewer "
+                              "max_tokens", code="context_length_exceeded")
+    return prompt, dropped
 
 
 # --- responses ------------------------------------------------------------------------------------------
