@@ -27,27 +27,31 @@ def ask(run_dir: Path, now: bool = False) -> int:
 
     A plain request within MERGE_S of the one before is the same request (two `runs stop` typed at
     once in two terminals mean one SIGTERM, not two); later, or with `now`, it is one more."""
-    path = run_dir / STOP_FILE
-    count = requests(run_dir)
-    try:
-        recent = count > 0 and time.time() - json.loads(path.read_text()).get("at", 0) < MERGE_S
-    except (OSError, ValueError, AttributeError, TypeError):
-        recent = False
+    count, at = _read(run_dir)
+    recent = count > 0 and time.time() - at < MERGE_S
     count = max(count, 1) + 1 if now else count if recent else count + 1
-    write_text_atomic(path, json.dumps(
+    write_text_atomic(run_dir / STOP_FILE, json.dumps(
         {"requests": count, "at": time.time(), "by": f"pid {os.getpid()} on {socket.gethostname()}"}) + "\n")
     return count
 
 
 def requests(run_dir: Path) -> int:
     """How many stops have been asked of the run's current launch (0: none)."""
+    return _read(run_dir)[0]
+
+
+def _read(run_dir: Path) -> tuple[int, float]:
+    """(requests, when the last was made); a file there, however damaged, is one request of long ago."""
     try:
-        count = json.loads((run_dir / STOP_FILE).read_text()).get("requests", 1)
+        info = json.loads((run_dir / STOP_FILE).read_text())
     except FileNotFoundError:
-        return 0
-    except (OSError, ValueError, AttributeError):
-        return 1  # a file there, however damaged, is a request
-    return count if isinstance(count, int) and count > 0 else 1
+        return 0, 0.0
+    except (OSError, ValueError):
+        return 1, 0.0
+    if not isinstance(info, dict):
+        return 1, 0.0
+    count, at = info.get("requests", 1), info.get("at", 0.0)
+    return (count if isinstance(count, int) and count > 0 else 1), (at if isinstance(at, (int, float)) else 0.0)
 
 
 def clear(run_dir: Path) -> None:
