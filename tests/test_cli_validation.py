@@ -207,8 +207,8 @@ def test_the_run_settings_are_groups_joined_and_stay_flat_outside():
     command line, --help, config files and stored settings see the flat names."""
     from pydantic import ValidationError
 
-    from gptctl.settings import (TRAIN_GROUPS, CheckpointSettings, LaunchSettings, ScheduleSettings, TrainSettings,
-                                 to_toml)
+    from gptctl.settings import TRAIN_GROUPS, CheckpointSettings, LaunchSettings, ScheduleSettings, TrainSettings
+    from gptctl.settings_files import to_toml
 
     names = [name for group in TRAIN_GROUPS for name in group.model_fields]
     assert len(names) == len(set(names)) and set(names) | {"kind"} == set(TrainSettings.model_fields)
