@@ -10,8 +10,7 @@ from pydantic import ValidationError
 
 from gptctl.errors import UserError
 from gptctl.presets import ModelShape
-from gptctl.settings import (CHANGEABLE_ON_RESUME, SHAPE_OPTIONS, TrainSettings, describe, option_name,
-                             refuse_unused)
+from gptctl.settings import CHANGEABLE_ON_RESUME, TrainSettings, describe, option_name, refuse_unused
 
 OVERRIDE = "--override-settings"
 
@@ -56,11 +55,12 @@ def check_compatible(stored: TrainSettings, wanted: TrainSettings, *, run: dict[
 
 
 def _shape_option(stored: TrainSettings, wanted: TrainSettings) -> str:
-    """The first option (as --help lists them) whose new value alone gives the model another shape: a shape
-    option, or --seq-len, the context of a model without its own (block_size)."""
+    """The first option (as --help lists them) whose new value alone gives the model another shape: one of
+    SHAPE_OPTIONS, or --seq-len, the context of a model without its own (block_size). TrainSettings.shape
+    says which, rather than a list of names."""
     changed = [name for name in TrainSettings.model_fields if getattr(wanted, name) != getattr(stored, name)]
     alone = (name for name in changed if stored.model_copy(update={name: getattr(wanted, name)}).shape != stored.shape)
-    return next(alone, next((name for name in changed if name in SHAPE_OPTIONS), changed[0]))
+    return next(alone, changed[0])
 
 
 def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = False) -> dict[str, Any]:

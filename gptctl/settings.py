@@ -20,10 +20,12 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: 
 # Every integer setting must fit the registry's (and torch's) 64-bit integers; seeds also numpy's 32 bits.
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
+
 # Each setting's rules stand beside it, as metadata of its pydantic field (`**rules(...)`): what reads
 # a rule asks the fields (is_option, SHAPE_OPTIONS, CHANGEABLE_ON_RESUME, unused_options), never a list
 # of names. They are json_schema_extra, the one place pydantic keeps free-form metadata per field, so
-# `TrainSettings.model_json_schema()` shows them too.
+# `TrainSettings.model_json_schema()` shows them too. (Launch-only is a group, not a marker: LaunchSettings
+# holds every setting of one launch, never stored with the run; LAUNCH_FIELDS is read off it.)
 # Settings that only one kind of run has as command-line options: a finetune takes its model
 # from the pretrained checkpoint, a pretrain reads token shards rather than an instruction set.
 PRETRAIN_ONLY = {"only": "pretrain"}
@@ -556,7 +558,6 @@ def marked(marker: dict[str, Any]) -> tuple[str, ...]:
                  if all(rules_of(name).get(key) == value for key, value in marker.items()))
 
 
-
 def _needs(name: str) -> tuple[str, str] | None:
     """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
     return rules_of(name).get("needs")
@@ -633,10 +634,11 @@ FINETUNE_FROM_PARENT = {
               "pretraining from scratch; set a finetune's optimizer and learning rates with their own options",
 }
 
+
 def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
                    continues: TrainSettings | None = None, **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
-    """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
-    and this launch's, or raise UserError. Options are flat: each name belongs to one group.
+    """Merge `defaults` < what the user set (`settings_files.given_settings`) < `fixed` into the run's validated
+    settings and this launch's, or raise UserError. Options are flat: each name belongs to one group.
 
     `continues`: the settings of the run --auto-resume continues. They stand in for the defaults and the
     recipe (chosen when that run started), so what is given is judged against the run it changes, as
