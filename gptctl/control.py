@@ -19,7 +19,8 @@ from gptctl.registry import launches, open_registry, queries
 from gptctl.registry.db import transaction
 from gptctl.registry.locks import LOCK_NAME, TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.registry.rebuild import write_run_info
-from gptctl.settings import LaunchSettings, TrainSettings, to_toml
+from gptctl.settings import LaunchSettings, TrainSettings
+from gptctl.settings_files import to_toml
 
 
 DIVERGED_EXIT_CODE = 3

@@ -54,25 +54,21 @@ from __future__ import annotations
 import json
 import sqlite3
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gptctl.errors import UserError
-from gptctl.gpus import GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
+from gptctl.gpus import DEFAULT_GPU, GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
 from gptctl.paths import registry_path
-from gptctl.presets import PRESETS, ModelShape
-
-if TYPE_CHECKING:
-    from gptctl.settings import TrainSettings
+from gptctl.presets import CHECKPOINTING_MODES, LOSS_CHUNK_ROWS, ModelShape
+from gptctl.settings import TrainSettings
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
 # bytes per s·b·h one block keeps for backward, by architecture and activation bytes (see above)
 BLOCK_BYTES = {"gpt2": {2: 38, 4: 68}, "modern": {2: 34 + 8 * 8 / 3, 4: 52 + 16 * 8 / 3}}
 RESIDUAL_BYTES = 4  # the fp32 residual stream: all a recomputed block keeps
-LOSS_CHUNK_ROWS = 2048  # rows of logits alive at once; the engine's gptctl.engine.model.LOSS_CHUNK_ROWS
-CHECKPOINTING_MODES = ("none", "selective", "full")
 MAX_SEARCHED_BATCH = 1 << 20
 
 
@@ -195,55 +191,21 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-@dataclass
-class EstimateInputs:
-    gpu: str = "rtx3090"
+@dataclass(frozen=True)
+class Hardware:
+    """The GPUs a run is estimated on: all an estimate needs besides the run's TrainSettings."""
+    gpu: str = DEFAULT_GPU
     num_gpus: int = 1
-    model: str = "gpt2"
-    arch: str = "gpt2"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    seq_len: int = 1024
-    batch_size: int = 16
-    total_batch_size: int | None = 524288  # None: one micro-step per GPU (a finetune's default)
-    max_steps: int = 40000
-    dtype: str = "auto"  # as training: bfloat16 where the GPU supports it, else float32
-    mfu: float | None = None
-    keep_last_n_checkpoints: int = 3
-    permanent_checkpoints: list[int] = field(default_factory=list)
-    interconnect: str | None = None
-    activation_checkpointing: str = "none"
-    optimizer: str = "adamw"
+    mfu: float | None = None  # None: the median of registry runs on this GPU, else its default
+    interconnect: str | None = None  # None: the GPU's usual one
 
-
-    @classmethod
-    def from_settings(cls, settings: TrainSettings, **estimate_only: Any) -> "EstimateInputs":
-        """The run `gptctl pretrain` (or `finetune`) would make of these settings, on `estimate_only`'s GPUs."""
-        shape = settings.shape
-        return cls(model=settings.model, arch=shape.arch, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                   seq_len=settings.seq_len, batch_size=settings.batch_size, total_batch_size=settings.total_batch_size,
-                   max_steps=settings.max_steps, dtype=settings.dtype,
-                   keep_last_n_checkpoints=settings.keep_last_n_checkpoints,
-                   permanent_checkpoints=list(settings.permanent_checkpoints),
-                   activation_checkpointing=settings.activation_checkpointing, optimizer=settings.optimizer,
-                   **estimate_only)
-
-
-def resolve_shape(inp: EstimateInputs) -> ModelShape:
-    if inp.model not in PRESETS:
-        raise UserError(f"--model: unknown preset {inp.model!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[inp.model]
-    shape = ModelShape(
-        n_layer=inp.n_layer or preset.n_layer,
-        n_head=inp.n_head or preset.n_head,
-        n_embd=inp.n_embd or preset.n_embd,
-        block_size=inp.seq_len,
-        arch=inp.arch,
-    )
-    if shape.n_embd % shape.n_head:
-        raise UserError(f"--n-embd ({shape.n_embd}) must be divisible by --n-head ({shape.n_head})")
-    return shape
+    def __post_init__(self) -> None:
+        if self.num_gpus <= 0:
+            raise UserError(f"--num-gpus: must be a positive integer, got {self.num_gpus}")
+        if self.mfu is not None and not (0 < self.mfu <= 1):
+            raise UserError(f"--mfu: must be in (0, 1], got {self.mfu}")
+        if self.interconnect is not None and self.interconnect not in INTERCONNECTS:
+            raise UserError(f"--interconnect: unknown {self.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
 
 
 def resolve_dtype(dtype: str, spec) -> str:
@@ -254,45 +216,6 @@ def resolve_dtype(dtype: str, spec) -> str:
     return normalize_dtype(dtype)
 
 
-def validate(inp: EstimateInputs) -> None:
-    for name in ("num_gpus", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "total_batch_size",
-                 "max_steps", "keep_last_n_checkpoints"):
-        value = getattr(inp, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be a positive integer, got {value}")
-    if any(step <= 0 for step in inp.permanent_checkpoints):
-        raise UserError(f"--permanent-checkpoints: steps must be positive, got {inp.permanent_checkpoints}")
-    if inp.mfu is not None and not (0 < inp.mfu <= 1):
-        raise UserError(f"--mfu: must be in (0, 1], got {inp.mfu}")
-    recomputed_blocks(1, inp.activation_checkpointing)  # names the option when the mode is unknown
-    if inp.interconnect is not None and inp.interconnect not in INTERCONNECTS:
-        raise UserError(f"--interconnect: unknown {inp.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
-    per_micro = inp.batch_size * inp.seq_len * inp.num_gpus
-    if inp.total_batch_size is None:
-        inp.total_batch_size = per_micro
-    if inp.total_batch_size % per_micro:
-        raise UserError(
-            f"--total-batch-size ({inp.total_batch_size}) must be divisible by --batch-size × --seq-len × "
-            f"--num-gpus ({inp.batch_size}×{inp.seq_len}×{inp.num_gpus} = {per_micro})"
-        )
-
-
-def run_shape(settings: dict[str, Any]) -> tuple[ModelShape, int] | None:
-    """(shape, seq_len) of a registry run's settings JSON; None where it cannot be resolved."""
-    preset = PRESETS.get(settings.get("model") or "gpt2")
-    if preset is None:
-        return None
-    seq_len = int(settings.get("seq_len") or 1024)
-    shape = ModelShape(
-        n_layer=int(settings.get("n_layer") or preset.n_layer),
-        n_head=int(settings.get("n_head") or preset.n_head),
-        n_embd=int(settings.get("n_embd") or preset.n_embd),
-        block_size=seq_len,
-        arch=settings.get("arch") or "gpt2",
-    )
-    return shape, seq_len
-
-
 def measured_mfus(runs: list[dict[str, Any]], gpu_key: str) -> list[float]:
     """Measured MFU of each registry run on `gpu_key` with a throughput: per-GPU tokens/s × FLOPs/token / peak."""
     out = []
@@ -300,16 +223,13 @@ def measured_mfus(runs: list[dict[str, Any]], gpu_key: str) -> list[float]:
         if row.get("tokens_per_s") is None or match_gpu(row.get("device_name") or "") != gpu_key:
             continue
         try:
-            settings = json.loads(row["settings"]) if isinstance(row.get("settings"), str) else dict(row["settings"])
-            resolved = run_shape(settings)
-            if resolved is None:
-                continue
-            shape, seq_len = resolved
-            peak = peak_flops(gpu_key, row.get("dtype") or settings.get("dtype") or "float32")
+            stored = json.loads(row["settings"]) if isinstance(row.get("settings"), str) else dict(row["settings"])
+            settings = TrainSettings.model_validate(stored)  # a ValidationError is a ValueError: not counted
+            peak = peak_flops(gpu_key, row.get("dtype") or stored.get("dtype") or "float32")
         except (UserError, ValueError, TypeError, KeyError):
             continue
         world = int(row.get("world_size") or 1)
-        mfu = (float(row["tokens_per_s"]) / world) * flops_per_token(shape, seq_len) / peak
+        mfu = (float(row["tokens_per_s"]) / world) * flops_per_token(settings.shape, settings.seq_len) / peak
         if mfu > 0:
             out.append(mfu)
     return out
@@ -338,18 +258,24 @@ def registry_runs(path: Path | None = None) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Every figure of `gptctl estimate` as one JSON-able dict. `runs`: registry rows for calibration."""
-    validate(inp)
-    spec = get_gpu(inp.gpu)
-    dtype = resolve_dtype(inp.dtype, spec)
-    shape = resolve_shape(inp)
+def estimate(settings: TrainSettings, hardware: Hardware = Hardware(),
+             runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every figure of `gptctl estimate` as one JSON-able dict: of the run `settings` make (checked by
+    pydantic when they were made), on `hardware`. `runs`: registry rows for calibration."""
+    n = hardware.num_gpus
+    try:
+        grad_accum = settings.resolved_accumulation(n, "--num-gpus")  # the batch's own rule, as a launch checks it
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    tokens_per_step = settings.tokens_per_step(n)
+    spec = get_gpu(hardware.gpu)
+    dtype = resolve_dtype(settings.dtype, spec)
+    shape, seq_len = settings.shape, settings.seq_len
     peak = peak_flops(spec.key, dtype)  # raises for bf16 on T4/V100
-    n = inp.num_gpus
 
     # throughput
-    if inp.mfu is not None:
-        mfu, mfu_source = inp.mfu, "--mfu"
+    if hardware.mfu is not None:
+        mfu, mfu_source = hardware.mfu, "--mfu"
     else:
         measured = measured_mfus(runs or [], spec.key)
         if measured:
@@ -357,25 +283,24 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             mfu_source = f"calibrated from {len(measured)} runs in the registry"
         else:
             mfu, mfu_source = spec.default_mfu, f"default for {spec.key}"
-    fpt = flops_per_token(shape, inp.seq_len)
-    ns_flops = newton_schulz_flops(shape) if inp.optimizer == "muon" else 0  # per process, not per token
-    flops_per_step = fpt * inp.total_batch_size + ns_flops * n
+    fpt = flops_per_token(shape, seq_len)
+    ns_flops = newton_schulz_flops(shape) if settings.optimizer == "muon" else 0  # per process, not per token
+    flops_per_step = fpt * tokens_per_step + ns_flops * n
     tokens_per_second = mfu * peak * n / fpt  # compute only, all GPUs
-    compute_seconds = inp.total_batch_size / tokens_per_second + ns_flops / (mfu * peak)
-    grad_accum = inp.total_batch_size // (inp.batch_size * inp.seq_len * n)
+    compute_seconds = tokens_per_step / tokens_per_second + ns_flops / (mfu * peak)
 
     # memory per GPU
-    params = total_params(shape, inp.seq_len)
+    params = total_params(shape, seq_len)
     capacity = int(spec.memory_gib * GIB)
-    memory = memory_bytes(shape, inp.seq_len, inp.batch_size, dtype, inp.activation_checkpointing,
-                          optimizer=inp.optimizer)
-    by_mode = memory_by_mode(shape, inp.seq_len, inp.batch_size, dtype, capacity, inp.optimizer)
+    memory = memory_bytes(shape, seq_len, settings.batch_size, dtype, settings.activation_checkpointing,
+                          optimizer=settings.optimizer)
+    by_mode = memory_by_mode(shape, seq_len, settings.batch_size, dtype, capacity, settings.optimizer)
 
     # disk
     ckpt = 4 * params
-    ckpt_opt = ckpt + sum(optimizer_bytes(shape, inp.seq_len, inp.optimizer).values())
-    permanent = sorted({s for s in inp.permanent_checkpoints if s <= inp.max_steps})
-    retained = inp.keep_last_n_checkpoints + len(permanent)
+    ckpt_opt = ckpt + sum(optimizer_bytes(shape, seq_len, settings.optimizer).values())
+    permanent = sorted({s for s in settings.permanent_checkpoints if s <= settings.max_steps})
+    retained = settings.keep_last_n_checkpoints + len(permanent)
 
     result: dict[str, Any] = {
         "gpu": spec.key,
@@ -384,30 +309,30 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         "dtype": dtype,
         "model": {
             "arch": shape.arch, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
-            "vocab_size": shape.vocab_size, "seq_len": inp.seq_len,
+            "vocab_size": shape.vocab_size, "seq_len": seq_len,
             "params": params, "flop_params": flop_params(shape),
         },
-        "batch_size": inp.batch_size,
-        "total_batch_size": inp.total_batch_size,
-        "max_steps": inp.max_steps,
+        "batch_size": settings.batch_size,
+        "total_batch_size": tokens_per_step,
+        "max_steps": settings.max_steps,
         "grad_accum_steps": grad_accum,
         "flops_per_token": fpt,
-        "optimizer": inp.optimizer,
+        "optimizer": settings.optimizer,
         "newton_schulz_flops_per_step": ns_flops,
         "flops_per_step": flops_per_step,
-        "total_flops": flops_per_step * inp.max_steps,
+        "total_flops": flops_per_step * settings.max_steps,
         "peak_flops": peak,
         "mfu_assumed": mfu,
         "mfu_source": mfu_source,
         "tokens_per_second": tokens_per_second,
         "compute_seconds_per_step": compute_seconds,
-        "activation_checkpointing": inp.activation_checkpointing,
+        "activation_checkpointing": settings.activation_checkpointing,
         "memory": {**memory, "gpu_memory_bytes": capacity},
         "fits": memory["total_bytes"] <= capacity,
-        "max_micro_batch": largest_micro_batch(shape, inp.seq_len, dtype, capacity, inp.activation_checkpointing,
-                                               optimizer=inp.optimizer),
+        "max_micro_batch": largest_micro_batch(shape, seq_len, dtype, capacity, settings.activation_checkpointing,
+                                               optimizer=settings.optimizer),
         "memory_by_mode": by_mode,
-        "fit_advice": fit_advice(by_mode, inp.batch_size, inp.activation_checkpointing, spec.name),
+        "fit_advice": fit_advice(by_mode, settings.batch_size, settings.activation_checkpointing, spec.name),
         "checkpoint_bytes": ckpt,
         "checkpoint_bytes_with_optimizer": ckpt_opt,
         "checkpoints_retained": retained,
@@ -415,7 +340,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
     }
     allreduce = 0.0
     if n > 1:
-        ic = inp.interconnect or spec.interconnect
+        ic = hardware.interconnect or spec.interconnect
         bandwidth, ic_desc = INTERCONNECTS[ic]
         grad_bytes = 4 * params
         allreduce = 2 * (n - 1) / n * grad_bytes / bandwidth
@@ -427,7 +352,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             scaling_efficiency=compute_seconds / (compute_seconds + allreduce),
         )
     seconds_per_step = compute_seconds + allreduce
-    total_seconds = seconds_per_step * inp.max_steps
+    total_seconds = seconds_per_step * settings.max_steps
     result.update(
         seconds_per_step=seconds_per_step,
         total_seconds=total_seconds,
@@ -437,7 +362,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
         assumptions=[
             "FLOPs/token = 6N + 12·L·d·T, N = the params of every matmul: blocks and head, not the embedding "
             "lookups (nanoGPT/PaLM)",
-            ("fp32 params, grads and AdamW moments (16 B/param)" if inp.optimizer == "adamw" else
+            ("fp32 params, grads and AdamW moments (16 B/param)" if settings.optimizer == "adamw" else
              "fp32 params and grads; AdamW moments for embeddings and 1-D params, one Muon momentum buffer "
              f"for the block matrices; Newton-Schulz: {MUON_NS_STEPS} iterations, "
              f"{newton_schulz_block_flops(shape) / shape.n_embd ** 3:.3g}·d³ FLOPs per block each, on every GPU")
@@ -446,7 +371,7 @@ def estimate(inp: EstimateInputs, runs: list[dict[str, Any]] | None = None) -> d
             + "; + 1 GiB CUDA overhead",
             "activations counted per tensor (Korthikanti et al. 2022's method): per layer "
             f"{BLOCK_BYTES[shape.arch][2]:.0f}·s·b·h bytes with autocast ({BLOCK_BYTES[shape.arch][4]:.0f} in fp32), "
-            "4·s·b·h for a recomputed block; chunked loss: 2048 rows of logits at a time; "
+            f"4·s·b·h for a recomputed block; chunked loss: {LOSS_CHUNK_ROWS} rows of logits at a time; "
             "gradients (4 B/param) replace activations during backward, so the peak holds the larger of the two",
             "allreduce not overlapped with compute" if n > 1 else "single GPU: no communication",
         ],

@@ -45,6 +45,7 @@ class GpuSpec:
 # These are guesses; `--mfu` overrides them and registry runs on the same GPU replace them.
 DATACENTER_MFU = 0.40
 CONSUMER_MFU = 0.35
+DEFAULT_GPU = "rtx3090"  # what `gptctl estimate` assumes: the consumer card most nanoGPT users train GPT-2 124M on
 
 GPUS: dict[str, GpuSpec] = {
     spec.key: spec

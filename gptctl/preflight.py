@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from gptctl import launch
 from gptctl.errors import UserError
 from gptctl.registry import open_registry, queries
+from gptctl.resume import check_compatible
 from gptctl.settings import DataSettings, LaunchSettings, TrainSettings, describe
 
 
@@ -138,29 +139,17 @@ def check_checkpoint_path(path: Path | None, resume: bool, settings: TrainSettin
     if missing:
         raise UserError(f"--checkpoint-path: {path} holds no training state ({', '.join(missing)} missing), so a run "
                         "cannot resume from it; start from its weights with --init-from")
-    differs = [f"{k} {getattr(stored.shape, k)} vs {getattr(settings.shape, k)}"
-               for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(stored.shape, k) != getattr(settings.shape, k)]
-    if differs:
-        raise UserError(f"--checkpoint-path: {path} holds another model than these settings make ({', '.join(differs)});"
-                        f" give the checkpoint's own --model/--n-*/--seq-len")
-    if stored.optimizer != settings.optimizer:  # its optimizer state would not load into the other optimizer
-        raise UserError(f"--optimizer: {path} holds the state of --optimizer {stored.optimizer}; pass --optimizer "
-                        f"{stored.optimizer} to resume it, or start from its weights alone with --init-from")
+    other_data = check_compatible(stored, settings, path=path, override=override)
     step = state["step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"--checkpoint-path: {path} has no valid step number ({step!r}); is it a gptctl checkpoint?")
     if step >= settings.max_steps:
         raise UserError(f"--checkpoint-path: {path} is at step {step}; --max-steps ({settings.max_steps}) must be "
                         "above it to train further")
-    trained, now = stored.data_fingerprint, settings.data_fingerprint
-    if trained is None or now is None or trained == now:
+    if not other_data:
         return None
-    if not override:
-        raise UserError(f"--data-root: {settings.data_root} holds other data than {path} was trained on (fingerprint "
-                        f"{trained} then, {now} now); give its data, or add --override-settings to continue on this "
-                        "data (recorded)")
-    return (f"started from {path.resolve()} (step {step}), trained on data fingerprint {trained}; now {now}, "
-            "by --override-settings")
+    return (f"started from {path.resolve()} (step {step}), trained on data fingerprint {stored.data_fingerprint}; "
+            f"now {settings.data_fingerprint}, by --override-settings")
 
 
 def check_run_dir(run: dict[str, Any]) -> None:

@@ -12,6 +12,9 @@ PADDED_VOCAB_SIZE = 50304
 ARCHS = ("gpt2", "modern")
 ROPE_THETA = 10000.0  # modern: the rotary base (Llama's, Qwen3's default is larger for long contexts)
 RMS_NORM_EPS = 1e-6  # modern: Qwen3's default, so that an export computes the same norms
+LOSS_CHUNK_ROWS = 2048  # rows (tokens) of logits alive at once: 2048 × 50304 fp32 = 412 MB
+# --activation-checkpointing: recompute no block, every other one (0, 2, …), or all of them in backward
+CHECKPOINTING_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)

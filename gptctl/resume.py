@@ -1,36 +1,73 @@
-"""What a resume may change in a run's settings, and what it does to them (the LR schedule's end)."""
+"""Resuming: what state saved under some settings may continue under others (check_compatible, for every
+resume), what a resume of a run may change in its settings (resume_changes), and what it does to them
+(the LR schedule's end). Which settings may change is each field's own rule (settings.MAY_CHANGE_ON_RESUME)."""
 
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from gptctl.errors import UserError
-from gptctl.settings import (CheckpointSettings, EvalSettings, HealthSettings, LogSettings, TrainSettings, describe,
-                             option_name, refuse_unused)
+from gptctl.presets import ModelShape
+from gptctl.settings import CHANGEABLE_ON_RESUME, TrainSettings, describe, option_name, refuse_unused
 
-
-# Settings a resume may change: how the run is checkpointed, evaluated, logged and guarded (those groups
-# whole, but its name), and how its steps are computed, not what they compute. Any other, changed, would
-# silently make another run (data, batch, optimizer, schedule, seed, dtype): only with --override-settings.
-# The model's shape and --optimizer never (their checkpoints hold them).
-CHANGEABLE_ON_RESUME = frozenset(
-    {name for group in (CheckpointSettings, EvalSettings, LogSettings, HealthSettings) for name in group.model_fields}
-    - {"run_name"}
-    | {"num_workers", "compile", "activation_checkpointing", "model_parallel", "model_parallel_size", "device",
-       "deterministic"}
-    | {"data_root"}  # where the data is; what it is (data_fingerprint) may not change
-    # The micro-batch: how a step is computed (rows per micro-step), not what it computes, as
-    # --nproc-per-node; resume_settings keeps the tokens per step (a requeue onto a smaller GPU).
-    | {"batch_size"}
-)
-SHAPE_OPTIONS = ("arch", "model", "n_layer", "n_head", "n_embd", "seq_len")
 OVERRIDE = "--override-settings"
+
+
+def check_compatible(stored: TrainSettings, wanted: TrainSettings, *, run: dict[str, Any] | None = None,
+                     path: Path | None = None, override: bool = False) -> bool:
+    """Whether training with `wanted` may continue from a checkpoint saved with `stored`; the one check of
+    every resume: `gptctl resume`, `--auto-resume` of an existing run (both of `run`), and `--resume
+    --checkpoint-path` (of the file `path`). The checkpoint's weights load only into a model of their shape,
+    its optimizer state only into its optimizer (not even --override-settings changes either); its data
+    is the run's, so other data only with `override`. UserError naming the option (worded for where the
+    stored settings come from), else whether the data differs (and `override` lets it)."""
+    was = f"run {run['id']} ({run['name']}) was started with" if run is not None else None
+    if wanted.shape != stored.shape:
+        if was is not None:
+            name = _shape_option(stored, wanted)
+            value = getattr(stored.shape, name, None) or getattr(stored, name)  # n_layer None: the preset's
+            raise UserError(f"{option_name(name)}: {was} {value!r}, and its checkpoints hold weights of that shape; "
+                            "drop the option, or start a new run (--init-from RUN takes its weights)")
+        differs = [f"{f.name} {getattr(stored.shape, f.name)} vs {getattr(wanted.shape, f.name)}"
+                   for f in fields(ModelShape) if getattr(stored.shape, f.name) != getattr(wanted.shape, f.name)]
+        raise UserError(f"--checkpoint-path: {path} holds another model than these settings make ({', '.join(differs)});"
+                        f" give the checkpoint's own --model/--n-*/--seq-len")
+    if wanted.optimizer != stored.optimizer:  # its optimizer state would not load into the other optimizer
+        if was is not None:
+            raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
+                            "state; drop the option, or start a new run from its weights (--init-from RUN)")
+        raise UserError(f"--optimizer: {path} holds the state of --optimizer {stored.optimizer}; pass --optimizer "
+                        f"{stored.optimizer} to resume it, or start from its weights alone with --init-from")
+    then, now = stored.data_fingerprint, wanted.data_fingerprint  # None: recorded before fingerprints, or a finetune
+    other_data = then is not None and now is not None and then != now
+    if other_data and not override:
+        if was is not None:
+            raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "
+                            f"trained on (fingerprint {_short(then)} then, {_short(now)} now: prepared again, or "
+                            f"other data); give the run's own data, or add {OVERRIDE} to train on this data "
+                            "(recorded with the step)")
+        raise UserError(f"--data-root: {wanted.data_root} holds other data than {path} was trained on (fingerprint "
+                        f"{then} then, {now} now); give its data, or add {OVERRIDE} to continue on this data "
+                        "(recorded)")
+    return other_data
+
+
+def _shape_option(stored: TrainSettings, wanted: TrainSettings) -> str:
+    """The first option (as --help lists them) whose new value alone gives the model another shape: one of
+    SHAPE_OPTIONS, or --seq-len, the context of a model without its own (block_size). TrainSettings.shape
+    says which, rather than a list of names."""
+    changed = [name for name in TrainSettings.model_fields if getattr(wanted, name) != getattr(stored, name)]
+    alone = (name for name in changed if stored.model_copy(update={name: getattr(wanted, name)}).shape != stored.shape)
+    return next(alone, changed[0])
 
 
 def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = False) -> dict[str, Any]:
     """The options given for a resume of `run` that differ from its stored settings (values as the run's
-    settings hold them). Those in CHANGEABLE_ON_RESUME, any other only with `override`; UserError naming
-    the first that may not change, or that would give the checkpoint's weights another shape."""
+    settings hold them). Those that may change on resume (settings.CHANGEABLE_ON_RESUME), any other only
+    with `override`; UserError naming the first that may not change (check_compatible: never the
+    checkpoint's shape or optimizer)."""
     stored = TrainSettings.model_validate_json(run["settings"])
     given = {k: v for k, v in given.items()
              if v is not None and k in TrainSettings.model_fields and k not in ("max_steps", "run_name")}
@@ -39,26 +76,14 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
     changes = {name: getattr(wanted, name) for name in sorted(given) if getattr(wanted, name) != getattr(stored, name)}
+    check_compatible(stored, wanted, run=run, override=override)
     was = f"run {run['id']} ({run['name']}) was started with"
-    if wanted.shape != stored.shape:
-        name = next(n for n in SHAPE_OPTIONS if n in changes)
-        value = getattr(stored.shape, name, None) or getattr(stored, name)  # n_layer None: the preset's
-        raise UserError(f"{option_name(name)}: {was} {value!r}, and its checkpoints hold weights of that shape; "
-                        "drop the option, or start a new run (--init-from RUN takes its weights)")
-    if "optimizer" in changes:  # its checkpoints hold the other optimizer's state, which cannot load
-        raise UserError(f"--optimizer: {was} {stored.optimizer!r}, and its checkpoints hold that optimizer's "
-                        "state; drop the option, or start a new run from its weights (--init-from RUN)")
     if "recipe" in changes:  # it chose the run's starting values: another name would relabel them, not change them
         raise UserError(f"--recipe: {was} recipe {stored.recipe!r}; a recipe is chosen when a run starts (it sets the "
                         f"starting values), so a resume cannot change it, not even with {OVERRIDE}. Drop it, and "
                         f"change the settings themselves (--max-lr, --muon-lr, --lr-scheduler, ... with {OVERRIDE}; "
                         "never --arch or --optimizer)")
     refuse_unused(wanted, given, fixed=TrainSettings.model_fields, origin=f"{was} {{}}")
-    if "data_fingerprint" in changes and stored.data_fingerprint is not None and not override:
-        raise UserError(f"--data-root: {wanted.data_root} holds other data than run {run['id']} ({run['name']}) "
-                        f"trained on (fingerprint {_short(stored.data_fingerprint)} then, "
-                        f"{_short(wanted.data_fingerprint)} now: prepared again, or other data); give the run's own "
-                        f"data, or add {OVERRIDE} to train on this data (recorded with the step)")
     refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME
                and not (name == "data_fingerprint" and stored.data_fingerprint is None)]  # an older run: recorded now
     if refused and not override:

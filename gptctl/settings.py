@@ -5,7 +5,6 @@ Every invalid combination is caught here, before a run directory or registry row
 
 import re
 import typing
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Literal
@@ -14,25 +13,44 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from gptctl.deadline import DEFAULT_MARGIN, parse_deadline
 from gptctl.errors import UserError
-from gptctl.presets import ARCHS, PRESETS, RECIPES, ModelShape
+from gptctl.presets import ARCHS, CHECKPOINTING_MODES, PRESETS, RECIPES, ModelShape
 from gptctl.schedule import Schedule
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` would let "name\n" through
 # Every integer setting must fit the registry's (and torch's) 64-bit integers; seeds also numpy's 32 bits.
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
+
+# Each setting's rules stand beside it, as metadata of its pydantic field (`**rules(...)`): what reads
+# a rule asks the fields (is_option, SHAPE_OPTIONS, CHANGEABLE_ON_RESUME, unused_options), never a list
+# of names. They are json_schema_extra, the one place pydantic keeps free-form metadata per field, so
+# `TrainSettings.model_json_schema()` shows them too. (Launch-only is a group, not a marker: LaunchSettings
+# holds every setting of one launch, never stored with the run; LAUNCH_FIELDS is read off it.)
 # Settings that only one kind of run has as command-line options: a finetune takes its model
 # from the pretrained checkpoint, a pretrain reads token shards rather than an instruction set.
-PRETRAIN_ONLY = {"json_schema_extra": {"only": "pretrain"}}
-FINETUNE_ONLY = {"json_schema_extra": {"only": "finetune"}}
-NOT_AN_OPTION = {"json_schema_extra": {"cli": False}}
+PRETRAIN_ONLY = {"only": "pretrain"}
+FINETUNE_ONLY = {"only": "finetune"}
+NOT_AN_OPTION = {"cli": False}
+# The options that set the model's shape: its checkpoints hold weights of that shape, and a run started
+# from weights (a finetune, --init-from) takes them from there.
+SHAPE = {"shape": True}
+# What a resume may change without --override-settings: how the run is checkpointed, evaluated, logged
+# and guarded, and how its steps are computed, not what they compute. Any other setting, changed, would
+# silently make another run (data, batch, optimizer, schedule, seed, dtype).
+MAY_CHANGE_ON_RESUME = {"on_resume": "may change"}
 # Options that mean something only when another setting has a value: given otherwise, they are refused.
-NEEDS_MUON = {"json_schema_extra": {"needs": ("optimizer", "muon")}}
-NEEDS_MODERN = {"json_schema_extra": {"needs": ("arch", "modern")}}
+NEEDS_MUON = {"needs": ("optimizer", "muon")}
+NEEDS_MODERN = {"needs": ("arch", "modern")}
 # An option that does nothing when these settings all have these values (engine/optim.py's groups): given then, refused.
-UNUSED_BY_MODERN_MUON = {"json_schema_extra": {"unused_with": {"arch": "modern", "optimizer": "muon"}, "why": (
+UNUSED_BY_MODERN_MUON = {"unused_with": {"arch": "modern", "optimizer": "muon"}, "why": (
     "AdamW then has only the embedding, the head and the gains, which take no weight decay; Muon's block matrices "
-    "take --muon-weight-decay")}}
+    "take --muon-weight-decay")}
+
+
+def rules(*markers: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A setting's rules (the markers above, and e.g. aliases=[...]) as keyword arguments of its Field."""
+    return {"json_schema_extra": {key: value for marker in (*markers, more) for key, value in marker.items()}}
+
 
 # Settings of earlier versions that TrainSettings still reads (as --lr-scheduler): stored runs,
 # checkpoints and config files written by them keep loading.
@@ -149,15 +167,18 @@ class ModelSettings(_Settings):
     recipe: Literal[tuple(RECIPES)] = Field(
         "classic", description="Training recipe: classic (GPT-2's: --arch gpt2, AdamW, cosine) or speedrun (--arch "
         "modern, Muon, wsd and the speedruns' learning rates: GPT-2's loss in a fraction of the tokens). Options "
-        "given explicitly override the recipe's.", **PRETRAIN_ONLY)
+        "given explicitly override the recipe's.", **rules(PRETRAIN_ONLY))
     arch: Literal[ARCHS] = Field(
         "gpt2", description="Architecture: gpt2 (learned positions, LayerNorm, GELU, tied head) or modern (RoPE, "
-        "RMSNorm, QK-norm, SwiGLU, no biases, untied head; exports as Qwen3).", **PRETRAIN_ONLY)
-    model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS), **PRETRAIN_ONLY)
-    n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.", **PRETRAIN_ONLY)
-    n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.", **PRETRAIN_ONLY)
-    n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.", **PRETRAIN_ONLY)
-    block_size: int | None = Field(None, gt=0, **NOT_AN_OPTION)  # the model's context when it exceeds seq_len (finetunes)
+        "RMSNorm, QK-norm, SwiGLU, no biases, untied head; exports as Qwen3).", **rules(SHAPE, PRETRAIN_ONLY))
+    model: str = Field("gpt2", description="Model preset: " + ", ".join(PRESETS), **rules(SHAPE, PRETRAIN_ONLY))
+    n_layer: int | None = Field(None, gt=0, description="Override the preset's number of layers.",
+                                **rules(SHAPE, PRETRAIN_ONLY))
+    n_head: int | None = Field(None, gt=0, description="Override the preset's number of heads.",
+                               **rules(SHAPE, PRETRAIN_ONLY))
+    n_embd: int | None = Field(None, gt=0, description="Override the preset's embedding width.",
+                               **rules(SHAPE, PRETRAIN_ONLY))
+    block_size: int | None = Field(None, gt=0, **rules(NOT_AN_OPTION))  # the model's context when it exceeds seq_len (finetunes)
 
     @field_validator("model")
     @classmethod
@@ -172,18 +193,19 @@ class DataSettings(_Settings):
     panel: ClassVar[str] = "Data"
 
     data_root: Path | None = Field(None, description="Directory of prepared token shards (gptctl data prepare); default: "
-                                 "$GPTCTL_DATA_ROOT, else ./data.", **PRETRAIN_ONLY)
-    pretrained_checkpoint: str | None = Field(None, **NOT_AN_OPTION)  # a finetune's parent, as a resolved path
+                                 "$GPTCTL_DATA_ROOT, else ./data.", **rules(MAY_CHANGE_ON_RESUME, PRETRAIN_ONLY))
+    pretrained_checkpoint: str | None = Field(None, **rules(NOT_AN_OPTION))  # a finetune's parent, as a resolved path
     # What the data root held when the run was made (data/shards.py fingerprint): a resume compares it,
     # since the same path may hold other data (re-prepared with --force).
-    data_fingerprint: str | None = Field(None, **NOT_AN_OPTION)
+    data_fingerprint: str | None = Field(None, **rules(NOT_AN_OPTION))
     dataset_path: Path | None = Field(
         None, description="Instruction data: a JSONL file in Dolly's schema (instruction, context, response). "
-        "(default: databricks/databricks-dolly-15k from the Hugging Face hub)", **FINETUNE_ONLY)
+        "(default: databricks/databricks-dolly-15k from the Hugging Face hub)", **rules(FINETUNE_ONLY))
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the instruction examples held out for val loss.",
-                                **FINETUNE_ONLY)
+                                **rules(FINETUNE_ONLY))
     num_workers: int = Field(0, ge=0, le=64, description="Background threads reading the next N micro-batches while "
-                             "the model computes (0: read in the training thread; on CPU that is faster).")
+                             "the model computes (0: read in the training thread; on CPU that is faster).",
+                             **rules(MAY_CHANGE_ON_RESUME))
 
 
 class BatchSettings(_Settings):
@@ -191,14 +213,15 @@ class BatchSettings(_Settings):
     panel: ClassVar[str] = "Batch"
 
     seq_len: int = Field(1024, gt=0, description="Tokens per sequence (context length).",
-                         json_schema_extra={"aliases": ["--max-seq-length"]})
+                         **rules(aliases=["--max-seq-length"]))
     dynamic_seq_length: bool = Field(False, description="Sequence-length warmup: start at --min-seq-length and double "
                                      "in equal stages over --seq-len-warmup-steps up to --seq-len; tokens per step stay "
-                                     "the same (more, shorter rows early).", **PRETRAIN_ONLY)
-    min_seq_length: int = Field(128, gt=0, description="First sequence length of --dynamic-seq-length.", **PRETRAIN_ONLY)
+                                     "the same (more, shorter rows early).", **rules(PRETRAIN_ONLY))
+    min_seq_length: int = Field(128, gt=0, description="First sequence length of --dynamic-seq-length.",
+                                **rules(PRETRAIN_ONLY))
     seq_len_warmup_steps: int | None = Field(None, ge=0, description="Steps until sequences reach --seq-len. "
-                                             "(default: --warmup-steps)", **PRETRAIN_ONLY)
-    batch_size: int = Field(16, gt=0, description="Micro-batch size per process.")
+                                             "(default: --warmup-steps)", **rules(PRETRAIN_ONLY))
+    batch_size: int = Field(16, gt=0, description="Micro-batch size per process.", **rules(MAY_CHANGE_ON_RESUME))
     total_batch_size: int | None = Field(
         524288, gt=0, description="Tokens per optimizer step, all processes together.")
     grad_accumulation_steps: int | None = Field(
@@ -214,15 +237,16 @@ class BatchSettings(_Settings):
                                  "by a power of two, e.g. 128 for 1024")
         return self
 
-    def resolved_accumulation(self, world_size: int) -> int:
-        """Micro-steps per optimizer step for this world size; the total batch must split evenly."""
+    def resolved_accumulation(self, world_size: int, processes: str = "processes") -> int:
+        """Micro-steps per optimizer step for this world size; the total batch must split evenly. `processes`:
+        what the user calls the world size where it comes from (`gptctl estimate`: --num-gpus)."""
         per_micro_step = self.batch_size * self.seq_len * world_size
         if self.total_batch_size is None:
             return self.grad_accumulation_steps or 1
         if self.total_batch_size % per_micro_step:
             raise ValueError(
                 f"--total-batch-size ({self.total_batch_size}) must be divisible by "
-                f"--batch-size × --seq-len × processes ({self.batch_size}×{self.seq_len}×{world_size}"
+                f"--batch-size × --seq-len × {processes} ({self.batch_size}×{self.seq_len}×{world_size}"
                 f" = {per_micro_step})"
             )
         accum = self.total_batch_size // per_micro_step
@@ -245,19 +269,20 @@ class OptimizerSettings(_Settings):
         "adamw", description="adamw (GPT-2's recipe) or muon: torch.optim.Muon for the weight matrices inside the "
         "blocks, AdamW (at --max-lr) for embeddings and every 1-D parameter.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only; none with --arch modern "
-                                "--optimizer muon, whose AdamW has no matrix).", **UNUSED_BY_MODERN_MUON)
+                                "--optimizer muon, whose AdamW has no matrix).", **rules(UNUSED_BY_MODERN_MUON))
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 disables).")
     muon_lr: float = Field(0.02, gt=0, description="--optimizer muon: peak LR of the block matrices (scaled by "
-                           "√max(1, rows/cols) per matrix; follows the same schedule).", **NEEDS_MUON)
-    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).", **NEEDS_MUON)
+                           "√max(1, rows/cols) per matrix; follows the same schedule).", **rules(NEEDS_MUON))
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="--optimizer muon: momentum (Nesterov).",
+                                 **rules(NEEDS_MUON))
     muon_weight_decay: float = Field(0.0, ge=0, description="--optimizer muon: decoupled weight decay of the "
-                                     "block matrices.", **NEEDS_MUON)
+                                     "block matrices.", **rules(NEEDS_MUON))
     embedding_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the token embedding "
-                                       "(AdamW). (default: --max-lr)", **NEEDS_MODERN)
+                                       "(AdamW). (default: --max-lr)", **rules(NEEDS_MODERN))
     head_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the untied head (AdamW). "
-                                  "(default: --max-lr)", **NEEDS_MODERN)
+                                  "(default: --max-lr)", **rules(NEEDS_MODERN))
     scalar_lr: float | None = Field(None, gt=0, description="--arch modern: peak LR of the RMSNorm gains (AdamW). "
-                                    "(default: --max-lr)", **NEEDS_MODERN)
+                                    "(default: --max-lr)", **rules(NEEDS_MODERN))
 
 
 class ScheduleSettings(_Settings):
@@ -315,19 +340,22 @@ class RuntimeSettings(_Settings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Autocast dtype: auto = bfloat16 where CUDA supports it, else float32."
     )
-    device: Device = Field("auto", description="Device: auto, cuda, cpu or mps.")
-    compile: bool = Field(False, description="torch.compile the model.")
+    device: Device = Field("auto", description="Device: auto, cuda, cpu or mps.", **rules(MAY_CHANGE_ON_RESUME))
+    compile: bool = Field(False, description="torch.compile the model.", **rules(MAY_CHANGE_ON_RESUME))
     model_parallel: bool = Field(False, description="Shard parameters, gradients and optimizer state with FSDP2 "
-                                 "instead of replicating the model (DDP).")
+                                 "instead of replicating the model (DDP).", **rules(MAY_CHANGE_ON_RESUME))
     model_parallel_size: int | None = Field(None, gt=0, description="Processes that share one copy of the model; "
-                                            "groups replicate each other (HSDP). (default: all processes)")
-    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+                                            "groups replicate each other (HSDP). (default: all processes)",
+                                            **rules(MAY_CHANGE_ON_RESUME))
+    activation_checkpointing: Literal[CHECKPOINTING_MODES] = Field(
         "none", description="Recompute transformer blocks in backward instead of keeping their activations: "
         "none, selective (every other block: about half the activation memory) or full (every block: only "
-        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.")
+        "block inputs kept, about a third more compute). Losses are the same; `gptctl estimate` shows what fits.",
+        **rules(MAY_CHANGE_ON_RESUME))
     seed: int = Field(1337, ge=0, le=SEED_MAX, description="Random seed for initialisation (0 to 2**32-1).")
     deterministic: bool = Field(False, description="Deterministic algorithms only (torch.use_deterministic_algorithms; "
-                                "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.")
+                                "on GPU also CUBLAS_WORKSPACE_CONFIG=:4096:8): bit-identical runs on GPU too, slower.",
+                                **rules(MAY_CHANGE_ON_RESUME))
 
     @model_validator(mode="after")
     def _consistent_runtime(self) -> "RuntimeSettings":
@@ -347,13 +375,14 @@ class CheckpointSettings(_Settings):
     """Checkpoints: how often, how, and which are kept."""
     panel: ClassVar[str] = "Checkpoints"
 
-    checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.")
+    checkpoint_interval: int = Field(1000, gt=0, description="Steps between checkpoints.",
+                                     **rules(MAY_CHANGE_ON_RESUME))
     async_checkpoint: bool = Field(True, description="Write checkpoints in a background thread; training waits "
-                                   "only for a copy of the state in CPU memory.")
-    keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.")
+                                   "only for a copy of the state in CPU memory.", **rules(MAY_CHANGE_ON_RESUME))
+    keep_last_n_checkpoints: int = Field(3, ge=1, description="Checkpoints kept besides permanent ones.",
+                                         **rules(MAY_CHANGE_ON_RESUME))
     permanent_checkpoints: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000."
-    )
+        default_factory=list, description="Steps never deleted, e.g. 10000,20000,30000.", **rules(MAY_CHANGE_ON_RESUME))
 
     def is_save_step(self, step: int, last_step: int) -> bool:
         """Whether a run that ends at `last_step` saves after `step`."""
@@ -374,12 +403,15 @@ class EvalSettings(_Settings):
     """Evaluation during training."""
     panel: ClassVar[str] = "Evaluation"
 
-    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.")
-    eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.")
+    eval_interval: int = Field(250, gt=0, description="Steps between validation-loss evaluations.",
+                               **rules(MAY_CHANGE_ON_RESUME))
+    eval_steps: int = Field(20, gt=0, description="Micro-batches per validation evaluation.",
+                            **rules(MAY_CHANGE_ON_RESUME))
     hellaswag_interval: int = Field(0, ge=0, description="Steps between HellaSwag evaluations during training (0 = never).",
-                                    **PRETRAIN_ONLY)
+                                    **rules(MAY_CHANGE_ON_RESUME, PRETRAIN_ONLY))
     hellaswag_file: Path | None = Field(None, description="HellaSwag items (JSONL) for --hellaswag-interval. "
-                                        "(default: the validation set, downloaded once)", **PRETRAIN_ONLY)
+                                        "(default: the validation set, downloaded once)",
+                                        **rules(MAY_CHANGE_ON_RESUME, PRETRAIN_ONLY))
 
     def is_eval_step(self, step: int, last_step: int) -> bool:
         """Whether a run that ends at `last_step` measures its val loss after `step`."""
@@ -391,16 +423,19 @@ class LogSettings(_Settings):
     panel: ClassVar[str] = "Logging"
 
     run_name: str | None = Field(None, description="Run name; auto-resume looks runs up by it. (default: the kind)")
-    log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_dir: Path | None = Field(None, description="Where logs go. (default: the run directory)",
+                                 **rules(MAY_CHANGE_ON_RESUME))
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.",
+                                                                    **rules(MAY_CHANGE_ON_RESUME))
     log_gradients: int = Field(0, ge=0, description="Every N steps, log per-parameter gradient norms and "
-                               "update/weight ratios (0 = never).")
+                               "update/weight ratios (0 = never).", **rules(MAY_CHANGE_ON_RESUME))
     wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (pip install 'gptctl[wandb]'; "
-                            "WANDB_MODE=offline works without network).")
-    wandb_project: str = Field("gptctl", description="W&B project.")
-    wandb_run_name: str | None = Field(None, description="W&B run name. (default: the run name)")
+                            "WANDB_MODE=offline works without network).", **rules(MAY_CHANGE_ON_RESUME))
+    wandb_project: str = Field("gptctl", description="W&B project.", **rules(MAY_CHANGE_ON_RESUME))
+    wandb_run_name: str | None = Field(None, description="W&B run name. (default: the run name)",
+                                       **rules(MAY_CHANGE_ON_RESUME))
     tensorboard: bool = Field(False, description="Write TensorBoard event files to RUN_DIR/tensorboard "
-                              "(pip install 'gptctl[tensorboard]').")
+                              "(pip install 'gptctl[tensorboard]').", **rules(MAY_CHANGE_ON_RESUME))
 
     @field_validator("run_name")
     @classmethod
@@ -416,13 +451,13 @@ class HealthSettings(_Settings):
 
     on_divergence: Literal["rollback", "stop"] = Field(
         "rollback", description="When the loss spikes or stays non-finite: rollback (to the newest healthy "
-        "checkpoint, skipping the data that led there) or stop (status diverged).")
+        "checkpoint, skipping the data that led there) or stop (status diverged).", **rules(MAY_CHANGE_ON_RESUME))
     spike_factor: float = Field(2.0, gt=1, description="A step whose loss exceeds this multiple of its moving average "
-                                "(EMA over ~20 steps) is a spike.")
+                                "(EMA over ~20 steps) is a spike.", **rules(MAY_CHANGE_ON_RESUME))
     nonfinite_streak: int = Field(3, gt=0, description="Consecutive non-finite steps (each skipped: it never reaches "
-                                  "the weights) that count as divergence.")
+                                  "the weights) that count as divergence.", **rules(MAY_CHANGE_ON_RESUME))
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks a run may make; at the next divergence it stops "
-                               "with status diverged.")
+                               "with status diverged.", **rules(MAY_CHANGE_ON_RESUME))
 
 
 # The groups in the order --help and model_dump show them (pydantic takes fields from the last base first).
@@ -433,7 +468,7 @@ TRAIN_GROUPS = (ModelSettings, DataSettings, BatchSettings, OptimizerSettings, S
 class TrainSettings(*reversed(TRAIN_GROUPS)):
     """What makes the run: stored with it and in every checkpoint."""
 
-    kind: Literal["pretrain", "finetune"] = Field("pretrain", **NOT_AN_OPTION)
+    kind: Literal["pretrain", "finetune"] = Field("pretrain", **rules(NOT_AN_OPTION))
 
     @model_validator(mode="before")
     @classmethod
@@ -481,7 +516,7 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         tells a user's mistake."""
         unused = []
         for name in given:
-            needs, unused_with = _needs(name), _extra(name).get("unused_with", {})
+            needs, unused_with = _needs(name), rules_of(name).get("unused_with", {})
             if not (needs or unused_with) or getattr(self, name) == RECIPES.get(self.recipe, {}).get(
                     name, TrainSettings.model_fields[name].default):
                 continue  # not one of these options (a launch's, a renamed one), or at the value it would have anyway
@@ -510,15 +545,22 @@ class TrainSettings(*reversed(TRAIN_GROUPS)):
         return self.min_seq_length << stage
 
 
-def _extra(name: str) -> dict[str, Any]:
+def rules_of(name: str) -> dict[str, Any]:
+    """The rules of setting `name` (see `rules`); {} for none, or for a name that is no setting."""
     field = setting_field(name)
     extra = field.json_schema_extra if field is not None else None
     return extra if isinstance(extra, dict) else {}
 
 
+def marked(marker: dict[str, Any]) -> tuple[str, ...]:
+    """The run's settings whose rules include `marker` (e.g. SHAPE), in the order --help lists them."""
+    return tuple(name for name in TrainSettings.model_fields
+                 if all(rules_of(name).get(key) == value for key, value in marker.items()))
+
+
 def _needs(name: str) -> tuple[str, str] | None:
     """(setting, value) that option `name` needs to mean anything (NEEDS_MUON, NEEDS_MODERN), or None."""
-    return _extra(name).get("needs")
+    return rules_of(name).get("needs")
 
 
 def refuse_unused(settings: TrainSettings, given: Iterable[str], fixed: Iterable[str] = (), origin: str = "") -> None:
@@ -526,7 +568,7 @@ def refuse_unused(settings: TrainSettings, given: Iterable[str], fixed: Iterable
     `fixed`: the settings the user cannot change here, and `origin` where their values come from, with {} for
     them (a resumed run's: "run X was started with {}"): then the fix is to drop the option, not to add one."""
     for name, cause in settings.unused_options(sorted(given)):
-        needs, why = _needs(name), _extra(name).get("why")
+        needs, why = _needs(name), rules_of(name).get("why")
         spell = lambda values: " and ".join(f"{option_name(k)} {v}" for k, v in values.items())  # noqa: E731
         when = f"applies only with {spell(dict([needs]))}" if needs else f"does nothing with {spell(cause)} ({why})"
         if held := {k: v for k, v in cause.items() if k in fixed}:
@@ -575,51 +617,28 @@ def grouped_settings(stored: dict[str, Any]) -> dict[str, list[tuple[str, Any, b
 def is_option(field: str, kind: str) -> bool:
     """Whether `gptctl KIND` takes this setting as a command-line option (and so in its --config file).
     `gptctl resume` takes every option of either kind: it judges them against the run's own settings."""
-    extra = setting_field(field).json_schema_extra
-    extra = extra if isinstance(extra, dict) else {}
+    extra = rules_of(field)
     return extra.get("cli") is not False and (kind == "resume" or extra.get("only", kind) == kind)
 
+
+# The rules' lists, read off the fields' metadata (never written out by name)
+SHAPE_OPTIONS = marked(SHAPE)  # arch, model, n_layer, n_head, n_embd
+CHANGEABLE_ON_RESUME = frozenset(marked(MAY_CHANGE_ON_RESUME))
 
 # What `gptctl finetune` takes from its parent checkpoint, not from options: given on its command line or in
 # its --config file, refused with this reason.
 FINETUNE_FROM_PARENT = {
-    **dict.fromkeys(("arch", "model", "n_layer", "n_head", "n_embd"),
+    **dict.fromkeys(SHAPE_OPTIONS,
                     "a finetune takes its parent's architecture and shape (from --pretrained-checkpoint)"),
     "recipe": "a finetune takes its parent's architecture (from --pretrained-checkpoint), and a recipe is for "
               "pretraining from scratch; set a finetune's optimizer and learning rates with their own options",
 }
 
-# Why a setting that is not an option cannot come from a --config file, and what to do instead.
-_NOT_IN_CONFIG = {
-    "pretrained_checkpoint": "pass the checkpoint on the command line (pretrain --init-from, finetune "
-                             "--pretrained-checkpoint)",
-    "block_size": "it comes from the checkpoint a run starts from",
-    "data_fingerprint": "gptctl records what --data-root holds when a run is made",
-    "kind": "the command (pretrain or finetune) sets it",
-}
-
-
-def given_settings(overrides: dict[str, Any], config_file: Path | None, kind: str) -> dict[str, Any]:
-    """What the user set: a --config file's settings, then the command line's over them (None: not given).
-
-    A config file holds its recipe's values besides its own choices (--save-config writes every setting): with
-    another --recipe on the command line, the file's values that are just its recipe's (classic's: the defaults)
-    are that recipe's, not choices, and give way to the command line's recipe, so the run trains with, and
-    records, the recipe it names; what the file sets otherwise still overrides the recipe."""
-    given = read_config(config_file, kind) if config_file is not None else {}
-    command_line = {k: v for k, v in overrides.items() if v is not None}
-    recipe = given.get("recipe", "classic")
-    if command_line.get("recipe", recipe) != recipe:
-        recipe_keys = {k for values in RECIPES.values() for k in values}
-        own = lambda k: RECIPES.get(recipe, {}).get(k, TrainSettings.model_fields[k].default)  # noqa: E731
-        given = {k: v for k, v in given.items() if not (k in recipe_keys and v == own(k))}
-    return {**given, **command_line}
-
 
 def build_settings(given: dict[str, Any], defaults: dict[str, Any] | None = None,
                    continues: TrainSettings | None = None, **fixed: Any) -> tuple[TrainSettings, LaunchSettings]:
-    """Merge `defaults` < what the user set (`given_settings`) < `fixed` into the run's validated settings
-    and this launch's, or raise UserError. Options are flat: each name belongs to one group.
+    """Merge `defaults` < what the user set (`settings_files.given_settings`) < `fixed` into the run's validated
+    settings and this launch's, or raise UserError. Options are flat: each name belongs to one group.
 
     `continues`: the settings of the run --auto-resume continues. They stand in for the defaults and the
     recipe (chosen when that run started), so what is given is judged against the run it changes, as
@@ -659,49 +678,3 @@ def describe(exc: ValidationError) -> str:
             return f"unknown setting {field!r} in the config file"
         return f"{option_name(field)}: {msg}"
     return msg
-
-
-def read_config(path: Path, kind: str) -> dict[str, Any]:
-    """The settings of a --config file: only those `gptctl KIND` takes as options, as on its command line."""
-    if not path.is_file():
-        raise UserError(f"--config: file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config: {path} is not valid TOML ({exc})") from None
-    values = {key.replace("-", "_"): value for key, value in data.items()}
-    for key in values:
-        if key in RENAMED_SETTINGS:
-            continue  # a config file saved by an earlier version: TrainSettings reads it as what it became
-        if setting_field(key) is None:
-            raise UserError(f"--config: unknown setting {key!r} in {path}; `gptctl {kind} --help` lists the settings")
-        if not is_option(key, kind):
-            extra = setting_field(key).json_schema_extra
-            only = extra.get("only") if isinstance(extra, dict) else None
-            why = (_NOT_IN_CONFIG.get(key) or (FINETUNE_FROM_PARENT.get(key) if kind == "finetune" else None)
-                   or f"it is a setting of `gptctl {only}`, not of `gptctl {kind}`")
-            raise UserError(f"--config: {path} sets {key!r}, which a config file may not: {why}")
-    return values
-
-
-def to_toml(settings: TrainSettings) -> str:
-    """The settings as TOML that --config reads back (flat keys, so a tiny writer suffices).
-
-    Only the options of the run's kind are settings; the rest (e.g. the checkpoint it started from)
-    are kept as comments, since a config file may not set them."""
-    lines = []
-    for key, value in settings.model_dump(mode="json").items():
-        if value is None or key == "kind":
-            continue
-        lines.append(("" if is_option(key, settings.kind) else "# ") + f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -207,8 +207,8 @@ def test_the_run_settings_are_groups_joined_and_stay_flat_outside():
     command line, --help, config files and stored settings see the flat names."""
     from pydantic import ValidationError
 
-    from gptctl.settings import (TRAIN_GROUPS, CheckpointSettings, LaunchSettings, ScheduleSettings, TrainSettings,
-                                 to_toml)
+    from gptctl.settings import TRAIN_GROUPS, CheckpointSettings, LaunchSettings, ScheduleSettings, TrainSettings
+    from gptctl.settings_files import to_toml
 
     names = [name for group in TRAIN_GROUPS for name in group.model_fields]
     assert len(names) == len(set(names)) and set(names) | {"kind"} == set(TrainSettings.model_fields)
@@ -313,3 +313,38 @@ def test_lowering_max_steps_on_resume_says_what_the_lr_does(shakespeare):
     resumed, note = resume_settings(run, 200)
     assert resumed.schedule_steps == 200 and note.startswith("--max-steps 1000 -> 200 at step 100: the LR schedule "
                                                              "now ends at step 200; the LR at step 101 goes from 0.000")
+
+
+def test_settings_rules_are_read_off_the_fields_and_every_resume_checks_the_same():
+    """Which settings set the shape and which may change on resume are metadata beside each field; the lists
+    are derived. check_compatible is the one check of a checkpoint's shape, optimizer and data, worded for a
+    run (gptctl resume, --auto-resume) or a file (--resume --checkpoint-path)."""
+    from pathlib import Path
+
+    from gptctl.errors import UserError
+    from gptctl.resume import check_compatible
+    from gptctl.settings import (CHANGEABLE_ON_RESUME, SHAPE_OPTIONS, CheckpointSettings, EvalSettings,
+                                 HealthSettings, LogSettings, TrainSettings)
+
+    assert SHAPE_OPTIONS == ("arch", "model", "n_layer", "n_head", "n_embd")
+    whole = {name for group in (CheckpointSettings, EvalSettings, LogSettings, HealthSettings)
+             for name in group.model_fields} - {"run_name"}
+    assert CHANGEABLE_ON_RESUME == whole | {"num_workers", "compile", "activation_checkpointing", "model_parallel",
+                                            "model_parallel_size", "device", "deterministic", "data_root", "batch_size"}
+    stored, path = TrainSettings(model="tiny", data_fingerprint="shards:a"), Path("/x/model.pt")
+    run = {"id": "abc123", "name": "r"}
+    for wanted, as_file, as_run in (
+            ({"arch": "modern"}, "holds another model than these settings make (arch gpt2 vs modern)",
+             "--arch: run abc123 (r) was started with 'gpt2', and its checkpoints hold weights of that shape"),
+            ({"optimizer": "muon"}, "--optimizer: /x/model.pt holds the state of --optimizer adamw",
+             "--optimizer: run abc123 (r) was started with 'adamw', and its checkpoints hold that optimizer's"),
+            ({"data_fingerprint": "shards:b"}, "--data-root: None holds other data than /x/model.pt",
+             "--data-root: None holds other data than run abc123 (r)")):
+        other = TrainSettings(**{**stored.model_dump(), **wanted})
+        for where, said in (({"path": path}, as_file), ({"run": run}, as_run)):
+            with pytest.raises(UserError) as refused:
+                check_compatible(stored, other, override="data_fingerprint" not in wanted, **where)
+            assert said in str(refused.value)
+    other_data = TrainSettings(**{**stored.model_dump(), "data_fingerprint": "shards:b"})
+    assert check_compatible(stored, other_data, path=path, override=True) is True
+    assert check_compatible(stored, stored.model_copy(update={"max_lr": 1e-3}), run=run) is False

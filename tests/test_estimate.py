@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 import gptctl.cli.estimate  # noqa: F401  (registers the command even if gptctl.cli does not list it yet)
 from gptctl.cli import app
 from gptctl.estimate import (
-    EstimateInputs,
     activation_bytes,
     estimate,
     flop_params,
@@ -23,6 +22,7 @@ from gptctl.estimate import (
 from gptctl.errors import UserError
 from gptctl.gpus import GPUS, match_gpu, peak_flops
 from gptctl.presets import PRESETS, ModelShape
+from gptctl.settings import TrainSettings
 
 runner = CliRunner()
 
@@ -357,12 +357,14 @@ def test_measured_mfus_pure():
 
 
 def test_estimate_function_direct():
-    r = estimate(EstimateInputs(model="tiny", seq_len=256, batch_size=4, total_batch_size=1024, max_steps=10))
+    r = estimate(TrainSettings(model="tiny", seq_len=256, batch_size=4, total_batch_size=1024, max_steps=10,
+                                warmup_steps=0))
     assert r["grad_accum_steps"] == 1 and r["fits"] is True
     # The verdict turns where the memory runs out, for the tiny model too: it fits at the largest
     # micro-batch the estimate names, and not at one more.
     top = r["max_micro_batch"]
-    edge = [estimate(EstimateInputs(model="tiny", seq_len=256, batch_size=b, total_batch_size=b * 256, max_steps=10))
+    edge = [estimate(TrainSettings(model="tiny", seq_len=256, batch_size=b, total_batch_size=b * 256, max_steps=10,
+                                   warmup_steps=0))
             for b in (top, top + 1)]
     assert 4 < top and [e["fits"] for e in edge] == [True, False]
     assert edge[0]["memory"]["total_bytes"] <= edge[0]["memory"]["gpu_memory_bytes"] < edge[1]["memory"]["total_bytes"]
@@ -386,8 +388,8 @@ def _heavy_imports(stderr: str) -> set[str]:
 
 def test_estimate_module_imports_nothing_heavy(tmp_path):
     # gptctl.estimate and gptctl.gpus themselves, including the registry read for calibration
-    code = ("from gptctl.estimate import EstimateInputs, estimate, registry_runs; "
-            "estimate(EstimateInputs(), registry_runs())")
+    code = ("from gptctl.estimate import estimate, registry_runs; from gptctl.settings import TrainSettings; "
+            "estimate(TrainSettings(), runs=registry_runs())")
     env = {**os.environ, "GPTCTL_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -433,12 +433,13 @@ def test_auto_resume_judges_options_by_the_run_it_continues(shakespeare, gptctl_
 
 
 def test_estimate_says_the_newton_schulz_flops_it_counts():
-    from gptctl.estimate import EstimateInputs, estimate, newton_schulz_flops
+    from gptctl.estimate import estimate, newton_schulz_flops
     from gptctl.presets import ModelShape
+    from gptctl.settings import TrainSettings
 
     for arch, per_block in (("gpt2", 56), ("modern", 62)):  # modern: q, k, v, o 4·6d³; gate, up, down 3·(4·8/3 + 2)d³
         shape = ModelShape(12, 12, 768, arch=arch)
         assert newton_schulz_flops(shape) == 5 * 12 * per_block * 768**3
-        result = estimate(EstimateInputs(model="gpt2", arch=arch, optimizer="muon"), [])
+        result = estimate(TrainSettings(model="gpt2", arch=arch, optimizer="muon"), runs=[])
         text = " ".join(result["assumptions"])
         assert f"{per_block}·d³ FLOPs per block" in text, text

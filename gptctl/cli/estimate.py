@@ -8,9 +8,8 @@ import typer
 
 from gptctl.cli import app
 from gptctl.cli.settings_options import GROUPS, with_settings_options
+from gptctl.gpus import DEFAULT_GPU
 from gptctl.settings import FINETUNE_DEFAULTS, TrainSettings, build_settings
-
-DEFAULT_GPU = "rtx3090"  # the single consumer card most nanoGPT users train GPT-2 124M on
 
 # The training settings an estimate depends on: the same options, parsing, checks and defaults as
 # `gptctl pretrain` (FINETUNE_DEFAULTS with --finetune), so an estimate is of the run training would make.
@@ -60,12 +59,11 @@ def estimate_cmd(
         return
 
     settings, _ = build_settings(values, defaults=FINETUNE_DEFAULTS if finetune else None)
-    inp = est.EstimateInputs.from_settings(settings, gpu=gpu, num_gpus=num_gpus, mfu=mfu, interconnect=interconnect)
-    est.validate(inp)
+    hardware = est.Hardware(gpu=gpu, num_gpus=num_gpus, mfu=mfu, interconnect=interconnect)
     from gptctl.paths import home_dir, registry_path
 
     runs = est.registry_runs(registry_path(home_dir())) if mfu is None else []
-    result = est.estimate(inp, runs)
+    result = est.estimate(settings, hardware, runs)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

@@ -9,7 +9,7 @@ import typer
 from pydantic_core import PydanticUndefined
 
 from gptctl.errors import UserError
-from gptctl.settings import TRAIN_GROUPS, LaunchSettings, is_option, option_name
+from gptctl.settings import TRAIN_GROUPS, LaunchSettings, is_option, option_name, rules_of
 
 # Each group's options under its own heading in --help; on the command line they are all flat.
 GROUPS = tuple((group, group.panel) for group in TRAIN_GROUPS) + ((LaunchSettings, "Launch (this launch only)"),)
@@ -51,10 +51,9 @@ def with_settings_options(kind: str, defaults: dict[str, Any] | None = None,
         for panel, name, field in ((p, n, f) for m, p in groups for n, f in m.model_fields.items()):
             if not is_option(name, kind) or (only is not None and name not in only):
                 continue
-            extra = field.json_schema_extra or {}
             cli_type = _cli_type(field.annotation)
             decls = [f"{option_name(name)}/--no-{name.replace('_', '-')}"] if cli_type is Optional[bool] else [option_name(name)]
-            decls += extra.get("aliases", []) if isinstance(extra, dict) else []
+            decls += rules_of(name).get("aliases", [])
             help_text = _help(field)
             if name in defaults:
                 help_text = help_text.split(" (default:")[0] + f" (default: {defaults[name]})"

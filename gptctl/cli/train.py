@@ -19,8 +19,9 @@ from gptctl.errors import UserError
 from gptctl.paths import home_dir, writable_home
 from gptctl.registry import open_registry, queries
 from gptctl.resume import OVERRIDE, resume_changes, resume_settings
-from gptctl.settings import (FINETUNE_DEFAULTS, FINETUNE_FROM_PARENT, LAUNCH_FIELDS, LaunchSettings, TrainSettings,
-                             build_launch, build_settings, describe, given_settings)
+from gptctl.settings import (FINETUNE_DEFAULTS, FINETUNE_FROM_PARENT, LAUNCH_FIELDS, SHAPE_OPTIONS, LaunchSettings,
+                             TrainSettings, build_launch, build_settings, describe)
+from gptctl.settings_files import given_settings
 
 CONFIG = typer.Option(None, "--config", help="TOML file of settings; command-line options override it.")
 SAVE_CONFIG = typer.Option(False, "--save-config", help="Also write the resolved settings as config.toml in the run directory.")
@@ -67,7 +68,7 @@ def pretrain(
         if init_from is not None:
             from gptctl.refs import checkpoint_for_reading
 
-            shape_options = [o for o in ("arch", "model", "n_layer", "n_head", "n_embd") if values.get(o) is not None]
+            shape_options = [o for o in SHAPE_OPTIONS if values.get(o) is not None]
             if shape_options:
                 raise UserError(f"--{shape_options[0].replace('_', '-')}: the shape comes from --init-from; drop one of them")
             parent = reading.enter_context(checkpoint_for_reading(init_from, "--init-from", home_dir()))

@@ -41,11 +41,11 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # finetuning masks prompt and padding tokens with it
-LOSS_CHUNK_ROWS = 2048  # rows (tokens) of logits alive at once: 2048 × 50304 fp32 = 412 MB
-CHECKPOINTING_MODES = ("none", "selective", "full")
 
 # The one description of a model, shared with settings and estimate (pure Python); nanoGPT's name here.
-from gptctl.presets import RMS_NORM_EPS, ROPE_THETA, ModelShape as GPTConfig  # noqa: E402
+# The loss chunk and the checkpointing modes too: estimate counts their memory without importing torch.
+from gptctl.presets import (CHECKPOINTING_MODES, LOSS_CHUNK_ROWS, RMS_NORM_EPS, ROPE_THETA,  # noqa: E402
+                            ModelShape as GPTConfig)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv=None) -> torch.Tensor:
