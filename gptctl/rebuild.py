@@ -26,6 +26,7 @@ from gptctl.registry.db import _open, run_directories, transaction
 from gptctl.registry.diagnose import explain, integrity_problem, is_damaged
 from gptctl.registry.homepaths import adopt
 from gptctl.registry.runinfo import RUN_INFO
+from gptctl.settings import CheckpointSettings
 
 
 @dataclass
@@ -113,7 +114,7 @@ class _Found:
     corrupt: dict[int, tuple[Path, int, str]] = field(default_factory=dict)  # files that do not load as their step
     settings: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    rules: Any = None  # store.rules_of the settings of record: which steps are permanent
+    rules: CheckpointSettings | None = None  # of the settings of record: which steps are permanent (pinned)
     bad: int = 0
 
 

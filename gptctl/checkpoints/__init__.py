@@ -3,3 +3,6 @@ registry (store.py: the newest good checkpoint, verify, register, reconcile) and
 
 Importing this package loads no torch: format.py imports it only when a file is written or read.
 """
+
+# Before any module here imports sqlite-utils: the registry's import of it leaves pandas and numpy out.
+import gptctl.registry  # noqa: E402,F401
