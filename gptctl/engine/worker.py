@@ -319,11 +319,11 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         init_checkpoint = run["parent_checkpoint"]  # a --resume start, again, until the run saved its own
     start = choose_start(db, run["id"], init_checkpoint, d, settings)
     if start.path:
-        trainer.load_state_dict(start.state if start.state is not None else format.load(Path(start.path)))
+        trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
     elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
         # the registry records in this home (a copied home reads its own copy, not the original's)
         parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
-        trainer.load_weights(format.load(Path(parent), mmap=True)["model"])
+        trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
     start_step = trainer.state.step
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
