@@ -18,7 +18,7 @@ from gptctl.errors import UserError
 from gptctl.registry import launches, open_registry, queries
 from gptctl.registry.db import transaction
 from gptctl.registry.locks import LOCK_NAME, TAKEOVER_WAIT_S, DirectoryLock
-from gptctl.registry.rebuild import write_run_info
+from gptctl.registry.runinfo import write_run_info
 from gptctl.settings import LaunchSettings, TrainSettings
 from gptctl.settings_files import to_toml
 

@@ -47,7 +47,8 @@ def checkpoint_for_reading(ref: str, option: str, home: Path) -> Iterator[Path]:
 
 def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
     """RUN[:STEP]'s verified checkpoint file and a lease on it."""
-    from gptctl.registry import files, queries
+    from gptctl.checkpoints import format, store
+    from gptctl.registry import queries
 
     run_ref, _, step = ref.partition(":")
     if not run_ref or (step and not step.isdigit()):
@@ -57,7 +58,7 @@ def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
     except UserError:
         raise UserError(f"{option}: {ref!r} is neither an existing file nor a run in the registry "
                         "(`gptctl runs list` shows the runs)") from None
-    files.reconcile(db, run, inspect=files.load_check)
+    store.reconcile(db, run, inspect=format.stored_step)
     if step:
         try:
             row = queries.checkpoint_at(db, run["id"], int(step))
@@ -81,12 +82,13 @@ def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
 
 def _lease_verified(db, row: dict) -> tuple[int | None, str]:
     """A lease on a checkpoint row's file once it verifies; else (None, its state), a bad file marked."""
-    from gptctl.registry import files, queries
+    from gptctl.checkpoints import store
+    from gptctl.registry import queries
 
     lease = queries.acquire_lease(db, Path(row["path"]), require_valid=True)
     if lease is None:  # not valid (any more): deleted by retention meanwhile, or known bad
         return None, queries.checkpoint_state(db, row["id"])
-    state = files.check_file(db, row, full=True)
+    state = store.check_file(db, row, full=True)
     if state == "valid":
         return lease, state
     queries.release_lease(db, lease)
@@ -105,7 +107,7 @@ def _import_hf(dir_or_name: str, option: str, home: Path) -> Path:
 
     from gptctl.engine.hf import write_checkpoint
     from gptctl.atomic import TMP_PREFIX
-    from gptctl.registry.files import sha256_of
+    from gptctl.digest import sha256_of
 
     imports = (home / "imports").resolve()  # made by write_checkpoint once the weights are read: a refusal writes nothing
     _remove_abandoned_imports(imports, TMP_PREFIX)

@@ -103,7 +103,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(run_with_checkpoints, gptctl_h
     assert "resuming from step 6" in proc.stderr
     after = listing()
     assert after[8]["state"] == "valid" and after[10]["state"] == "valid"  # step 8 was trained again and rewritten
-    from gptctl.registry.files import sha256_of
+    from gptctl.digest import sha256_of
 
     assert after[8]["sha256"] == sha256_of(Path(after[8]["path"]))
 
@@ -130,8 +130,8 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_
 
 
 def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_path, monkeypatch):
-    from gptctl.engine.checkpoint import load, save_atomic
-    from gptctl.registry.files import sha256_of
+    from gptctl.checkpoints.format import load, save_atomic
+    from gptctl.digest import sha256_of
 
     state = {"step": 4, "weights": torch.arange(300_000, dtype=torch.float32)}
     monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "100000")
@@ -159,7 +159,7 @@ def _manager(home, run_dir, asynchronous=True):
 
 
 def test_asynchronous_save_snapshots_the_state_and_registers_when_durable(gptctl_home, tmp_path, monkeypatch):
-    from gptctl.engine.checkpoint import load
+    from gptctl.checkpoints.format import load
     from gptctl.registry import queries
 
     db, manager = _manager(gptctl_home, tmp_path / "run")
@@ -194,7 +194,8 @@ def test_a_failed_background_save_is_raised_by_wait_and_registers_nothing(gptctl
 
 def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
     from gptctl.cli.listing import PLAIN_ABOVE
-    from gptctl.registry import files, open_registry, queries
+    from gptctl.digest import sha256_of
+    from gptctl.registry import open_registry, queries
 
     db = open_registry(gptctl_home)
     run_dir = tmp_path / "run"
@@ -203,7 +204,7 @@ def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
     for step in range(1, PLAIN_ABOVE + 11):
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         path.write_bytes(b"x")
-        queries.register_checkpoint(db, "r1", step, path, 1, files.sha256_of(path), pinned=step == 7)
+        queries.register_checkpoint(db, "r1", step, path, 1, sha256_of(path), pinned=step == 7)
     lines = runner.invoke(app, ["ckpt", "list"], env={"COLUMNS": "400"}).stdout.splitlines()
     assert lines[0].split() == ["run", "step", "size", "age", "val", "loss", "pinned", "state", "health", "path"]
     assert len(lines) == 1 + PLAIN_ABOVE + 10 + 1  # header, rows, total
@@ -229,7 +230,8 @@ def test_listings_at_80_columns_show_every_field_whole(gptctl_home, tmp_path):
     """A pipe, a log or a small terminal: no value cut with "…" or broken across lines."""
     import json
 
-    from gptctl.registry import files, open_registry, queries
+    from gptctl.digest import sha256_of
+    from gptctl.registry import open_registry, queries
 
     db = open_registry(gptctl_home)
     run_dir = tmp_path / "a-rather-long-directory-name-for-runs" / "shakespeare-deep-and-wide-d2c4"
@@ -241,7 +243,7 @@ def test_listings_at_80_columns_show_every_field_whole(gptctl_home, tmp_path):
     for step in (100000, 200000):
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         path.write_bytes(b"x" * 10)
-        queries.register_checkpoint(db, "d2c4e6f8", step, path, 10, files.sha256_of(path), pinned=False)
+        queries.register_checkpoint(db, "d2c4e6f8", step, path, 10, sha256_of(path), pinned=False)
         paths.append(str(path))
     queries.write_metrics(db, "d2c4e6f8", [{"step": 200000, "loss": 3.2817, "tokens_seen": 104857600000}])
     for argv, whole in ((["ckpt", "list"], paths), (["runs", "list"], [name, "interrupted", "200000/300000"])):

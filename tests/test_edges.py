@@ -127,11 +127,11 @@ def test_a_read_only_home_reads_and_refuses_writes_in_one_line(shakespeare, tmp_
 
 
 def test_a_registry_locked_too_long_is_said_as_a_lock(shakespeare, tmp_path, monkeypatch):
-    from gptctl.registry import db as registry_db
+    from gptctl.registry import storage
 
     home = tmp_path / "home"
     cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "3", "--run-name", "base", home=home)
-    monkeypatch.setattr(registry_db, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(storage, "BUSY_TIMEOUT_MS", 300)
     holder = sqlite3.connect(home / "gptctl.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process's long write
     try:

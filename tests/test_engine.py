@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptctl.engine import checkpoint as ckpt
+from gptctl.checkpoints import format as ckpt
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
@@ -175,7 +175,7 @@ def test_num_workers_threads_read_that_many_micro_batches_ahead(tmp_path):
 
 
 def test_atomic_save_returns_size_and_hash_and_loads_safely(tmp_path):
-    from gptctl.registry.files import sha256_of
+    from gptctl.digest import sha256_of
 
     path = tmp_path / ckpt.checkpoint_name(7)
     size, sha = ckpt.save_atomic({"model": tiny_model().state_dict(), "step": 7}, path)

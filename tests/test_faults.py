@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process
-from gptctl.registry.files import sha256_of
+from gptctl.digest import sha256_of
 
 pytestmark = pytest.mark.slow
 

@@ -148,7 +148,8 @@ def test_batches_are_a_function_of_step_and_cover_each_epoch():
 def test_checkpoint_references(tmp_path, gptctl_home):
     from gptctl.errors import UserError
     from gptctl.refs import resolve_checkpoint
-    from gptctl.registry import files, open_registry, queries
+    from gptctl.digest import sha256_of
+    from gptctl.registry import open_registry, queries
 
     db = open_registry(gptctl_home)
     run_dir = gptctl_home / "base-abc"
@@ -158,7 +159,7 @@ def test_checkpoint_references(tmp_path, gptctl_home):
     for step in (3, 6, 9):
         paths[step] = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         paths[step].write_bytes(b"x" * step)
-        queries.register_checkpoint(db, "abc", step, paths[step], step, files.sha256_of(paths[step]), pinned=False)
+        queries.register_checkpoint(db, "abc", step, paths[step], step, sha256_of(paths[step]), pinned=False)
     paths[9].unlink()  # vanished: never offered
     assert resolve_checkpoint("base", "--opt", gptctl_home) == paths[6]  # RUN: its newest valid checkpoint
     assert resolve_checkpoint("abc:3", "--opt", gptctl_home) == paths[3]

@@ -11,7 +11,7 @@ from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health
 from gptctl.engine.trainer import Metrics, NoCheckpoints, Trainer
-from gptctl.registry.retention import deletable
+from gptctl.checkpoints.retention import deletable
 from gptctl.settings import TrainSettings
 
 CPU = Dist(0, 0, 1, torch.device("cpu"))

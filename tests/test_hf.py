@@ -310,7 +310,7 @@ def test_hf_imports_are_named_by_content_and_never_overwritten(hf_dir, tmp_path,
     import shutil
 
     from gptctl.refs import resolve_checkpoint
-    from gptctl.registry.files import sha256_of
+    from gptctl.digest import sha256_of
 
     nested, flat = tmp_path / "a" / "b", tmp_path / "a_b"
     shutil.copytree(hf_dir, nested)

@@ -229,7 +229,8 @@ def test_rebuild_keeps_the_settings_of_record_not_a_stale_or_edited_config_json(
 
 
 def test_a_rebuild_interrupted_at_any_moment_is_completed_by_the_next(tmp_path, shakespeare, monkeypatch):
-    from gptctl.registry import queries, rebuild
+    from gptctl import rebuild
+    from gptctl.registry import queries
 
     home = tmp_path / "home"
     train(home, shakespeare, "--max-steps", "4", "--checkpoint-interval", "2", "--run-name", "base")

@@ -20,9 +20,11 @@ from typer.testing import CliRunner
 
 from conftest import TINY_RUN, cli, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
-from gptctl.engine.checkpoint import UnsafeCheckpoint, load
+from gptctl.checkpoints.format import UnsafeCheckpoint, load
 from gptctl.errors import UserError
-from gptctl.registry import files, open_registry, queries, retention
+from gptctl.checkpoints import directory, format, retention, store
+from gptctl.digest import sha256_of
+from gptctl.registry import open_registry, queries
 
 runner = CliRunner()
 
@@ -88,9 +90,9 @@ def test_sample_and_verify_of_a_non_checkpoint_are_one_line(tmp_path, gptctl_hom
     db = open_registry(gptctl_home)
     run_dir = make_run(db, gptctl_home / "r-r1")
     for step, name in enumerate(("evil", "random", "lfs"), start=1):
-        path = files.checkpoints_dir(queries.get_run(db, "r1")) / f"model_{step:05d}.pt"
+        path = directory.checkpoints_dir(queries.get_run(db, "r1")) / f"model_{step:05d}.pt"
         path.write_bytes(made[name].read_bytes())
-        queries.register_checkpoint(db, "r1", step, path, path.stat().st_size, files.sha256_of(path), pinned=False)
+        queries.register_checkpoint(db, "r1", step, path, path.stat().st_size, sha256_of(path), pinned=False)
     result = runner.invoke(app, ["ckpt", "verify", "--run", "r1"])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "holds pickled code: posix.system" in result.output and "git-lfs pointer" in result.output
@@ -106,10 +108,10 @@ def make_run(db, run_dir: Path, run_id: str = "r1", **settings) -> Path:
 
 def save(db, run_id: str, step: int, **stat) -> Path:
     """A real tiny gptctl checkpoint in the run's directory, registered as the trainer does."""
-    path = files.checkpoints_dir(queries.get_run(db, run_id)) / f"model_{step:05d}.pt"
+    path = directory.checkpoints_dir(queries.get_run(db, run_id)) / f"model_{step:05d}.pt"
     save_tiny_checkpoint(path, step=step)
-    queries.register_checkpoint(db, run_id, step, path, path.stat().st_size, files.sha256_of(path), pinned=False,
-                                verified=files.stat_key(path))
+    queries.register_checkpoint(db, run_id, step, path, path.stat().st_size, sha256_of(path), pinned=False,
+                                verified=store.stat_key(path))
     return path
 
 
@@ -122,7 +124,7 @@ def test_retention_keeps_the_newest_verified_when_the_newest_is_damaged(gptctl_h
     make_run(db, gptctl_home / "r-r1", keep_last_n_checkpoints=1)
     paths = {step: save(db, "r1", step) for step in (10, 20, 30)}
     os.truncate(paths[30], 1000)  # `truncate -s 1000`: a cheap look (stat) already sees it
-    [change] = files.reconcile(db, queries.get_run(db, "r1"))
+    [change] = store.reconcile(db, queries.get_run(db, "r1"))
     assert change.startswith("step 30: file size changed") and change.endswith("marked corrupt")
     warnings = []
     doomed = retention.plan(db, queries.get_run(db, "r1"), warn=warnings.append)
@@ -135,7 +137,7 @@ def test_retention_keeps_the_newest_verified_when_the_newest_is_damaged(gptctl_h
     data = bytearray(paths[50].read_bytes())
     data[len(data) // 2] ^= 0xFF
     paths[50].write_bytes(bytes(data))
-    assert files.reconcile(db, queries.get_run(db, "r1")) == []  # the size is right
+    assert store.reconcile(db, queries.get_run(db, "r1")) == []  # the size is right
     doomed = retention.plan(db, queries.get_run(db, "r1"), warn=warnings.append)
     assert [r["step"] for r in doomed] == [20] and "checkpoint step 50" in warnings[-1] and "corrupt" in warnings[-1]
     assert states(db, "r1")[50] == "corrupt"
@@ -144,7 +146,7 @@ def test_retention_keeps_the_newest_verified_when_the_newest_is_damaged(gptctl_h
     def no_reading(path):
         raise AssertionError(f"{path} was hashed again")
 
-    monkeypatch.setattr(files, "sha256_of", no_reading)
+    monkeypatch.setattr(store, "sha256_of", no_reading)
     assert [r["step"] for r in retention.plan(db, queries.get_run(db, "r1"), warn=warnings.append)] == [20]
 
 
@@ -161,15 +163,15 @@ def test_orphans_are_registered_only_when_they_load_as_their_step(gptctl_home, t
     (ckpts / "model_00015.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
 
     # Torch-free looks (ckpt list) register none of them, and say so.
-    changes = files.reconcile(db, queries.get_run(db, "r1"))
+    changes = store.reconcile(db, queries.get_run(db, "r1"))
     assert sorted(states(db, "r1")) == [2] and len(changes) == 5 and all("not registered" in c for c in changes)
     listed = json.loads(runner.invoke(app, ["ckpt", "list", "--json"]).stdout)
     assert [r["step"] for r in listed] == [2]
 
-    changes = files.reconcile(db, queries.get_run(db, "r1"), inspect=files.load_check)
+    changes = store.reconcile(db, queries.get_run(db, "r1"), inspect=format.stored_step)
     assert states(db, "r1") == {2: "valid", 7: "valid"}
     row = queries.checkpoint_at(db, "r1", 7)
-    assert row["pinned"] and row["sha256"] == files.sha256_of(real) and row["verified_inode"] == real.stat().st_ino
+    assert row["pinned"] and row["sha256"] == sha256_of(real) and row["verified_inode"] == real.stat().st_ino
     why = {c.split(":")[0]: c for c in changes}
     assert "symlink" in why["step 11"] and "holds step 5" in why["step 13"]
     assert "does not load" in why["step 9"] and "does not load" in why["step 15"]
@@ -288,9 +290,9 @@ def test_resume_falls_back_past_a_file_that_does_not_load_and_a_done_run_is_refu
     def stray(step: int) -> None:
         """A registered file that matches its sha256 but is no checkpoint: what the old reconcile
         registered for any stray model_*.pt (here one holding pickled code)."""
-        path = files.checkpoints_dir(queries.get_run(db, run_id)) / f"model_{step:05d}.pt"
+        path = directory.checkpoints_dir(queries.get_run(db, run_id)) / f"model_{step:05d}.pt"
         torch.save({"model": {}, "step": step, "x": Evil()}, path)
-        queries.register_checkpoint(db, run_id, step, path, path.stat().st_size, files.sha256_of(path), pinned=False)
+        queries.register_checkpoint(db, run_id, step, path, path.stat().st_size, sha256_of(path), pinned=False)
         db.execute("update runs set status = 'interrupted', last_step = ? where id = ?", [step, run_id])
 
     stray(6)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_RUN, cli, losses, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
-from gptctl.registry import files
+from gptctl.digest import sha256_of
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def fake_run(home, name="base", run_id="0123abcd", steps=(2, 4), max_steps=4):
         state["metrics"] = [{"step": s, "loss": 10.0 - s, "lr": 1e-3, "time": 1.0} for s in range(1, step + 1)]
         state["settings"] = settings.model_dump(mode="json")
         path.unlink()
-        from gptctl.engine.checkpoint import save_atomic
+        from gptctl.checkpoints.format import save_atomic
 
         save_atomic(state, path)
     return run_dir
@@ -86,7 +86,7 @@ def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
     assert [(c["step"], c["state"], bool(c["pinned"])) for c in listed] == \
         [(2, "valid", True), (4, "valid", False), (6, "corrupt", False)]
     for c in listed:
-        assert c["sha256"] == files.sha256_of(run_dir / "checkpoints" / f"model_{c['step']:05d}.pt")
+        assert c["sha256"] == sha256_of(run_dir / "checkpoints" / f"model_{c['step']:05d}.pt")
     again = json.loads(invoke("registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add
     assert again["runs"] == [] and again["moved_aside"] is None
 

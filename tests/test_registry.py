@@ -8,10 +8,11 @@ from datetime import datetime, timezone
 import pytest
 
 from gptctl.errors import UserError
-from gptctl.registry import files, open_registry, queries
-from gptctl.registry import retention
+from gptctl.checkpoints import directory, retention, store
+from gptctl.checkpoints.retention import deletable
+from gptctl.digest import sha256_of
+from gptctl.registry import open_registry, queries
 from gptctl.registry.locks import DirectoryLock
-from gptctl.registry.retention import deletable
 
 
 def make_run(db, run_dir, run_id=None, name="r", status="created"):
@@ -95,11 +96,11 @@ def test_newest_verified_checkpoint_skips_corrupt_and_missing(gptctl_home, tmp_p
     for step in (1, 2, 3):
         p = tmp_path / f"model_{step:05d}.pt"
         p.write_bytes(bytes([step]) * 100)
-        queries.register_checkpoint(db, run, step, p, 100, files.sha256_of(p), pinned=False)
+        queries.register_checkpoint(db, run, step, p, 100, sha256_of(p), pinned=False)
     (tmp_path / "model_00003.pt").unlink()
     (tmp_path / "model_00002.pt").write_bytes(b"\0" * 100)  # same size, wrong bytes
     warnings = []
-    row = files.newest_verified_checkpoint(db, run, warn=warnings.append)
+    row = store.newest_good(db, run, warn=warnings.append)
     assert row["step"] == 1 and len(warnings) == 2
     states = {c["step"]: c["state"] for c in queries.checkpoints_of(db, run)}
     assert states == {1: "valid", 2: "corrupt", 3: "missing"}
@@ -130,16 +131,16 @@ def test_reconcile_registers_orphans_marks_vanished_and_removes_temporaries(gptc
     (ckpts / ".tmp-model_00004.pt.123").write_bytes(b"half")
     lock = DirectoryLock(run_dir)
     assert lock.acquire()
-    files.reconcile(db, queries.get_run(db, run))
+    store.reconcile(db, queries.get_run(db, run))
     assert (ckpts / ".tmp-model_00004.pt.123").exists()  # a live trainer may be writing it
     lock.release()
-    changes = files.reconcile(db, queries.get_run(db, run), inspect=lambda path: 3)  # it loads as step 3's
+    changes = store.reconcile(db, queries.get_run(db, run), inspect=lambda path: 3)  # it loads as step 3's
     assert any("removed leftover" in c for c in changes)
     assert [p.name for p in ckpts.iterdir()] == ["model_00003.pt"]
     rows = {c["step"]: c for c in queries.checkpoints_of(db, run)}
     assert rows[1]["state"] == "missing"
-    assert rows[3]["state"] == "valid" and rows[3]["pinned"] == 1 and rows[3]["sha256"] == files.sha256_of(orphan)
-    assert files.reconcile(db, queries.get_run(db, run)) == []  # idempotent
+    assert rows[3]["state"] == "valid" and rows[3]["pinned"] == 1 and rows[3]["sha256"] == sha256_of(orphan)
+    assert store.reconcile(db, queries.get_run(db, run)) == []  # idempotent
 
 
 def save_file(db, run, step, data=None):
@@ -148,12 +149,12 @@ def save_file(db, run, step, data=None):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"model_{step:05d}.pt"
     path.write_bytes(data or bytes([step]) * 100)
-    queries.register_checkpoint(db, run, step, path, path.stat().st_size, files.sha256_of(path), pinned=False)
+    queries.register_checkpoint(db, run, step, path, path.stat().st_size, sha256_of(path), pinned=False)
     return path
 
 
 def gptctl_dir(db, run):
-    return files.checkpoints_dir(queries.get_run(db, run))
+    return directory.checkpoints_dir(queries.get_run(db, run))
 
 
 def states(db, run):
@@ -187,7 +188,7 @@ def test_a_tampered_row_never_makes_gptctl_delete_a_file_elsewhere(gptctl_home, 
     rows = queries.checkpoints_of(db, run)
     assert retention.delete(db, rows[:4], warn=warnings.append) == 0 and len(warnings) == 8
     db.execute("update checkpoints set state = 'deleting' where run_id = ? and step < 4", [run])
-    files.reconcile(db, queries.get_run(db, run))  # an "interrupted deletion" outside is not finished either
+    store.reconcile(db, queries.get_run(db, run))  # an "interrupted deletion" outside is not finished either
     assert precious.read_text() == "not a checkpoint" and outside.read_text() == "keep me" and link.is_symlink()
     assert climbing.read_text() == "config next door"
 
@@ -200,7 +201,7 @@ def test_an_interrupted_deletion_is_finished_and_never_reported_missing(gptctl_h
     # killed after marking step 1 deleting (file still there) and after unlinking step 2
     db.execute("update checkpoints set state = 'deleting' where run_id = ? and step in (1, 2)", [run])
     two.unlink()
-    changes = files.reconcile(db, queries.get_run(db, run))
+    changes = store.reconcile(db, queries.get_run(db, run))
     assert sorted(changes) == ["step 1: finished deleting it", "step 2: finished deleting it"]
     assert not one.exists() and states(db, run) == {1: "deleted", 2: "deleted", 3: "valid"}
 
@@ -211,10 +212,10 @@ def test_state_changes_do_not_overwrite_a_concurrent_change(gptctl_home):
     path = save_file(db, run, 1)
     row = queries.checkpoints_of(db, run)[0]
     stale_view = dict(row)
-    assert files.remove_checkpoint(db, queries.get_run(db, run), row) == 100  # retention deleted it
+    assert directory.remove_checkpoint(db, queries.get_run(db, run), row) == 100  # retention deleted it
     # a reader that looked before the deletion finds the file gone: it must not call it missing
     assert not queries.mark_checkpoint(db, stale_view["id"], "missing", only_if="valid")
-    assert files.remove_checkpoint(db, queries.get_run(db, run), stale_view) is None  # a second deleter backs off
+    assert directory.remove_checkpoint(db, queries.get_run(db, run), stale_view) is None  # a second deleter backs off
     # nor may it register the file it saw as valid again; a row that was already deleted may be replaced
     assert not queries.register_checkpoint(db, run, 1, path, 100, "x", pinned=False, replacing="valid")
     assert states(db, run) == {1: "deleted"}
@@ -267,7 +268,7 @@ def test_checkpoint_listing_has_val_loss_age_and_permanence(gptctl_home):
     # Step 2 was saved an hour ago (registered as the registry does: whole seconds, UTC); step 3 just now.
     an_hour_ago = datetime.fromtimestamp(time.time() - 3600, timezone.utc).isoformat(timespec="seconds")
     db.execute("update checkpoints set created_at = ? where run_id = ? and step = 2", [an_hour_ago, run])
-    rows = {r["step"]: r for r in queries.checkpoint_listing(db, run)}
+    rows = {r["step"]: r for r in store.listing(db, run)}
     took = time.time() - began
     assert rows[2]["val_loss"] == 2.5 and rows[3]["val_loss"] is None
     assert rows[2]["permanent"] and not rows[3]["permanent"]

@@ -44,7 +44,7 @@ def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
     assert rows[8]["pinned"] == 1
     ckpt_dir = gptctl_home / f"first-{run_id}" / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model_00008.pt", "model_00024.pt"]
-    from gptctl.registry.files import sha256_of
+    from gptctl.digest import sha256_of
 
     for step in (8, 24):
         path = ckpt_dir / f"model_{step:05d}.pt"

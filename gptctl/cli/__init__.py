@@ -54,7 +54,7 @@ COMMANDS = {
     "resume": ("train", "Continue a run from its newest valid checkpoint with its stored settings."),
     "data": ("data", "Prepare tokenized datasets."),
     "estimate": ("estimate", "Estimate FLOPs, training time, GPU memory, checkpoint disk and communication of a run."),
-    "runs": ("runs", "The run registry."),
+    "runs": ("runs_manage", "The run registry."),  # it imports runs.py, which defines `runs` and its list/show/plot
     "ckpt": ("ckpt", "Checkpoints and their retention."),
     "sample": ("sample", "Generate text from a checkpoint, streaming tokens to stdout as they are generated."),
     "chat": ("chat", "Chat with a checkpoint in the terminal, streaming each reply as it is generated."),

@@ -8,7 +8,8 @@ import typer
 from gptctl.cli import app
 from gptctl.cli.listing import format_duration, format_size, print_listing
 from gptctl.errors import UserError
-from gptctl.registry import files, open_registry, queries
+from gptctl.checkpoints import format, store
+from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir, writable_home
 
 RETENTION_HELP = """Checkpoints and their retention.
@@ -36,7 +37,7 @@ def list_cmd(
 ):
     """Registered checkpoints: step, size, age, val loss at that step, pinned or permanent, state, path."""
     db = open_registry(home_dir(), create=False)
-    rows = queries.checkpoint_listing(db, _scope(db, run_ref))
+    rows = store.listing(db, _scope(db, run_ref))
     if as_json:
         typer.echo(json.dumps([{**r, "pinned": bool(r["pinned"])} for r in rows], indent=2))
         return
@@ -74,9 +75,9 @@ def _scope(db, run_ref: str | None, inspect=None) -> str | None:
 
 
 def _reconcile(db, runs: list[dict], inspect=None) -> None:
-    """`inspect` (files.load_check, which imports torch) lets unregistered files that load as checkpoints
+    """`inspect` (format.stored_step, which imports torch) lets unregistered files that load as checkpoints
     of their step be registered; `ckpt list` stays torch-free and leaves them unregistered."""
-    for change in files.reconcile_runs(db, runs, inspect):
+    for change in store.reconcile_runs(db, runs, inspect):
         typer.echo(change, err=True)
 
 
@@ -92,8 +93,7 @@ def _set_pin(step: int, run_ref: str | None, pinned: bool) -> None:
     writable_home()  # a read-only home's registry is a copy in memory: a pin there would be lost
     db = open_registry(home_dir(), create=False)
     run = _run_or_latest(db, run_ref)
-    row = queries.checkpoint_at(db, run["id"], step)
-    queries.set_pinned(db, row["id"], pinned)
+    store.pin(db, run["id"], step, pinned)
     typer.echo(f"{'pinned' if pinned else 'unpinned'} step {step} of run {run['id']}")
 
 
@@ -120,7 +120,7 @@ def prune_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ):
     """Delete checkpoints that retention allows: never pinned, permanent, newest, or a finetune's parent."""
-    from gptctl.registry import retention
+    from gptctl.checkpoints import retention
 
     if run_ref and all_runs:
         raise UserError("--run and --all exclude each other; give one")
@@ -128,7 +128,7 @@ def prune_cmd(
         writable_home()
     db = open_registry(home_dir(), create=False)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
-    _reconcile(db, runs, files.load_check)
+    _reconcile(db, runs, format.stored_step)
     doomed = [row for run in runs for row in retention.plan(db, run, keep_last, warn=_warn)]
     for r in doomed:
         typer.echo(f"delete {r['run_id']} step {r['step']} ({format_size(r['bytes'])}) {r['path']}")
@@ -152,7 +152,7 @@ def verify_cmd(
 ):
     """Check every registered checkpoint: exists, size, sha256, and loads as plain data. Marks bad ones."""
     db = open_registry(home_dir(), create=False)
-    report = files.verify(db, _scope(db, run_ref, files.load_check))
+    report = store.verify(db, _scope(db, run_ref, format.stored_step))
     bad = [r for r in report if r["state"] != "valid"]
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ from gptctl.cli import app
 from gptctl.errors import UserError
 from gptctl.paths import home_dir
 from gptctl.refs import checkpoint_for_reading
-from gptctl.registry.protected import why_protected
+from gptctl.protected import why_protected
 
 FORMATS = ("hf", "safetensors")  # gptctl.engine.hf.WRITERS; repeated here so a bad --format never imports torch
 

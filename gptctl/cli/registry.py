@@ -18,7 +18,7 @@ def rebuild_cmd(as_json: bool = typer.Option(False, "--json", help="Print what w
     Runs already in the registry are left alone; a damaged registry is moved aside first. Every
     checkpoint is verified (loaded as data, its step checked) before it is registered.
     """
-    from gptctl.registry.rebuild import rebuild
+    from gptctl.rebuild import rebuild
 
     writable_home()
     report = rebuild(home_dir(), progress=lambda m: typer.echo(m, err=True))

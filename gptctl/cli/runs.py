@@ -203,5 +203,3 @@ def plot_cmd(
     png_plot(panels, x_axis, str(output))
     typer.echo(str(output))
 
-
-from gptctl.cli import runs_manage  # noqa: E402,F401  (registers its commands on runs_app)

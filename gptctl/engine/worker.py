@@ -38,6 +38,7 @@ if __name__ == "__main__":
 import torch
 
 from gptctl import stop_request
+from gptctl.checkpoints import format, store
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import broadcast_object, setup, share_run, teardown
 from gptctl.engine.loggers import ExternalLoggers
@@ -46,8 +47,8 @@ from gptctl.engine.progress import TrainingProgress
 from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
-from gptctl.registry import files, launches, open_registry, queries
-from gptctl.registry.db import BUSY_TIMEOUT_MS
+from gptctl.registry import launches, open_registry, queries
+from gptctl.registry.storage import BUSY_TIMEOUT_MS
 from gptctl.registry.locks import TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.run_log import LOG_NAME
 from gptctl.settings import TrainSettings
@@ -192,17 +193,14 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: Trai
             print(f"warning: {message}", flush=True)
 
         # e.g. a file saved but not registered before a kill; this worker's launcher holds the run
-        files.reconcile(db, queries.get_run(db, run_id), inspect=ckpt.stored_step, by_trainer=True)
-        for healthy in (True, False):  # an unhealthy checkpoint only when no healthy one is left
-            while (row := files.newest_verified_checkpoint(db, run_id, warn, healthy=healthy)) is not None:
-                try:
-                    state = ckpt.load(Path(row["path"]))
-                    break
-                except (ckpt.UnsafeCheckpoint, OSError) as exc:
-                    queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
-                    warn(f"checkpoint step {row['step']} does not load ({exc}); marked corrupt, trying the previous one")
-            if row is not None:
-                break
+        store.reconcile(db, queries.get_run(db, run_id), inspect=format.stored_step, by_trainer=True)
+        # an unhealthy checkpoint only when no healthy one is left
+        row = (store.newest_good(db, run_id, warn, healthy=True, loads=True)
+               or store.newest_good(db, run_id, warn, loads=True))
+        try:
+            state = row and format.load(Path(row["path"]))
+        except (format.UnsafeCheckpoint, OSError) as exc:  # changed since it was checked just now
+            error = f"checkpoint step {row['step']}: {exc}"
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:
             # Starting over from step 0 would silently throw the run's progress away.
@@ -210,8 +208,8 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: Trai
                      "(`gptctl ckpt verify --run RUN`); start a new run from a good file with --resume --checkpoint-path")
         elif row is None and init_checkpoint:
             try:
-                state = ckpt.load(Path(init_checkpoint))
-            except (ckpt.UnsafeCheckpoint, OSError) as exc:
+                state = format.load(Path(init_checkpoint))
+            except (format.UnsafeCheckpoint, OSError) as exc:
                 error = f"--checkpoint-path: {exc}"
         path = row["path"] if row else init_checkpoint
         skipped = "; ".join(f"step {c['step']} is {c['state']}" for c in reversed(bad) if row and c["step"] > row["step"])
@@ -403,7 +401,7 @@ def _divergence_line(db, run_id: str, why: str | None) -> str | None:
     """One line: what happened and which checkpoint is the last good one."""
     if why is None:
         return None
-    good = files.newest_verified_checkpoint(db, run_id, lambda message: None, healthy=True)
+    good = store.newest_good(db, run_id, lambda message: None, healthy=True)
     last = f"; the last good checkpoint is step {good['step']} ({good['path']})" if good else ""
     return f"the run diverged: {why}{last}"
 

@@ -17,8 +17,6 @@ from gptctl.registry.diagnose import REBUILD, STATE_FILES, explain, is_damaged
 from gptctl.registry.homepaths import RUN_DIR_NAME
 from gptctl.registry.migrations import migrations
 
-BUSY_TIMEOUT_MS = 30_000
-
 
 class RegistryDamaged(UserError):
     """The registry file cannot be read as a gptctl registry."""
@@ -119,11 +117,11 @@ def _refuse_foreign(db: Database, path: Path) -> None:
 
 def _open(path: Path) -> Database:
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=storage.BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     db = Database(conn)
     db.gptctl_home = path.parent.resolve()  # rows' paths are relative to it (homepaths.py)
     _refuse_foreign(db, path)  # before anything is set in its header
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db.execute(f"PRAGMA busy_timeout = {storage.BUSY_TIMEOUT_MS}")
     if storage.is_network(path.parent):  # WAL's shared memory is one host's (storage.py)
         db.execute("PRAGMA journal_mode = DELETE")
         db.execute("PRAGMA synchronous = FULL")

@@ -13,6 +13,8 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+from gptctl.registry import storage
+
 REBUILD = "`gptctl registry rebuild`"
 STATE_FILES = ("", "-wal", "-journal")  # the registry and the journals that hold its latest state
 
@@ -38,9 +40,7 @@ def explain(exc: BaseException, path: Path) -> str:
     if code == errno.ENAMETOOLONG or _too_long(path):
         return f"the registry's path is too long for the filesystem ({len(os.fsencode(str(path)))} bytes); use a shorter --home"
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
-        from gptctl.registry.db import BUSY_TIMEOUT_MS
-
-        return (f"the registry {path} stayed locked by another process for over {BUSY_TIMEOUT_MS / 1000:g} s (a long prune, "
+        return (f"the registry {path} stayed locked by another process for over {storage.BUSY_TIMEOUT_MS / 1000:g} s (a long prune, "
                 "rebuild or verify?); wait for it and run the command again")
     if name.startswith(_NO_LOCKS) or "locking protocol" in text:
         return (f"the filesystem holding the registry {path} does not give SQLite working locks ({text}); put the "

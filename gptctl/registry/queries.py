@@ -1,6 +1,5 @@
 """Reads and writes of runs, checkpoints and metrics. Only the launcher and global rank 0 write."""
 
-import json
 import os
 import re
 import secrets
@@ -342,14 +341,12 @@ def pid_alive(pid: int) -> bool:
 
 def checkpoint_listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
     """Checkpoints not deleted, with the val loss measured at their step (None if that step had no
-    eval), whether the step is one of the run's permanent ones, and their age in seconds."""
-    sql = """select c.*, m.val_loss, r.settings from checkpoints c
-             join runs r on r.id = c.run_id
+    eval) and their age in seconds."""
+    sql = """select c.*, m.val_loss from checkpoints c
              left join metrics m on m.run_id = c.run_id and m.step = c.step
              where c.state != 'deleted'""" + (" and c.run_id = ?" if run_id else "") + " order by c.run_id, c.step"
     rows = [checkpoint_row(db, row) for row in db.query(sql, [run_id] if run_id else [])]
     for row in rows:
-        row["permanent"] = row["step"] in json.loads(row.pop("settings")).get("permanent_checkpoints", [])
         row["age_s"] = seconds_between(row["created_at"])
     return rows
 

@@ -20,7 +20,7 @@ from gptctl.registry import queries
 from gptctl.registry.db import transaction
 from gptctl.registry.homepaths import from_stored, home_of
 from gptctl.registry.locks import DirectoryLock, run_is_locked
-from gptctl.registry.rebuild import RUN_INFO
+from gptctl.registry.runinfo import RUN_INFO
 
 SUFFIX = ".removing"
 RUN_TABLES = ("grad_stats", "metrics", "events", "launches", "checkpoints")  # rows keyed by run_id

@@ -8,6 +8,9 @@ mount (NFSv4, NFSv3 with lockd, Lustre with -o flock, GPFS, BeeGFS) honours acro
 
 from pathlib import Path
 
+# How long a writer waits for another's lock before it fails (read at each use: tests shorten it).
+BUSY_TIMEOUT_MS = 30_000
+
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "fuse.beegfs", "ceph", "fuse.ceph",
     "glusterfs", "fuse.glusterfs", "fuse.sshfs", "afs", "9p", "pvfs2", "orangefs", "panfs", "wekafs",

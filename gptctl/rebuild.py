@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptctl.atomic import write_text_atomic
-from gptctl.paths import registry_path
-from gptctl.registry import files, queries
-from gptctl.registry.db import _open, run_directories, transaction
+from gptctl.checkpoints import format, store
+from gptctl.checkpoints.directory import checkpoints_dir, is_own_checkpoint_file
+from gptctl.checkpoints.format import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
+from gptctl.digest import sha256_of
 from gptctl.errors import UserError
+from gptctl.paths import registry_path
+from gptctl.registry import queries
+from gptctl.registry.db import _open, run_directories, transaction
 from gptctl.registry.diagnose import explain, integrity_problem, is_damaged
 from gptctl.registry.homepaths import adopt
-
-RUN_INFO = "run.json"  # written by create_run beside config.json
+from gptctl.registry.runinfo import RUN_INFO
+from gptctl.settings import CheckpointSettings
 
 
 @dataclass
@@ -32,12 +36,6 @@ class RebuildReport:
     runs: list[dict[str, Any]] = field(default_factory=list)  # one row per run added: id, name, status, checkpoints
     skipped_runs: list[str] = field(default_factory=list)  # run directories not added, and why: the command fails
     skipped: list[str] = field(default_factory=list)  # files not trusted, and other notes
-
-
-def write_run_info(run: dict[str, Any]) -> None:
-    """What the registry knows of a run that its settings do not say, for a rebuild."""
-    keys = ("id", "name", "kind", "command", "parent_checkpoint", "parent_kind", "created_at", "host")
-    write_text_atomic(Path(run["run_dir"]) / RUN_INFO, json.dumps({k: run.get(k) for k in keys}, indent=2) + "\n")
 
 
 def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> RebuildReport:
@@ -82,7 +80,7 @@ def rebuild(home: Path, progress: Callable[[str], None] = lambda _: None) -> Reb
                 continue  # another rebuild added it meanwhile: this transaction writes nothing
             queries.insert_run(db, run)
             for step, (file, size, sha) in found.steps.items():
-                queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=step in found.permanent)
+                store.register(db, run["id"], step, file, size, sha, found.rules)
             for step, (file, size, sha) in found.corrupt.items():
                 queries.register_checkpoint(db, run["id"], step, file, size, sha, pinned=False)
                 queries.mark_checkpoint(db, queries.checkpoint_at(db, run["id"], step)["id"], "corrupt")
@@ -116,7 +114,7 @@ class _Found:
     corrupt: dict[int, tuple[Path, int, str]] = field(default_factory=dict)  # files that do not load as their step
     settings: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    permanent: set[int] = field(default_factory=set)
+    rules: CheckpointSettings | None = None  # of the settings of record: which steps are permanent (pinned)
     bad: int = 0
 
 
@@ -137,18 +135,19 @@ def _read_run(run_dir: Path, report: RebuildReport) -> tuple[dict[str, Any], _Fo
         write_text_atomic(run_dir / "config.json", json.dumps(found.settings, indent=2) + "\n")
         report.skipped.append(f"{run_dir / 'config.json'}: differed from the settings of its newest checkpoint "
                               f"(step {max(found.steps)}), which were taken and written back")
-    found.permanent = set(settings.get("permanent_checkpoints") or [])
     home = run_dir.parent.resolve()
     parent = adopt(home, info.get("parent_checkpoint") or settings.get("pretrained_checkpoint"))
     created = datetime.fromtimestamp(run_dir.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
-    return {
+    run = {
         "id": run_id, "name": info.get("name") or settings.get("run_name") or name,
         "kind": info.get("kind") or settings.get("kind") or "pretrain",
         "settings": json.dumps(settings), "run_dir": str(run_dir.resolve()), "command": info.get("command"),
         "parent_checkpoint": parent, "parent_kind": info.get("parent_kind") or _parent_kind(home, parent, settings),
         "created_at": info.get("created_at") or created, "host": info.get("host"),
         "max_steps": settings.get("max_steps"), "status": "interrupted", "last_step": 0,
-    }, found
+    }
+    found.rules = store.rules_of(run)
+    return run, found
 
 
 def _parent_kind(home: Path, parent: str | None, settings: dict[str, Any]) -> str | None:
@@ -177,28 +176,24 @@ def _json_object(path: Path, report: RebuildReport) -> dict[str, Any] | None:
 def _checkpoints(run_dir: Path, run_id: str, report: RebuildReport) -> _Found:
     """Each checkpoint file that is what its name says (loads as plain data, holds that step); the
     others are reported, not trusted."""
-    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
-
     found, run = _Found(), {"id": run_id, "run_dir": str(run_dir)}
     newest = None
-    for path in sorted(files.checkpoints_dir(run).glob(files.CHECKPOINT_GLOB)):
-        if not files.CHECKPOINT_NAME.fullmatch(path.name) or not files.is_own_checkpoint_file(run, path) \
+    for path in sorted(checkpoints_dir(run).glob(CHECKPOINT_GLOB)):
+        if not CHECKPOINT_NAME.fullmatch(path.name) or not is_own_checkpoint_file(run, path) \
                 or path.is_symlink() or not path.is_file():
             report.skipped.append(f"{path}: not a checkpoint file of run {run_id}")
             found.bad += 1
             continue
-        step = int(path.stem.removeprefix("model_"))
+        step = step_of_name(path)
         try:
-            state = load(path, mmap=True)
-            if int(state.get("step", -1)) != step or not isinstance(state.get("settings"), dict):
-                raise UnsafeCheckpoint(f"{path} holds step {state.get('step')}, not {step}")
-        except (UnsafeCheckpoint, AttributeError, TypeError, ValueError) as exc:
+            state = format.load_step(path, step, mmap=True)
+        except format.UnsafeCheckpoint as exc:
             report.skipped.append(f"{path}: {exc}; registered as corrupt")
             found.bad += 1
             # Registered, as corrupt: a run whose every checkpoint is bad is refused, never started over beside them
-            found.corrupt[step] = (path, path.stat().st_size, files.sha256_of(path))
+            found.corrupt[step] = (path, path.stat().st_size, sha256_of(path))
             continue
-        found.steps[step] = (path, path.stat().st_size, files.sha256_of(path))
+        found.steps[step] = (path, path.stat().st_size, sha256_of(path))
         newest = state
     if newest is not None:
         found.settings = newest["settings"]

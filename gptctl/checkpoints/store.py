@@ -1,7 +1,13 @@
-"""The registry's view of checkpoint files on disk: hashing and verification, no torch needed."""
+"""The checkpoint store: checkpoint files on disk and their rows in the registry, kept in agreement.
+
+One function for each question: `newest_good` (the checkpoint a start, a rollback, a resume's check
+and retention take), `verify` (every row), `register` (a complete file becomes a row, pinned when its
+step is permanent), `reconcile` (the registry made to agree with a run's directory). The run's
+retention settings are parsed from its stored settings in one place, `rules_of`.
+torch is loaded only where a file is really read (format.py).
+"""
 
 import json
-import re
 import stat
 from pathlib import Path
 from typing import Any, Callable
@@ -9,8 +15,37 @@ from typing import Any, Callable
 from sqlite_utils import Database
 
 from gptctl.atomic import TMP_PREFIX
-from gptctl.digest import sha256_of  # noqa: F401 (also this module's, for its callers)
+from gptctl.checkpoints import format
+from gptctl.checkpoints.directory import checkpoints_dir, is_own_checkpoint_file, remove_checkpoint
+from gptctl.checkpoints.format import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
+from gptctl.digest import sha256_of
 from gptctl.registry import queries
+from gptctl.registry.locks import run_is_locked
+from gptctl.settings import CheckpointSettings
+
+Warn = Callable[[str], None]
+
+
+def rules_of(run: dict[str, Any]) -> CheckpointSettings:
+    """The run's checkpoint settings (keep-last, permanent steps) from its stored settings; a run stored
+    before an option existed keeps what a new run keeps by default. A resume may change them: read anew."""
+    stored = json.loads(run.get("settings") or "{}")
+    return CheckpointSettings.model_validate(
+        {name: stored[name] for name in CheckpointSettings.model_fields if stored.get(name) is not None})
+
+
+def register(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, rules: CheckpointSettings,
+             **how: Any) -> bool:
+    """Record a complete checkpoint file as valid, pinned when its step is one of the run's permanent
+    ones (`how`: queries.register_checkpoint's `replacing` and `verified`). Returns whether a row was written."""
+    return queries.register_checkpoint(db, run_id, step, path, size, sha256, pinned=step in rules.permanent_checkpoints,
+                                       **how)
+
+
+def pin(db: Database, run_id: str, step: int, pinned: bool) -> None:
+    """`ckpt pin`/`unpin`: retention keeps a pinned checkpoint (a permanent step stays kept either way).
+    UserError naming the run's steps when it has none at `step`."""
+    queries.set_pinned(db, queries.checkpoint_at(db, run_id, step)["id"], pinned)
 
 
 def check_file(db: Database, row: dict[str, Any], full: bool) -> str:
@@ -43,91 +78,74 @@ def stat_key(path: Path) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ino
 
 
-def newest_verified_checkpoint(db: Database, run_id: str, warn=print, healthy: bool = False) -> dict[str, Any] | None:
-    """The newest checkpoint of a run that exists and matches its size and sha256 (and with `healthy`,
-    was not judged unhealthy); bad ones are marked."""
-    for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
-        if healthy and not queries.is_healthy(row):
-            continue
-        state = check_file(db, row, full=True)
-        if state == "valid":
-            return row
-        queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
-        warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
+def _loads(row: dict[str, Any]) -> str | None:
+    """Why a verified file does not load as the gptctl checkpoint of its row's step (None: it does)."""
+    try:
+        format.load_step(Path(row["path"]), row["step"], mmap=True)  # the settings and keys; tensors mapped
+    except (format.UnsafeCheckpoint, OSError) as exc:
+        return str(exc)
     return None
 
 
-def load_check(path: Path) -> int | None:
-    """`reconcile`'s `inspect` for commands that may import torch: it is imported only once an
-    unregistered file needs loading (engine.checkpoint.stored_step)."""
-    from gptctl.engine.checkpoint import stored_step
+def newest_good(db: Database, run_id: str, warn: Warn = print, healthy: bool = False, loads: bool = False,
+                distrust: int | None = None, at_least: int | None = None) -> dict[str, Any] | None:
+    """The newest checkpoint row of a run whose file exists and matches its size and sha256, and with
+    `loads`, loads as a gptctl checkpoint of its step (torch); each bad one on the way is marked
+    (missing or corrupt) with a warning, and the previous one is tried.
 
-    return stored_step(path)
+    `healthy`: pass over checkpoints judged unhealthy. `distrust`: a step a run rolled back to and
+    diverged from again; it is marked unhealthy and passed over. `at_least`: only steps at or above it
+    (None when the newest good one is older)."""
+    for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
+        if at_least is not None and row["step"] < at_least:
+            return None
+        if healthy and not queries.is_healthy(row):
+            continue
+        state = check_file(db, row, full=True)
+        if state != "valid":
+            queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
+            warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
+            continue
+        if row["step"] == distrust:
+            queries.mark_unhealthy(db, row["id"], "the run diverged again after rolling back to it")
+            continue
+        why = _loads(row) if loads else None
+        if why is None:
+            return row
+        queries.mark_checkpoint(db, row["id"], "corrupt", only_if="valid", sha256=row["sha256"])
+        warn(f"checkpoint step {row['step']} does not load ({why}); marked corrupt, trying the previous one")
+    return None
 
 
 def verify(db: Database, run_id: str | None) -> list[dict[str, Any]]:
     """Check every registered checkpoint of `run_id` (None: all runs): exists, size, sha256, and loads as
-    plain data; mark the ones whose state changed. Imports torch (a verification really loads the file)."""
-    from gptctl.engine.checkpoint import UnsafeCheckpoint, load
-
+    the plain-data gptctl checkpoint of its step; mark the ones whose state changed. Imports torch."""
     report = []
     for row in queries.checkpoints_of(db, run_id, states=["valid", "corrupt", "missing"]):
         state, detail = check_file(db, row, full=True), ""
-        if state == "valid":
-            try:
-                load(row["path"])
-            except UnsafeCheckpoint as exc:
-                state, detail = "corrupt", str(exc)
+        if state == "valid" and (why := _loads(row)) is not None:
+            state, detail = "corrupt", why
         if state != row["state"]:
             queries.mark_checkpoint(db, row["id"], state, only_if=row["state"])  # unless retention got there first
         report.append({"run_id": row["run_id"], "step": row["step"], "path": row["path"], "state": state, "detail": detail})
     return report
 
 
+def listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
+    """queries.checkpoint_listing, each row saying whether its step is one of its run's permanent ones."""
+    rules: dict[str, CheckpointSettings] = {}
+    rows = queries.checkpoint_listing(db, run_id)
+    for row in rows:
+        if row["run_id"] not in rules:
+            rules[row["run_id"]] = rules_of(queries.get_run(db, row["run_id"]))
+        row["permanent"] = row["step"] in rules[row["run_id"]].permanent_checkpoints
+    return rows
+
+
 def reconcile_runs(db: Database, runs: list[dict[str, Any]], inspect: Callable[[Path], int | None] | None = None
                    ) -> list[str]:
     """`reconcile` each run; what changed, each line naming its run."""
     return [f"run {run['id']}: {change}" for run in runs for change in reconcile(db, run, inspect)]
-
-
-CHECKPOINT_GLOB = "model_*.pt"
-CHECKPOINT_NAME = re.compile(r"model_\d+\.pt")
-
-
-def checkpoints_dir(run: dict[str, Any]) -> Path:
-    return Path(run["run_dir"]) / "checkpoints"
-
-
-def is_own_checkpoint_file(run: dict[str, Any], path: str | Path) -> bool:
-    """Whether `path` is a checkpoint file directly in the run's own checkpoints directory.
-
-    The only files gptctl ever deletes; a registry row pointing anywhere else (edited by hand or
-    tampered with, or a symlink out of the directory) is never unlinked.
-    """
-    path = Path(path)
-    return bool(CHECKPOINT_NAME.fullmatch(path.name)) and path.resolve().parent == checkpoints_dir(run).resolve()
-
-
-def remove_checkpoint(db: Database, run: dict[str, Any], row: dict[str, Any]) -> int | None:
-    """Delete one checkpoint of `run`: mark the row deleting, unlink the file, mark it deleted.
-
-    Returns the bytes freed, or None when the row is not this process's to delete: its path is
-    outside the run's checkpoints directory, or another process changed its state first. A crash
-    midway leaves a 'deleting' row, which `reconcile` finishes; a row never says deleted while its
-    file is still there, and a concurrent reader never sees a half-deleted checkpoint as valid.
-    """
-    if not is_own_checkpoint_file(run, row["path"]) or Path(run["run_dir"]).is_symlink():
-        return None
-    if row["state"] != "deleting" and not queries.mark_deleting(db, row["id"], only_if=row["state"]):
-        return None  # changed meanwhile, leased by a reader, or become a run's parent
-    path = Path(row["path"])
-    try:
-        freed = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:  # already gone: a crash after the unlink, or someone finishing the same deletion
-        freed = 0
-    queries.mark_checkpoint(db, row["id"], "deleted")
-    return freed
 
 
 def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int | None] | None = None,
@@ -138,15 +156,13 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
       a missing one that is back is valid again once its sha256 matches;
     - a deletion that was interrupted (a 'deleting' row) is finished;
     - a checkpoint file without a row (e.g. killed between rename and insert) is registered only when
-      `inspect` (engine.checkpoint.stored_step: a torch load as plain data) finds in it the step its
+      `inspect` (format.stored_step: a torch load as plain data) finds in it the step its
       name says, and it is a regular file really inside the run's checkpoints directory. A partial
       manual copy, a symlink or a foreign file is never trusted. Torch-free callers (ckpt list) pass
       no `inspect`: such files then stay unregistered, and unlisted, until a torch path looks. While
       a trainer holds the run, only it (`by_trainer`) registers them: it is about to register its own;
     - leftover temporary files of an interrupted save are removed, unless a trainer holds the run.
     """
-    from gptctl.registry.locks import run_is_locked
-
     changes = []
     directory = checkpoints_dir(run)
     for row in queries.checkpoints_of(db, run["id"], states=["valid", "deleting", "missing"]):
@@ -169,11 +185,11 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
         return changes
     trainer_active = run_is_locked(Path(run["run_dir"]))
     seen = {row["step"]: row["state"] for row in queries.checkpoints_of(db, run["id"])}
-    settings_permanent = set(json.loads(run["settings"]).get("permanent_checkpoints", []))
+    rules = rules_of(run)
     for path in sorted(directory.glob(CHECKPOINT_GLOB)):
         if not CHECKPOINT_NAME.fullmatch(path.name):
             continue
-        step = int(path.stem.removeprefix("model_"))
+        step = step_of_name(path)
         if seen.get(step, "deleted") != "deleted" or (trainer_active and not by_trainer):
             continue
         refusal = _orphan_refusal(run, path, step, inspect)
@@ -184,8 +200,7 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
             size, sha, verified = path.stat().st_size, sha256_of(path), stat_key(path)
         except FileNotFoundError:  # registered and deleted by a live trainer while we looked
             continue
-        if queries.register_checkpoint(db, run["id"], step, path, size, sha, pinned=step in settings_permanent,
-                                       replacing=seen.get(step), verified=verified):
+        if register(db, run["id"], step, path, size, sha, rules, replacing=seen.get(step), verified=verified):
             changes.append(f"step {step}: unregistered checkpoint file registered")
     if not trainer_active:
         for tmp in directory.glob(TMP_PREFIX + "*"):

@@ -1,16 +1,13 @@
 """Which checkpoints may be deleted, and deleting them. One rule set, used by training and `ckpt prune` alike."""
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlite_utils import Database
 
-from gptctl.registry import files, queries
-from gptctl.settings import CheckpointSettings
-
-# A run whose stored settings predate the option keeps what a new run keeps by default.
-DEFAULT_KEEP_LAST = CheckpointSettings.model_fields["keep_last_n_checkpoints"].default
+from gptctl.checkpoints import store
+from gptctl.checkpoints.directory import checkpoints_dir, is_own_checkpoint_file, remove_checkpoint
+from gptctl.registry import queries
 
 
 def deletable(checkpoints: list[dict[str, Any]], keep_last: int, permanent: set[int], protected_paths: set[str]) -> list[dict[str, Any]]:
@@ -46,18 +43,18 @@ def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: 
     if Path(run["run_dir"]).is_symlink():  # a copy of the home (cp -a) holds the same link: its files are shared
         warn(f"run {run['id']}: its directory {run['run_dir']} is a symlink; retention deletes nothing through it")
         return []
-    newest = files.newest_verified_checkpoint(db, run["id"], warn)
+    newest = store.newest_good(db, run["id"], warn)
     if newest is None:
         return []
-    settings = json.loads(run["settings"])
-    keep = keep_last if keep_last is not None else settings.get("keep_last_n_checkpoints", DEFAULT_KEEP_LAST)
+    rules = store.rules_of(run)
+    keep = keep_last if keep_last is not None else rules.keep_last_n_checkpoints
     rows = [r for r in queries.checkpoints_of(db, run["id"]) if r["step"] <= newest["step"]]
     # The registry stores both in one spelling (homepaths.py), as queries.mark_deleting compares them.
     parents = {r["parent_checkpoint"] for r in db.query("select parent_checkpoint from runs where parent_checkpoint is not null")}
     protected = {c["path"] for c in rows if c["state"] == "valid" and queries.stored_path(db, c["path"]) in parents}
     own = []
-    for row in deletable(rows, keep, set(settings.get("permanent_checkpoints", [])), protected):
-        if files.is_own_checkpoint_file(run, row["path"]):
+    for row in deletable(rows, keep, set(rules.permanent_checkpoints), protected):
+        if is_own_checkpoint_file(run, row["path"]):
             own.append(row)
         else:
             warn(_foreign(run, row))
@@ -65,7 +62,7 @@ def plan(db: Database, run: dict[str, Any], keep_last: int | None = None, warn: 
 
 
 def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None] = print) -> int:
-    """Delete planned checkpoints (see files.remove_checkpoint); returns the bytes freed.
+    """Delete planned checkpoints (see directory.remove_checkpoint); returns the bytes freed.
 
     Only files in their run's own checkpoints directory are ever unlinked: this is checked again
     here, whatever the caller planned.
@@ -74,10 +71,10 @@ def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None]
     freed = 0
     for row in rows:
         run = runs.setdefault(row["run_id"], queries.get_run(db, row["run_id"]))
-        if not files.is_own_checkpoint_file(run, row["path"]):
+        if not is_own_checkpoint_file(run, row["path"]):
             warn(_foreign(run, row))
             continue
-        removed = files.remove_checkpoint(db, run, row)
+        removed = remove_checkpoint(db, run, row)
         if removed is None and queries.checkpoint_state(db, row["id"]) == row["state"]:  # not taken by another deleter meanwhile
             warn(f"kept step {row['step']} of run {run['id']}: a reader is loading it, or a run now starts from it")
         freed += removed or 0
@@ -86,4 +83,4 @@ def delete(db: Database, rows: list[dict[str, Any]], warn: Callable[[str], None]
 
 def _foreign(run: dict[str, Any], row: dict[str, Any]) -> str:
     return (f"not deleting step {row['step']} of run {run['id']}: its registered path {row['path']} is not in the "
-            f"run's checkpoints directory {files.checkpoints_dir(run)} (was the registry edited?)")
+            f"run's checkpoints directory {checkpoints_dir(run)} (was the registry edited?)")
