@@ -137,7 +137,8 @@ def peak_memory(device: torch.device) -> int:
 class Trainer:
     """The components are passed in, each built before the Trainer from what it needs (the worker's write
     the registry and the run directory); left out, each is one that keeps nothing, so that tests and
-    benchmarks build a bare Trainer(settings, d)."""
+    benchmarks build a bare Trainer(settings, d). A checkpointer has NoCheckpoints' interface (save, wait,
+    raise_failure, newest_healthy, failed, busy, write_seconds); engine/checkpoint.CheckpointManager is the real one."""
 
     def __init__(self, settings: TrainSettings, d: Dist, *, stop: StopFlag | None = None,
                  run_dir: Path | None = None, loaders: tuple | None = None, checkpointer=None,
