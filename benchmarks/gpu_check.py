@@ -141,8 +141,7 @@ def engine_rows(shape, seq_len, batch, steps, compile_, device, dtype, on_row=No
             if on_row:
                 on_row(row)
 
-    trainer = Trainer(settings, Dist(0, 0, 1, device), loaders=(batches, batches))
-    trainer.metrics = Collect()
+    trainer = Trainer(settings, Dist(0, 0, 1, device), loaders=(batches, batches), metrics=Collect())
     trainer.train()
     return rows
 

@@ -1,12 +1,12 @@
 """The life of a run on the control plane: create it, lock it, launch its workers, record the outcome.
 
-What is checked before (preflight.py) and what a resume changes (resume.py) live beside it."""
+training.py sequences these for a command; what is checked before (preflight.py) and what a resume
+changes (resume.py) live beside it. Each takes the command's open registry (`db`)."""
 
 import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from gptctl.atomic import write_text_atomic
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline
 from gptctl.detach import hand_off
 from gptctl.errors import UserError
-from gptctl.registry import launches, open_registry, queries
+from gptctl.registry import launches, queries
 from gptctl.registry.db import transaction
 from gptctl.registry.locks import LOCK_NAME, TAKEOVER_WAIT_S, DirectoryLock
 from gptctl.registry.runinfo import write_run_info
@@ -27,14 +27,8 @@ DIVERGED_EXIT_CODE = 3
 DEADLINE_EXIT_CODE = 124  # as timeout(1): stopped, with a checkpoint, because time ran out; resume later
 
 
-@dataclass
-class Outcome:
-    run: dict[str, Any]
-    exit_code: int
-
-
-def create_run(home: Path, settings: TrainSettings, command: list[str], save_config: bool, parent_checkpoint: str | None = None,
-               dataset=None, name: str | None = None, new_run: bool = False,
+def create_run(db, home: Path, settings: TrainSettings, command: list[str], save_config: bool,
+               parent_checkpoint: str | None = None, dataset=None, name: str | None = None, new_run: bool = False,
                parent_kind: str | None = None) -> tuple[dict, DirectoryLock]:
     """Everything has been validated before this: from here on the run exists on disk and in the registry.
 
@@ -44,7 +38,6 @@ def create_run(home: Path, settings: TrainSettings, command: list[str], save_con
     gives, 'weights' (--init-from, a finetune) or 'state' (--resume --checkpoint-path). The directory is made and
     locked first: until the row is in, a locked directory is one being made (db.unregistered_run_directories)."""
     home = home.resolve()
-    db = open_registry(home)
     while True:
         chosen = name or queries.free_name(db, settings.kind)
         run_id = queries.new_run_id(db)
@@ -123,10 +116,10 @@ def _command(home: Path, run: dict[str, Any], launch_settings: LaunchSettings, i
     return cmd
 
 
-def queue(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+def queue(db, home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
           init_checkpoint: str | None = None) -> str:
     """Leave the run for a job script to train: its status says so, and its workers take the lock."""
-    queries.update_run(open_registry(home, check_home=False), run["id"], status="queued")
+    queries.update_run(db, run["id"], status="queued")
     lock.release()
     return shlex.join(_command(home, run, launch_settings, init_checkpoint, job_script=True))
 
@@ -149,9 +142,10 @@ def follow(home: Path, settings: TrainSettings, launch_settings: LaunchSettings)
     return 128 + stopped_by if stopped_by else code
 
 
-def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
-            init_checkpoint: str | None = None) -> Outcome:
-    """Launch the workers for `run` (which holds `lock`) and record how they ended."""
+def execute(db, home: Path, run: dict[str, Any], lock: DirectoryLock, launch_settings: LaunchSettings,
+            init_checkpoint: str | None = None) -> dict[str, Any]:
+    """Launch the workers for `run` (which holds `lock`) and record how they ended: the run's row then, with
+    its exit code."""
     home, run_dir = home.resolve(), Path(run["run_dir"])
     code, stopped_by = None, None
     try:
@@ -161,31 +155,29 @@ def execute(home: Path, run: dict[str, Any], lock: DirectoryLock, launch_setting
                                               log=run_dir / launch.LAUNCHER_LOG, requests=stop_request.Watch(run_dir))
     finally:
         try:  # a registry that cannot be written now (a full disk) is said by the CLI in one line
-            db = open_registry(home, create=False, check_home=False)
             # A start whose workers recorded no end: killed here (torchrun killed by a signal), else crashed.
             launches.close_open(db, run["id"], "kill" if stopped_by and code is not None and code < 0 else "crash")
-            row = queries.get_run(db, run["id"])
+            row = queries.get_run(db, run["id"])  # as the workers left it
             if row["status"] in queries.ACTIVE:
                 # The workers died without recording an outcome (crash, kill, or torchrun refusing to start).
-                status = "interrupted" if stopped_by else "failed"
-                queries.update_run(db, run["id"], status=status, ended_at=queries.now())
+                ended = {"status": "interrupted" if stopped_by else "failed", "ended_at": queries.now()}
+                queries.update_run(db, run["id"], **ended)
+                row = {**row, **ended}
         finally:
             lock.release()
-    db = open_registry(home, create=False, check_home=False)
-    status = queries.get_run(db, run["id"])["status"]
     newest = launches.newest(db, run["id"])
-    if status == "interrupted" and not stopped_by and newest and newest["reason"] == "deadline":
+    if row["status"] == "interrupted" and not stopped_by and newest and newest["reason"] == "deadline":
         code = DEADLINE_EXIT_CODE
-    elif status == "interrupted":
+    elif row["status"] == "interrupted":
         code = 128 + (stopped_by or signal.SIGINT)  # the workers exit 0 after a clean stop
-    elif status == "diverged":
+    elif row["status"] == "diverged":
         code = DIVERGED_EXIT_CODE  # the workers exit 0 so that torchrun does not restart them into it
     queries.update_run(db, run["id"], exit_code=code)
-    return Outcome(queries.get_run(db, run["id"]), code)
+    return {**row, "exit_code": code}
 
 
-def summary(home: Path, run: dict[str, Any]) -> dict[str, Any]:
-    db = open_registry(home, create=False, check_home=False)
+def summary(db, run: dict[str, Any]) -> dict[str, Any]:
+    """Where `run` (its row) stands: its last losses, speed and valid checkpoints."""
     metrics = queries.metrics_of(db, run["id"])
     last = metrics[-1] if metrics else {}
     val = [m["val_loss"] for m in metrics if m["val_loss"] is not None]

@@ -272,27 +272,18 @@ def _rank_main(send, env: dict, data_root, directory, resume_from, fields, overr
 
 def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, fields: tuple[str, ...], overrides: dict):
     from gptctl.engine import checkpoint as ckpt
-    from gptctl.engine.trainer import NoCheckpoints, Trainer
+    from gptctl.engine.trainer import Trainer
     from gptctl.engine.worker import pin_numerics
     from gptctl.settings import TrainSettings
-
-    class Files(NoCheckpoints):
-        def __init__(self):
-            self.paths = {}
-
-        def save(self, step, make_state):
-            path = directory / ckpt.checkpoint_name(step)
-            state = make_state()  # collective: every rank gathers, rank 0 writes
-            if d.is_main:
-                ckpt.save_atomic(state, path)
-            self.paths[step] = path
+    from helpers import RecordingCheckpointer
 
     pin_numerics(deterministic=False)  # as the worker does: the same thread count, no dynamic threads
     directory.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}), d)
+    trainer = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data_root, **overrides}), d,
+                      checkpointer=RecordingCheckpointer(directory, writes=d.is_main))  # rank 0 writes
     if resume_from is not None:
         trainer.load_state_dict(ckpt.load(resume_from))
-    trainer.checkpointer, start = Files(), trainer.state.step
+    start = trainer.state.step
     rows = {r["step"]: tuple(r.get(f) for f in fields) for r in trainer.train().history if r["step"] > start}
     return rows, trainer.checkpointer.paths
 

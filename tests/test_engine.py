@@ -225,6 +225,7 @@ def test_the_trainer_state_is_the_checkpoint(shakespeare):
     """A Trainer asked to stop finishes its step; its state_dict loaded into a fresh Trainer continues the
     same run to the bit (losses, lr, grad norms, val losses) and carries the metrics history."""
     from gptctl.engine.distributed import Dist
+    from gptctl.engine.startup import StopFlag
     from gptctl.engine.trainer import Metrics, Trainer
     from gptctl.settings import TrainSettings
 
@@ -232,13 +233,14 @@ def test_the_trainer_state_is_the_checkpoint(shakespeare):
     cpu = Dist(0, 0, 1, torch.device("cpu"))
     whole = Trainer(settings, cpu).train()
 
+    stop = StopFlag()
+
     class StopDuringStep3(Metrics):
         def log(self, row):
             if row["step"] == 2:
-                first.stop.requested = True  # as a signal would, before step 3's all-reduce
+                stop.requested = True  # as a signal would, before step 3's all-reduce
 
-    first = Trainer(settings, cpu)
-    first.metrics = StopDuringStep3()
+    first = Trainer(settings, cpu, stop=stop, metrics=StopDuringStep3())
     stopped = first.train()
     assert stopped.interrupted and stopped.step == 3
     state = first.state_dict()

@@ -1,16 +1,16 @@
 """Run health: non-finite steps never reach the weights, spikes and NaN streaks roll back or stop the run."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
+from helpers import RecordingCheckpointer
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health
-from gptctl.engine.trainer import Metrics, NoCheckpoints, Trainer
+from gptctl.engine.trainer import Metrics, Trainer
 from gptctl.checkpoints.retention import deletable
 from gptctl.settings import TrainSettings
 
@@ -29,25 +29,9 @@ class Events(Metrics):
         self.rewinds.append(step)
 
 
-class KeptStates(NoCheckpoints):
-    """Checkpoints as real files, and the rollback lookup the registry-backed checkpointer does."""
-
-    def __init__(self, directory: Path):
-        self.directory, self.paths, self.distrusted = directory, {}, []
-
-    def save(self, step, make_state):
-        self.paths[step] = self.directory / ckpt.checkpoint_name(step)
-        ckpt.save_atomic(make_state(), self.paths[step])
-
-    def newest_healthy(self, distrust):
-        healthy = [s for s in sorted(self.paths) if s not in self.distrusted]
-        if healthy and healthy[-1] == distrust:
-            self.distrusted.append(healthy.pop())
-        return ckpt.load(self.paths[healthy[-1]]) if healthy else None
-
-
-def trainer(data, **overrides) -> Trainer:
-    return Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data, **overrides}), CPU)
+def trainer(data, metrics=None, checkpointer=None, **overrides) -> Trainer:
+    return Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": data, **overrides}), CPU, metrics=metrics,
+                   checkpointer=checkpointer)
 
 
 def test_health_judges_spikes_against_the_moving_average_and_counts_nan_streaks():
@@ -64,8 +48,7 @@ def test_health_judges_spikes_against_the_moving_average_and_counts_nan_streaks(
 
 
 def test_a_huge_learning_rate_never_puts_nan_into_the_weights_and_stops_the_run(shakespeare):
-    t = trainer(shakespeare, on_divergence="stop", **DIVERGING)
-    t.metrics = Events()
+    t = trainer(shakespeare, metrics=Events(), on_divergence="stop", **DIVERGING)
     state = t.train()
     assert state.diverged and state.step < 60 and "at step" in state.diverged
     assert any(r.get("skipped") for r in state.history)  # non-finite steps were skipped, not applied
@@ -76,8 +59,8 @@ def test_a_huge_learning_rate_never_puts_nan_into_the_weights_and_stops_the_run(
 def test_a_spike_rolls_back_to_the_newest_healthy_checkpoint_and_skips_its_data(shakespeare, tmp_path, monkeypatch):
     clean = trainer(shakespeare, max_steps=12, checkpoint_interval=4).train()
     monkeypatch.setenv("GPTCTL_TEST_SPIKE_POSITIONS", "7")  # the batches of step 7 make the loss spike
-    t = trainer(shakespeare, max_steps=12, checkpoint_interval=4)
-    t.metrics, t.checkpointer = Events(), KeptStates(tmp_path)
+    t = trainer(shakespeare, metrics=Events(), checkpointer=RecordingCheckpointer(tmp_path), max_steps=12,
+                checkpoint_interval=4)
     state = t.train()
     assert state.diverged is None and state.step == 12 and state.rollbacks == 1 and state.data_offset == 3
     assert [(s, k) for s, k, _ in t.metrics.events] == [(7, "spike"), (4, "rollback")] and t.metrics.rewinds == [4]
@@ -91,8 +74,8 @@ def test_a_spike_rolls_back_to_the_newest_healthy_checkpoint_and_skips_its_data(
 
 def test_a_rollback_that_diverges_again_goes_further_back_then_stops(shakespeare, tmp_path, monkeypatch):
     monkeypatch.setenv("GPTCTL_TEST_SPIKE_POSITIONS", ",".join(str(p) for p in range(7, 40)))  # bad data everywhere
-    t = trainer(shakespeare, max_steps=12, checkpoint_interval=2, max_rollbacks=5)
-    t.metrics, t.checkpointer = Events(), KeptStates(tmp_path)
+    t = trainer(shakespeare, metrics=Events(), checkpointer=RecordingCheckpointer(tmp_path), max_steps=12,
+                checkpoint_interval=2, max_rollbacks=5)
     state = t.train()
     # Rolled back to 6; diverged again from it: 6 is distrusted, back to 4, then 2; then none is left.
     assert [s for s, k, _ in t.metrics.events if k == "rollback"] == [6, 4, 2] and t.checkpointer.distrusted == [6, 4, 2]

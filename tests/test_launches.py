@@ -16,12 +16,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import TINY_RUN, TINY_SETTINGS, cli, gptctl, only_run_id
+from helpers import RecordingCheckpointer
 from gptctl.cli import app
 from gptctl.control import DEADLINE_EXIT_CODE
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline, parse_deadline, slurm_end_time, worker_deadline
 from gptctl.engine.distributed import Dist
 from gptctl.engine.startup import StopFlag
-from gptctl.engine.trainer import NoCheckpoints, Trainer
+from gptctl.engine.trainer import Trainer
 from gptctl.registry import launches, open_registry, queries
 from gptctl.settings import TrainSettings
 
@@ -104,19 +105,11 @@ def test_sigusr1_is_a_stop_request():
             signal.signal(s, handler)
 
 
-class SavedSteps(NoCheckpoints):
-    def __init__(self):
-        self.steps = []
-
-    def save(self, step, make_state):
-        self.steps.append(step)
-
-
 def test_the_trainer_stops_and_saves_before_the_deadline(shakespeare):
     t = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare, "max_steps": 100_000,
-                                 "checkpoint_interval": 100_000}), Dist(0, 0, 1, torch.device("cpu")))
-    t.checkpointer = SavedSteps()
-    t.deadline, t.deadline_margin = time.time() + 5.0, 2.0  # a margin for a loaded machine's slower steps
+                                 "checkpoint_interval": 100_000}), Dist(0, 0, 1, torch.device("cpu")),
+                checkpointer=RecordingCheckpointer(),
+                deadline=time.time() + 5.0, deadline_margin=2.0)  # a margin for a loaded machine's slower steps
     state = t.train()
     assert state.interrupted and state.stopped_by == "deadline" and 1 < state.step < 100_000
     assert time.time() < t.deadline  # it saved with time to spare: one step, one save and the margin
@@ -127,8 +120,8 @@ def test_the_trainer_stops_and_saves_before_the_deadline(shakespeare):
 
 def test_a_deadline_already_too_close_still_trains_one_step(shakespeare):
     t = Trainer(TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare, "max_steps": 10}),
-                Dist(0, 0, 1, torch.device("cpu")))
-    t.deadline = time.time() + 1.0  # less than the margin: stop after the first step (saved)
+                Dist(0, 0, 1, torch.device("cpu")),
+                deadline=time.time() + 1.0)  # less than the margin: stop after the first step (saved)
     assert t.train().step == 1
 
 

@@ -331,3 +331,22 @@ def test_detach_says_when_the_launch_fails_to_start(trained_run, gptctl_home):
     assert proc.returncode not in (0, 2), (proc.stdout, proc.stderr)
     assert "failed to start" in proc.stderr and "console.log" in proc.stderr, proc.stderr
     assert "trains in the background" not in proc.stdout
+
+
+def test_training_is_one_library_call_that_returns_an_outcome(trained_run, monkeypatch):
+    """The CLI only parses and prints: training.train takes the request and returns the outcome (here an
+    --auto-resume of a complete run, which trains nothing), or raises UserError for a refusal."""
+    from gptctl.errors import UserError
+    from gptctl.training import TrainRequest, train
+
+    home, run_id = trained_run
+    monkeypatch.setenv("GPTCTL_HOME", str(home))
+    said = []
+    outcome = train(TrainRequest("pretrain", "auto-resume", {"run_name": "shared"}, ["gptctl", "pretrain"]),
+                    say=said.append)
+    assert outcome.exit_code == 0 and outcome.run["id"] == run_id and outcome.command is None
+    assert outcome.summary["status"] == "completed" and outcome.summary["last_step"] == 8
+    assert said == [f"run {run_id} (shared) is already complete at step 8; nothing to train "
+                    "(a --max-steps above 8 trains it further)"]
+    with pytest.raises(UserError, match="--run-name: a resume keeps the run's name"):
+        train(TrainRequest(None, "resume", {"run_name": "other"}, ["gptctl", "resume"], run_ref="shared"))

@@ -297,15 +297,10 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
     import torch
 
     from gptctl.engine.distributed import Dist
-    from gptctl.engine.trainer import Metrics, NoCheckpoints, Trainer
+    from gptctl.engine.startup import StopFlag
+    from gptctl.engine.trainer import Metrics, Trainer
     from gptctl.settings import TrainSettings
-
-    class Recording(NoCheckpoints):
-        def __init__(self):
-            self.steps = [] if saved is None else saved
-
-        def save(self, step, make_state):
-            self.steps.append(step)
+    from helpers import RecordingCheckpointer
 
     class Rows(Metrics):
         def log(self, row):
@@ -315,11 +310,11 @@ def _train_tiny(max_steps: int, interval: int, permanent: set[int], stop_at: int
                              total_batch_size=None, grad_accumulation_steps=accumulation, max_steps=max_steps,
                              warmup_steps=0, lr_scheduler="constant", max_lr=1e-3, eval_interval=1000, eval_steps=1,
                              checkpoint_interval=interval, permanent_checkpoints=sorted(permanent), device="cpu")
-    trainer = Trainer(settings, Dist(0, 0, 1, torch.device("cpu")),
-                      loaders=(_RandomTokens(64, None, stop_at),) * 2)
-    trainer.train_loader.stop = trainer.stop
+    stop = StopFlag()
+    trainer = Trainer(settings, Dist(0, 0, 1, torch.device("cpu")), stop=stop,
+                      loaders=(_RandomTokens(64, stop, stop_at),) * 2,
+                      checkpointer=RecordingCheckpointer(steps=saved), metrics=Rows())
     trainer.evals.update(evals or {})
-    trainer.checkpointer, trainer.metrics = Recording(), Rows()
     trainer.train()
     return trainer.checkpointer.steps
 

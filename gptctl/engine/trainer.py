@@ -1,7 +1,7 @@
 """The Trainer: a run's model, optimizer, data, checkpointer, metrics and evals as attributes, and the loop.
 
-Built from settings alone (torchtitan's Trainer), so tests drive it in-process on a tiny model; the
-worker swaps in the components that write the registry and the run directory. What the loop carries
+Built from settings and the components passed to it (torchtitan's Trainer), so tests drive it in-process
+on a tiny model; the worker passes the components that write the registry and the run directory. What the loop carries
 from one step to the next is one explicit block, `LoopState` (nanochat). The loop never knows where a
 checkpoint lives or where metrics go: it calls `checkpointer.save(step, self.state_dict)` and
 `metrics.log(row)`.
@@ -126,9 +126,25 @@ class NoCheckpoints:
     busy = False  # no save in flight
 
 
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the peak so far: CUDA memory allocated by this process on GPU, its resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux counts kilobytes
+
+
 class Trainer:
+    """The components are passed in, each built before the Trainer from what it needs (the worker's write
+    the registry and the run directory); left out, each is one that keeps nothing, so that tests and
+    benchmarks build a bare Trainer(settings, d). A checkpointer has NoCheckpoints' interface (save, wait,
+    raise_failure, newest_healthy, failed, busy, write_seconds); engine/checkpoint.CheckpointManager is the real one."""
+
     def __init__(self, settings: TrainSettings, d: Dist, *, stop: StopFlag | None = None,
-                 run_dir: Path | None = None, loaders: tuple | None = None):
+                 run_dir: Path | None = None, loaders: tuple | None = None, checkpointer=None,
+                 metrics: Metrics | None = None, progress: TrainingProgress | None = None,
+                 clock: LaunchClock | None = None, deadline: float | None = None,
+                 deadline_margin: float = DEFAULT_MARGIN):
         self.settings, self.d = settings, d
         self.stop = stop or StopFlag()
         self.accumulation = settings.resolved_accumulation(d.world_size)
@@ -156,16 +172,16 @@ class Trainer:
         self.evals: dict[str, tuple[int, Callable[[], float]]] = {}
         if settings.hellaswag_interval:
             self.evals["hellaswag_acc"] = (settings.hellaswag_interval, hellaswag_eval(self))
-        self.checkpointer = NoCheckpoints()
-        self.metrics = Metrics()
-        self.progress = TrainingProgress(0, settings.max_steps, None, enabled=False)
+        self.checkpointer = checkpointer or NoCheckpoints()
+        self.metrics = metrics or Metrics()
+        self.progress = progress or TrainingProgress(0, settings.max_steps, None, enabled=False)
         self.timer = PhaseTimer(settings.log_level == "debug", d.device)
         self.flops_per_token, self.peak_flops = _flops(settings, self.device_name, self.dtype, d.world_size)
         self.health = Health(settings.spike_factor, settings.nonfinite_streak)
         self.state = LoopState()
-        self.clock = LaunchClock()
-        self.deadline: float | None = None  # wall-clock time by which the run must have stopped and saved
-        self.deadline_margin = DEFAULT_MARGIN  # seconds kept free before it, besides one step and one save
+        self.clock = clock or LaunchClock()
+        self.deadline = deadline  # wall-clock time by which the run must have stopped and saved (None: none)
+        self.deadline_margin = deadline_margin  # seconds kept free before it, besides one step and one save
         self.poisoned = _test_spike_positions()
 
     @property
@@ -173,11 +189,7 @@ class Trainer:
         return torch.cuda.get_device_name(self.d.device) if self.d.device.type == "cuda" else self.d.device.type
 
     def peak_memory(self) -> int:
-        """Bytes at the peak so far: CUDA memory allocated by this process on GPU, its resident memory on CPU."""
-        if self.d.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.d.device))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024  # Linux counts kilobytes
+        return peak_memory(self.d.device)
 
     def deadline_near(self) -> bool:
         """Whether one more step, its evals and a save would end past the deadline (less the margin). The

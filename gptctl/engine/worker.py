@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import traceback
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from gptctl.deadline import worker_deadline
 from gptctl.engine.startup import StopFlag, pin_thread_pools
@@ -44,7 +44,7 @@ from gptctl.engine.distributed import broadcast_object, setup, share_run, teardo
 from gptctl.engine.loggers import ExternalLoggers
 from gptctl.engine.optim import muon_lr_scale
 from gptctl.engine.progress import TrainingProgress
-from gptctl.engine.trainer import Metrics, Trainer
+from gptctl.engine.trainer import LaunchClock, Metrics, Trainer, peak_memory
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
 from gptctl.registry import launches, open_registry, queries
@@ -63,24 +63,28 @@ class RunRefused(UserError):
 class LaunchLog:
     """This start of the workers as a registry row (registry/launches.py), kept by the main rank: steps,
     time per phase and peak memory at every metrics flush, the reason it ended at the end. A rollback
-    closes it and opens the next, which starts from the checkpoint rolled back to."""
+    closes it and opens the next, which starts from the checkpoint rolled back to. Built before the
+    Trainer, from the clock and the memory gauge it will share; the step reached is the last one the
+    metrics saw (`reached`), or given when the row closes."""
 
-    def __init__(self, db, run_id: str, trainer: Trainer, enabled: bool):
-        self.db, self.run_id, self.trainer, self.enabled = db, run_id, trainer, enabled
+    def __init__(self, db, run_id: str, clock: LaunchClock, world_size: int, memory: Callable[[], int], enabled: bool):
+        self.db, self.run_id, self.clock, self.world_size, self.memory = db, run_id, clock, world_size, memory
+        self.enabled = enabled
         self.id: int | None = None
-        self.base = trainer.clock.totals()  # the clock at this row's start: rows record their own share
+        self.reached = 0  # the last step the loop finished (or started from)
+        self.base = clock.totals()  # the clock at this row's start: rows record their own share
         self.startup = True  # the first row's start-up is the launch's; a rollback's is part of its wall time
 
     def open(self, first_step: int, stale_reason: str, started: float) -> None:
+        self.reached = first_step
         if self.enabled:
-            self.id = launches.start(self.db, self.run_id, first_step, self.trainer.d.world_size, started, stale_reason)
+            self.id = launches.start(self.db, self.run_id, first_step, self.world_size, started, stale_reason)
 
     def values(self) -> dict:
-        clock = self.trainer.clock
-        values = {k: v - self.base[k] for k, v in clock.totals().items()}
-        values.update(last_step=self.trainer.state.step, peak_memory=self.trainer.peak_memory())
+        values = {k: v - self.base[k] for k, v in self.clock.totals().items()}
+        values.update(last_step=self.reached, peak_memory=self.memory())
         if self.startup:
-            values["startup_s"] = clock.startup_s
+            values["startup_s"] = self.clock.startup_s
         return values
 
     def update(self) -> None:
@@ -95,7 +99,7 @@ class LaunchLog:
     def restart(self, step: int, reached: int) -> None:
         """A rollback from step `reached` to `step`."""
         self.close("rollback", last_step=reached)
-        self.base, self.startup = self.trainer.clock.totals(), False
+        self.base, self.startup = self.clock.totals(), False
         self.open(step, "rollback", time.time())
 
 
@@ -109,6 +113,7 @@ class RegistryMetrics(Metrics):
         self.last_flush = time.monotonic()
 
     def log(self, row: dict) -> None:
+        self.launch.reached = row["step"]
         if not self.enabled:
             return
         self.buffer.append(row)
@@ -311,70 +316,72 @@ def user_message(exc: BaseException, home: Path) -> str | None:
 
 
 def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, stop: StopFlag, write: bool) -> int:
-    """The Trainer built from the run's settings, started from its newest good checkpoint, with the
-    components that write the run's registry rows and files; the run's outcome recorded after."""
+    """The run's start chosen (its newest good checkpoint), the components that write the run's registry
+    rows and files built, the Trainer built from them, trained; the run's outcome recorded after."""
     run_dir = Path(run["run_dir"])
-    trainer = Trainer(settings, d, stop=stop, run_dir=run_dir)
     if init_checkpoint is None and run.get("parent_kind") == "state":
         init_checkpoint = run["parent_checkpoint"]  # a --resume start, again, until the run saved its own
     start = choose_start(db, run["id"], init_checkpoint, d, settings)
-    if start.path:
-        trainer.load_state_dict(start.state if start.state is not None else ckpt.load(Path(start.path)))
-    elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
-        # the registry records in this home (a copied home reads its own copy, not the original's)
-        parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
-        trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
-    start_step = trainer.state.step
+    state = (start.state if start.state is not None else ckpt.load(Path(start.path))) if start.path else None
+    start_step = int(state["step"]) if state is not None else 0
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
         if write:  # the launcher reports a run whose workers recorded no outcome as failed: say why
             queries.update_run(db, run["id"], error=message)
         raise RunRefused(message)
 
-    if write:
-        queries.delete_metrics_after(db, run["id"], start_step)
-        queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
-                           world_size=d.world_size, device=d.device.type, device_name=trainer.device_name,
-                           dtype=str(trainer.dtype).removeprefix("torch."), pid=os.getpid(), host=socket.gethostname(),
-                           max_steps=settings.max_steps, ended_at=None, error=None)
-    mirrors = ExternalLoggers(settings, run, run_dir, start_step, write)
-    if write and mirrors.wandb_id:
-        queries.update_run(db, run["id"], wandb_run_id=mirrors.wandb_id)
     # A first start counts from the launcher's start; a start by torchrun after a failure from its own.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    trainer.clock.started = STARTED if restarted else float(os.environ.get(LAUNCH_STARTED_ENV) or STARTED)
-    trainer.deadline, trainer.deadline_margin = worker_deadline()
-    launch = LaunchLog(db, run["id"], trainer, write)
-    launch.open(start_step, "crash" if restarted else "kill", trainer.clock.started)  # rows open: starts that died
-    trainer.metrics = RegistryMetrics(db, run["id"], write, mirrors, launch)
+    clock = LaunchClock(started=STARTED if restarted else float(os.environ.get(LAUNCH_STARTED_ENV) or STARTED))
+    deadline, deadline_margin = worker_deadline()
+    memory = lambda: peak_memory(d.device)  # noqa: E731
+    launch = LaunchLog(db, run["id"], clock, d.world_size, memory, write)
+    metrics = RegistryMetrics(db, run["id"], write, ExternalLoggers(settings, run, run_dir, start_step, write), launch)
     log_dir = settings.log_dir or run_dir
     if write:
         log_dir.mkdir(parents=True, exist_ok=True)
-    trainer.progress = TrainingProgress(start_step, settings.max_steps, log_dir / LOG_NAME, write, settings.log_level,
-                                        memory=trainer.peak_memory,
-                                        muon_lr_scale=muon_lr_scale(settings) if settings.optimizer == "muon" else None)
-    trainer.checkpointer = ckpt.CheckpointManager(
-        lambda: open_registry(home, check_home=False), run["id"], run_dir / "checkpoints", settings, write,
-        copy_state=d.device.type != "cuda", note=trainer.progress.note)  # from CUDA, full_state is a CPU copy
-    trainer.progress.message(
-        f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "
-        f"{d.world_size}×{trainer.device_name}, {trainer.dtype}, {trainer.accumulation} micro-steps of "
-        f"{settings.batch_size}×{settings.seq_len} per step"
-        + (f", resuming from step {start_step}" if start_step else "")
-        + (f" ({start.skipped})" if start.skipped else "")
-    )
+    progress = TrainingProgress(start_step, settings.max_steps, log_dir / LOG_NAME, write, settings.log_level,
+                                memory=memory, muon_lr_scale=muon_lr_scale(settings) if settings.optimizer == "muon" else None)
+    trainer = None
     try:
+        checkpointer = ckpt.CheckpointManager(
+            lambda: open_registry(home, check_home=False), run["id"], run_dir / "checkpoints", settings, write,
+            copy_state=d.device.type != "cuda", note=progress.note)  # from CUDA, full_state is a CPU copy
+        trainer = Trainer(settings, d, stop=stop, run_dir=run_dir, checkpointer=checkpointer, metrics=metrics,
+                          progress=progress, clock=clock, deadline=deadline, deadline_margin=deadline_margin)
+        if state is not None:
+            trainer.load_state_dict(state)
+        elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
+            # the registry records in this home (a copied home reads its own copy, not the original's)
+            parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
+            trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
+        if write:
+            queries.delete_metrics_after(db, run["id"], start_step)
+            queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
+                               world_size=d.world_size, device=d.device.type, device_name=trainer.device_name,
+                               dtype=str(trainer.dtype).removeprefix("torch."), pid=os.getpid(),
+                               host=socket.gethostname(), max_steps=settings.max_steps, ended_at=None, error=None)
+            if metrics.mirrors.wandb_id:
+                queries.update_run(db, run["id"], wandb_run_id=metrics.mirrors.wandb_id)
+        launch.open(start_step, "crash" if restarted else "kill", clock.started)  # rows open: starts that died
+        progress.message(
+            f"run {run['id']} ({run['name']}): {trainer.raw_model.num_params() / 1e6:.2f}M parameters on "
+            f"{d.world_size}×{trainer.device_name}, {trainer.dtype}, {trainer.accumulation} micro-steps of "
+            f"{settings.batch_size}×{settings.seq_len} per step"
+            + (f", resuming from step {start_step}" if start_step else "")
+            + (f" ({start.skipped})" if start.skipped else "")
+        )
         try:
             result = trainer.train()
         finally:  # also when an eval fails: the last checkpoint is durable and registered before the run ends
-            trainer.checkpointer.wait()
+            checkpointer.wait()
     except BaseException:
-        launch.close("crash")
+        launch.close("crash", **({"last_step": trainer.state.step} if trainer is not None else {}))
         raise
     finally:
-        trainer.metrics.close()
-        trainer.progress.close()
-    launch.close("diverged" if result.diverged else result.stopped_by or "completed")
+        metrics.close()
+        progress.close()
+    launch.close("diverged" if result.diverged else result.stopped_by or "completed", last_step=result.step)
     if write:
         tokens_per_s, peak = result.tokens_per_s, trainer.peak_flops
         status = "diverged" if result.diverged else "interrupted" if result.interrupted else "completed"
