@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
+from helpers import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
@@ -144,7 +144,7 @@ def test_gpu_check_smoke_runs_the_same_code_on_cpu(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--batches", "2",

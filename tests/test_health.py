@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
+from helpers import TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, cli, losses, only_run_id, train_in_process, train_in_processes
+from helpers import TINY_RUN, cli, losses, only_run_id, train_in_process, train_in_processes
 from test_eval import write_items
 from test_finetune import write_dolly
 

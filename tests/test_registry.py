@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from helpers import add_run
 from gptctl.errors import UserError
 from gptctl.registry import files, open_registry, queries
 from gptctl.registry import retention
@@ -17,8 +18,7 @@ from gptctl.registry.retention import deletable
 def make_run(db, run_dir, run_id=None, name="r", status="created"):
     run_id = run_id or queries.new_run_id(db)
     run_dir.mkdir(parents=True, exist_ok=True)
-    queries.insert_run(db, {"id": run_id, "name": name, "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir),
-                            "status": status})
+    add_run(db, run_id, name=name, run_dir=str(run_dir), status=status)
     return run_id
 
 
