@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 from torch.nn import functional as F
@@ -75,7 +74,9 @@ def server(sampler: Sampler, path: Path, api_key: str | None = None, max_rows: i
         sock.close()
 
 
-def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+def client(url: str, api_key: str = "unused"):
+    import openai  # here, not at the top: a second or more of import for every test process that collects this file
+
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
@@ -381,6 +382,8 @@ def test_bodies_that_are_no_json_object_and_unknown_routes(url):
 
 
 def test_the_api_key_guards_every_v1_route(sampler, checkpoints):
+    import openai
+
     with server(sampler, checkpoints["pretrain"], api_key="s3cret") as url:
         for method, route in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
             for headers in ({}, {"Authorization": "Bearer wrong"}):
