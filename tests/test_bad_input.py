@@ -8,12 +8,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import save_tiny_checkpoint
+from helpers import save_tiny_checkpoint
 from gptctl.cli import app
 
-runner = CliRunner()
 INT64_MAX = 2**63 - 1
 
 
@@ -23,7 +21,7 @@ def base(data_root, model: bool = True) -> list[str]:
             "--print-command"]  # a command that got through would create its run and stop there
 
 
-def refused(args: list[str], option: str, home: Path, *words: str) -> str:
+def refused(runner, args: list[str], option: str, home: Path, *words: str) -> str:
     result = runner.invoke(app, args)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
@@ -59,8 +57,8 @@ def refused(args: list[str], option: str, home: Path, *words: str) -> str:
     (["--max-steps", str(INT64_MAX // 100)], "--max-steps"),  # steps × 256 tokens per step overflow tokens_seen
     (["--lr-scheduler", "cosine_with_restarts", "--lr-restarts", "8"], "--lr-restarts"),  # 9 cycles in 8 steps
 ])
-def test_numbers_out_of_range_are_refused(shakespeare, gptctl_home, extra, option):
-    refused(base(shakespeare) + extra, option, gptctl_home)
+def test_numbers_out_of_range_are_refused(runner, shakespeare, gptctl_home, extra, option):
+    refused(runner, base(shakespeare) + extra, option, gptctl_home)
 
 
 @pytest.mark.parametrize("extra, option", [
@@ -69,12 +67,12 @@ def test_numbers_out_of_range_are_refused(shakespeare, gptctl_home, extra, optio
     (["--master-addr", ""], "--master-addr"),
     (["--log-dir", "conftest.py"], "--log-dir"),
 ])
-def test_launch_and_log_options(shakespeare, gptctl_home, monkeypatch, extra, option):
+def test_launch_and_log_options(runner, shakespeare, gptctl_home, monkeypatch, extra, option):
     monkeypatch.chdir(Path(__file__).parent)
-    refused(base(shakespeare) + extra, option, gptctl_home)
+    refused(runner, base(shakespeare) + extra, option, gptctl_home)
 
 
-def test_resume_max_steps_out_of_range_changes_nothing(shakespeare, gptctl_home):
+def test_resume_max_steps_out_of_range_changes_nothing(runner, shakespeare, gptctl_home):
     assert runner.invoke(app, base(shakespeare) + ["--run-name", "r"]).exit_code == 0
     before = json.loads(runner.invoke(app, ["runs", "show", "r", "--json"]).stdout)
     result = runner.invoke(app, ["resume", "r", "--max-steps", str(10**30)])
@@ -83,7 +81,7 @@ def test_resume_max_steps_out_of_range_changes_nothing(shakespeare, gptctl_home)
     assert json.loads(runner.invoke(app, ["runs", "show", "r", "--json"]).stdout) == before
 
 
-def test_seed_bounds_are_inclusive(shakespeare, gptctl_home):
+def test_seed_bounds_are_inclusive(runner, shakespeare, gptctl_home):
     for seed in ("0", str(2**32 - 1)):
         result = runner.invoke(app, base(shakespeare) + ["--seed", seed])
         assert result.exit_code == 0, result.output
@@ -92,11 +90,11 @@ def test_seed_bounds_are_inclusive(shakespeare, gptctl_home):
 # --- run names ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["a\n", "a\nb", "tab\t", " lead", "x" * 65, ".hidden", "a%b"])
-def test_run_name_is_checked_whole(shakespeare, gptctl_home, name):
-    refused(base(shakespeare) + ["--run-name", name], "--run-name", gptctl_home)
+def test_run_name_is_checked_whole(runner, shakespeare, gptctl_home, name):
+    refused(runner, base(shakespeare) + ["--run-name", name], "--run-name", gptctl_home)
 
 
-def test_run_name_with_underscore_and_dots_round_trips(shakespeare, gptctl_home):
+def test_run_name_with_underscore_and_dots_round_trips(runner, shakespeare, gptctl_home):
     result = runner.invoke(app, base(shakespeare) + ["--run-name", "my_run.v2-a"])
     assert result.exit_code == 0, result.output
     rows = json.loads(runner.invoke(app, ["runs", "list", "--json"]).stdout)
@@ -119,21 +117,21 @@ def test_run_name_with_underscore_and_dots_round_trips(shakespeare, gptctl_home)
     ("seed = -1\n", "--seed", []),
     ('run_name = "a\\n"\n', "--run-name", []),
 ])
-def test_config_file_refusals(shakespeare, tmp_path, gptctl_home, toml, option, words):
+def test_config_file_refusals(runner, shakespeare, tmp_path, gptctl_home, toml, option, words):
     cfg = tmp_path / "run.toml"
     cfg.write_text(toml)
-    refused(base(shakespeare) + ["--config", str(cfg)], option, gptctl_home, *words)
+    refused(runner, base(shakespeare) + ["--config", str(cfg)], option, gptctl_home, *words)
 
 
-def test_finetune_config_may_not_name_pretrain_options(tmp_path, gptctl_home):
+def test_finetune_config_may_not_name_pretrain_options(runner, tmp_path, gptctl_home):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt")
     cfg = tmp_path / "ft.toml"
     cfg.write_text('model = "gpt2"\n')
-    refused(["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
+    refused(runner, ["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
              str(tmp_path / "x.jsonl")], "--config", gptctl_home, "model")
 
 
-def test_saved_config_of_an_init_from_run_reads_back(shakespeare, tmp_path, gptctl_home):
+def test_saved_config_of_an_init_from_run_reads_back(runner, shakespeare, tmp_path, gptctl_home):
     """--save-config writes only what --config accepts; the parent is kept as a comment."""
     parent = save_tiny_checkpoint(tmp_path / "parent.pt", block=32)
     result = runner.invoke(app, base(shakespeare, model=False) + ["--init-from", str(parent), "--save-config"])
@@ -147,7 +145,7 @@ def test_saved_config_of_an_init_from_run_reads_back(shakespeare, tmp_path, gptc
 
 # --- data ----------------------------------------------------------------------------------------------------
 
-def test_val_split_smaller_than_a_micro_batch(shakespeare, tmp_path, gptctl_home):
+def test_val_split_smaller_than_a_micro_batch(runner, shakespeare, tmp_path, gptctl_home):
     data = tmp_path / "data"
     data.mkdir()
     for f in shakespeare.iterdir():
@@ -167,13 +165,13 @@ def test_val_split_smaller_than_a_micro_batch(shakespeare, tmp_path, gptctl_home
     (data / "manifest.json").write_text(json.dumps(manifest))
     args = base(data)
     args[args.index("--batch-size") + 1] = "4"
-    refused(args, "--data-root", gptctl_home, "val", "100", "129")
+    refused(runner, args, "--data-root", gptctl_home, "val", "100", "129")
 
 
 @pytest.mark.parametrize("entry", ['"shard.npy"', "17", "null", '["a"]', '{"split": "val"}',
                                    '{"file": 5, "split": "val"}', '{"file": "../../etc/passwd", "split": "val"}',
                                    '{"file": "/etc/passwd", "split": "val"}'])
-def test_manifest_entry_that_is_not_a_shard(shakespeare, tmp_path, gptctl_home, entry):
+def test_manifest_entry_that_is_not_a_shard(runner, shakespeare, tmp_path, gptctl_home, entry):
     data = tmp_path / "data"
     data.mkdir()
     for f in shakespeare.glob("*.npy"):
@@ -181,7 +179,7 @@ def test_manifest_entry_that_is_not_a_shard(shakespeare, tmp_path, gptctl_home, 
     manifest = json.loads((shakespeare / "manifest.json").read_text())
     manifest["shards"].append(json.loads(entry))
     (data / "manifest.json").write_text(json.dumps(manifest))
-    refused(base(data), "--data-root", gptctl_home, "manifest.json")
+    refused(runner, base(data), "--data-root", gptctl_home, "manifest.json")
 
 
 def write_jsonl(path: Path, bad: dict | None = None, at: int = 7) -> Path:
@@ -198,24 +196,24 @@ def write_jsonl(path: Path, bad: dict | None = None, at: int = 7) -> Path:
     ({"instruction": "Add", "context": {"a": 1}, "response": "5"}, "context"),
     ({"instruction": "Add", "context": ""}, "response"),
 ])
-def test_finetune_jsonl_field_of_the_wrong_type(tmp_path, gptctl_home, bad, field):
+def test_finetune_jsonl_field_of_the_wrong_type(runner, tmp_path, gptctl_home, bad, field):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt", block=64)
     data = write_jsonl(tmp_path / "dolly.jsonl", bad, at=7)
-    refused(["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(data), "--print-command"],
+    refused(runner, ["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(data), "--print-command"],
             "--dataset-path", gptctl_home, "dolly.jsonl:7", repr(field))
 
 
-def test_finetune_jsonl_line_that_is_not_an_object(tmp_path, gptctl_home):
+def test_finetune_jsonl_line_that_is_not_an_object(runner, tmp_path, gptctl_home):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt", block=64)
     data = write_jsonl(tmp_path / "dolly.jsonl")
     data.write_text(data.read_text() + "[1, 2]\n")
-    refused(["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(data), "--print-command"],
+    refused(runner, ["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(data), "--print-command"],
             "--dataset-path", gptctl_home, "dolly.jsonl:11")
 
 
 # --- the home and the run directory ---------------------------------------------------------------------------
 
-def test_home_that_is_a_file(shakespeare, tmp_path, monkeypatch):
+def test_home_that_is_a_file(runner, shakespeare, tmp_path, monkeypatch):
     home = tmp_path / "home-file"
     home.write_text("not a directory")
     monkeypatch.setenv("GPTCTL_HOME", str(home))
@@ -226,7 +224,7 @@ def test_home_that_is_a_file(shakespeare, tmp_path, monkeypatch):
     assert home.read_text() == "not a directory"
 
 
-def test_home_that_cannot_be_created(shakespeare, tmp_path, monkeypatch):
+def test_home_that_cannot_be_created(runner, shakespeare, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("GPTCTL_HOME", str(blocker / "home"))
@@ -235,7 +233,7 @@ def test_home_that_cannot_be_created(shakespeare, tmp_path, monkeypatch):
     assert result.exit_code == 2 and len(lines) == 1 and "GPTCTL_HOME" in lines[0], result.output
 
 
-def test_resume_of_a_run_whose_directory_is_gone(shakespeare, gptctl_home):
+def test_resume_of_a_run_whose_directory_is_gone(runner, shakespeare, gptctl_home):
     import shutil
 
     assert runner.invoke(app, base(shakespeare) + ["--run-name", "gone"]).exit_code == 0
@@ -280,7 +278,7 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("kind", list(BAD_FILES))
 @pytest.mark.parametrize("how", ["resume", "init-from", "finetune"])
-def test_unloadable_checkpoint_is_refused_before_a_run_exists(shakespeare, tmp_path, gptctl_home, monkeypatch,
+def test_unloadable_checkpoint_is_refused_before_a_run_exists(runner, shakespeare, tmp_path, gptctl_home, monkeypatch,
                                                                 kind, how):
     monkeypatch.chdir(tmp_path)
     path = BAD_FILES[kind](tmp_path / "model_00010.pt")
@@ -290,18 +288,18 @@ def test_unloadable_checkpoint_is_refused_before_a_run_exists(shakespeare, tmp_p
         "finetune": (["finetune", "--pretrained-checkpoint", str(path), "--dataset-path",
                       str(write_jsonl(tmp_path / "d.jsonl")), "--print-command"], "--pretrained-checkpoint"),
     }[how]
-    line = refused(args, option, gptctl_home, str(path))
+    line = refused(runner, args, option, gptctl_home, str(path))
     assert not (tmp_path / "PWNED").exists()
     assert line.startswith(f"Error: {option}: ")
 
 
-def test_resume_needs_a_training_state_of_the_same_model(shakespeare, tmp_path, gptctl_home):
+def test_resume_needs_a_training_state_of_the_same_model(runner, shakespeare, tmp_path, gptctl_home):
     weights_only = save_tiny_checkpoint(tmp_path / "weights.pt", block=32)  # no optimizer: not resumable
-    refused(base(shakespeare) + ["--resume", "--checkpoint-path", str(weights_only)], "--checkpoint-path", gptctl_home,
+    refused(runner, base(shakespeare) + ["--resume", "--checkpoint-path", str(weights_only)], "--checkpoint-path", gptctl_home,
             "optimizer", "--init-from")
 
 
-def test_resume_from_a_checkpoint_of_another_shape_or_past_max_steps(shakespeare, tmp_path, gptctl_home):
+def test_resume_from_a_checkpoint_of_another_shape_or_past_max_steps(runner, shakespeare, tmp_path, gptctl_home):
     import torch
 
     from gptctl.settings import TrainSettings
@@ -312,17 +310,17 @@ def test_resume_from_a_checkpoint_of_another_shape_or_past_max_steps(shakespeare
 
     other = tmp_path / "other.pt"
     torch.save(state(3, n_embd=32), other)
-    refused(base(shakespeare) + ["--resume", "--checkpoint-path", str(other)], "--checkpoint-path", gptctl_home,
+    refused(runner, base(shakespeare) + ["--resume", "--checkpoint-path", str(other)], "--checkpoint-path", gptctl_home,
             "n_embd")
     done = tmp_path / "done.pt"
     torch.save(state(10), done)
-    refused(base(shakespeare) + ["--resume", "--checkpoint-path", str(done)], "--checkpoint-path", gptctl_home,
+    refused(runner, base(shakespeare) + ["--resume", "--checkpoint-path", str(done)], "--checkpoint-path", gptctl_home,
             "step 10", "--max-steps")
 
 
-def test_checkpoint_path_without_resume_is_not_silently_ignored(shakespeare, tmp_path, gptctl_home):
+def test_checkpoint_path_without_resume_is_not_silently_ignored(runner, shakespeare, tmp_path, gptctl_home):
     path = save_tiny_checkpoint(tmp_path / "model.pt", block=32)
-    refused(base(shakespeare) + ["--checkpoint-path", str(path)], "--checkpoint-path", gptctl_home, "--resume")
+    refused(runner, base(shakespeare) + ["--checkpoint-path", str(path)], "--checkpoint-path", gptctl_home, "--resume")
 
 
 # --- other commands -------------------------------------------------------------------------------------------
@@ -339,9 +337,9 @@ def test_checkpoint_path_without_resume_is_not_silently_ignored(shakespeare, tmp
     (["--top-p", "-0.5"], "--top-p"),
 ])
 @pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"]])  # one check of each option for both
-def test_sample_and_chat_numbers(tmp_path, gptctl_home, extra, option, command):
+def test_sample_and_chat_numbers(runner, tmp_path, gptctl_home, extra, option, command):
     path = save_tiny_checkpoint(tmp_path / "model.pt")
-    refused([command[0], str(path), *command[1:]] + extra, option, gptctl_home)
+    refused(runner, [command[0], str(path), *command[1:]] + extra, option, gptctl_home)
 
 
 @pytest.mark.parametrize("extra, option", [
@@ -352,8 +350,8 @@ def test_sample_and_chat_numbers(tmp_path, gptctl_home, extra, option, command):
     (["--seq-len", str(10**30)], "--seq-len"),
     (["--permanent-checkpoints", "0"], "--permanent-checkpoints"),
 ])
-def test_estimate_numbers(gptctl_home, extra, option):
-    refused(["estimate"] + extra, option, gptctl_home)
+def test_estimate_numbers(runner, gptctl_home, extra, option):
+    refused(runner, ["estimate"] + extra, option, gptctl_home)
 
 
 @pytest.mark.parametrize("extra, option", [
@@ -362,10 +360,10 @@ def test_estimate_numbers(gptctl_home, extra, option):
     (["--workers", "0"], "--workers"),
     (["--shard-size", "0"], "--shard-size"),
 ])
-def test_data_prepare_numbers(tmp_path, gptctl_home, extra, option):
+def test_data_prepare_numbers(runner, tmp_path, gptctl_home, extra, option):
     src = tmp_path / "in.txt"
     src.write_text("hello world\n" * 100)
-    refused(["data", "prepare", "-i", str(src), "--data-root", str(tmp_path / "out")] + extra, option, gptctl_home)
+    refused(runner, ["data", "prepare", "-i", str(src), "--data-root", str(tmp_path / "out")] + extra, option, gptctl_home)
     assert not (tmp_path / "out").exists()
 
 
@@ -379,18 +377,18 @@ def test_data_prepare_numbers(tmp_path, gptctl_home, extra, option):
     (["--embedding-lr", "0.1"], ["--embedding-lr: applies only with --arch modern",
                                  "the parent checkpoint is an --arch gpt2 model"]),
 ])
-def test_finetune_options_of_another_architecture(tmp_path, gptctl_home, args, words):
+def test_finetune_options_of_another_architecture(runner, tmp_path, gptctl_home, args, words):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt")
-    line = refused(["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(tmp_path / "x.jsonl"),
+    line = refused(runner, ["finetune", "--pretrained-checkpoint", str(parent), "--dataset-path", str(tmp_path / "x.jsonl"),
                     *args], args[0], gptctl_home, *words)
     assert "add --arch" not in line
 
 
-def test_finetune_config_file_naming_the_architecture(tmp_path, gptctl_home):
+def test_finetune_config_file_naming_the_architecture(runner, tmp_path, gptctl_home):
     parent = save_tiny_checkpoint(tmp_path / "parent.pt")
     cfg = tmp_path / "ft.toml"
     cfg.write_text('arch = "modern"\n')
-    refused(["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
+    refused(runner, ["finetune", "--pretrained-checkpoint", str(parent), "--config", str(cfg), "--dataset-path",
              str(tmp_path / "x.jsonl")], "--config", gptctl_home, "'arch'", "a finetune takes its parent's architecture")
 
 
@@ -415,9 +413,9 @@ def qwen3_config(directory: Path, **changes) -> Path:
     # transformers' Qwen3Config reads a missing head_dim as 128, not hidden_size // num_attention_heads (32 here)
     ({"head_dim": Ellipsis}, ["head_dim", "128", "32"]),
 ])
-def test_a_qwen3_that_computes_another_model_is_refused(tmp_path, gptctl_home, changes, words):
+def test_a_qwen3_that_computes_another_model_is_refused(runner, tmp_path, gptctl_home, changes, words):
     directory = qwen3_config(tmp_path / "qwen3", **changes)
-    refused(["pretrain", "--init-from", f"hf:{directory}", "--data-root", str(tmp_path / "data")], "--init-from",
+    refused(runner, ["pretrain", "--init-from", f"hf:{directory}", "--data-root", str(tmp_path / "data")], "--init-from",
             gptctl_home, *words)
 
 

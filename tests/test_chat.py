@@ -12,9 +12,8 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import cli, save_tiny_checkpoint
+from helpers import cli, save_tiny_checkpoint
 from gptctl.chat import NEXT_TURN, Chat, Conversation, MessageTooLong, Reply
 from gptctl.cli import app
 from gptctl.data.tokenizer import get_encoding
@@ -43,13 +42,13 @@ def finetuned(tmp_path_factory) -> tuple[Path, str]:
     return home, "chatty"
 
 
-def chat(home: Path, *args: str, input: str):
-    return CliRunner().invoke(app, ["chat", *args], input=input, env={"GPTCTL_HOME": str(home)}, catch_exceptions=False)
+def chat(runner, home: Path, *args: str, input: str):
+    return runner.invoke(app, ["chat", *args], input=input, env={"GPTCTL_HOME": str(home)}, catch_exceptions=False)
 
 
-def sampled(home: Path, *args: str) -> str:
+def sampled(runner, home: Path, *args: str) -> str:
     """What `gptctl sample ARGS` streams, without the newline it ends with."""
-    result = CliRunner().invoke(app, ["sample", *args], env={"GPTCTL_HOME": str(home)}, catch_exceptions=False)
+    result = runner.invoke(app, ["sample", *args], env={"GPTCTL_HOME": str(home)}, catch_exceptions=False)
     assert result.exit_code == 0 and result.stdout.endswith("\n"), result.output
     return result.stdout[:-1]
 
@@ -141,15 +140,15 @@ def test_commands(ft_chat):
 
 
 @pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "0.9", "--seed", "7"]])
-def test_replies_are_samples_of_the_conversation_and_reset_starts_over(finetuned, sampling):
+def test_replies_are_samples_of_the_conversation_and_reset_starts_over(runner, finetuned, sampling):
     home, run = finetuned
     first, second = "What is the uppercase form of apple?", "And of river?"
     args = ["--device", "cpu", "--max-new-tokens", "24", *sampling]
-    result = chat(home, run, *args, input=f"{first}\n{second}\n/reset\n{first}\n/exit\nnot read\n")
+    result = chat(runner, home, run, *args, input=f"{first}\n{second}\n/reset\n{first}\n/exit\nnot read\n")
     assert result.exit_code == 0, result.output
 
-    reply = sampled(home, run, "--instruction", first, *args)  # a first reply is sample's for the instruction
-    follow_up = sampled(home, run, "--prompt", format_conversation([Turn(first, reply), Turn(second)]),
+    reply = sampled(runner, home, run, "--instruction", first, *args)  # a first reply is sample's for the instruction
+    follow_up = sampled(runner, home, run, "--prompt", format_conversation([Turn(first, reply), Turn(second)]),
                         "--stop", NEXT_TURN, *args)
     assert reply and follow_up and reply != follow_up
     assert result.stdout == f"{reply}\n{follow_up}\n{reply}\n"
@@ -159,10 +158,10 @@ def test_replies_are_samples_of_the_conversation_and_reset_starts_over(finetuned
     assert lines[2:] == ["forgot the conversation"]
 
 
-def test_old_exchanges_are_dropped_and_a_message_too_long_is_refused_in_one_line(finetuned):
+def test_old_exchanges_are_dropped_and_a_message_too_long_is_refused_in_one_line(runner, finetuned):
     home, run = finetuned
     long = "stone " * 150
-    result = chat(home, run, *CPU_GREEDY, "--max-new-tokens", "64", "--system", "Be brief.",
+    result = chat(runner, home, run, *CPU_GREEDY, "--max-new-tokens", "64", "--system", "Be brief.",
                   input=f"one\ntwo\n{long}\nthree\n")  # the end of the input leaves, as Ctrl-D does
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[2:] == [
@@ -174,16 +173,16 @@ def test_old_exchanges_are_dropped_and_a_message_too_long_is_refused_in_one_line
     assert result.stdout.count("\n") >= 3  # three replies, the chat went on after the refusal
 
 
-def test_a_pretrained_run_continues_each_message_and_keeps_no_conversation(trained_run):
+def test_a_pretrained_run_continues_each_message_and_keeps_no_conversation(runner, trained_run):
     home, run_id = trained_run
-    result = chat(home, run_id, *CPU_GREEDY, "--max-new-tokens", "12", input="ROMEO:\nJULIET:\n")
+    result = chat(runner, home, run_id, *CPU_GREEDY, "--max-new-tokens", "12", input="ROMEO:\nJULIET:\n")
     assert result.exit_code == 0, result.output
     args = [*CPU_GREEDY, "--max-new-tokens", "12"]
-    assert result.stdout == f"{sampled(home, run_id, '--prompt', 'ROMEO:', *args)}\n" \
-                           f"{sampled(home, run_id, '--prompt', 'JULIET:', *args)}\n"
+    assert result.stdout == f"{sampled(runner, home, run_id, '--prompt', 'ROMEO:', *args)}\n" \
+                           f"{sampled(runner, home, run_id, '--prompt', 'JULIET:', *args)}\n"
     assert "each message is a text to continue" in result.stderr.splitlines()[1]
 
-    refused = chat(home, run_id, "--system", "Be brief.", input="")
+    refused = chat(runner, home, run_id, "--system", "Be brief.", input="")
     assert refused.exit_code == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith("Error: --system: only for a finetuned model")
 
@@ -193,16 +192,16 @@ def test_a_pretrained_run_continues_each_message_and_keeps_no_conversation(train
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--system", "word " * 200], "--system: the template takes"),
 ])
-def test_bad_options_exit_2_in_one_line(tmp_path, args, message):
+def test_bad_options_exit_2_in_one_line(runner, tmp_path, args, message):
     path = save_tiny_checkpoint(tmp_path / "ft.pt", kind="finetune", block=BLOCK)
-    result = chat(tmp_path, str(path), *args, input="hello\n")
+    result = chat(runner, tmp_path, str(path), *args, input="hello\n")
     assert result.exit_code == 2 and result.stdout == "", result.output
     assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.parametrize("ref", ["nosuchrun", "nosuchrun:4", "no/such/file.pt"])
-def test_an_unknown_run_exits_2_in_one_line(gptctl_home, ref):
-    result = chat(gptctl_home, ref, input="hello\n")
+def test_an_unknown_run_exits_2_in_one_line(runner, gptctl_home, ref):
+    result = chat(runner, gptctl_home, ref, input="hello\n")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "RUN[:STEP]|PATH" in result.stderr and "is neither an existing file nor a run" in result.stderr
 
@@ -229,7 +228,7 @@ def read_until(stream, done, timeout: float = 120) -> bytes:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(finetuned):
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(runner, finetuned):
     home, run = finetuned
     message = "Tell me a long story."
     proc = start_chat(home, run, *CPU_GREEDY, "--max-new-tokens", "100000")  # minutes of text, if not stopped
@@ -247,7 +246,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(finetuned):
     assert proc.returncode == 0 and "(reply stopped)" in err and "Traceback" not in err, err
     stopped = (streamed + rest).decode()
     assert stopped.endswith("\n")
-    start = sampled(home, run, "--instruction", message, *CPU_GREEDY, "--max-new-tokens", "20")
+    start = sampled(runner, home, run, "--instruction", message, *CPU_GREEDY, "--max-new-tokens", "20")
     assert stopped[:-1].startswith(start) or start.startswith(stopped[:-1])  # the same reply, cut short
 
 

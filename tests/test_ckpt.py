@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, TINY_SETTINGS, cli, only_run_id
+from helpers import TINY_RUN, TINY_SETTINGS, add_run, cli, only_run_id, wait_until
 from gptctl.cli import app
 from gptctl.cli.listing import format_size
-
-runner = CliRunner()
 
 
 @pytest.fixture
@@ -24,17 +21,17 @@ def run_with_checkpoints(shakespeare, gptctl_home):
     return only_run_id(gptctl_home, "ck")
 
 
-def listing(run_id=None):
+def listing(runner, run_id=None):
     result = runner.invoke(app, ["ckpt", "list", "--json"] + (["--run", run_id] if run_id else []))
     assert result.exit_code == 0, result.output
     return {c["step"]: c for c in json.loads(result.stdout)}
 
 
 @pytest.mark.slow
-def test_listings_pin_prune_verify(run_with_checkpoints):
+def test_listings_pin_prune_verify(runner, run_with_checkpoints):
     run_id = run_with_checkpoints
     before = time.time()
-    rows = listing()
+    rows = listing(runner)
     after = time.time()
     assert sorted(rows) == [2, 4, 6, 8] and rows[2]["pinned"] and rows[2]["permanent"]  # permanent steps are pins
     assert [rows[s]["val_loss"] is not None for s in (2, 4, 6, 8)] == [False, True, False, True]  # evals every 4
@@ -67,18 +64,18 @@ def test_listings_pin_prune_verify(run_with_checkpoints):
 
     result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--dry-run"])
     assert result.exit_code == 0 and "1 checkpoint(s)" in result.output and "step 6" in result.output
-    assert sorted(listing()) == [2, 4, 6, 8]  # a dry run changes nothing
+    assert sorted(listing(runner)) == [2, 4, 6, 8]  # a dry run changes nothing
     result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1"], input="n\n")
-    assert sorted(listing()) == [2, 4, 6, 8]  # declined
+    assert sorted(listing(runner)) == [2, 4, 6, 8]  # declined
     result = runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--yes"])
     assert result.exit_code == 0, result.output
-    remaining = listing()
+    remaining = listing(runner)
     assert sorted(remaining) == [2, 4, 8]  # pinned 4, permanent 2, newest 8 survive
     assert not Path(f"{Path(remaining[8]['path']).parent}/model_00006.pt").exists()
 
     runner.invoke(app, ["ckpt", "unpin", "4", "--run", run_id])
     runner.invoke(app, ["ckpt", "prune", "--keep-last", "1", "--yes"])
-    assert sorted(listing()) == [2, 8]
+    assert sorted(listing(runner)) == [2, 8]
 
     assert runner.invoke(app, ["ckpt", "verify"]).exit_code == 0
     newest = Path(remaining[8]["path"])
@@ -88,20 +85,20 @@ def test_listings_pin_prune_verify(run_with_checkpoints):
     states = {r["step"]: r["state"] for r in json.loads(result.stdout)}
     assert states == {2: "valid", 8: "corrupt"}
     Path(remaining[2]["path"]).unlink()
-    assert listing()[2]["state"] == "missing"  # a cheap look (stat) notices vanished files
+    assert listing(runner)[2]["state"] == "missing"  # a cheap look (stat) notices vanished files
 
 
 @pytest.mark.slow
-def test_resume_skips_a_corrupt_newest_checkpoint(run_with_checkpoints, gptctl_home):
+def test_resume_skips_a_corrupt_newest_checkpoint(runner, run_with_checkpoints, gptctl_home):
     run_id = run_with_checkpoints
-    newest = Path(listing()[8]["path"])
+    newest = Path(listing(runner)[8]["path"])
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 can tell
     newest.write_bytes(bytes(data))
     proc = cli("resume", run_id, "--max-steps", "10", home=gptctl_home)
     assert "checkpoint step 8" in proc.stderr and "corrupt" in proc.stderr
     assert "resuming from step 6" in proc.stderr
-    after = listing()
+    after = listing(runner)
     assert after[8]["state"] == "valid" and after[10]["state"] == "valid"  # step 8 was trained again and rewritten
     from gptctl.digest import sha256_of
 
@@ -149,11 +146,11 @@ def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_p
 
 def _manager(home, run_dir, asynchronous=True):
     from gptctl.engine.checkpoint import CheckpointManager
-    from gptctl.registry import open_registry, queries
+    from gptctl.registry import open_registry
     from gptctl.settings import CheckpointSettings
 
     db = open_registry(home)
-    queries.insert_run(db, {"id": "r1", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
+    add_run(db, run_dir=str(run_dir))
     config = CheckpointSettings(keep_last_n_checkpoints=2, async_checkpoint=asynchronous)
     return db, CheckpointManager(lambda: open_registry(home), "r1", run_dir / "checkpoints", config, True)
 
@@ -182,17 +179,14 @@ def test_a_failed_background_save_is_raised_by_wait_and_registers_nothing(gptctl
     manager.wait()
     monkeypatch.setenv("GPTCTL_TEST_FAIL_SAVE_AFTER_BYTES", "100")
     manager.save(2, lambda: {"w": torch.zeros(1000)})  # fails in the background; training would carry on
-    deadline = time.time() + 30
-    while not manager.failed and time.time() < deadline:  # the loop sees this flag at its next step
-        time.sleep(0.05)
-    assert manager.failed
+    wait_until(lambda: manager.failed, "the failed save to be seen", 30)  # the loop sees this flag at its next step
     with pytest.raises(CheckpointWriteError, match="No space left"):
         manager.wait()
     assert [r["step"] for r in queries.checkpoints_of(db, "r1")] == [1]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["model_00001.pt"]
 
 
-def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
+def test_long_listings_print_as_plain_aligned_text(runner, gptctl_home, tmp_path):
     from gptctl.cli.listing import PLAIN_ABOVE
     from gptctl.digest import sha256_of
     from gptctl.registry import open_registry, queries
@@ -200,7 +194,7 @@ def test_long_listings_print_as_plain_aligned_text(gptctl_home, tmp_path):
     db = open_registry(gptctl_home)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    queries.insert_run(db, {"id": "r1", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
+    add_run(db, run_dir=str(run_dir))
     for step in range(1, PLAIN_ABOVE + 11):
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         path.write_bytes(b"x")
@@ -226,7 +220,7 @@ def test_the_asynchronous_snapshot_keeps_tied_weights_tied(tmp_path):
     assert abs((tmp_path / "a.pt").stat().st_size - (tmp_path / "b.pt").stat().st_size) < 4096
 
 
-def test_listings_at_80_columns_show_every_field_whole(gptctl_home, tmp_path):
+def test_listings_at_80_columns_show_every_field_whole(runner, gptctl_home, tmp_path):
     """A pipe, a log or a small terminal: no value cut with "…" or broken across lines."""
     import json
 
@@ -237,8 +231,7 @@ def test_listings_at_80_columns_show_every_field_whole(gptctl_home, tmp_path):
     run_dir = tmp_path / "a-rather-long-directory-name-for-runs" / "shakespeare-deep-and-wide-d2c4"
     (run_dir / "checkpoints").mkdir(parents=True)
     name = "shakespeare-deep-and-wide-with-a-long-name"
-    queries.insert_run(db, {"id": "d2c4e6f8", "name": name, "kind": "pretrain", "settings": "{}",
-                            "run_dir": str(run_dir), "max_steps": 300000, "status": "interrupted"})
+    add_run(db, "d2c4e6f8", name=name, run_dir=str(run_dir), max_steps=300000, status="interrupted")
     paths = []
     for step in (100000, 200000):
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"

@@ -5,12 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
+from helpers import add_run
 from gptctl.cli import app
 from gptctl.cli import COMMANDS, kebab_args
-
-runner = CliRunner()
 
 
 def base(data_root) -> list[str]:
@@ -43,7 +41,7 @@ def base(data_root) -> list[str]:
         (["--max-seq-length", "0"], "--seq-len"),
     ],
 )
-def test_invalid_settings_exit_2_and_write_nothing(shakespeare, gptctl_home, extra, option):
+def test_invalid_settings_exit_2_and_write_nothing(runner, shakespeare, gptctl_home, extra, option):
     result = runner.invoke(app, base(shakespeare) + extra)
     assert result.exit_code == 2, result.output
     lines = [l for l in result.output.splitlines() if l.strip()]
@@ -53,7 +51,7 @@ def test_invalid_settings_exit_2_and_write_nothing(shakespeare, gptctl_home, ext
 
 
 @pytest.mark.parametrize("root", ["missing", "empty"])
-def test_missing_or_empty_data_root(tmp_path, gptctl_home, root):
+def test_missing_or_empty_data_root(runner, tmp_path, gptctl_home, root):
     data = tmp_path / root
     if root == "empty":
         data.mkdir()
@@ -62,7 +60,7 @@ def test_missing_or_empty_data_root(tmp_path, gptctl_home, root):
     assert not gptctl_home.exists()
 
 
-def test_config_file_then_cli_overrides(shakespeare, tmp_path, gptctl_home):
+def test_config_file_then_cli_overrides(runner, shakespeare, tmp_path, gptctl_home):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('max-lr = -3.0\nmodel = "tiny"\n')
     result = runner.invoke(app, base(shakespeare) + ["--config", str(cfg)])
@@ -75,7 +73,7 @@ def test_config_file_then_cli_overrides(shakespeare, tmp_path, gptctl_home):
     assert not gptctl_home.exists()
 
 
-def test_snake_case_aliases(shakespeare, gptctl_home):
+def test_snake_case_aliases(runner, shakespeare, gptctl_home):
     args = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in base(shakespeare)]
     assert "--max_steps" in args
     result = runner.invoke(app, args + ["--max_lr=-1"])
@@ -96,7 +94,7 @@ def test_the_old_scripts_flags_mean_what_they_meant():
     assert kebab_args(["--no-decay_lr"]) == kebab_args(["--decay_lr=False"]) == ["--lr-scheduler", "constant"]
 
 
-def test_unknown_run_is_a_clean_error(gptctl_home):
+def test_unknown_run_is_a_clean_error(runner, gptctl_home):
     result = runner.invoke(app, ["resume", "deadbeef"])
     assert result.exit_code == 2 and "no run 'deadbeef'" in result.output
     result = runner.invoke(app, ["runs", "show", "nope"])
@@ -134,20 +132,20 @@ def test_the_help_index_says_what_each_command_says_of_itself():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["ckpt", "prune", "--help"]])
-def test_flags_show_no_value_in_help(argv):
+def test_flags_show_no_value_in_help(runner, argv):
     result = runner.invoke(app, argv, env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--help" in result.output
     assert "<bool>" not in result.output
 
 
-def test_bare_gptctl_prints_the_index_and_help_text_keeps_brackets():
+def test_bare_gptctl_prints_the_index_and_help_text_keeps_brackets(runner):
     result = runner.invoke(app, [])
     assert result.exit_code == 2 and "pretrain" in result.stderr and "Commands:" in result.stderr
     shown = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"}).output
     assert "pip install 'gptctl[wandb]'" in shown and "'gptctl[tensorboard]'" in shown  # not eaten as markup
 
 
-def test_config_files_of_earlier_versions_and_numbers_for_nproc(shakespeare, gptctl_home, tmp_path):
+def test_config_files_of_earlier_versions_and_numbers_for_nproc(runner, shakespeare, gptctl_home, tmp_path):
     config = tmp_path / "old.toml"
     config.write_text('decay_lr = false\nnproc_per_node = 2\nmodel = "tiny"\n')
     result = runner.invoke(app, ["pretrain", "--config", str(config), *base(shakespeare)[3:], "--print-command"])
@@ -157,7 +155,7 @@ def test_config_files_of_earlier_versions_and_numbers_for_nproc(shakespeare, gpt
     assert run["settings"]["lr_scheduler"] == "constant" and run["settings"]["model"] == "tiny"
 
 
-def test_save_config_writes_toml_that_config_reads_back(shakespeare, gptctl_home):
+def test_save_config_writes_toml_that_config_reads_back(runner, shakespeare, gptctl_home):
     """--print-command creates the run (and its config.toml) without training: enough to check the round trip."""
     import json
 
@@ -202,7 +200,7 @@ def test_launch_settings_are_not_part_of_the_run():
     assert TrainSettings.model_validate(old) == settings  # e.g. a run or checkpoint from before the split
 
 
-def test_the_run_settings_are_groups_joined_and_stay_flat_outside():
+def test_the_run_settings_are_groups_joined_and_stay_flat_outside(runner):
     """Each setting belongs to exactly one group, which checks it and derives what it alone can; the
     command line, --help, config files and stored settings see the flat names."""
     from pydantic import ValidationError
@@ -225,7 +223,7 @@ def test_the_run_settings_are_groups_joined_and_stay_flat_outside():
     assert all(group.panel in shown for group in TRAIN_GROUPS) and "Launch (this launch only)" in shown
 
 
-def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
+def test_resume_takes_launch_options_and_checks_them(runner, tmp_path, monkeypatch):
     result = runner.invoke(app, ["resume", "--help"], terminal_width=200)
     assert result.exit_code == 0
     for option in ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
@@ -236,7 +234,7 @@ def test_resume_takes_launch_options_and_checks_them(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
-def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gptctl_home):
+def test_auto_resume_refuses_options_that_would_make_another_run(runner, shakespeare, gptctl_home):
     """The issue: `--auto-resume --batch-size 2` on a run started with 4 trained with 4 and said nothing.
     Now an option that would make another run (here the seed) is refused by name, nothing changes; watched
     and kept settings may change, and so may the micro-batch, which keeps the tokens per step."""
@@ -250,9 +248,8 @@ def test_auto_resume_refuses_options_that_would_make_another_run(shakespeare, gp
     settings, _ = build_settings({"model": "tiny", "seq_len": 32, "batch_size": 4, "total_batch_size": 256,
                                   "warmup_steps": 2, "max_steps": 8, "data_root": shakespeare, "run_name": "r"})
     db = open_registry(gptctl_home)
-    queries.insert_run(db, {"id": "abc123", "name": "r", "kind": "pretrain", "status": "interrupted",
-                            "settings": settings.model_dump_json(), "run_dir": str(gptctl_home / "r-abc123"),
-                            "created_at": queries.now(), "last_step": 4})
+    add_run(db, "abc123", status="interrupted", settings=settings.model_dump_json(), run_dir=str(gptctl_home / "r-abc123"),
+            created_at=queries.now(), last_step=4)
     before = (gptctl_home / "gptctl.db").read_bytes()
     result = runner.invoke(app, ["pretrain", *tiny, "--auto-resume", "--seed", "7"])
     assert result.exit_code == 2 and "--seed: run abc123 (r) was started with 1337" in result.output

@@ -3,38 +3,29 @@
 import functools
 import http.server
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+from helpers import SHAKESPEARE, wait_until
+from gptctl.cli import app
+from gptctl.data.prepare import PrepareOptions, parse_count
+from gptctl.data.prepare import prepare as prepare_api
+from gptctl.data.resume import STATE_FILE
+from gptctl.data.shards import count_tokens, find_shards, load_tokens
+from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
+from gptctl.errors import UserError
 
-from typer.testing import CliRunner  # noqa: E402
-
-from gptctl.cli import app  # noqa: E402
-from gptctl.data.prepare import PrepareOptions, parse_count  # noqa: E402
-from gptctl.data.prepare import prepare as prepare_api  # noqa: E402
-from gptctl.data.resume import STATE_FILE  # noqa: E402
-from gptctl.data.shards import count_tokens, find_shards, load_tokens  # noqa: E402
-from gptctl.data.tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
-from gptctl.errors import UserError  # noqa: E402
-
-runner = CliRunner()
 FINEWEB_COLUMNS = ["text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count",
                    "score", "int_score"]
 
 
-def prepare(*args):
+def prepare(runner, *args):
     return runner.invoke(app, ["data", "prepare", *map(str, args)])
 
 
@@ -101,9 +92,11 @@ def enc():
 
 
 @pytest.fixture(scope="module")
-def shakespeare(tmp_path_factory):
+def sharded_shakespeare(runner, tmp_path_factory):
+    """(data root, CLI result) of `gptctl data prepare` on tiny Shakespeare in shards of 200,000 tokens: three
+    shards, where conftest's `shakespeare` (the training tests' data) has one of each split."""
     root = tmp_path_factory.mktemp("shakespeare")
-    result = prepare("--input", SHAKESPEARE, "--data-root", root, "--shard-size", 200_000)
+    result = prepare(runner, "--input", SHAKESPEARE, "--data-root", root, "--shard-size", 200_000)
     assert result.exit_code == 0, result.output
     return root, result
 
@@ -121,8 +114,8 @@ def fineweb_files(tmp_path_factory):
     }
 
 
-def test_prepare_tinyshakespeare(shakespeare, enc):
-    root, result = shakespeare
+def test_prepare_tinyshakespeare(sharded_shakespeare, enc):
+    root, result = sharded_shakespeare
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["format"] == 1
     assert manifest["tokenizer"] == "r50k_base"
@@ -152,17 +145,17 @@ def test_prepare_tinyshakespeare(shakespeare, enc):
     assert not list(root.glob(".*"))  # no state, lock or temp files left behind
 
 
-def test_prepare_json_output(tmp_path):
+def test_prepare_json_output(runner, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("Hello world, this is a tiny document.")
-    result = prepare("--input", src, "--data-root", tmp_path / "out", "--json", "--name", "tiny")
+    result = prepare(runner, "--input", src, "--data-root", tmp_path / "out", "--json", "--name", "tiny")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest == json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {s["file"] for s in manifest["shards"]} == {"tiny_train_000000.npy", "tiny_val_000000.npy"}
 
 
-def test_prepare_jsonl_and_parquet(tmp_path, enc):
+def test_prepare_jsonl_and_parquet(runner, tmp_path, enc):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -174,7 +167,7 @@ def test_prepare_jsonl_and_parquet(tmp_path, enc):
     pq.write_table(pa.table({"text": docs_b, "n": [1, 2, 3]}), parquet)
 
     root = tmp_path / "data"
-    result = prepare("-i", jsonl, "--input", parquet, "--data-root", root, "--val-fraction", "0.25", "--json")
+    result = prepare(runner, "-i", jsonl, "--input", parquet, "--data-root", root, "--val-fraction", "0.25", "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["name"] == "a"
@@ -187,14 +180,14 @@ def test_prepare_jsonl_and_parquet(tmp_path, enc):
     assert manifest["val_tokens"] == int(len(expected) * 0.25)
 
 
-def test_workers_do_not_change_the_output(tmp_path, enc):
+def test_workers_do_not_change_the_output(runner, tmp_path, enc):
     """8 batches of documents over 1 or 2 processes, and shards cutting documents: byte-identical results."""
     texts = paragraphs()
     src = write_jsonl(tmp_path / "plays.jsonl", texts)
     roots = {}
     for workers in (1, 2):
         roots[workers] = tmp_path / f"w{workers}"
-        result = prepare("-i", src, "--data-root", roots[workers], "--shard-size", "30k", "--workers", workers)
+        result = prepare(runner, "-i", src, "--data-root", roots[workers], "--shard-size", "30k", "--workers", workers)
         assert result.exit_code == 0, result.output
     assert shard_bytes(roots[1]) == shard_bytes(roots[2])
     manifest = json.loads((roots[1] / "manifest.json").read_text())
@@ -203,13 +196,13 @@ def test_workers_do_not_change_the_output(tmp_path, enc):
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
-def test_fineweb_edu_from_local_files(tmp_path, enc, fineweb_files, fmt):
+def test_fineweb_edu_from_local_files(runner, tmp_path, enc, fineweb_files, fmt):
     """The Hub's code path (datasets, streaming) on local FineWeb-Edu files: the first --val-tokens are val."""
     root = tmp_path / "fw"
     args = ["fineweb-edu", "--data-root", root, "--shard-size", "20000", "--val-tokens", "25000", "--json"]
     for path in fineweb_files[fmt]:
         args += ["--data-files", path]
-    result = prepare(*args)
+    result = prepare(runner, *args)
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     assert manifest["source"]["format"] == {"parquet": "parquet", "jsonl": "json"}[fmt]
@@ -222,9 +215,9 @@ def test_fineweb_edu_from_local_files(tmp_path, enc, fineweb_files, fmt):
     assert np.concatenate([load_tokens(p) for p in find_shards(root, "val")]).tolist() == expected[:25000]
 
 
-def test_fineweb_edu_default_val_and_max_tokens(tmp_path, enc, fineweb_files):
+def test_fineweb_edu_default_val_and_max_tokens(runner, tmp_path, enc, fineweb_files):
     root = tmp_path / "fw"
-    result = prepare("fineweb-edu", "--data-files", fineweb_files["parquet"][0], "--max-tokens", "50k",
+    result = prepare(runner, "fineweb-edu", "--data-files", fineweb_files["parquet"][0], "--max-tokens", "50k",
                      "--data-root", root, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
@@ -233,23 +226,23 @@ def test_fineweb_edu_default_val_and_max_tokens(tmp_path, enc, fineweb_files):
     assert stream(root).tolist() == expected_stream(enc, fineweb_files["texts"])[:50000]
 
 
-def test_fineweb_edu_needs_the_hub_or_data_files(tmp_path, monkeypatch):
+def test_fineweb_edu_needs_the_hub_or_data_files(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # this machine has no network: fail fast, not after retries
     root = tmp_path / "fw"
-    result = prepare("fineweb-edu", "--data-root", root)
+    result = prepare(runner, "fineweb-edu", "--data-root", root)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--data-files" in lines[0] and "sample-10BT" in lines[0]
     assert not root.exists()
 
 
-def test_fineweb_edu_data_files_without_text_column(tmp_path):
+def test_fineweb_edu_data_files_without_text_column(runner, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"content": ["no text column"]}), bad)
-    result = prepare("fineweb-edu", "--data-files", bad, "--data-root", tmp_path / "fw")
+    result = prepare(runner, "fineweb-edu", "--data-files", bad, "--data-root", tmp_path / "fw")
     assert result.exit_code == 2 and "'text'" in result.stderr and "--data-files" in result.stderr
     assert not (tmp_path / "fw").exists()
 
@@ -270,53 +263,53 @@ def http_server(tmp_path):
     server.shutdown()
 
 
-def test_tinyshakespeare_download_equals_local_file(tmp_path, monkeypatch, http_server, shakespeare):
+def test_tinyshakespeare_download_equals_local_file(runner, tmp_path, monkeypatch, http_server, sharded_shakespeare):
     monkeypatch.setenv("GPTCTL_TINYSHAKESPEARE_URL", f"{http_server}/input.txt")
     root = tmp_path / "ts"
-    result = prepare("tinyshakespeare", "--data-root", root, "--shard-size", 200_000)
+    result = prepare(runner, "tinyshakespeare", "--data-root", root, "--shard-size", 200_000)
     assert result.exit_code == 0, result.output
-    assert shard_bytes(root) == shard_bytes(shakespeare[0])
+    assert shard_bytes(root) == shard_bytes(sharded_shakespeare[0])
 
 
-def test_tinyshakespeare_offline_names_the_fix(tmp_path, monkeypatch, http_server):
+def test_tinyshakespeare_offline_names_the_fix(runner, tmp_path, monkeypatch, http_server):
     monkeypatch.setenv("GPTCTL_TINYSHAKESPEARE_URL", f"{http_server}/missing.txt")  # like a dead mirror
     root = tmp_path / "ts"
-    result = prepare("tinyshakespeare", "--data-root", root)
+    result = prepare(runner, "tinyshakespeare", "--data-root", root)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: tinyshakespeare:") and "--input FILE" in lines[0]
     assert not root.exists()
 
 
-def test_refuses_existing_dataset_without_force(tmp_path):
+def test_refuses_existing_dataset_without_force(runner, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("some words " * 200)
     root = tmp_path / "data"
-    assert prepare("-i", src, "--data-root", root, "--shard-size", 100).exit_code == 0
+    assert prepare(runner, "-i", src, "--data-root", root, "--shard-size", 100).exit_code == 0
     many = sorted(p.name for p in root.glob("*.npy"))
     assert len(many) > 3
 
-    refused = prepare("-i", src, "--data-root", root)
+    refused = prepare(runner, "-i", src, "--data-root", root)
     assert refused.exit_code == 2
     assert "--force" in refused.stderr
     assert sorted(p.name for p in root.glob("*.npy")) == many
 
-    forced = prepare("-i", src, "--data-root", root, "--force")
+    forced = prepare(runner, "-i", src, "--data-root", root, "--force")
     assert forced.exit_code == 0, forced.output
     assert sorted(p.name for p in root.glob("*.npy")) == ["in_train_000000.npy", "in_val_000000.npy"]
     assert not list(root.glob(".*"))  # no temp files left behind
 
 
-def test_refuses_stray_npy_without_force(tmp_path):
+def test_refuses_stray_npy_without_force(runner, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("hello there")
     root = tmp_path / "data"
     root.mkdir()
     np.save(root / "other.npy", np.zeros(3, dtype=np.uint16))
-    assert prepare("-i", src, "--data-root", root).exit_code == 2
+    assert prepare(runner, "-i", src, "--data-root", root).exit_code == 2
 
 
-def test_one_prepare_at_a_time_per_data_root(tmp_path):
+def test_one_prepare_at_a_time_per_data_root(runner, tmp_path):
     from gptctl.registry.locks import DirectoryLock
 
     src = tmp_path / "in.txt"
@@ -326,19 +319,19 @@ def test_one_prepare_at_a_time_per_data_root(tmp_path):
     held = DirectoryLock(root)  # a real flock, as a running prepare holds it
     assert held.acquire()
     try:
-        result = prepare("-i", src, "--data-root", root)
+        result = prepare(runner, "-i", src, "--data-root", root)
         assert result.exit_code == 2 and "another `gptctl data prepare`" in result.stderr
         assert not list(root.glob("*.npy")) and not (root / "manifest.json").exists()
     finally:
         held.release()
-    assert prepare("-i", src, "--data-root", root).exit_code == 0
+    assert prepare(runner, "-i", src, "--data-root", root).exit_code == 0
 
 
-def test_all_val_is_refused_and_leaves_nothing(tmp_path):
+def test_all_val_is_refused_and_leaves_nothing(runner, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("too short for the val tokens asked for")
     root = tmp_path / "data"
-    result = prepare("-i", src, "--data-root", root, "--val-tokens", "1M", "--shard-size", "5")
+    result = prepare(runner, "-i", src, "--data-root", root, "--val-tokens", "1M", "--shard-size", "5")
     assert result.exit_code == 2 and "--val-tokens" in result.stderr
     assert not root.exists()
 
@@ -364,12 +357,12 @@ def test_all_val_is_refused_and_leaves_nothing(tmp_path):
         (["--name", ".hidden"], "--name"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, extra, option):
+def test_bad_input_exits_2_and_writes_nothing(runner, tmp_path, monkeypatch, extra, option):
     monkeypatch.chdir(tmp_path)
     src = tmp_path / "in.txt"
     src.write_text("hello there")
     root = tmp_path / "data"
-    result = prepare("--input", src, "--data-root", root, *extra)
+    result = prepare(runner, "--input", src, "--data-root", root, *extra)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and option in lines[0], result.output
@@ -391,33 +384,33 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, extra, opti
         (["tinyshakespeare", "--data-root", "in.txt"], "--data-root"),
     ],
 )
-def test_bad_source_options_exit_2_and_write_nothing(tmp_path, monkeypatch, args, option):
+def test_bad_source_options_exit_2_and_write_nothing(runner, tmp_path, monkeypatch, args, option):
     monkeypatch.chdir(tmp_path)
     Path("in.txt").write_text("hello there")
     Path("a.parquet").write_bytes(b"")
     root_args = [] if "--data-root" in args else ["--data-root", "data"]
-    result = prepare(*args, *root_args)
+    result = prepare(runner, *args, *root_args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and option in lines[0], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "in.txt"]
 
 
-def test_bad_jsonl_writes_nothing(tmp_path):
+def test_bad_jsonl_writes_nothing(runner, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     root = tmp_path / "data"
-    result = prepare("--input", src, "--data-root", root)
+    result = prepare(runner, "--input", src, "--data-root", root)
     assert result.exit_code == 2
     assert "in.jsonl:2" in result.stderr
     assert not root.exists()
 
 
-def test_snake_case_options(tmp_path):
+def test_snake_case_options(runner, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("snake case options still work")
     root = tmp_path / "data"
-    result = prepare("--input", src, "--data_root", root, "--val_fraction", "0.5", "--shard_size", "1000")
+    result = prepare(runner, "--input", src, "--data_root", root, "--val_fraction", "0.5", "--shard_size", "1000")
     assert result.exit_code == 0, result.output
     assert (root / "manifest.json").is_file()
 
@@ -467,7 +460,7 @@ def test_find_shards_build_nanogpt_layout(tmp_path):
         find_shards(tmp_path / "nope", "train")
 
 
-def test_data_help_lists_prepare():
+def test_data_help_lists_prepare(runner):
     result = runner.invoke(app, ["data", "--help"])
     assert result.exit_code == 0
     assert "prepare" in result.stdout
@@ -530,10 +523,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, kind):
 
     proc = subprocess.Popen([sys.executable, "-m", "gptctl", "data", "prepare", *map(str, args), "--data-root",
                              str(root), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not recorded_shards(root):  # the first shard is finished and recorded
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-        time.sleep(0.005)
+    wait_until(lambda: recorded_shards(root), "the first shard to be finished and recorded", proc=proc, interval=0.005,
+               details=lambda: proc.stderr.read().decode())
     workers = descendants(proc.pid)
     assert len(workers) >= 3  # at least the fork server and 2 workers
     proc.send_signal(signal.SIGKILL)
@@ -543,10 +534,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, kind):
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("*.npy")}
     assert {s["file"] for s in recorded_shards(root)} <= set(before)
     assert len(before) < len(shard_bytes(reference))
-    deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in workers):  # the fork server and workers go with the prepare
-        assert time.monotonic() < deadline, f"orphaned processes {[p for p in workers if alive(p)]}"
-        time.sleep(0.05)
+    wait_until(lambda: not any(alive(pid) for pid in workers), "the fork server and workers to go with the prepare",
+               30, details=lambda: f"orphaned processes {[p for p in workers if alive(p)]}")
 
     mismatch = run_cli(*["12000" if a == "10000" else a for a in args], "--data-root", root)
     assert mismatch.returncode == 2

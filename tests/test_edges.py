@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, cli, losses, only_run_id
+from helpers import TINY_RUN, cli, losses, only_run_id
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def test_real_damage_names_rebuild_and_the_rest_does_not(tmp_path):
 
 
 def test_data_prepare_on_a_full_disk_is_one_line(tmp_path):
-    from conftest import SHAKESPEARE
+    from helpers import SHAKESPEARE
 
     with mounted(tmp_path / "disk", "-o", "size=300k") as disk:
         result = cli("data", "prepare", "--input", str(SHAKESPEARE), "--data-root", str(disk / "data"),

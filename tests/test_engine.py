@@ -14,7 +14,7 @@ from gptctl.engine.optim import make_optimizer
 from gptctl.schedule import Schedule
 from gptctl.presets import PRESETS, ModelShape
 
-from conftest import TINY_SETTINGS, train_in_process
+from helpers import TINY_SETTINGS, train_in_process
 
 HF_GPT2_KEYS = [  # Hugging Face GPT2LMHeadModel's names for block 0 and the rest (attn.bias buffers aside)
     "transformer.wte.weight", "transformer.wpe.weight",

@@ -7,7 +7,6 @@ import sys
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
 import gptctl.cli.estimate  # noqa: F401  (registers the command even if gptctl.cli does not list it yet)
 from gptctl.cli import app
@@ -24,7 +23,6 @@ from gptctl.gpus import GPUS, match_gpu, peak_flops
 from gptctl.presets import PRESETS, ModelShape
 from gptctl.settings import TrainSettings
 
-runner = CliRunner()
 
 GPT2 = PRESETS["gpt2"]
 ODD = ModelShape(n_layer=3, n_head=3, n_embd=96, block_size=128)
@@ -40,12 +38,12 @@ GPT2_N, GPT2_P, GPT2_FPT = 123_689_472, 124_475_904, 855_383_040
 ODD_N, ODD_P, ODD_FPT = 5_164_896, 5_177_184, 31_431_744
 
 
-def est(*args):
+def est(runner, *args):
     return runner.invoke(app, ["estimate", *map(str, args)])
 
 
-def est_json(*args):
-    result = est(*args, "--json")
+def est_json(runner, *args):
+    result = est(runner, *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -93,8 +91,8 @@ def test_engine_and_estimate_agree_on_the_loss_chunk():
     assert LOSS_CHUNK_ROWS == model.LOSS_CHUNK_ROWS and CHECKPOINTING_MODES == model.CHECKPOINTING_MODES
 
 
-def test_gpt2_rtx3090_defaults():
-    r = est_json()
+def test_gpt2_rtx3090_defaults(runner):
+    r = est_json(runner)
     assert r["gpu"] == "rtx3090" and r["num_gpus"] == 1 and r["dtype"] == "bfloat16"
     assert r["flops_per_token"] == GPT2_FPT
     assert r["flops_per_step"] == GPT2_FPT * 524288
@@ -126,8 +124,8 @@ def test_gpt2_rtx3090_defaults():
     assert "allreduce_seconds_per_step" not in r
 
 
-def test_json_keys():
-    r = est_json("--num-gpus", 2)
+def test_json_keys(runner):
+    r = est_json(runner, "--num-gpus", 2)
     for key in ["flops_per_token", "flops_per_step", "peak_flops", "mfu_assumed", "mfu_source", "tokens_per_second",
                 "seconds_per_step", "total_seconds", "total_human", "grad_accum_steps", "memory", "fits",
                 "max_micro_batch", "checkpoint_bytes", "checkpoint_bytes_with_optimizer", "disk_for_retention",
@@ -137,8 +135,8 @@ def test_json_keys():
         assert key in r["memory"], key
 
 
-def test_odd_shape_custom_and_permanent_checkpoints():
-    r = est_json("--n-layer", 3, "--n-head", 3, "--n-embd", 96, "--seq-len", 128, "--batch-size", 2,
+def test_odd_shape_custom_and_permanent_checkpoints(runner):
+    r = est_json(runner, "--n-layer", 3, "--n-head", 3, "--n-embd", 96, "--seq-len", 128, "--batch-size", 2,
                  "--total-batch-size", 2048, "--max-steps", 100, "--warmup-steps", 10, "--mfu", 0.5, "--gpu", "a100-40gb",
                  "--keep-last-n-checkpoints", 2, "--permanent-checkpoints", "50,100,200")
     assert r["flops_per_token"] == ODD_FPT
@@ -152,8 +150,8 @@ def test_odd_shape_custom_and_permanent_checkpoints():
     assert r["disk_for_retention"] == 4 * 12 * ODD_P
 
 
-def test_gpt2_large_on_rtx3090_says_how_it_fits():
-    r = est_json("--gpu", "rtx3090", "--model", "gpt2-large")
+def test_gpt2_large_on_rtx3090_says_how_it_fits(runner):
+    r = est_json(runner, "--gpu", "rtx3090", "--model", "gpt2-large")
     P, h, L = 774_090_240, 1280, 36  # 36·(12·1280² + 13·1280) + 2·1280 + 50304·1280 + 1024·1280
     assert r["model"]["params"] == P
     rows = {(m["activation_checkpointing"], m["chunked_loss"]): m for m in r["memory_by_mode"]}
@@ -175,67 +173,67 @@ def test_gpt2_large_on_rtx3090_says_how_it_fits():
         "does not fit on one NVIDIA GeForce RTX 3090 at micro-batch 16 with --activation-checkpointing none; it fits "
         "with --activation-checkpointing full (up to micro-batch 52); or --activation-checkpointing none --batch-size 7, "
         "--activation-checkpointing selective --batch-size 12 (the same --total-batch-size, in more accumulation steps)")
-    chosen = est_json("--gpu", "rtx3090", "--model", "gpt2-large", "--activation-checkpointing", "full")
+    chosen = est_json(runner, "--gpu", "rtx3090", "--model", "gpt2-large", "--activation-checkpointing", "full")
     assert chosen["fits"] is True and chosen["max_micro_batch"] == 52
     assert chosen["memory"]["total_bytes"] == rows[("full", True)]["total_bytes"]
-    table = est("--gpu", "rtx3090", "--model", "gpt2-large")
+    table = est(runner, "--gpu", "rtx3090", "--model", "gpt2-large")
     assert table.exit_code == 0 and "memory per GPU by setting" in table.output and "52" in table.output
 
 
-def test_a_model_too_large_for_any_setting_is_told_to_shard():
-    r = est_json("--gpu", "rtx3090", "--model", "gpt2-xl")
+def test_a_model_too_large_for_any_setting_is_told_to_shard(runner):
+    r = est_json(runner, "--gpu", "rtx3090", "--model", "gpt2-xl")
     assert all(m["max_micro_batch"] == 0 for m in r["memory_by_mode"])
     assert "--model-parallel" in r["fit_advice"]
 
 
-def test_unknown_activation_checkpointing_mode_exits_2():
-    result = est("--activation-checkpointing", "half")
+def test_unknown_activation_checkpointing_mode_exits_2(runner):
+    result = est(runner, "--activation-checkpointing", "half")
     assert result.exit_code == 2 and "--activation-checkpointing" in result.output
 
 
-def test_multi_gpu_allreduce():
-    r = est_json("--num-gpus", 2, "--batch-size", 16, "--interconnect", "pcie4")
+def test_multi_gpu_allreduce(runner):
+    r = est_json(runner, "--num-gpus", 2, "--batch-size", 16, "--interconnect", "pcie4")
     # ring: 2(n-1)/n × 4P / 32e9 = 1 × 497,903,616 / 32e9
     assert r["allreduce_seconds_per_step"] == pytest.approx(497_903_616 / 32e9)
     compute = 524288 / (2 * 0.35 * 71e12 / GPT2_FPT)
     assert r["seconds_per_step"] == pytest.approx(compute + 497_903_616 / 32e9)
     assert r["scaling_efficiency"] == pytest.approx(compute / (compute + 497_903_616 / 32e9))
     assert r["grad_accum_steps"] == 16
-    r = est_json("--num-gpus", 8, "--gpu", "h100")
+    r = est_json(runner, "--num-gpus", 8, "--gpu", "h100")
     assert r["interconnect"] == "nvlink4"
     assert r["allreduce_seconds_per_step"] == pytest.approx(2 * 7 / 8 * 4 * GPT2_P / 450e9)
 
 
-def test_finetune_defaults():
-    r = est_json("--finetune")
+def test_finetune_defaults(runner):
+    r = est_json(runner, "--finetune")
     # as `gptctl finetune` trains: one micro-step per GPU unless --total-batch-size says otherwise
     assert r["max_steps"] == 1750 and r["batch_size"] == 8 and r["grad_accum_steps"] == 1
     assert r["total_batch_size"] == 8 * 1024
-    r = est_json("--finetune", "--max-steps", 10, "--warmup-steps", 2)  # checked as `finetune` checks them
+    r = est_json(runner, "--finetune", "--max-steps", 10, "--warmup-steps", 2)  # checked as `finetune` checks them
     assert r["max_steps"] == 10
 
 
-def test_dtype_auto_picks_what_training_would():
+def test_dtype_auto_picks_what_training_would(runner):
     """--dtype auto (training's default): bfloat16 where the card has it, float32 on a T4 or V100."""
-    assert est_json()["dtype"] == "bfloat16"
-    assert est_json("--gpu", "t4")["dtype"] == "float32"
+    assert est_json(runner)["dtype"] == "bfloat16"
+    assert est_json(runner, "--gpu", "t4")["dtype"] == "float32"
 
 
-def test_dtypes_and_no_bf16():
-    assert est_json("--dtype", "float32")["peak_flops"] == 35.6e12
+def test_dtypes_and_no_bf16(runner):
+    assert est_json(runner, "--dtype", "float32")["peak_flops"] == 35.6e12
     # 64: with the chunked loss gpt2 at micro-batch 32 now fits in a T4's 15 GiB (it did not before)
-    r = est_json("--gpu", "t4", "--dtype", "float16", "--batch-size", 64)
+    r = est_json(runner, "--gpu", "t4", "--dtype", "float16", "--batch-size", 64)
     assert r["peak_flops"] == 65e12
     assert r["fits"] is False and 0 < r["max_micro_batch"] < 64
 
 
-def test_table_output_and_list_gpus():
-    result = est()
+def test_table_output_and_list_gpus(runner):
+    result = est(runner)
     assert result.exit_code == 0, result.output
     assert "RTX 3090" in result.stdout and "fits" in result.stdout
-    result = est("--list-gpus")
+    result = est(runner, "--list-gpus")
     assert result.exit_code == 0 and "h200" in result.stdout
-    rows = est_json("--list-gpus")
+    rows = est_json(runner, "--list-gpus")
     assert {r["key"] for r in rows} == set(GPUS)
     assert {"rtx3060", "rtx3090", "rtx4090", "a10g", "l4", "t4", "v100", "a100-40gb", "a100-80gb", "h100", "h200"} <= set(GPUS)
 
@@ -297,8 +295,8 @@ def test_peak_flops():
     (["--num-gpus", "2", "--interconnect", "carrier-pigeon"], "--interconnect"),
     (["--permanent-checkpoints", "10,x"], "--permanent-checkpoints"),
 ])
-def test_invalid_input_exits_2(args, option):
-    result = est(*args)
+def test_invalid_input_exits_2(runner, args, option):
+    result = est(runner, *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error: ")
     assert option in result.stderr
@@ -306,8 +304,8 @@ def test_invalid_input_exits_2(args, option):
     assert "Traceback" not in result.output
 
 
-def test_unknown_gpu_lists_known():
-    result = est("--gpu", "gtx1080")
+def test_unknown_gpu_lists_known(runner):
+    result = est(runner, "--gpu", "gtx1080")
     assert "rtx3090" in result.stderr and "h100" in result.stderr
 
 
@@ -325,7 +323,7 @@ def _insert_run(db, device_name, tokens_per_s, world_size=1, dtype="bfloat16", *
     })
 
 
-def test_calibration_from_registry(tmp_path, monkeypatch):
+def test_calibration_from_registry(runner, tmp_path, monkeypatch):
     from gptctl.registry import open_registry
 
     monkeypatch.setenv("GPTCTL_HOME", str(tmp_path))
@@ -339,14 +337,14 @@ def test_calibration_from_registry(tmp_path, monkeypatch):
     _insert_run(db, "cpu", 1e3)  # ignored
     db.conn.close()
 
-    r = est_json()
+    r = est_json(runner)
     assert r["mfu_source"] == "calibrated from 3 runs in the registry"
     assert r["mfu_assumed"] == pytest.approx(0.50)
     assert r["tokens_per_second"] == pytest.approx(0.50 * 71e12 / GPT2_FPT)
     # --mfu overrides the calibration; other GPUs keep their default
-    assert est_json("--mfu", 0.2)["mfu_source"] == "--mfu"
-    assert est_json("--gpu", "h100")["mfu_source"] == "default for h100"
-    assert est_json("--gpu", "a100-80gb")["mfu_source"] == "calibrated from 1 runs in the registry"
+    assert est_json(runner, "--mfu", 0.2)["mfu_source"] == "--mfu"
+    assert est_json(runner, "--gpu", "h100")["mfu_source"] == "default for h100"
+    assert est_json(runner, "--gpu", "a100-80gb")["mfu_source"] == "calibrated from 1 runs in the registry"
 
 
 def test_measured_mfus_pure():

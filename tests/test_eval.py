@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
-from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, cli, losses, save_tiny_checkpoint
+from helpers import SHAKESPEARE, cli, losses, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data import hellaswag
 from gptctl.data.shards import find_shards
@@ -26,7 +25,6 @@ from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.model import GPT
 from gptctl.engine.sample import Sampler
 
-runner = CliRunner()
 BLOCK = 16
 CPU = torch.device("cpu")
 
@@ -60,7 +58,7 @@ def encoded(items=ITEMS) -> list[hellaswag.EncodedItem]:
     return hellaswag.encode([hellaswag.Item(i["ctx"], tuple(i["endings"]), int(i["label"])) for i in items], get_encoding())
 
 
-def run_eval(*args: str, expect: int = 0):
+def run_eval(runner, *args: str, expect: int = 0):
     result = runner.invoke(app, ["eval", *args])
     assert result.exit_code == expect, result.output
     return result
@@ -142,20 +140,20 @@ def test_mean_loss_picks_the_favoured_ending_and_sum_loss_the_short_one(tmp_path
     assert [s.total for s in shards] == [3, 2] and sum(s.correct for s in shards) == 4
 
 
-def test_hellaswag_cli_json(tmp_path):
+def test_hellaswag_cli_json(runner, tmp_path):
     ckpt = save_tiny(tmp_path / "m.pt")
     model = load_model(ckpt)
     expected = hellaswag_accuracy(model, encoded(), CPU)
     items_file = write_items(tmp_path / "items.jsonl")
-    out = json.loads(run_eval(str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file), "--json",
+    out = json.loads(run_eval(runner, str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file), "--json",
                               "--device", "cpu").stdout)
     assert out == {"task": "hellaswag", "checkpoint": str(ckpt.resolve()), "accuracy": expected.accuracy,
                    "correct": expected.correct, "total": 4, "accuracy_sum": expected.accuracy_sum,
                    "correct_sum": expected.correct_sum}
-    limited = json.loads(run_eval(str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file), "--limit", "2",
+    limited = json.loads(run_eval(runner, str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file), "--limit", "2",
                                   "--json").stdout)
     assert limited["total"] == 2
-    text = run_eval(str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file)).stdout
+    text = run_eval(runner, str(ckpt), "--task", "hellaswag", "--hellaswag-file", str(items_file)).stdout
     assert text.startswith(f"hellaswag: accuracy {expected.accuracy:.4f} ({expected.correct}/4)")
 
 
@@ -164,7 +162,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_the_validation_set_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+def test_the_validation_set_is_downloaded_once_into_the_cache(runner, tmp_path, monkeypatch):
     served = tmp_path / "served"
     served.mkdir()
     write_items(served / "hellaswag_val.jsonl")
@@ -175,7 +173,7 @@ def test_the_validation_set_is_downloaded_once_into_the_cache(tmp_path, monkeypa
     monkeypatch.setenv("GPTCTL_HELLASWAG_URL", f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl")
     ckpt = str(save_tiny(tmp_path / "m.pt"))
     try:
-        first = run_eval(ckpt, "--task", "hellaswag", "--json")
+        first = run_eval(runner, ckpt, "--task", "hellaswag", "--json")
     finally:
         server.shutdown()
         server.server_close()
@@ -183,7 +181,7 @@ def test_the_validation_set_is_downloaded_once_into_the_cache(tmp_path, monkeypa
     cached = cache / "hellaswag" / "hellaswag_val.jsonl"
     assert cached.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temporary file left behind
-    second = run_eval(ckpt, "--task", "hellaswag", "--json")  # the server is gone: the cache answers
+    second = run_eval(runner, ckpt, "--task", "hellaswag", "--json")  # the server is gone: the cache answers
     assert json.loads(second.stdout) == json.loads(first.stdout) and "downloading" not in second.stderr
 
 
@@ -205,10 +203,10 @@ def closed_port() -> int:
     (["--task", "val-loss"], "--data-root: the checkpoint is a finetune model with no data root"),
     (["--task", "val-loss", "--data-root", "nowhere"], "--data-root: nowhere is not a directory"),
 ])
-def test_bad_options_exit_2_with_one_line(tmp_path, monkeypatch, args, message):
+def test_bad_options_exit_2_with_one_line(runner, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     ckpt = save_tiny(tmp_path / "ft.pt", kind="finetune")
-    result = run_eval(str(ckpt), *args, expect=2)
+    result = run_eval(runner, str(ckpt), *args, expect=2)
     assert result.stderr.startswith(f"Error: {message}") and len(result.stderr.splitlines()) == 1
     assert result.stdout == ""
 
@@ -219,18 +217,18 @@ def test_bad_options_exit_2_with_one_line(tmp_path, monkeypatch, args, message):
     (json.dumps({"ctx": "a", "endings": list("bcde"), "label": 4}), "line 2: 'label' must be the index of the right ending"),
     (json.dumps({"endings": list("bcde"), "label": 0}), "line 2: 'ctx' must be a string"),
 ])
-def test_a_bad_items_file_names_the_line(tmp_path, line, message):
+def test_a_bad_items_file_names_the_line(runner, tmp_path, line, message):
     items_file = tmp_path / "items.jsonl"
     items_file.write_text(json.dumps(ITEMS[0]) + "\n" + line + "\n")
-    result = run_eval(str(save_tiny(tmp_path / "m.pt")), "--task", "hellaswag", "--hellaswag-file", str(items_file), expect=2)
+    result = run_eval(runner, str(save_tiny(tmp_path / "m.pt")), "--task", "hellaswag", "--hellaswag-file", str(items_file), expect=2)
     assert result.stderr.startswith(f"Error: --hellaswag-file: {items_file} {message}")
     assert len(result.stderr.splitlines()) == 1
 
 
-def test_offline_without_a_file_names_hellaswag_file(tmp_path, monkeypatch):
+def test_offline_without_a_file_names_hellaswag_file(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("GPTCTL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GPTCTL_HELLASWAG_URL", f"http://127.0.0.1:{closed_port()}/hellaswag_val.jsonl")
-    result = run_eval(str(save_tiny(tmp_path / "m.pt")), "--task", "hellaswag", expect=2)
+    result = run_eval(runner, str(save_tiny(tmp_path / "m.pt")), "--task", "hellaswag", expect=2)
     assert result.stderr.splitlines()[-1].startswith("Error: --hellaswag-file: cannot download http://127.0.0.1:")
     assert "--hellaswag-file FILE" in result.stderr
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
@@ -261,10 +259,10 @@ def numpy_val_loss(model: GPT, data_root: Path, rows: int) -> float:
     return total / (rows * BLOCK)
 
 
-def test_val_loss_is_trainings_eval_on_the_same_batches(tmp_path, shakespeare):
+def test_val_loss_is_trainings_eval_on_the_same_batches(runner, tmp_path, shakespeare):
     ckpt = save_tiny(tmp_path / "m.pt", data_root=shakespeare)
     model = load_model(ckpt)
-    out = json.loads(run_eval(str(ckpt), "--task", "val-loss", "--limit", "3", "--json").stdout)
+    out = json.loads(run_eval(runner, str(ckpt), "--task", "val-loss", "--limit", "3", "--json").stdout)
     assert out["tokens"] == 3 * 4 * BLOCK and out["batches"] == 3 and out["data_root"] == str(shakespeare)
     # The loader training builds for its evals (batch 4 from the settings, eval_steps=3), and mean_loss.
     loader = BatchLoader(TokenStream(shakespeare, "val"), 4, BLOCK, 3, 0, 1, CPU)
@@ -272,15 +270,15 @@ def test_val_loss_is_trainings_eval_on_the_same_batches(tmp_path, shakespeare):
     assert out["val_loss"] == pytest.approx(numpy_val_loss(model, shakespeare, 12), rel=1e-5)
 
 
-def test_val_loss_reads_every_complete_batch_once(tmp_path, several_val_shards):
+def test_val_loss_reads_every_complete_batch_once(runner, tmp_path, several_val_shards):
     root = several_val_shards
     ckpt = save_tiny(tmp_path / "m.pt")  # no data root in the settings: --data-root gives it
     rows = (1000 - 1) // BLOCK // 16 * 16  # 62 rows: 3 batches of 16, and 14 rows that fill none
-    out = json.loads(run_eval(str(ckpt), "--task", "val-loss", "--data-root", str(root), "--batch-size", "16",
+    out = json.loads(run_eval(runner, str(ckpt), "--task", "val-loss", "--data-root", str(root), "--batch-size", "16",
                               "--json").stdout)
     assert (out["tokens"], out["batches"]) == (rows * BLOCK, rows // 16)
     assert out["val_loss"] == pytest.approx(numpy_val_loss(load_model(ckpt), root, rows), rel=1e-5)
-    too_big = run_eval(str(ckpt), "--task", "val-loss", "--data-root", str(root), "--batch-size", "63", expect=2)
+    too_big = run_eval(runner, str(ckpt), "--task", "val-loss", "--data-root", str(root), "--batch-size", "63", expect=2)
     assert too_big.stderr.startswith("Error: --batch-size: the val split of") and "lower --batch-size" in too_big.stderr
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_SETTINGS
+from helpers import REPO, TINY_SETTINGS
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process
+from helpers import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process, wait_until
 from gptctl.digest import sha256_of
 
 pytestmark = pytest.mark.slow
@@ -104,14 +104,8 @@ def newest_checkpoint(home: Path, name: str) -> int:
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        if proc.poll() is not None:
-            return None
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """condition()'s value while the run trains; None if the run ended first."""
+    return wait_until(condition, what, timeout, proc=proc, proc_may_end=True)
 
 
 def completed(home: Path, run_id: str) -> bool:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, losses
+from helpers import TINY_RUN, add_run, cli, losses
 from gptctl.cli import app
 from gptctl.data import dolly
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
@@ -22,7 +21,6 @@ from gptctl.engine.sft import InstructionBatchLoader
 from gptctl.prompt import format_prompt
 from gptctl.settings import TrainSettings
 
-runner = CliRunner()
 WORDS = "apple river stone cloud music garden silver winter candle forest".split()
 
 
@@ -154,7 +152,7 @@ def test_checkpoint_references(tmp_path, gptctl_home):
     db = open_registry(gptctl_home)
     run_dir = gptctl_home / "base-abc"
     (run_dir / "checkpoints").mkdir(parents=True)
-    queries.insert_run(db, {"id": "abc", "name": "base", "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir)})
+    add_run(db, "abc", name="base", run_dir=str(run_dir))
     paths = {}
     for step in (3, 6, 9):
         paths[step] = run_dir / "checkpoints" / f"model_{step:05d}.pt"
@@ -188,7 +186,7 @@ def finetune_args(parent, data, *extra):
         ("unknown-run", "--pretrained-checkpoint"),
     ],
 )
-def test_finetune_bad_input_exits_2_and_writes_nothing(tmp_path, gptctl_home, case, option):
+def test_finetune_bad_input_exits_2_and_writes_nothing(runner, tmp_path, gptctl_home, case, option):
     parent = tiny_checkpoint(tmp_path / "parent.pt")
     data = write_dolly(tmp_path / "d.jsonl", n=20)
     args = finetune_args(parent, data)
@@ -219,7 +217,7 @@ def test_finetune_bad_input_exits_2_and_writes_nothing(tmp_path, gptctl_home, ca
     assert not (tmp_path / "pwned").exists()
 
 
-def test_pretrain_only_options_are_not_finetune_options(tmp_path):
+def test_pretrain_only_options_are_not_finetune_options(runner, tmp_path):
     result = runner.invoke(app, finetune_args(tmp_path / "p.pt", tmp_path / "d.jsonl", "--data-root", "x"))
     assert result.exit_code == 2 and "--data-root" in result.output
     assert "--dataset-path" not in runner.invoke(app, ["pretrain", "--help"]).output

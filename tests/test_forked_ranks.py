@@ -1,11 +1,11 @@
-"""conftest's train_in_processes: what it returns is every rank's success, and any failure is told."""
+"""helpers.train_in_processes: what it returns is every rank's success, and any failure is told."""
 
 import os
 
 import pytest
 
-import conftest
-from conftest import train_in_processes
+import helpers
+from helpers import train_in_processes
 
 
 @pytest.mark.parametrize("fault, told", [
@@ -14,7 +14,7 @@ from conftest import train_in_processes
     ("unpicklable", ["rank 0: Traceback", "rank 1: Traceback"]),
 ])
 def test_a_failing_rank_is_told_by_its_number(shakespeare, tmp_path, monkeypatch, fault, told):
-    real = conftest._train_as
+    real = helpers._train_as
 
     def faulty(d, *args):
         if fault == "unpicklable":
@@ -25,7 +25,7 @@ def test_a_failing_rank_is_told_by_its_number(shakespeare, tmp_path, monkeypatch
             os._exit(3)
         return real(d, *args)
 
-    monkeypatch.setattr(conftest, "_train_as", faulty)  # the forked ranks inherit it
+    monkeypatch.setattr(helpers, "_train_as", faulty)  # the forked ranks inherit it
     with pytest.raises(AssertionError) as failure:
         train_in_processes(2, shakespeare, tmp_path / "x", max_steps=4, checkpoint_interval=4)
     for text in told:

@@ -7,9 +7,8 @@ import random
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import save_tiny_checkpoint
+from helpers import save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.cli.sample import SEPARATOR
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
@@ -210,38 +209,35 @@ def test_bf16_autocast_runs_with_a_bf16_cache():
 # gptctl sample: the options that reach the engine
 
 
-runner = CliRunner()
-
-
 @pytest.fixture
 def ckpt(tmp_path):
     return save_tiny_checkpoint(tmp_path / "model_00007.pt", block=BLOCK)
 
 
-def sample(*args: str) -> list[dict]:
+def sample(runner, *args: str) -> list[dict]:
     result = runner.invoke(app, ["sample", *args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
 
-def test_sample_stops_before_a_stop_sequence_and_top_p_narrows_to_greedy(ckpt):
+def test_sample_stops_before_a_stop_sequence_and_top_p_narrows_to_greedy(runner, ckpt):
     args = [str(ckpt), "--prompt", "Hello", "--max-new-tokens", "20"]
-    (greedy,) = sample(*args, "--temperature", "0")
+    (greedy,) = sample(runner, *args, "--temperature", "0")
     text = greedy["text"]
     stop = text[7:10]
     assert greedy["tokens"] == 20 and stop.strip() and text.find(stop) == 7
-    (stopped,) = sample(*args, "--temperature", "0", "--stop", "never there", "--stop", stop)
+    (stopped,) = sample(runner, *args, "--temperature", "0", "--stop", "never there", "--stop", stop)
     assert stopped["text"] == text[:7] and stopped["tokens"] < 20
-    assert sample(*args, "--temperature", "1.5", "--top-p", "0.0001", "--seed", "4") == [greedy]
-    assert sample(*args, "--temperature", "1.5", "--top-p", "0.9", "--seed", "4") != [greedy]
+    assert sample(runner, *args, "--temperature", "1.5", "--top-p", "0.0001", "--seed", "4") == [greedy]
+    assert sample(runner, *args, "--temperature", "1.5", "--top-p", "0.9", "--seed", "4") != [greedy]
 
 
-def test_streamed_samples_are_the_json_samples_between_separators(ckpt):
+def test_streamed_samples_are_the_json_samples_between_separators(runner, ckpt):
     args = [str(ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--num-samples", "3", "--top-p", "0.95",
             "--stop", "e"]
     streamed = runner.invoke(app, ["sample", *args])
     assert streamed.exit_code == 0, streamed.output
-    texts = [s["text"] for s in sample(*args)]
+    texts = [s["text"] for s in sample(runner, *args)]
     assert streamed.stdout == f"\n{SEPARATOR}\n".join(texts) + "\n"
     assert len(set(texts)) > 1 and not any("e" in t for t in texts)
 
@@ -252,7 +248,7 @@ def test_streamed_samples_are_the_json_samples_between_separators(ckpt):
     (["--top-p", "nan"], "--top-p: must be more than 0 and at most 1"),
     (["--stop", "x", "--stop", ""], "--stop: must not be empty"),
 ])
-def test_bad_top_p_or_stop_exits_2_in_one_line(ckpt, args, message):
+def test_bad_top_p_or_stop_exits_2_in_one_line(runner, ckpt, args, message):
     result = runner.invoke(app, ["sample", str(ckpt), "--prompt", "a", *args])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1

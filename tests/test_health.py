@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
-from helpers import RecordingCheckpointer
+from helpers import RecordingCheckpointer, TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health

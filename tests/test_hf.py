@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import SHAKESPEARE, TINY_RUN, cli
+from helpers import SHAKESPEARE, TINY_RUN, add_run, cli
 from gptctl.cli import app
 from gptctl.preflight import parent_model
 from gptctl.data.tokenizer import get_encoding
@@ -23,7 +22,6 @@ from gptctl.settings import TrainSettings
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-runner = CliRunner()
 SENTENCE = "First Citizen: Before we proceed any further, hear me speak. — Ünïcödé too 🤖"
 
 
@@ -63,7 +61,7 @@ def hf_dir(tmp_path) -> Path:
     return tmp_path / "hf"
 
 
-def export(*args: str):
+def export(runner, *args: str):
     return runner.invoke(app, ["export", *args])
 
 
@@ -78,9 +76,9 @@ def hf_logits(directory: Path, idx: torch.Tensor) -> torch.Tensor:
         return model(idx).logits
 
 
-def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokens(checkpoint, tmp_path):
+def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokens(runner, checkpoint, tmp_path):
     out = tmp_path / "exported"
-    result = export(str(checkpoint), "-o", str(out))
+    result = export(runner, str(checkpoint), "-o", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out.resolve())
     config = json.loads((out / "config.json").read_text())
@@ -124,8 +122,8 @@ def test_an_hf_gpt2_imports_with_the_same_logits_and_padding_takes_no_probabilit
     assert all(torch.equal(legacy_state[k], state[k]) for k in state)
 
 
-def test_export_then_import_is_the_identity(checkpoint, tmp_path):
-    assert export(str(checkpoint), "-o", str(tmp_path / "out")).exit_code == 0
+def test_export_then_import_is_the_identity(runner, checkpoint, tmp_path):
+    assert export(runner, str(checkpoint), "-o", str(tmp_path / "out")).exit_code == 0
     original = Sampler(checkpoint, "cpu").model.state_dict()
     state, _ = load_hf(str(tmp_path / "out"), "--init-from")
     assert state.keys() == original.keys()
@@ -146,9 +144,9 @@ def test_export_then_import_is_the_identity(checkpoint, tmp_path):
                                atol=1e-5, rtol=0)
 
 
-def test_safetensors_export_is_gptctls_own_state_dict(checkpoint, tmp_path):
+def test_safetensors_export_is_gptctls_own_state_dict(runner, checkpoint, tmp_path):
     out = tmp_path / "st"
-    result = export(str(checkpoint), "--format", "safetensors", "-o", str(out))
+    result = export(runner, str(checkpoint), "--format", "safetensors", "-o", str(out))
     assert result.exit_code == 0, result.output
     described = json.loads((out / "gptctl.json").read_text())
     assert described["step"] == 5 and described["vocab_size"] == PADDED_VOCAB_SIZE
@@ -159,17 +157,17 @@ def test_safetensors_export_is_gptctls_own_state_dict(checkpoint, tmp_path):
     assert all(torch.equal(model.state_dict()[k], t) for k, t in original.items())
 
 
-def test_force_replaces_a_non_empty_directory(checkpoint, tmp_path):
+def test_force_replaces_a_non_empty_directory(runner, checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    assert export(str(checkpoint), "-o", str(out), "--format", "safetensors", "--force").exit_code == 0
+    assert export(runner, str(checkpoint), "-o", str(out), "--format", "safetensors", "--force").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["gptctl.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the old one is gone, not aside
 
 
 @pytest.mark.parametrize("case", ["missing", "non-empty", "format", "file", "inside"])
-def test_bad_export_requests_exit_2_and_write_nothing(case, checkpoint, tmp_path):
+def test_bad_export_requests_exit_2_and_write_nothing(runner, case, checkpoint, tmp_path):
     out = tmp_path / "out"
     args, expected = [str(checkpoint), "-o", str(out)], None
     if case == "missing":
@@ -187,7 +185,7 @@ def test_bad_export_requests_exit_2_and_write_nothing(case, checkpoint, tmp_path
     else:
         args[2:], expected = [str(checkpoint.parent), "--force"], "holds the checkpoint being exported"
     before = sorted(tmp_path.rglob("*"))
-    result = export(*args)
+    result = export(runner, *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error: ") and expected in result.stderr and "Traceback" not in result.output
     assert sorted(tmp_path.rglob("*")) == before
@@ -200,11 +198,11 @@ class Evil:
         return (os.system, ("touch pwned",))
 
 
-def test_malicious_pickles_are_refused_and_run_nothing(tmp_path, monkeypatch, hf_dir):
+def test_malicious_pickles_are_refused_and_run_nothing(runner, tmp_path, monkeypatch, hf_dir):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "settings": {}, "x": Evil()}, evil)
-    result = export(str(evil), "-o", str(tmp_path / "out"))
+    result = export(runner, str(evil), "-o", str(tmp_path / "out"))
     assert result.exit_code == 2 and "not a plain-data checkpoint" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -241,7 +239,7 @@ def test_a_trained_run_exports_and_loads_in_transformers(trained_run, tmp_path):
                                atol=1e-5, rtol=0)
 
 
-def test_init_from_takes_the_shape_from_the_weights(hf_dir, shakespeare, gptctl_home):
+def test_init_from_takes_the_shape_from_the_weights(runner, hf_dir, shakespeare, gptctl_home):
     result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--init-from", f"hf:{hf_dir}"])
     assert result.exit_code == 2 and "--model" in result.output  # TINY_RUN names a preset: refused, not ignored
     args = [a for a in TINY_RUN if a not in ("--model", "tiny")]
@@ -277,9 +275,9 @@ def test_finetune_and_pretrain_start_from_hugging_face_weights(hf_dir, shakespea
 
 
 @pytest.mark.parametrize("target", ["home", "run dir", "inside run", "data root", "holds data", "holds a run"])
-def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_path, gptctl_home):
+def test_force_never_removes_the_registry_a_run_or_data(runner, target, checkpoint, tmp_path, gptctl_home):
     """`export -o $GPTCTL_HOME --force` deleted the registry and every run."""
-    from gptctl.registry import open_registry, queries
+    from gptctl.registry import open_registry
 
     db = open_registry(gptctl_home)
     run_dir = gptctl_home / "r-0000aaaa"
@@ -288,8 +286,7 @@ def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_
     data_root = tmp_path / "data" / "shakespeare"
     data_root.mkdir(parents=True)
     (data_root / "shakespeare_train_000000.npy").write_bytes(b"0")
-    queries.insert_run(db, {"id": "0000aaaa", "name": "r", "kind": "pretrain", "run_dir": str(run_dir),
-                            "settings": json.dumps({"data_root": str(data_root)})})
+    add_run(db, "0000aaaa", run_dir=str(run_dir), settings=json.dumps({"data_root": str(data_root)}))
     out = {"home": gptctl_home, "run dir": run_dir, "inside run": run_dir / "notes",
            "data root": data_root, "holds data": data_root.parent, "holds a run": tmp_path / "elsewhere"}[target]
     if target == "inside run":
@@ -299,7 +296,7 @@ def test_force_never_removes_the_registry_a_run_or_data(target, checkpoint, tmp_
         (out / "copied-run" / "checkpoints").mkdir(parents=True)
         (out / "copied-run" / "checkpoints" / "model_00010.pt").write_bytes(b"x")
     before = sorted(tmp_path.rglob("*"))
-    result = export(str(checkpoint), "-o", str(out), "--format", "safetensors", "--force")
+    result = export(runner, str(checkpoint), "-o", str(out), "--format", "safetensors", "--force")
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error: --output: ") and "--force never removes" in result.stderr
     assert sorted(tmp_path.rglob("*")) == before

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, SHAKESPEARE, TINY_RUN, cli, losses, only_run_id
+from helpers import SHARED, SHAKESPEARE, TINY_RUN, cli, losses, only_run_id
 
 pytestmark = pytest.mark.slow
 

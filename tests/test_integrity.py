@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, only_run_id, save_tiny_checkpoint
+from helpers import TINY_RUN, add_run, cli, only_run_id, save_tiny_checkpoint, wait_until
 from gptctl.cli import app
 from gptctl.checkpoints.format import UnsafeCheckpoint, load
 from gptctl.errors import UserError
 from gptctl.checkpoints import directory, format, retention, store
 from gptctl.digest import sha256_of
 from gptctl.registry import open_registry, queries
-
-runner = CliRunner()
 
 
 class Evil:
@@ -77,7 +74,7 @@ def test_load_refuses_every_non_checkpoint_in_gptctls_words(tmp_path, monkeypatc
     assert not (tmp_path / "pwned").exists()
 
 
-def test_sample_and_verify_of_a_non_checkpoint_are_one_line(tmp_path, gptctl_home):
+def test_sample_and_verify_of_a_non_checkpoint_are_one_line(runner, tmp_path, gptctl_home):
     made = _non_checkpoints(tmp_path)
     for name in ("evil", "random", "lfs", "zip"):
         result = runner.invoke(app, ["sample", str(made[name]), "--prompt", "hi", "--device", "cpu"])
@@ -101,8 +98,7 @@ def test_sample_and_verify_of_a_non_checkpoint_are_one_line(tmp_path, gptctl_hom
 
 def make_run(db, run_dir: Path, run_id: str = "r1", **settings) -> Path:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    queries.insert_run(db, {"id": run_id, "name": "r", "kind": "pretrain", "settings": json.dumps(settings),
-                            "run_dir": str(run_dir)})
+    add_run(db, run_id, settings=json.dumps(settings), run_dir=str(run_dir))
     return run_dir
 
 
@@ -150,7 +146,7 @@ def test_retention_keeps_the_newest_verified_when_the_newest_is_damaged(gptctl_h
     assert [r["step"] for r in retention.plan(db, queries.get_run(db, "r1"), warn=warnings.append)] == [20]
 
 
-def test_orphans_are_registered_only_when_they_load_as_their_step(gptctl_home, tmp_path):
+def test_orphans_are_registered_only_when_they_load_as_their_step(runner, gptctl_home, tmp_path):
     db = open_registry(gptctl_home)
     run_dir = make_run(db, gptctl_home / "r-r1", permanent_checkpoints=[7])
     ckpts = run_dir / "checkpoints"
@@ -249,8 +245,7 @@ def test_a_reader_lease_keeps_its_checkpoint_from_retention(gptctl_home, monkeyp
     db.execute("delete from checkpoint_leases")
 
     # A finetune's parent: once a run row records it, deletion is refused in the same statement.
-    queries.insert_run(db, {"id": "ft", "name": "ft", "kind": "finetune", "settings": "{}", "run_dir": "/x",
-                            "parent_checkpoint": str(paths[14])})
+    add_run(db, "ft", name="ft", kind="finetune", parent_checkpoint=str(paths[14]))
     row = queries.checkpoint_at(db, "r1", 14)
     assert not queries.mark_deleting(db, row["id"], only_if="valid")
 
@@ -336,10 +331,8 @@ def test_readers_keep_their_checkpoint_while_the_run_prunes(shakespeare, gptctl_
         env={**os.environ, "GPTCTL_HOME": str(gptctl_home)}, stdout=log, stderr=log)
     try:
         db = open_registry(gptctl_home)
-        deadline = time.time() + 120
-        while not list(db.query("select 1 from checkpoints where state = 'valid'")):
-            assert trainer.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()
-            time.sleep(0.2)
+        wait_until(lambda: list(db.query("select 1 from checkpoints where state = 'valid'")), "a first checkpoint",
+                   proc=trainer, interval=0.2, details=(tmp_path / "train.log").read_text)
         parents = set()
         for _ in range(3):
             proc = cli("finetune", "--pretrained-checkpoint", "busy", "--dataset-path", str(data), "--max-steps",

@@ -13,20 +13,17 @@ from datetime import datetime
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, TINY_SETTINGS, cli, gptctl, only_run_id
-from helpers import RecordingCheckpointer
+from helpers import RecordingCheckpointer, TINY_RUN, TINY_SETTINGS, add_run, cli, gptctl, only_run_id
 from gptctl.cli import app
 from gptctl.control import DEADLINE_EXIT_CODE
 from gptctl.deadline import DEADLINE_ENV, MARGIN_ENV, launch_deadline, parse_deadline, slurm_end_time, worker_deadline
 from gptctl.engine.distributed import Dist
 from gptctl.engine.startup import StopFlag
 from gptctl.engine.trainer import Trainer
-from gptctl.registry import launches, open_registry, queries
+from gptctl.registry import launches, open_registry
 from gptctl.settings import TrainSettings
 
-runner = CliRunner()
 NOW = datetime(2026, 12, 3, 22, 30).astimezone().timestamp()
 
 
@@ -52,13 +49,13 @@ def test_a_bad_deadline_is_refused(text, why):
         parse_deadline(text, NOW)
 
 
-def test_a_bad_deadline_is_one_line_and_writes_nothing(shakespeare, gptctl_home):
+def test_a_bad_deadline_is_one_line_and_writes_nothing(runner, shakespeare, gptctl_home):
     result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--deadline", "tomorrow"])
     assert result.exit_code == 2 and "--deadline: expected a duration" in result.output
     assert "Traceback" not in result.output and not gptctl_home.exists()
 
 
-def test_a_printed_command_takes_no_deadline(shakespeare, gptctl_home):
+def test_a_printed_command_takes_no_deadline(runner, shakespeare, gptctl_home):
     """Its workers start later, without gptctl's launcher: a deadline would be silently lost."""
     result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--deadline", "2h",
                                  "--print-command"])
@@ -135,7 +132,7 @@ def _row(db, run_id, first, last, reason, step_s, started, took, saves=1, save_s
 
 def test_goodput_counts_only_kept_steps_and_suggests_an_interval(gptctl_home):
     db = open_registry(gptctl_home)
-    queries.insert_run(db, {"id": "abcd0001", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": "/x"})
+    add_run(db, "abcd0001")
     t = 1_000_000.0
     _row(db, "abcd0001", 0, 100, "crash", step_s=100.0, started=t, took=200)  # 100 s for 100 steps
     second = launches.start(db, "abcd0001", 80, 1, t + 300, "kill")  # resumed from 80: 20 steps redone
@@ -153,7 +150,7 @@ def test_goodput_counts_only_kept_steps_and_suggests_an_interval(gptctl_home):
 
 def test_a_start_closes_the_rows_that_died_with_their_processes(gptctl_home):
     db = open_registry(gptctl_home)
-    queries.insert_run(db, {"id": "abcd0002", "name": "r", "kind": "pretrain", "settings": "{}", "run_dir": "/x"})
+    add_run(db, "abcd0002")
     first = launches.start(db, "abcd0002", 0, 2, 1000.0, "kill")
     launches.update(db, first, last_step=30)
     heartbeat = db["launches"].get(first)["updated_at"]

@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, Terminal, cli, gptctl, losses, only_run_id, train_in_process
-
-
-def _wait(condition, what: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from helpers import TINY_RUN, cli, gptctl, losses, only_run_id, Terminal, train_in_process, wait_until
 
 
 def _status(home: Path, run_id: str) -> str:
@@ -49,7 +42,7 @@ def test_a_detached_run_outlives_its_terminal_stops_from_another_and_resumes_bit
     env = {**os.environ, "GPTCTL_HOME": str(gptctl_home)}
     # The terminal's session lives on after the command returns, as a login shell's would.
     terminal = Terminal(["/bin/sh", "-c", f"{subprocess.list2cmdline(command)}; echo returned $?; sleep 600"], env)
-    _wait(lambda: b"returned" in terminal.shown, "--detach to return", timeout=180)
+    wait_until(lambda: b"returned" in terminal.shown, "--detach to return", timeout=180)
     shown = terminal.shown.decode(errors="replace")
     assert "returned 0" in shown and "gptctl runs logs bg --follow" in shown and "gptctl runs stop bg" in shown, shown
     run_id = only_run_id(gptctl_home, "bg")
@@ -61,7 +54,7 @@ def test_a_detached_run_outlives_its_terminal_stops_from_another_and_resumes_bit
     os.killpg(session, signal.SIGHUP)  # and the whole old terminal's process group, for good measure
     terminal.proc.wait(timeout=30)
     steps_then = train_log.read_text().count("\nstep ")
-    _wait(lambda: train_log.read_text().count("\nstep ") >= steps_then + 3, "the run to train on after the hangup")
+    wait_until(lambda: train_log.read_text().count("\nstep ") >= steps_then + 3, "the run to train on after the hangup")
     assert _status(gptctl_home, run_id) == "running"
 
     follower = subprocess.Popen([sys.executable, "-m", "gptctl", "runs", "logs", "bg", "--follow"], env=env,
@@ -142,7 +135,7 @@ def test_runs_compare_shows_the_settings_that_differ_and_val_at_equal_tokens(sha
 def test_the_default_data_root_is_where_prepare_writes_and_pretrain_reads(gptctl_home, tmp_path, monkeypatch):
     """`pretrain` without --data-root on a fresh machine says the two ways forward; `data prepare` writes
     to the default ($GPTCTL_DATA_ROOT here), pretrain reads it and records it resolved."""
-    from conftest import SHAKESPEARE
+    from helpers import SHAKESPEARE
 
     monkeypatch.setenv("GPTCTL_DATA_ROOT", str(tmp_path / "corpus"))
     refused = cli("pretrain", "--max-steps", "40000", home=gptctl_home, check=False)

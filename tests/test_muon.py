@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, TINY_SETTINGS, train_in_process
+from helpers import TINY_RUN, TINY_SETTINGS, add_run, train_in_process
 from gptctl.cli import app
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import Dist
@@ -13,8 +12,6 @@ from gptctl.engine.trainer import Trainer
 from gptctl.estimate import MUON_NS_STEPS, muon_params, newton_schulz_flops, optimizer_bytes, total_params
 from gptctl.presets import PRESETS
 from gptctl.settings import TrainSettings
-
-runner = CliRunner()
 
 
 def muon_trainer(data, **overrides) -> Trainer:
@@ -62,7 +59,7 @@ def test_a_muon_run_resumes_bit_for_bit_from_its_checkpoint(shakespeare, tmp_pat
     assert adamw[8] != whole[8]  # the option changes training (at the same schedule)
 
 
-def test_muon_with_sharding_is_refused_in_one_line(shakespeare, gptctl_home):
+def test_muon_with_sharding_is_refused_in_one_line(runner, shakespeare, gptctl_home):
     result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--optimizer", "muon",
                                  "--model-parallel"])
     assert result.exit_code == 2 and not gptctl_home.exists()
@@ -70,7 +67,7 @@ def test_muon_with_sharding_is_refused_in_one_line(shakespeare, gptctl_home):
 
 
 @pytest.mark.parametrize("option", ["--muon-lr", "--muon-momentum", "--muon-weight-decay"])
-def test_muon_options_without_muon_are_refused_in_one_line(shakespeare, gptctl_home, tmp_path, option):
+def test_muon_options_without_muon_are_refused_in_one_line(runner, shakespeare, gptctl_home, tmp_path, option):
     """Under AdamW they would be stored with the run and do nothing (the break test found it)."""
     field = option[2:].replace("-", "_")
     for source in ("command line", "config file"):
@@ -99,8 +96,7 @@ def test_the_optimizer_is_part_of_the_run_on_resume(shakespeare, gptctl_home):
 
     settings = TrainSettings(**{**TINY_SETTINGS, "data_root": shakespeare})
     db = open_registry(gptctl_home)
-    queries.insert_run(db, {"id": "abc123", "name": "r", "kind": "pretrain", "settings": settings.model_dump_json(),
-                            "run_dir": str(gptctl_home / "r-abc123"), "last_step": 4})
+    add_run(db, "abc123", settings=settings.model_dump_json(), run_dir=str(gptctl_home / "r-abc123"), last_step=4)
     from gptctl.errors import UserError
 
     with pytest.raises(UserError, match="--optimizer: run abc123 .r. was started with 'adamw'"):
@@ -122,7 +118,7 @@ def test_a_checkpoint_resumes_only_into_its_own_optimizer(shakespeare, gptctl_ho
     workers died loading Muon's state into AdamW (KeyError: 'param_groups.0.momentum'): now refused first."""
     import json
 
-    from conftest import cli
+    from helpers import cli
 
     summary = json.loads(cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4",
                              "--checkpoint-interval", "4", "--optimizer", "muon", "--run-name", "m", "--json",
@@ -140,7 +136,7 @@ def test_a_checkpoint_resumes_only_into_its_own_optimizer(shakespeare, gptctl_ho
     assert resumed["status"] == "completed" and resumed["last_step"] == 8
 
 
-def test_estimate_counts_muons_state_and_its_newton_schulz_flops():
+def test_estimate_counts_muons_state_and_its_newton_schulz_flops(runner):
     gpt2 = PRESETS["gpt2"]
     params, matrices = total_params(gpt2, 1024), 12 * 12 * 768 ** 2
     assert muon_params(gpt2) == matrices == 84_934_656
@@ -159,7 +155,7 @@ def test_estimate_counts_muons_state_and_its_newton_schulz_flops():
     assert r["max_micro_batch"] >= a["max_micro_batch"]
 
 
-def test_a_muon_trained_checkpoint_exports_to_transformers_with_the_same_logits(shakespeare, tmp_path):
+def test_a_muon_trained_checkpoint_exports_to_transformers_with_the_same_logits(runner, shakespeare, tmp_path):
     transformers = pytest.importorskip("transformers")
     from gptctl.data.tokenizer import get_encoding
     from gptctl.engine.sample import Sampler
@@ -181,7 +177,7 @@ def test_a_muon_trained_run_finetunes_samples_and_evaluates_like_an_adamw_one(sh
     """What follows pretraining reads only the weights: a Muon run's checkpoints serve it as an AdamW run's do."""
     import json
 
-    from conftest import cli, losses, only_run_id
+    from helpers import cli, losses, only_run_id
     from test_eval import write_items
     from test_finetune import write_dolly
 

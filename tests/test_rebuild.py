@@ -4,13 +4,10 @@ import json
 import sqlite3
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, losses, only_run_id, save_tiny_checkpoint
+from helpers import TINY_RUN, cli, losses, only_run_id, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.digest import sha256_of
-
-runner = CliRunner()
 
 
 def fake_run(home, name="base", run_id="0123abcd", steps=(2, 4), max_steps=4):
@@ -38,33 +35,33 @@ def fake_run(home, name="base", run_id="0123abcd", steps=(2, 4), max_steps=4):
     return run_dir
 
 
-def invoke(*args):
+def invoke(runner, *args):
     return runner.invoke(app, list(args))
 
 
 @pytest.mark.parametrize("command", [["runs", "list"], ["ckpt", "list"], ["resume", "base"], ["runs", "show", "x"],
                                      ["ckpt", "prune", "--all", "--yes"]])
-def test_a_damaged_registry_is_one_line_naming_rebuild(command, gptctl_home):
+def test_a_damaged_registry_is_one_line_naming_rebuild(runner, command, gptctl_home):
     gptctl_home.mkdir()
     (gptctl_home / "gptctl.db").write_bytes(b"this is not a database, just garbage " * 100)
-    result = invoke(*command)
+    result = invoke(runner, *command)
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "damaged" in result.stderr and "gptctl registry rebuild" in result.stderr
     assert "Traceback" not in result.output
 
 
-def test_a_lost_registry_never_starts_its_runs_over(gptctl_home, shakespeare):
+def test_a_lost_registry_never_starts_its_runs_over(runner, gptctl_home, shakespeare):
     """After `rm gptctl.db`, --auto-resume started from step 0 beside the old checkpoints."""
     fake_run(gptctl_home)
     before = sorted(gptctl_home.rglob("*"))
-    result = invoke("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--run-name", "base", "--auto-resume",
+    result = invoke(runner, "pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--run-name", "base", "--auto-resume",
                  "--max-steps", "8")
     assert result.exit_code == 2 and "gptctl registry rebuild" in result.stderr and "1 run directory" in result.stderr
     assert sorted(gptctl_home.rglob("*")) == before  # nothing written, no new empty registry
-    assert invoke("runs", "list").exit_code == 2
+    assert invoke(runner, "runs", "list").exit_code == 2
 
 
-def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
+def test_rebuild_recreates_runs_checkpoints_and_metrics(runner, gptctl_home):
     run_dir = fake_run(gptctl_home)
     (run_dir / "checkpoints" / "model_00006.pt").write_bytes(b"partial copy")  # not what its name says
     outside = gptctl_home.parent / "elsewhere.pt"
@@ -72,22 +69,22 @@ def test_rebuild_recreates_runs_checkpoints_and_metrics(gptctl_home):
     (run_dir / "checkpoints" / "model_00008.pt").symlink_to(outside)  # a symlink out of the run: never trusted
     (gptctl_home / "gptctl.db").write_bytes(b"garbage" * 1000)
 
-    result = invoke("registry", "rebuild", "--json")
+    result = invoke(runner, "registry", "rebuild", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["moved_aside"] and (gptctl_home / report["moved_aside"]).exists()
     assert [(r["id"], r["last_step"], r["checkpoints"], r["bad_checkpoints"]) for r in report["runs"]] == \
         [("0123abcd", 4, 2, 2)]
-    shown = json.loads(invoke("runs", "show", "base", "--json").stdout)
+    shown = json.loads(invoke(runner, "runs", "show", "base", "--json").stdout)
     assert shown["id"] == "0123abcd" and shown["status"] == "completed" and shown["command"] == "gptctl pretrain …"
     assert [m["step"] for m in shown["metrics"]] == [1, 2, 3, 4] and shown["metrics"][3]["loss"] == 6.0
-    listed = json.loads(invoke("ckpt", "list", "--run", "base", "--json").stdout)
+    listed = json.loads(invoke(runner, "ckpt", "list", "--run", "base", "--json").stdout)
     # the partial copy is registered as corrupt (never trusted, never started over beside); the symlink not at all
     assert [(c["step"], c["state"], bool(c["pinned"])) for c in listed] == \
         [(2, "valid", True), (4, "valid", False), (6, "corrupt", False)]
     for c in listed:
         assert c["sha256"] == sha256_of(run_dir / "checkpoints" / f"model_{c['step']:05d}.pt")
-    again = json.loads(invoke("registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add
+    again = json.loads(invoke(runner, "registry", "rebuild", "--json").stdout)  # idempotent: nothing more to add
     assert again["runs"] == [] and again["moved_aside"] is None
 
 

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from helpers import add_run
 from gptctl.errors import UserError
 from gptctl.checkpoints import directory, retention, store
 from gptctl.checkpoints.retention import deletable
@@ -18,8 +19,7 @@ from gptctl.registry.locks import DirectoryLock
 def make_run(db, run_dir, run_id=None, name="r", status="created"):
     run_id = run_id or queries.new_run_id(db)
     run_dir.mkdir(parents=True, exist_ok=True)
-    queries.insert_run(db, {"id": run_id, "name": name, "kind": "pretrain", "settings": "{}", "run_dir": str(run_dir),
-                            "status": status})
+    add_run(db, run_id, name=name, run_dir=str(run_dir), status=status)
     return run_id
 
 

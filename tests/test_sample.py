@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import cli, save_tiny_checkpoint
+from helpers import cli, save_tiny_checkpoint
 from gptctl.cli import app
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine.model import GPT
@@ -17,7 +16,6 @@ from gptctl.engine.sample import Sampler
 from gptctl.presets import GPT2_VOCAB_SIZE
 from gptctl.prompt import format_prompt
 
-runner = CliRunner()
 BLOCK = 16  # small, so a prompt plus 20 new tokens must slide the context
 
 
@@ -30,7 +28,7 @@ def ckpt(tmp_path) -> Path:
     return save_tiny(tmp_path / "model_00007.pt")
 
 
-def sample(*args: str) -> list[dict]:
+def sample(runner, *args: str) -> list[dict]:
     result = runner.invoke(app, ["sample", *args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -45,7 +43,7 @@ def argmax_loop(model: GPT, tokens: list[int], n: int) -> list[int]:
     return tokens
 
 
-def test_greedy_is_argmax_with_a_sliding_context(ckpt):
+def test_greedy_is_argmax_with_a_sliding_context(runner, ckpt):
     enc = get_encoding()
     prompt = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
     prompt_tokens = enc.encode_ordinary(prompt)
@@ -57,25 +55,25 @@ def test_greedy_is_argmax_with_a_sliding_context(ckpt):
     assert streamed.exit_code == 0, streamed.output
     assert streamed.stdout == enc.decode(expected) + "\n"
     assert f"note: the prompt has {len(prompt_tokens)} tokens; the model sees only the last {BLOCK}" in streamed.stderr
-    assert sample(str(ckpt), "--prompt", prompt, "--max-new-tokens", "20", "--temperature", "0") == [
+    assert sample(runner, str(ckpt), "--prompt", prompt, "--max-new-tokens", "20", "--temperature", "0") == [
         {"sample": 0, "text": enc.decode(expected), "tokens": 20}]
 
 
-def test_same_seed_same_text_other_seed_other_text(ckpt):
+def test_same_seed_same_text_other_seed_other_text(runner, ckpt):
     args = [str(ckpt), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "1.0", "--num-samples", "2"]
-    first = sample(*args, "--seed", "1")
-    assert first == sample(*args, "--seed", "1")
-    assert [s["text"] for s in first] != [s["text"] for s in sample(*args, "--seed", "2")]
+    first = sample(runner, *args, "--seed", "1")
+    assert first == sample(runner, *args, "--seed", "1")
+    assert [s["text"] for s in first] != [s["text"] for s in sample(runner, *args, "--seed", "2")]
     assert first[0]["text"] != first[1]["text"]  # samples of one run differ from each other too
     assert [s["sample"] for s in first] == [0, 1] and all(s["tokens"] == 12 for s in first)
 
 
-def test_top_k_1_is_greedy(ckpt):
+def test_top_k_1_is_greedy(runner, ckpt):
     args = [str(ckpt), "--prompt", "Hello", "--max-new-tokens", "8"]
-    assert sample(*args, "--top-k", "1", "--temperature", "1.5", "--seed", "5") == sample(*args, "--temperature", "0")
+    assert sample(runner, *args, "--top-k", "1", "--temperature", "1.5", "--seed", "5") == sample(runner, *args, "--temperature", "0")
 
 
-def test_instruction_is_wrapped_in_the_finetune_template(tmp_path):
+def test_instruction_is_wrapped_in_the_finetune_template(runner, tmp_path):
     path = save_tiny(tmp_path / "ft.pt", kind="finetune")
     sampler = Sampler(path, "cpu")
     wrapped = format_prompt("Name a colour.", "Think of the sky.")
@@ -83,10 +81,10 @@ def test_instruction_is_wrapped_in_the_finetune_template(tmp_path):
     assert "### Input:\nThink of the sky." in wrapped
     # The CLI feeds the model exactly those tokens: the same seed gives what the template typed as a prompt gives.
     seeded = ["--max-new-tokens", "8", "--temperature", "1.0", "--seed", "3"]
-    via_instruction = sample(str(path), "--instruction", "Name a colour.", "--context", "Think of the sky.", *seeded)
-    assert via_instruction == sample(str(path), "--prompt", wrapped, *seeded)
-    assert via_instruction != sample(str(path), "--instruction", "Name a colour.", *seeded)
-    assert via_instruction != sample(str(path), "--prompt", "Name a colour.", *seeded)
+    via_instruction = sample(runner, str(path), "--instruction", "Name a colour.", "--context", "Think of the sky.", *seeded)
+    assert via_instruction == sample(runner, str(path), "--prompt", wrapped, *seeded)
+    assert via_instruction != sample(runner, str(path), "--instruction", "Name a colour.", *seeded)
+    assert via_instruction != sample(runner, str(path), "--prompt", "Name a colour.", *seeded)
 
 
 def make_eot_at(position: int):
@@ -97,7 +95,7 @@ def make_eot_at(position: int):
     return edit
 
 
-def test_generation_stops_at_end_of_text(tmp_path):
+def test_generation_stops_at_end_of_text(runner, tmp_path):
     enc = get_encoding()
     prompt_tokens = enc.encode_ordinary("Once upon a time")
     eot_position = len(prompt_tokens) + 3  # the logits there choose the 5th new token
@@ -107,11 +105,11 @@ def test_generation_stops_at_end_of_text(tmp_path):
     (tokens,) = Generation(model, enc, prompt_tokens, 10, Sampling(temperature=0)).run()
     assert len(tokens) == 4 and tokens == argmax_loop(model, prompt_tokens, 4)[len(prompt_tokens):]
     assert argmax_loop(model, prompt_tokens, 5)[-1] == EOT_TOKEN  # the model really chose EOT next
-    assert sample(str(path), "--prompt", "Once upon a time", "--max-new-tokens", "10", "--temperature", "0") == [
+    assert sample(runner, str(path), "--prompt", "Once upon a time", "--max-new-tokens", "10", "--temperature", "0") == [
         {"sample": 0, "text": enc.decode(tokens), "tokens": 4}]
 
 
-def test_padding_rows_of_the_vocabulary_are_never_chosen(tmp_path):
+def test_padding_rows_of_the_vocabulary_are_never_chosen(runner, tmp_path):
     padding = GPT2_VOCAB_SIZE + 43  # a row of the padded embedding that no tokenizer token has
 
     def edit(model: GPT) -> None:
@@ -127,13 +125,13 @@ def test_padding_rows_of_the_vocabulary_are_never_chosen(tmp_path):
         (tokens,) = Generation(model, get_encoding(), prompt_tokens, 5, Sampling(temperature, top_k=200),
                                generator=torch.Generator().manual_seed(0)).run()
         assert len(tokens) == 5 and max(tokens) < GPT2_VOCAB_SIZE
-    assert sample(str(path), "--prompt", "Hello", "--max-new-tokens", "5")[0]["tokens"] == 5
+    assert sample(runner, str(path), "--prompt", "Hello", "--max-new-tokens", "5")[0]["tokens"] == 5
 
 
-def test_an_empty_prompt_starts_a_new_document(ckpt):
-    (empty,) = sample(str(ckpt), "--prompt", "", "--max-new-tokens", "5", "--seed", "9")
+def test_an_empty_prompt_starts_a_new_document(runner, ckpt):
+    (empty,) = sample(runner, str(ckpt), "--prompt", "", "--max-new-tokens", "5", "--seed", "9")
     assert empty["tokens"] == 5
-    assert [empty] == sample(str(ckpt), "--prompt", "<|endoftext|>", "--max-new-tokens", "5", "--seed", "9")
+    assert [empty] == sample(runner, str(ckpt), "--prompt", "<|endoftext|>", "--max-new-tokens", "5", "--seed", "9")
 
 
 def test_streamed_text_never_splits_a_character():
@@ -155,19 +153,19 @@ def test_streamed_text_never_splits_a_character():
     (["--prompt", "a", "--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--prompt", "a", "--device", "tpu"], "--device: unknown device 'tpu'"),
 ])
-def test_bad_options_exit_2_in_one_line(ckpt, args, message):
+def test_bad_options_exit_2_in_one_line(runner, ckpt, args, message):
     result = runner.invoke(app, ["sample", str(ckpt), *args])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.startswith(f"Error: {message}") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("ref", ["no/such/file.pt", "nosuchrun", "nosuchrun:4"])
-def test_missing_file_or_unknown_run_exits_2(ref):
+def test_missing_file_or_unknown_run_exits_2(runner, ref):
     result = runner.invoke(app, ["sample", ref, "--prompt", "a"])
     assert result.exit_code == 2 and "is neither an existing file nor a run" in result.stderr
 
 
-def test_a_file_that_is_no_gptctl_checkpoint_exits_2(tmp_path):
+def test_a_file_that_is_no_gptctl_checkpoint_exits_2(runner, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"wte": torch.zeros(2)}, path)
     result = runner.invoke(app, ["sample", str(path), "--prompt", "a"])
@@ -182,7 +180,7 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+def test_malicious_pickle_is_refused_and_never_runs(runner, tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "model_00001.pt"
     torch.save({"model": Payload(marker), "settings": {}, "step": 1}, path)

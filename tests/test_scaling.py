@@ -11,13 +11,10 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, losses, only_run_id
+from helpers import TINY_RUN, cli, losses, only_run_id, wait_until
 from gptctl.cli import app
 from gptctl.slurm import expand_nodelist, launch_defaults
-
-runner = CliRunner()
 
 
 def test_expand_slurm_nodelist():
@@ -26,7 +23,7 @@ def test_expand_slurm_nodelist():
     assert expand_nodelist("a[9-11]") == ["a9", "a10", "a11"]
 
 
-def test_slurm_allocation_sets_launch_defaults(shakespeare, monkeypatch):
+def test_slurm_allocation_sets_launch_defaults(runner, shakespeare, monkeypatch):
     env = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[11-12]"}
     assert launch_defaults(env) == {"nnodes": 2, "node_rank": 0, "master_addr": "gpu11"}
     assert launch_defaults({"SLURM_JOB_ID": "42", "SLURM_NNODES": "1"}) == {}  # one node: nothing to derive
@@ -57,16 +54,6 @@ def test_print_command_queues_a_run_that_the_bare_command_trains(shakespeare, gp
     assert sorted(losses(gptctl_home, run_id)) == [1, 2, 3, 4]
 
 
-def _wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 def _running_worker_pid(home, run_id, min_step):
     try:
         with sqlite3.connect(f"file:{home / 'gptctl.db'}?mode=ro", uri=True) as conn:
@@ -86,8 +73,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_untouched(shakespea
     launcher = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *args, "--run-name", "elastic",
                                  "--max-restarts", "2"], env={**os.environ, "GPTCTL_HOME": str(gptctl_home)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_id = _wait_for(lambda: _only_id(gptctl_home, "elastic"))
-    pid = _wait_for(lambda: _running_worker_pid(gptctl_home, run_id, min_step=6))
+    run_id = wait_until(lambda: _only_id(gptctl_home, "elastic"), "the run's row", interval=0.2)
+    pid = wait_until(lambda: _running_worker_pid(gptctl_home, run_id, min_step=6), "a worker past step 6", interval=0.2)
     os.kill(pid, signal.SIGKILL)  # one worker dies; torchrun starts a new one from the newest checkpoint
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err

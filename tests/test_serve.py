@@ -15,13 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 from torch.nn import functional as F
-from typer.testing import CliRunner
 
-from conftest import save_tiny_checkpoint
+from helpers import save_tiny_checkpoint, wait_until
 from gptctl.cli import app
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
 from gptctl.engine.batch import Batcher, Failed, Finished, Job, TokenEvent
@@ -32,7 +30,6 @@ from gptctl.prompt import Turn, format_conversation
 
 BLOCK = 64
 ROMEO = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
-runner = CliRunner()
 
 
 # --- servers ------------------------------------------------------------------------------------------
@@ -65,10 +62,8 @@ def server(sampler: Sampler, path: Path, api_key: str | None = None, max_rows: i
                                        lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
+    wait_until(lambda: uv.started or not thread.is_alive(), "the server to start", 30, interval=0.02)
+    assert uv.started, "the server did not start"
     try:
         yield url_of(sock)
     finally:
@@ -79,7 +74,9 @@ def server(sampler: Sampler, path: Path, api_key: str | None = None, max_rows: i
         sock.close()
 
 
-def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+def client(url: str, api_key: str = "unused"):
+    import openai  # here, not at the top: a second or more of import for every test process that collects this file
+
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
@@ -101,7 +98,7 @@ def url(sampler, checkpoints):
         yield url
 
 
-def sample(*args: str) -> list[dict]:
+def sample(runner, *args: str) -> list[dict]:
     result = runner.invoke(app, ["sample", *args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -153,14 +150,14 @@ def test_rows_that_join_and_leave_the_batch_decode_as_generation_does(arch):
 
 # --- the API through the openai client ------------------------------------------------------------------
 
-def test_models_and_completions_text_ids_and_batch_equal_sample(url, checkpoints):
+def test_models_and_completions_text_ids_and_batch_equal_sample(runner, url, checkpoints):
     api, enc = client(url), get_encoding()
     (card,) = api.models.list().data
     assert card.id == "model_00007.pt" and card.max_model_len == BLOCK
     path = str(checkpoints["pretrain"])
     texts = {}
     for prompt in ("Hello", ROMEO, "<|endoftext|>"):  # ROMEO's tokens and 24 more pass the context: it slides
-        (expected,) = sample(path, "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0")
+        (expected,) = sample(runner, path, "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0")
         response = api.completions.create(model=card.id, prompt=prompt, max_tokens=24, temperature=0)
         assert response.choices[0].text == expected["text"] and expected["text"]
         assert response.usage.completion_tokens == expected["tokens"]
@@ -174,12 +171,12 @@ def test_models_and_completions_text_ids_and_batch_equal_sample(url, checkpoints
     assert all(c.finish_reason == "length" for c in batch.choices)
 
 
-def test_chat_equals_sample_instruction_for_a_finetuned_model(sampler, checkpoints):
+def test_chat_equals_sample_instruction_for_a_finetuned_model(runner, sampler, checkpoints):
     path = checkpoints["finetune"]
     ft = Sampler(path, "cpu")
     with server(ft, path) as url:
         api = client(url)
-        (expected,) = sample(str(path), "--instruction", "Name a colour.", "--max-new-tokens", "16", "--temperature", "0")
+        (expected,) = sample(runner, str(path), "--instruction", "Name a colour.", "--max-new-tokens", "16", "--temperature", "0")
         reply = api.chat.completions.create(model="ft_00007.pt", messages=[{"role": "user", "content": "Name a colour."}],
                                             max_tokens=16, temperature=0)
         assert reply.choices[0].message.content == expected["text"] and reply.choices[0].message.role == "assistant"
@@ -257,13 +254,13 @@ def test_echo_logprobs_of_token_ids_as_lm_eval_asks_match_a_forward(url, sampler
     assert httpx.post(f"{url}/detokenize", json={"tokens": tokens}).json()["prompt"] == enc.decode(tokens)
 
 
-def test_n_samples_with_a_seed_are_reproducible_and_equal_sample(url, checkpoints):
+def test_n_samples_with_a_seed_are_reproducible_and_equal_sample(runner, url, checkpoints):
     api = client(url)
     args = dict(model="model_00007.pt", prompt="Hello", max_tokens=12, temperature=1.0, n=3, extra_body={"top_k": 200})
     first = [c.text for c in api.completions.create(seed=5, **args).choices]
     assert first == [c.text for c in api.completions.create(seed=5, **args).choices]
     assert len(set(first)) == 3 and first != [c.text for c in api.completions.create(seed=6, **args).choices]
-    expected = sample(str(checkpoints["pretrain"]), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "1.0",
+    expected = sample(runner, str(checkpoints["pretrain"]), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "1.0",
                       "--num-samples", "3", "--seed", "5")
     assert first == [s["text"] for s in expected]
 
@@ -271,13 +268,14 @@ def test_n_samples_with_a_seed_are_reproducible_and_equal_sample(url, checkpoint
 # --- concurrency and the queue --------------------------------------------------------------------------
 
 def wait_for(url: str, predicate, timeout: float = 30) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        stats = httpx.get(f"{url}/health").json()["batch"]
-        if predicate(stats):
-            return stats
-        assert time.time() < deadline, stats
-        time.sleep(0.02)
+    """The batcher's stats from /health, once predicate(stats)."""
+    seen = {}
+
+    def stats():
+        seen.update(httpx.get(f"{url}/health").json()["batch"])
+        return predicate(seen) and dict(seen)
+
+    return wait_until(stats, "the batcher's stats", timeout, interval=0.02, details=lambda: seen)
 
 
 def test_concurrent_requests_share_decode_steps_and_are_each_answered_right(sampler, checkpoints):
@@ -384,6 +382,8 @@ def test_bodies_that_are_no_json_object_and_unknown_routes(url):
 
 
 def test_the_api_key_guards_every_v1_route(sampler, checkpoints):
+    import openai
+
     with server(sampler, checkpoints["pretrain"], api_key="s3cret") as url:
         for method, route in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
             for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -396,7 +396,7 @@ def test_the_api_key_guards_every_v1_route(sampler, checkpoints):
         assert text.choices[0].text
 
 
-def test_listening_beyond_localhost_needs_a_key(checkpoints):
+def test_listening_beyond_localhost_needs_a_key(runner, checkpoints):
     result = runner.invoke(app, ["serve", str(checkpoints["pretrain"]), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and result.stdout == "" and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: --api-key: required to listen on 0.0.0.0")

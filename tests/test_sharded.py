@@ -3,12 +3,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
+from helpers import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
 from gptctl.cli import app
-
-runner = CliRunner()
 
 
 @pytest.mark.parametrize(
@@ -19,7 +16,7 @@ runner = CliRunner()
           "--batch-size", "2"], "must divide the number of processes"),
     ],
 )
-def test_bad_sharding_is_refused(shakespeare, gptctl_home, extra, message):
+def test_bad_sharding_is_refused(runner, shakespeare, gptctl_home, extra, message):
     result = runner.invoke(app, ["pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--max-steps", "4", *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not gptctl_home.exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, Terminal, cli, gptctl, only_run_id
+from helpers import TINY_RUN, cli, gptctl, only_run_id, Terminal, wait_until
 from gptctl.launch import ready_to_stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,7 @@ def launch(tmp_path: Path, stop_timeout: float, start_s: float, save_s: float, w
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, f"no {path.name}: {output_of(proc)}"
-        time.sleep(0.02)
+    wait_until(path.exists, path.name, timeout, proc=proc, interval=0.02, details=lambda: output_of(proc))
 
 
 def output_of(proc: subprocess.Popen) -> tuple[str, str] | str:
@@ -167,14 +164,8 @@ def _start(home: Path, log: Path, *args: str, **env: str) -> subprocess.Popen:
 
 def _wait_for_step(home: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> Path:
     """The run directory, once its train.log shows `step` (the worker writes it line by line)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        for train_log in home.glob("*/train.log"):
-            if f"step {step}/" in train_log.read_text():
-                return train_log.parent
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} never came: {log.read_text()[-3000:]}")
+    return wait_until(lambda: next((p.parent for p in home.glob("*/train.log") if f"step {step}/" in p.read_text()), None),
+                      f"step {step}", timeout, proc=proc, details=lambda: log.read_text()[-3000:])
 
 
 @pytest.mark.slow
@@ -213,11 +204,9 @@ def test_second_ctrl_c_during_the_final_save_stops_now_and_leaves_no_valid_looki
                   GPTCTL_TEST_FAULT_FROM_STEP="2")
     run_dir = _wait_for_step(gptctl_home, 2, proc, log)
     proc.send_signal(signal.SIGINT)
-    deadline = time.time() + 60
     # The final save has begun, and stalls (not step 1's, which a loaded machine may still be writing).
-    while not [p for p in (run_dir / "checkpoints").glob(".tmp-*") if not p.name.startswith(".tmp-model_00001")]:
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+    wait_until(lambda: [p for p in (run_dir / "checkpoints").glob(".tmp-*") if not p.name.startswith(".tmp-model_00001")],
+               "the final save", 60, proc=proc, details=lambda: log.read_text()[-3000:])
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 128 + signal.SIGINT
     output = log.read_text()
@@ -236,7 +225,7 @@ def test_a_closed_terminal_stops_the_run_with_its_checkpoint_and_it_resumes_bit_
     """The ssh connection drops while step 2's checkpoint is being saved (slowed to 2 s): the run finishes
     that save and its step, saves that step, stops with exit code 128+SIGHUP, and what the terminal
     would have shown since is in the run's launcher.log. Resumed, it matches an undisturbed run to the bit."""
-    from conftest import losses, train_in_process
+    from helpers import losses, train_in_process
 
     layout = ["--max-steps", "400", "--lr-decay-steps", "400", "--checkpoint-interval", "1000",
               "--permanent-checkpoints", "2"]
@@ -244,10 +233,8 @@ def test_a_closed_terminal_stops_the_run_with_its_checkpoint_and_it_resumes_bit_
                "--run-name", "hup"]
     terminal = Terminal(command, {**os.environ, "GPTCTL_HOME": str(gptctl_home), "GPTCTL_TEST_SLOW_SAVE": "2",
                                   "GPTCTL_TEST_FAULT_FROM_STEP": "2"})
-    deadline = time.time() + 120
-    while not list(gptctl_home.glob("hup-*/checkpoints/.tmp-model_00002*")):  # the save of step 2 has begun
-        assert terminal.proc.poll() is None and time.time() < deadline, terminal.shown.decode(errors="replace")
-        time.sleep(0.02)
+    wait_until(lambda: list(gptctl_home.glob("hup-*/checkpoints/.tmp-model_00002*")), "the save of step 2 to begin",
+               proc=terminal.proc, interval=0.02, details=lambda: terminal.shown.decode(errors="replace"))
     terminal.hang_up()
     assert terminal.proc.wait(timeout=120) == 128 + signal.SIGHUP
     run_id = only_run_id(gptctl_home, "hup")
@@ -329,7 +316,7 @@ def test_the_last_checkpoint_carries_the_last_steps_evals(shakespeare, tmp_path)
     from it) lacked the run's final val loss and HellaSwag accuracy. Step 6 evaluates only for being last."""
     import torch
 
-    from conftest import train_in_process
+    from helpers import train_in_process
     from test_eval import write_items
 
     rows, saved = train_in_process(shakespeare, tmp_path / "run", fields=("val_loss", "hellaswag_acc"), max_steps=6,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process, train_in_processes
+from helpers import TINY_RUN, cli, gptctl, losses, only_run_id, train_in_process, train_in_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -68,19 +68,16 @@ def test_pretrain_trains_checkpoints_and_registers(shakespeare, gptctl_home):
 
 
 def _wait_for_checkpoint(home, min_step, proc, name, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
+    def newest():
         try:
             with sqlite3.connect(f"file:{home / 'gptctl.db'}?mode=ro", uri=True, timeout=30) as conn:
-                rows = conn.execute("select max(c.step) from checkpoints c join runs r on r.id = c.run_id"
-                                    " where c.state = 'valid' and r.name = ?", [name]).fetchone()
+                step, = conn.execute("select max(c.step) from checkpoints c join runs r on r.id = c.run_id"
+                                     " where c.state = 'valid' and r.name = ?", [name]).fetchone()
         except sqlite3.OperationalError:  # the launcher has not created or migrated the registry yet
-            rows = (None,)
-        if rows[0] is not None and rows[0] >= min_step:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
+            return None
+        return step if step is not None and step >= min_step else None
+
+    return wait_until(newest, f"a checkpoint at step {min_step} or later, to kill the run after", timeout, proc=proc)
 
 
 def test_sigkill_then_resume_is_bit_exact(shakespeare, gptctl_home, tmp_path):

@@ -6,15 +6,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY_RUN, cli, losses, train_in_processes
+from helpers import TINY_RUN, cli, losses, train_in_processes
 from gptctl.cli import app
 
-runner = CliRunner()
 
-
-def test_missing_optional_packages_are_named_before_anything_is_written(shakespeare, gptctl_home, monkeypatch):
+def test_missing_optional_packages_are_named_before_anything_is_written(runner, shakespeare, gptctl_home, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec

@@ -5,12 +5,11 @@ Real torchrun launches that fail for real: a full disk at a save, a shard trunca
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, gptctl, only_run_id
+from helpers import TINY_RUN, gptctl, only_run_id, wait_until
 from gptctl.launch import PlainLines
 
 TORCHRUN_NOISE = ("ChildFailedError", "Traceback", "torch/distributed", "Root Cause", "=====")
@@ -47,10 +46,8 @@ def test_a_worker_killed_by_a_truncated_shard_ends_in_one_line_naming_the_log(sh
         proc = subprocess.Popen([sys.executable, "-m", "gptctl", "pretrain", *TINY_RUN, "--data-root", str(data),
                                  "--max-steps", "400", "--run-name", "cut"], stdout=sink, stderr=sink,
                                 env={**os.environ, "GPTCTL_HOME": str(gptctl_home)})
-    deadline = time.time() + 120
-    while not any("step 2/" in log.read_text() for log in gptctl_home.glob("cut-*/train.log")):
-        assert proc.poll() is None and time.time() < deadline, out.read_text()
-        time.sleep(0.02)
+    wait_until(lambda: any("step 2/" in log.read_text() for log in gptctl_home.glob("cut-*/train.log")), "step 2",
+               proc=proc, interval=0.02, details=out.read_text)
     # Another job rewrites the data under the run: the worker's memory-mapped shard loses its pages.
     os.truncate(next(data.glob("*_train_*.npy")), 0)
     assert proc.wait(timeout=120) == 1
