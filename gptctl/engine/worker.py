@@ -322,7 +322,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     if init_checkpoint is None and run.get("parent_kind") == "state":
         init_checkpoint = run["parent_checkpoint"]  # a --resume start, again, until the run saved its own
     start = choose_start(db, run["id"], init_checkpoint, d, settings)
-    state = (start.state if start.state is not None else ckpt.load(Path(start.path))) if start.path else None
+    state = (start.state if start.state is not None else format.load(Path(start.path))) if start.path else None
     start_step = int(state["step"]) if state is not None else 0
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
@@ -354,7 +354,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
             # the registry records in this home (a copied home reads its own copy, not the original's)
             parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
-            trainer.load_weights(ckpt.load(Path(parent), mmap=True)["model"])
+            trainer.load_weights(format.load(Path(parent), mmap=True)["model"])
         if write:
             queries.delete_metrics_after(db, run["id"], start_step)
             queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
