@@ -1,5 +1,6 @@
 """Fixtures only; the helpers the tests share are plain functions in helpers.py."""
 import os
+import signal
 
 import pytest
 
@@ -14,6 +15,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # checkpointing and checkpoints, not inductor's vectorizer, and scalar kernels compile in about a quarter
 # less time (the two compiled tests: 83 s with a cold inductor cache, 60 s without SIMD). Training keeps SIMD.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+# A suite started in the background by a shell without job control inherits SIGINT ignored, and so
+# would every process a test starts: Ctrl-C tests (chat, serve, the launcher) then see nothing. A caught
+# signal is reset to the default across exec, an ignored one is not: catch it here.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
