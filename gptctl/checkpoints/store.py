@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from sqlite_utils import Database
 
 from gptctl.atomic import TMP_PREFIX
@@ -30,8 +31,11 @@ def rules_of(run: dict[str, Any]) -> CheckpointSettings:
     """The run's checkpoint settings (keep-last, permanent steps) from its stored settings; a run stored
     before an option existed keeps what a new run keeps by default. A resume may change them: read anew."""
     stored = json.loads(run.get("settings") or "{}")
-    return CheckpointSettings.model_validate(
-        {name: stored[name] for name in CheckpointSettings.model_fields if stored.get(name) is not None})
+    given = {name: stored[name] for name in CheckpointSettings.model_fields if stored.get(name) is not None}
+    try:
+        return CheckpointSettings.model_validate(given)
+    except ValidationError:  # stored by a gptctl with looser rules (a permanent step 0): read as stored, as ever
+        return CheckpointSettings.model_construct(**given)
 
 
 def register(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, rules: CheckpointSettings,

@@ -1,0 +1,38 @@
+"""Behaviour the structural redesign of issue 31 must keep: cases found by trying to break it, each
+compared with the code before the move (12912d9)."""
+
+import json
+from pathlib import Path
+
+from gptctl.registry import open_registry, queries
+
+
+def _registry_with_run(home: Path, settings: dict, steps: tuple[int, ...] = ()) -> tuple[object, dict]:
+    """A registry in `home` holding one run with these stored settings and a real file per step."""
+    from gptctl.digest import sha256_of
+
+    db = open_registry(home)
+    run_dir = home / "old-0000abcd"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(settings))
+    queries.insert_run(db, {"id": "0000abcd", "name": "old", "kind": "pretrain", "settings": json.dumps(settings),
+                            "run_dir": str(run_dir), "max_steps": settings.get("max_steps", 10), "last_step": 0})
+    for step in steps:
+        path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
+        path.write_bytes(b"x" * step)
+        queries.register_checkpoint(db, "0000abcd", step, path, path.stat().st_size, sha256_of(path), pinned=False)
+    return db, queries.get_run(db, "0000abcd")
+
+
+def test_retention_reads_stored_settings_an_older_gptctl_wrote(tmp_path, monkeypatch):
+    """`ckpt list` and `ckpt prune` read a run's keep-last and permanent steps from its stored settings as
+    they are: a value today's CheckpointSettings refuses (permanent step 0, accepted before steps had to be
+    positive) listed and pruned as before, not a pydantic traceback."""
+    from gptctl.checkpoints import retention, store
+
+    monkeypatch.setenv("GPTCTL_HOME", str(tmp_path))
+    db, run = _registry_with_run(tmp_path, {"max_steps": 10, "keep_last_n_checkpoints": 1,
+                                            "permanent_checkpoints": [0, 2]}, steps=(2, 4, 6))
+    assert [(r["step"], r["permanent"]) for r in store.listing(db)] == [(2, True), (4, False), (6, False)]
+    assert [r["step"] for r in retention.plan(db, run, warn=lambda m: None)] == [4]
+    assert store.rules_of(run).keep_last_n_checkpoints == 1
