@@ -36,3 +36,22 @@ def test_retention_reads_stored_settings_an_older_gptctl_wrote(tmp_path, monkeyp
     assert [(r["step"], r["permanent"]) for r in store.listing(db)] == [(2, True), (4, False), (6, False)]
     assert [r["step"] for r in retention.plan(db, run, warn=lambda m: None)] == [4]
     assert store.rules_of(run).keep_last_n_checkpoints == 1
+
+
+def test_estimate_calibrates_from_runs_whose_other_settings_todays_rules_refuse():
+    """A registry run's measured MFU needs only its model's shape and sequence length: a run whose stored
+    settings also hold what today's TrainSettings refuses (a setting of a newer gptctl, an old warm-up
+    longer than its run, a null preset) calibrates `gptctl estimate` as before the move."""
+    from gptctl import estimate as est
+
+    def row(settings: dict) -> dict:
+        return {"tokens_per_s": 100_000.0, "device_name": "NVIDIA GeForce RTX 3090", "world_size": 1,
+                "dtype": "bfloat16", "settings": json.dumps(settings)}
+
+    plain = est.measured_mfus([row({"model": "gpt2", "seq_len": 1024})], "rtx3090")
+    assert len(plain) == 1
+    for odd in ({"model": "gpt2", "seq_len": 1024, "a_setting_of_a_newer_gptctl": 1},
+                {"model": "gpt2", "seq_len": 1024, "warmup_steps": 50_000, "max_steps": 100},
+                {"model": None, "seq_len": 1024}, {"model": "gpt2", "seq_len": None}):
+        assert est.measured_mfus([row(odd)], "rtx3090") == plain, odd
+    assert est.measured_mfus([row({"model": "no-such-preset"})], "rtx3090") == []
