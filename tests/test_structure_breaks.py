@@ -55,3 +55,23 @@ def test_estimate_calibrates_from_runs_whose_other_settings_todays_rules_refuse(
                 {"model": None, "seq_len": 1024}, {"model": "gpt2", "seq_len": None}):
         assert est.measured_mfus([row(odd)], "rtx3090") == plain, odd
     assert est.measured_mfus([row({"model": "no-such-preset"})], "rtx3090") == []
+
+
+def test_a_resume_names_the_recipe_or_an_unused_option_before_other_data():
+    """`gptctl resume RUN` (and --auto-resume) refuse in the order they did before the move: the
+    checkpoint's shape and optimizer, then a changed --recipe and an option the run does not use, and
+    only then the data root holding other data."""
+    import pytest
+
+    from gptctl.errors import UserError
+    from gptctl.resume import resume_changes
+    from gptctl.settings import TrainSettings
+
+    stored = TrainSettings(model="tiny", max_steps=10, warmup_steps=2, data_fingerprint="sha256:" + "a" * 64)
+    run = {"id": "0000abcd", "name": "a", "settings": stored.model_dump_json(), "last_step": 10}
+    other_data = {"data_fingerprint": "sha256:" + "b" * 64}
+    for given, option in (({"recipe": "speedrun"}, "--recipe"), ({"muon_lr": 0.01}, "--muon-lr"),
+                          ({"optimizer": "muon"}, "--optimizer"), ({"n_layer": 3}, "--n-layer"), ({}, "--data-root")):
+        with pytest.raises(UserError) as refused:
+            resume_changes(run, {**given, **other_data})
+        assert str(refused.value).startswith(option + ":"), (given, str(refused.value))
