@@ -75,3 +75,20 @@ def test_a_resume_names_the_recipe_or_an_unused_option_before_other_data():
         with pytest.raises(UserError) as refused:
             resume_changes(run, {**given, **other_data})
         assert str(refused.value).startswith(option + ":"), (given, str(refused.value))
+
+
+def test_a_resume_verifies_the_newest_checkpoint_before_it_launches(tmp_path, monkeypatch):
+    """`gptctl resume RUN --max-steps N` checks, before its workers start, that the run's newest checkpoint
+    still matches its sha256, as before the move: a damaged one is marked and said on the terminal (not
+    only in the workers' log), also when it is below N and so cannot end the run."""
+    from gptctl.checkpoints import store
+
+    monkeypatch.setenv("GPTCTL_HOME", str(tmp_path))
+    db, run = _registry_with_run(tmp_path, {"max_steps": 10}, steps=(2, 4))
+    newest = Path(queries.checkpoint_at(db, run["id"], 4)["path"])
+    newest.write_bytes(b"y" * 4)  # same size, other bytes
+    said = []
+    assert store.newest_good(db, run["id"], said.append, loads=True, at_least=12) is None
+    assert queries.checkpoint_state(db, queries.checkpoint_at(db, run["id"], 4)["id"]) == "corrupt"
+    assert said and "step 4" in said[0] and "corrupt" in said[0]
+    assert queries.checkpoint_state(db, queries.checkpoint_at(db, run["id"], 2)["id"]) == "valid"

@@ -101,8 +101,6 @@ def newest_good(db: Database, run_id: str, warn: Warn = print, healthy: bool = F
     diverged from again; it is marked unhealthy and passed over. `at_least`: only steps at or above it
     (None when the newest good one is older)."""
     for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
-        if at_least is not None and row["step"] < at_least:
-            return None
         if healthy and not queries.is_healthy(row):
             continue
         state = check_file(db, row, full=True)
@@ -110,6 +108,8 @@ def newest_good(db: Database, run_id: str, warn: Warn = print, healthy: bool = F
             queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
             warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
             continue
+        if at_least is not None and row["step"] < at_least:
+            return None  # verified first: a resume says a damaged newest checkpoint before its workers start
         if row["step"] == distrust:
             queries.mark_unhealthy(db, row["id"], "the run diverged again after rolling back to it")
             continue
