@@ -92,3 +92,13 @@ def test_a_resume_verifies_the_newest_checkpoint_before_it_launches(tmp_path, mo
     assert queries.checkpoint_state(db, queries.checkpoint_at(db, run["id"], 4)["id"]) == "corrupt"
     assert said and "step 4" in said[0] and "corrupt" in said[0]
     assert queries.checkpoint_state(db, queries.checkpoint_at(db, run["id"], 2)["id"]) == "valid"
+
+
+def test_ckpt_list_json_keeps_its_keys_in_their_order(tmp_path, monkeypatch):
+    """`gptctl ckpt list --json` prints each checkpoint's keys in the order it did before the move: the
+    checkpoint's row, its val loss, whether it is permanent, its age."""
+    from gptctl.checkpoints import store
+
+    monkeypatch.setenv("GPTCTL_HOME", str(tmp_path))
+    db, _ = _registry_with_run(tmp_path, {"max_steps": 10, "permanent_checkpoints": [2]}, steps=(2,))
+    assert list(store.listing(db)[0])[-3:] == ["val_loss", "permanent", "age_s"]

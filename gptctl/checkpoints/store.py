@@ -143,6 +143,7 @@ def listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
         if row["run_id"] not in rules:
             rules[row["run_id"]] = rules_of(queries.get_run(db, row["run_id"]))
         row["permanent"] = row["step"] in rules[row["run_id"]].permanent_checkpoints
+        row["age_s"] = row.pop("age_s")  # last, after "permanent", as `ckpt list --json` has always printed them
     return rows
 
 
