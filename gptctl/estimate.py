@@ -62,7 +62,7 @@ from gptctl.errors import UserError
 from gptctl.gpus import DEFAULT_GPU, GPUS, INTERCONNECTS, get_gpu, match_gpu, normalize_dtype, peak_flops
 from gptctl.paths import registry_path
 from gptctl.presets import CHECKPOINTING_MODES, LOSS_CHUNK_ROWS, ModelShape
-from gptctl.settings import TrainSettings
+from gptctl.settings import SHAPE_OPTIONS, TrainSettings
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
@@ -224,7 +224,10 @@ def measured_mfus(runs: list[dict[str, Any]], gpu_key: str) -> list[float]:
             continue
         try:
             stored = json.loads(row["settings"]) if isinstance(row.get("settings"), str) else dict(row["settings"])
-            settings = TrainSettings.model_validate(stored)  # a ValidationError is a ValueError: not counted
+            # Only what the FLOPs depend on: the run's other settings may be another gptctl's, which today's
+            # rules refuse. A ValidationError (no such preset) is a ValueError: not counted.
+            settings = TrainSettings.model_validate(
+                {name: stored[name] for name in (*SHAPE_OPTIONS, "seq_len") if stored.get(name) is not None})
             peak = peak_flops(gpu_key, row.get("dtype") or stored.get("dtype") or "float32")
         except (UserError, ValueError, TypeError, KeyError):
             continue

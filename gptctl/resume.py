@@ -76,7 +76,8 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
     except ValidationError as exc:
         raise UserError(describe(exc)) from None
     changes = {name: getattr(wanted, name) for name in sorted(given) if getattr(wanted, name) != getattr(stored, name)}
-    check_compatible(stored, wanted, run=run, override=override)
+    # The checkpoint's shape and optimizer first; the data last (below), as every resume refused them
+    check_compatible(stored, wanted.model_copy(update={"data_fingerprint": stored.data_fingerprint}), run=run)
     was = f"run {run['id']} ({run['name']}) was started with"
     if "recipe" in changes:  # it chose the run's starting values: another name would relabel them, not change them
         raise UserError(f"--recipe: {was} recipe {stored.recipe!r}; a recipe is chosen when a run starts (it sets the "
@@ -84,6 +85,7 @@ def resume_changes(run: dict[str, Any], given: dict[str, Any], override: bool = 
                         f"change the settings themselves (--max-lr, --muon-lr, --lr-scheduler, ... with {OVERRIDE}; "
                         "never --arch or --optimizer)")
     refuse_unused(wanted, given, fixed=TrainSettings.model_fields, origin=f"{was} {{}}")
+    check_compatible(stored, wanted, run=run, override=override)  # now only the data can differ
     refused = [name for name in changes if name not in CHANGEABLE_ON_RESUME
                and not (name == "data_fingerprint" and stored.data_fingerprint is None)]  # an older run: recorded now
     if refused and not override:

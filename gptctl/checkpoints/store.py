@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from sqlite_utils import Database
 
 from gptctl.atomic import TMP_PREFIX
@@ -30,8 +31,11 @@ def rules_of(run: dict[str, Any]) -> CheckpointSettings:
     """The run's checkpoint settings (keep-last, permanent steps) from its stored settings; a run stored
     before an option existed keeps what a new run keeps by default. A resume may change them: read anew."""
     stored = json.loads(run.get("settings") or "{}")
-    return CheckpointSettings.model_validate(
-        {name: stored[name] for name in CheckpointSettings.model_fields if stored.get(name) is not None})
+    given = {name: stored[name] for name in CheckpointSettings.model_fields if stored.get(name) is not None}
+    try:
+        return CheckpointSettings.model_validate(given)
+    except ValidationError:  # stored by a gptctl with looser rules (a permanent step 0): read as stored, as ever
+        return CheckpointSettings.model_construct(**given)
 
 
 def register(db: Database, run_id: str, step: int, path: Path, size: int, sha256: str, rules: CheckpointSettings,
@@ -97,8 +101,6 @@ def newest_good(db: Database, run_id: str, warn: Warn = print, healthy: bool = F
     diverged from again; it is marked unhealthy and passed over. `at_least`: only steps at or above it
     (None when the newest good one is older)."""
     for row in reversed(queries.checkpoints_of(db, run_id, states=["valid"])):
-        if at_least is not None and row["step"] < at_least:
-            return None
         if healthy and not queries.is_healthy(row):
             continue
         state = check_file(db, row, full=True)
@@ -106,6 +108,8 @@ def newest_good(db: Database, run_id: str, warn: Warn = print, healthy: bool = F
             queries.mark_checkpoint(db, row["id"], state, only_if="valid", sha256=row["sha256"])
             warn(f"checkpoint step {row['step']} ({row['path']}) is {state}; trying the previous one")
             continue
+        if at_least is not None and row["step"] < at_least:
+            return None  # verified first: a resume says a damaged newest checkpoint before its workers start
         if row["step"] == distrust:
             queries.mark_unhealthy(db, row["id"], "the run diverged again after rolling back to it")
             continue
@@ -139,6 +143,7 @@ def listing(db: Database, run_id: str | None = None) -> list[dict[str, Any]]:
         if row["run_id"] not in rules:
             rules[row["run_id"]] = rules_of(queries.get_run(db, row["run_id"]))
         row["permanent"] = row["step"] in rules[row["run_id"]].permanent_checkpoints
+        row["age_s"] = row.pop("age_s")  # last, after "permanent", as `ckpt list --json` has always printed them
     return rows
 
 
