@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from helpers import add_run
+
 import gptctl.cli.estimate  # noqa: F401  (registers the command even if gptctl.cli does not list it yet)
 from gptctl.cli import app
 from gptctl.estimate import (
@@ -315,12 +317,9 @@ def test_unknown_gpu_lists_known(runner):
 def _insert_run(db, device_name, tokens_per_s, world_size=1, dtype="bfloat16", **settings):
     settings = {"model": "gpt2", "n_layer": None, "n_head": None, "n_embd": None, "seq_len": 1024,
                 "batch_size": 16, **settings}
-    db["runs"].insert({
-        "id": uuid.uuid4().hex[:12], "name": "pretrain", "kind": "pretrain", "status": "completed",
-        "settings": json.dumps(settings), "run_dir": "/tmp/x", "created_at": "2024-01-01T00:00:00",
-        "device_name": device_name, "dtype": dtype, "world_size": world_size, "tokens_per_s": tokens_per_s,
-        "mfu": None,
-    })
+    add_run(db, uuid.uuid4().hex[:12], name="pretrain", status="completed", settings=json.dumps(settings),
+            run_dir="/tmp/x", created_at="2024-01-01T00:00:00", device_name=device_name, dtype=dtype,
+            world_size=world_size, tokens_per_s=tokens_per_s, mfu=None)
 
 
 def test_calibration_from_registry(runner, tmp_path, monkeypatch):

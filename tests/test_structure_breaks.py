@@ -4,6 +4,7 @@ compared with the code before the move (12912d9)."""
 import json
 from pathlib import Path
 
+from helpers import add_run
 from gptctl.registry import open_registry, queries
 
 
@@ -15,8 +16,8 @@ def _registry_with_run(home: Path, settings: dict, steps: tuple[int, ...] = ()) 
     run_dir = home / "old-0000abcd"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(settings))
-    queries.insert_run(db, {"id": "0000abcd", "name": "old", "kind": "pretrain", "settings": json.dumps(settings),
-                            "run_dir": str(run_dir), "max_steps": settings.get("max_steps", 10), "last_step": 0})
+    add_run(db, "0000abcd", name="old", settings=json.dumps(settings), run_dir=str(run_dir),
+            max_steps=settings.get("max_steps", 10), last_step=0)
     for step in steps:
         path = run_dir / "checkpoints" / f"model_{step:05d}.pt"
         path.write_bytes(b"x" * step)
