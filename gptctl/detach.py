@@ -26,8 +26,10 @@ def start_detached(argv: list[str], waiting: Callable[[dict[str, Any]], None] = 
                    ) -> tuple[int, dict[str, Any] | None]:
     """Run `gptctl ARGV` (without --detach) detached; wait until it trains or ends.
 
-    Returns (0, the run) once its workers train; (its exit code, the run) when it ended before they did;
-    (its exit code, None) when it ended before creating or taking the run (a refusal: said on this terminal)."""
+    Returns (0, the run) once its workers train; (its exit code, the run with its final "status") when it
+    ended before they did: "interrupted" when stopped meanwhile (`gptctl runs stop --now`, a signal), else
+    failed to start; (its exit code, None) when it ended before creating or taking the run (a refusal:
+    said on this terminal)."""
     read_end, write_end = os.pipe()
     try:
         child = subprocess.Popen(
@@ -47,12 +49,14 @@ def start_detached(argv: list[str], waiting: Callable[[dict[str, Any]], None] = 
         return child.wait(), None
     run = json.loads(report)
     waiting(run)
-    return _until_training(child, run), run
+    code, status = _until_training(child, run)
+    return code, run if code == 0 else {**run, "status": status}
 
 
-def _until_training(child: subprocess.Popen, run: dict[str, Any]) -> int:
-    """0 once the workers record that they train; else the launcher's exit code when it ends first
-    (torchrun or the workers failed to start: their lines are in the console log)."""
+def _until_training(child: subprocess.Popen, run: dict[str, Any]) -> tuple[int, str | None]:
+    """(0, None) once the workers record that they train; else the launcher's exit code when it ends first,
+    and the run's status then (stopped, or torchrun or the workers failed to start: their lines are in
+    the console log)."""
     from gptctl.paths import home_dir
     from gptctl.registry import open_registry, queries
 
@@ -60,12 +64,14 @@ def _until_training(child: subprocess.Popen, run: dict[str, Any]) -> int:
     try:
         while child.poll() is None:
             if queries.get_run(db, run["run_id"])["status"] in ("running", "completed"):
-                return 0
+                return 0, None
             time.sleep(POLL_SECONDS)  # created, or failed/interrupted at start: wait for the launcher's end
     except KeyboardInterrupt:
-        return 0  # it goes on starting in the background; this terminal only stopped waiting
-    code = child.returncode
-    return code if code != 0 or queries.get_run(db, run["run_id"])["status"] not in ("failed", "created") else 1
+        return 0, None  # it goes on starting in the background; this terminal only stopped waiting
+    code, status = child.returncode, queries.get_run(db, run["run_id"])["status"]
+    if code == 0 and status in ("running", "completed"):
+        return 0, None  # it trained, and ended between two looks
+    return code or 1, status
 
 
 def hand_off(run: dict[str, Any], run_dir: Path) -> None:

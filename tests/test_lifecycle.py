@@ -326,6 +326,32 @@ def test_detach_says_when_the_launch_fails_to_start(trained_run, gptctl_home):
     assert "trains in the background" not in proc.stdout
 
 
+def test_detach_says_a_run_stopped_before_its_workers_started_was_stopped(shakespeare, gptctl_home, monkeypatch):
+    """`runs stop --now` between the hand-off and the workers' start kills torchrun before any step: the
+    detached command says the run was stopped and how to continue it, not that it failed to start."""
+    from gptctl import detach
+    from gptctl.cli import train as train_cli
+    from gptctl.registry import open_registry, queries
+    from gptctl.stop_request import stop_run
+
+    def stop_now_while_starting(argv, waiting):
+        def stop(run):
+            waiting(run)
+            db = open_registry(gptctl_home, create=False, check_home=False)
+            stop_run(db, queries.get_run(db, run["run_id"]), now=True, wait=False)
+        return detach.start_detached(argv, stop)
+
+    monkeypatch.setattr(train_cli, "start_detached", stop_now_while_starting)
+    proc = cli("pretrain", *TINY_RUN, "--data-root", str(shakespeare), "--run-name", "early", "--detach",
+               home=gptctl_home, check=False)
+    run_id = only_run_id(gptctl_home, "early")
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.stdout, proc.stderr)
+    assert f"run {run_id} (early) was stopped before its workers started (exit code 143); `gptctl resume " \
+           f"{run_id}` continues it" in proc.stderr, proc.stderr
+    assert "asked this run to stop now" in proc.stderr and "failed to start" not in proc.stderr
+    assert _status(gptctl_home, run_id) == "interrupted" and "trains in the background" not in proc.stdout
+
+
 def test_training_is_one_library_call_that_returns_an_outcome(trained_run, monkeypatch):
     """The CLI only parses and prints: training.train takes the request and returns the outcome (here an
     --auto-resume of a complete run, which trains nothing), or raises UserError for a refusal."""

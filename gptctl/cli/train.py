@@ -150,16 +150,18 @@ def _maybe_detach(wanted: bool, print_command: bool, as_json: bool) -> None:
         "waiting for its workers to start (Ctrl-C stops waiting; the run goes on)", err=True))
     if run is None:
         raise typer.Exit(code)  # it said why, on this terminal, before it would have detached
+    # Commands that find the run from any directory: with the home they were given, should it be --home
+    given_home = any(a == "--home" or a.startswith("--home=") for a in command_line())
+    gptctl = f"gptctl --home {shlex.quote(str(home_dir().resolve()))}" if given_home else "gptctl"
     if code != 0:
         from gptctl.run_log import last_lines
 
         lines, _ = last_lines(Path(run["console_log"]), 5)
-        typer.echo(f"Error: run {run['run_id']} ({run['name']}) failed to start (exit code {code}); the end of "
-                   f"{run['console_log']}:\n" + "\n".join(lines), err=True)
+        what = (f"run {run['run_id']} ({run['name']}) was stopped before its workers started (exit code {code}); "
+                f"`{gptctl} resume {run['run_id']}` continues it" if run["status"] == "interrupted" else
+                f"Error: run {run['run_id']} ({run['name']}) failed to start (exit code {code})")
+        typer.echo(f"{what}; the end of {run['console_log']}:\n" + "\n".join(lines), err=True)
         raise typer.Exit(code)
-    # Commands that find the run from any directory: with the home they were given, should it be --home
-    given_home = any(a == "--home" or a.startswith("--home=") for a in command_line())
-    gptctl = f"gptctl --home {shlex.quote(str(home_dir().resolve()))}" if given_home else "gptctl"
     run = {**run, "follow": f"{gptctl} runs logs {shlex.quote(run['name'])} --follow",
            "stop": f"{gptctl} runs stop {shlex.quote(run['name'])}"}
     if as_json:
