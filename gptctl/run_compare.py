@@ -8,10 +8,11 @@ evals), which is the comparison a recipe or LR sweep needs.
 import json
 from typing import Any
 
+from pydantic import ValidationError
 from sqlite_utils import Database
 
 from gptctl.registry import launches, queries
-from gptctl.settings import is_option, option_name, panel_of
+from gptctl.settings import TrainSettings, is_option, option_name, panel_of
 
 
 def _val_curve(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -28,6 +29,18 @@ def value_at(curve: list[tuple[int, float]], tokens: int) -> float | None:
 
 
 NOT_COMPARED = {"run_name", "kind"}  # differ by definition, or shown above (status, the run's kind)
+
+
+def as_trained(settings: dict[str, Any]) -> dict[str, Any]:
+    """The stored settings with the model's shape as it was trained: `--model tiny` stores no --n-layer, and
+    a run given `--n-layer 2` of the same preset has the same model, which a comparison must not call a
+    difference. Settings that no longer validate are compared as stored."""
+    try:
+        shape = TrainSettings.model_validate(settings).shape
+    except ValidationError:
+        return settings
+    return {**settings, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+            "block_size": shape.block_size}
 
 
 def differing_settings(settings: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
@@ -66,5 +79,5 @@ def compare(db: Database, run_ids: list[str]) -> dict[str, Any]:
     equal = min(ends) if len(ends) == len(curves) and ends else None
     for row, curve in zip(rows, curves):
         row["val_loss_at_equal_tokens"] = value_at(curve, equal) if equal is not None else None
-    settings = [json.loads(queries.get_run(db, run_id)["settings"]) for run_id in run_ids]
+    settings = [as_trained(json.loads(queries.get_run(db, run_id)["settings"])) for run_id in run_ids]
     return {"runs": rows, "equal_tokens": equal, "differing_settings": differing_settings(settings)}

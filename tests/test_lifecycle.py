@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_RUN, cli, gptctl, losses, only_run_id, Terminal, train_in_process, wait_until
+from helpers import TINY_RUN, add_run, cli, gptctl, losses, only_run_id, Terminal, train_in_process, wait_until
 
 
 def _status(home: Path, run_id: str) -> str:
@@ -369,3 +369,18 @@ def test_training_is_one_library_call_that_returns_an_outcome(trained_run, monke
                     "(a --max-steps above 8 trains it further)"]
     with pytest.raises(UserError, match="--run-name: a resume keeps the run's name"):
         train(TrainRequest(None, "resume", {"run_name": "other"}, ["gptctl", "resume"], run_ref="shared"))
+
+
+def test_runs_compare_compares_the_model_as_trained_not_as_typed(shakespeare, gptctl_home):
+    """`--model tiny` stores no --n-layer; a run given tiny's own `--n-layer 2` trains the same model and
+    is not called different; a third of 3 layers is, with every run's layer count resolved."""
+    from gptctl.registry import open_registry
+    from gptctl.run_compare import compare
+    from gptctl.settings import TrainSettings
+
+    db = open_registry(gptctl_home)
+    for run_id, extra in (("preset", {}), ("typed", {"n_layer": 2, "block_size": 32}), ("deeper", {"n_layer": 3})):
+        settings = TrainSettings(model="tiny", seq_len=32, data_root=str(shakespeare), **extra)
+        add_run(db, run_id, name=run_id, settings=settings.model_dump_json())
+    assert compare(db, ["preset", "typed"])["differing_settings"] == {}
+    assert compare(db, ["preset", "typed", "deeper"])["differing_settings"] == {"Model": {"--n-layer": [2, 2, 3]}}
