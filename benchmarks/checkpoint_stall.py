@@ -54,7 +54,7 @@ def python_file_save(state, directory: Path, step: int, manager) -> None:
 
 
 def gptctl_save_atomic(state, directory: Path, step: int, manager) -> None:
-    from gptctl.checkpoints.format import checkpoint_name, save_atomic
+    from gptctl.checkpoints.files import checkpoint_name, save_atomic
 
     save_atomic(state, directory / checkpoint_name(step))
 

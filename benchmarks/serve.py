@@ -41,7 +41,7 @@ def main() -> None:
     import httpx
     import torch
 
-    from gptctl.checkpoints.format import save_atomic
+    from gptctl.checkpoints.files import save_atomic
     from gptctl.engine.model import GPT
     from gptctl.presets import GPT2_VOCAB_SIZE
     from gptctl.settings import TrainSettings

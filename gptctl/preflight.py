@@ -162,7 +162,7 @@ def check_run_dir(run: dict[str, Any]) -> None:
 def read_checkpoint(path: Path, option: str) -> tuple[dict[str, Any], TrainSettings]:
     """(state, its settings) of a checkpoint a run would start from, loaded as plain data only, and checked to
     be gptctl's own: a dict with model weights and the settings that made it. UserError naming `option` otherwise."""
-    from gptctl.checkpoints.format import UnsafeCheckpoint, load
+    from gptctl.checkpoints.files import UnsafeCheckpoint, load
 
     try:
         state = load(path, mmap=True)  # the settings and keys; the tensors are not read
@@ -189,10 +189,10 @@ def refuse_if_done(home: Path, run: dict[str, Any], settings: TrainSettings) -> 
     """A resume of `run` (locked by the caller) that could train nothing is refused before its status
     changes. Its start is found by the workers' rules: the newest checkpoint that verifies and, when
     it would end the run, loads as plain data (a file that does not is marked corrupt)."""
-    from gptctl.checkpoints import format, store
+    from gptctl.checkpoints import files, store
 
     db = open_registry(home)
-    store.reconcile(db, run, inspect=format.stored_step, by_trainer=True)  # the caller holds the run for its workers
+    store.reconcile(db, run, inspect=files.stored_step, by_trainer=True)  # the caller holds the run for its workers
     warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
     if row := store.newest_good(db, run["id"], warn, loads=True, at_least=settings.max_steps):
         raise UserError(f"run {run['id']} is already at step {row['step']}; raise --max-steps above it to continue")

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptctl.atomic import write_text_atomic
-from gptctl.checkpoints import format, store
+from gptctl.checkpoints import files, store
 from gptctl.checkpoints.directory import checkpoints_dir, is_own_checkpoint_file
-from gptctl.checkpoints.format import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
+from gptctl.checkpoints.files import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
 from gptctl.digest import sha256_of
 from gptctl.errors import UserError
 from gptctl.paths import registry_path
@@ -186,8 +186,8 @@ def _checkpoints(run_dir: Path, run_id: str, report: RebuildReport) -> _Found:
             continue
         step = step_of_name(path)
         try:
-            state = format.load_step(path, step, mmap=True)
-        except format.UnsafeCheckpoint as exc:
+            state = files.load_step(path, step, mmap=True)
+        except files.UnsafeCheckpoint as exc:
             report.skipped.append(f"{path}: {exc}; registered as corrupt")
             found.bad += 1
             # Registered, as corrupt: a run whose every checkpoint is bad is refused, never started over beside them

@@ -47,7 +47,7 @@ def checkpoint_for_reading(ref: str, option: str, home: Path) -> Iterator[Path]:
 
 def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
     """RUN[:STEP]'s verified checkpoint file and a lease on it."""
-    from gptctl.checkpoints import format, store
+    from gptctl.checkpoints import files, store
     from gptctl.registry import queries
 
     run_ref, _, step = ref.partition(":")
@@ -58,7 +58,7 @@ def _lease_registered(db, ref: str, option: str) -> tuple[Path, int]:
     except UserError:
         raise UserError(f"{option}: {ref!r} is neither an existing file nor a run in the registry "
                         "(`gptctl runs list` shows the runs)") from None
-    store.reconcile(db, run, inspect=format.stored_step)
+    store.reconcile(db, run, inspect=files.stored_step)
     if step:
         try:
             row = queries.checkpoint_at(db, run["id"], int(step))

@@ -147,7 +147,7 @@ def save_tiny_checkpoint(path: Path, kind: str = "pretrain", edit=None, data_roo
     output hardly depends on the input); `edit(model)` may change it before saving."""
     import torch
 
-    from gptctl.checkpoints.format import save_atomic
+    from gptctl.checkpoints.files import save_atomic
     from gptctl.engine.model import GPT
     from gptctl.settings import TrainSettings
 
@@ -265,7 +265,7 @@ def _rank_main(send, env: dict, data_root, directory, resume_from, fields, overr
 
 
 def _train_as(d, data_root: Path, directory: Path, resume_from: Path | None, fields: tuple[str, ...], overrides: dict):
-    from gptctl.checkpoints import format as ckpt
+    from gptctl.checkpoints import files as ckpt
     from gptctl.engine.trainer import Trainer
     from gptctl.engine.worker import pin_numerics
     from gptctl.settings import TrainSettings
@@ -341,7 +341,7 @@ class RecordingCheckpointer:
         self.steps.append(step)
         if self.directory is None:
             return
-        from gptctl.checkpoints import format as ckpt
+        from gptctl.checkpoints import files as ckpt
 
         path = self.directory / ckpt.checkpoint_name(step)
         state = make_state()
@@ -350,7 +350,7 @@ class RecordingCheckpointer:
         self.paths[step] = path
 
     def newest_healthy(self, distrust: int | None) -> dict | None:
-        from gptctl.checkpoints import format as ckpt
+        from gptctl.checkpoints import files as ckpt
 
         healthy = [s for s in sorted(self.paths) if s not in self.distrusted]
         if healthy and healthy[-1] == distrust:

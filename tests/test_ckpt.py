@@ -127,7 +127,7 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(shakespeare, gptctl_
 
 
 def test_a_full_disk_fails_the_save_with_the_real_error_and_leaves_no_file(tmp_path, monkeypatch):
-    from gptctl.checkpoints.format import load, save_atomic
+    from gptctl.checkpoints.files import load, save_atomic
     from gptctl.digest import sha256_of
 
     state = {"step": 4, "weights": torch.arange(300_000, dtype=torch.float32)}
@@ -156,7 +156,7 @@ def _manager(home, run_dir, asynchronous=True):
 
 
 def test_asynchronous_save_snapshots_the_state_and_registers_when_durable(gptctl_home, tmp_path, monkeypatch):
-    from gptctl.checkpoints.format import load
+    from gptctl.checkpoints.files import load
     from gptctl.registry import queries
 
     db, manager = _manager(gptctl_home, tmp_path / "run")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.loader import BatchLoader, TokenStream
 from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer

@@ -14,7 +14,7 @@ from helpers import TINY_RUN, add_run, cli, losses
 from gptctl.cli import app
 from gptctl.data import dolly
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
-from gptctl.checkpoints.format import save_atomic
+from gptctl.checkpoints.files import save_atomic
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.model import IGNORE_INDEX as IGNORE
 from gptctl.engine.sft import InstructionBatchLoader

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import TINY_RUN, gptctl, losses, train_in_process, train_in_processes
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.model import GPT
 from gptctl.engine.optim import make_optimizer
 from gptctl.presets import PRESETS, ModelShape

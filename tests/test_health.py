@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import RecordingCheckpointer, TINY_RUN, TINY_SETTINGS, cli, losses, only_run_id
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.health import Health
 from gptctl.engine.trainer import Metrics, Trainer

@@ -11,7 +11,7 @@ from helpers import SHAKESPEARE, TINY_RUN, add_run, cli
 from gptctl.cli import app
 from gptctl.preflight import parent_model
 from gptctl.data.tokenizer import get_encoding
-from gptctl.checkpoints.format import save_atomic
+from gptctl.checkpoints.files import save_atomic
 from gptctl.engine.hf import load_hf, write_checkpoint
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.engine.sample import Sampler

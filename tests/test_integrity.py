@@ -19,9 +19,9 @@ import torch
 
 from helpers import TINY_RUN, add_run, cli, only_run_id, save_tiny_checkpoint, wait_until
 from gptctl.cli import app
-from gptctl.checkpoints.format import UnsafeCheckpoint, load
+from gptctl.checkpoints.files import UnsafeCheckpoint, load
 from gptctl.errors import UserError
-from gptctl.checkpoints import directory, format, retention, store
+from gptctl.checkpoints import directory, files, retention, store
 from gptctl.digest import sha256_of
 from gptctl.registry import open_registry, queries
 
@@ -164,7 +164,7 @@ def test_orphans_are_registered_only_when_they_load_as_their_step(runner, gptctl
     listed = json.loads(runner.invoke(app, ["ckpt", "list", "--json"]).stdout)
     assert [r["step"] for r in listed] == [2]
 
-    changes = store.reconcile(db, queries.get_run(db, "r1"), inspect=format.stored_step)
+    changes = store.reconcile(db, queries.get_run(db, "r1"), inspect=files.stored_step)
     assert states(db, "r1") == {2: "valid", 7: "valid"}
     row = queries.checkpoint_at(db, "r1", 7)
     assert row["pinned"] and row["sha256"] == sha256_of(real) and row["verified_inode"] == real.stat().st_ino

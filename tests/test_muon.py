@@ -5,7 +5,7 @@ import torch
 
 from helpers import TINY_RUN, TINY_SETTINGS, add_run, train_in_process
 from gptctl.cli import app
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.distributed import Dist
 from gptctl.engine.optim import is_muon_parameter
 from gptctl.engine.trainer import Trainer

@@ -29,7 +29,7 @@ def fake_run(home, name="base", run_id="0123abcd", steps=(2, 4), max_steps=4):
         state["metrics"] = [{"step": s, "loss": 10.0 - s, "lr": 1e-3, "time": 1.0} for s in range(1, step + 1)]
         state["settings"] = settings.model_dump(mode="json")
         path.unlink()
-        from gptctl.checkpoints.format import save_atomic
+        from gptctl.checkpoints.files import save_atomic
 
         save_atomic(state, path)
     return run_dir

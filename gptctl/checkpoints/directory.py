@@ -5,7 +5,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from gptctl.checkpoints.format import CHECKPOINT_NAME
+from gptctl.checkpoints.files import CHECKPOINT_NAME
 from gptctl.registry import queries
 
 

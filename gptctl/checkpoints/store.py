@@ -4,7 +4,7 @@ One function for each question: `newest_good` (the checkpoint a start, a rollbac
 and retention take), `verify` (every row), `register` (a complete file becomes a row, pinned when its
 step is permanent), `reconcile` (the registry made to agree with a run's directory). The run's
 retention settings are parsed from its stored settings in one place, `rules_of`.
-torch is loaded only where a file is really read (format.py).
+torch is loaded only where a file is really read (files.py).
 """
 
 import json
@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from sqlite_utils import Database
 
 from gptctl.atomic import TMP_PREFIX
-from gptctl.checkpoints import format
+from gptctl.checkpoints import files
 from gptctl.checkpoints.directory import checkpoints_dir, is_own_checkpoint_file, remove_checkpoint
-from gptctl.checkpoints.format import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
+from gptctl.checkpoints.files import CHECKPOINT_GLOB, CHECKPOINT_NAME, step_of_name
 from gptctl.digest import sha256_of
 from gptctl.registry import queries
 from gptctl.registry.locks import run_is_locked
@@ -85,8 +85,8 @@ def stat_key(path: Path) -> tuple[int, int, int]:
 def _loads(row: dict[str, Any]) -> str | None:
     """Why a verified file does not load as the gptctl checkpoint of its row's step (None: it does)."""
     try:
-        format.load_step(Path(row["path"]), row["step"], mmap=True)  # the settings and keys; tensors mapped
-    except (format.UnsafeCheckpoint, OSError) as exc:
+        files.load_step(Path(row["path"]), row["step"], mmap=True)  # the settings and keys; tensors mapped
+    except (files.UnsafeCheckpoint, OSError) as exc:
         return str(exc)
     return None
 
@@ -161,7 +161,7 @@ def reconcile(db: Database, run: dict[str, Any], inspect: Callable[[Path], int |
       a missing one that is back is valid again once its sha256 matches;
     - a deletion that was interrupted (a 'deleting' row) is finished;
     - a checkpoint file without a row (e.g. killed between rename and insert) is registered only when
-      `inspect` (format.stored_step: a torch load as plain data) finds in it the step its
+      `inspect` (files.stored_step: a torch load as plain data) finds in it the step its
       name says, and it is a regular file really inside the run's checkpoints directory. A partial
       manual copy, a symlink or a foreign file is never trusted. Torch-free callers (ckpt list) pass
       no `inspect`: such files then stay unregistered, and unlisted, until a torch path looks. While

@@ -8,7 +8,7 @@ import typer
 from gptctl.cli import app
 from gptctl.cli.listing import format_duration, format_size, print_listing
 from gptctl.errors import UserError
-from gptctl.checkpoints import format, store
+from gptctl.checkpoints import files, store
 from gptctl.registry import open_registry, queries
 from gptctl.paths import home_dir, writable_home
 
@@ -75,7 +75,7 @@ def _scope(db, run_ref: str | None, inspect=None) -> str | None:
 
 
 def _reconcile(db, runs: list[dict], inspect=None) -> None:
-    """`inspect` (format.stored_step, which imports torch) lets unregistered files that load as checkpoints
+    """`inspect` (files.stored_step, which imports torch) lets unregistered files that load as checkpoints
     of their step be registered; `ckpt list` stays torch-free and leaves them unregistered."""
     for change in store.reconcile_runs(db, runs, inspect):
         typer.echo(change, err=True)
@@ -128,7 +128,7 @@ def prune_cmd(
         writable_home()
     db = open_registry(home_dir(), create=False)
     runs = queries.list_runs(db) if all_runs else [_run_or_latest(db, run_ref)]
-    _reconcile(db, runs, format.stored_step)
+    _reconcile(db, runs, files.stored_step)
     doomed = [row for run in runs for row in retention.plan(db, run, keep_last, warn=_warn)]
     for r in doomed:
         typer.echo(f"delete {r['run_id']} step {r['step']} ({format_size(r['bytes'])}) {r['path']}")
@@ -152,7 +152,7 @@ def verify_cmd(
 ):
     """Check every registered checkpoint: exists, size, sha256, and loads as plain data. Marks bad ones."""
     db = open_registry(home_dir(), create=False)
-    report = store.verify(db, _scope(db, run_ref, format.stored_step))
+    report = store.verify(db, _scope(db, run_ref, files.stored_step))
     bad = [r for r in report if r["state"] != "valid"]
     if as_json:
         typer.echo(json.dumps(report, indent=2))

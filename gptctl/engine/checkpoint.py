@@ -12,7 +12,7 @@ import torch
 
 from gptctl.atomic import TMP_PREFIX
 from gptctl.checkpoints import retention, store
-from gptctl.checkpoints.format import checkpoint_name, load, save_atomic
+from gptctl.checkpoints.files import checkpoint_name, load, save_atomic
 from gptctl.registry import queries
 from gptctl.settings import CheckpointSettings
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gptctl.data.tokenizer import EOT_TOKEN
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.model import GPT, GPTConfig
 from gptctl.errors import UserError
 from gptctl.presets import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, RMS_NORM_EPS, ROPE_THETA, ModelShape

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from gptctl.data.tokenizer import EOT_TOKEN, get_encoding
-from gptctl.checkpoints import format as ckpt
+from gptctl.checkpoints import files as ckpt
 from gptctl.engine.distributed import resolve_device, resolve_dtype
 from gptctl.engine.generate import Generation, Sampling
 from gptctl.engine.model import GPT

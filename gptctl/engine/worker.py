@@ -38,7 +38,7 @@ if __name__ == "__main__":
 import torch
 
 from gptctl import stop_request
-from gptctl.checkpoints import format, store
+from gptctl.checkpoints import files, store
 from gptctl.engine import checkpoint as ckpt
 from gptctl.engine.distributed import broadcast_object, setup, share_run, teardown
 from gptctl.engine.loggers import ExternalLoggers
@@ -198,13 +198,13 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: Trai
             print(f"warning: {message}", flush=True)
 
         # e.g. a file saved but not registered before a kill; this worker's launcher holds the run
-        store.reconcile(db, queries.get_run(db, run_id), inspect=format.stored_step, by_trainer=True)
+        store.reconcile(db, queries.get_run(db, run_id), inspect=files.stored_step, by_trainer=True)
         # an unhealthy checkpoint only when no healthy one is left
         row = (store.newest_good(db, run_id, warn, healthy=True, loads=True)
                or store.newest_good(db, run_id, warn, loads=True))
         try:
-            state = row and format.load(Path(row["path"]))
-        except (format.UnsafeCheckpoint, OSError) as exc:  # changed since it was checked just now
+            state = row and files.load(Path(row["path"]))
+        except (files.UnsafeCheckpoint, OSError) as exc:  # changed since it was checked just now
             error = f"checkpoint step {row['step']}: {exc}"
         bad = queries.checkpoints_of(db, run_id, states=["missing", "corrupt"])
         if row is None and bad:
@@ -213,8 +213,8 @@ def choose_start(db, run_id: str, init_checkpoint: str | None, d, settings: Trai
                      "(`gptctl ckpt verify --run RUN`); start a new run from a good file with --resume --checkpoint-path")
         elif row is None and init_checkpoint:
             try:
-                state = format.load(Path(init_checkpoint))
-            except (format.UnsafeCheckpoint, OSError) as exc:
+                state = files.load(Path(init_checkpoint))
+            except (files.UnsafeCheckpoint, OSError) as exc:
                 error = f"--checkpoint-path: {exc}"
         path = row["path"] if row else init_checkpoint
         skipped = "; ".join(f"step {c['step']} is {c['state']}" for c in reversed(bad) if row and c["step"] > row["step"])
@@ -322,7 +322,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
     if init_checkpoint is None and run.get("parent_kind") == "state":
         init_checkpoint = run["parent_checkpoint"]  # a --resume start, again, until the run saved its own
     start = choose_start(db, run["id"], init_checkpoint, d, settings)
-    state = (start.state if start.state is not None else format.load(Path(start.path))) if start.path else None
+    state = (start.state if start.state is not None else files.load(Path(start.path))) if start.path else None
     start_step = int(state["step"]) if state is not None else 0
     if start_step >= settings.max_steps:
         message = f"the run is already at step {start_step}; raise --max-steps above it to continue"
@@ -354,7 +354,7 @@ def _train(home: Path, db, run, settings: TrainSettings, d, init_checkpoint, sto
         elif settings.pretrained_checkpoint:  # a finetune's first start: the parent's weights only, the file
             # the registry records in this home (a copied home reads its own copy, not the original's)
             parent = run["parent_checkpoint"] if run.get("parent_kind") == "weights" else settings.pretrained_checkpoint
-            trainer.load_weights(format.load(Path(parent), mmap=True)["model"])
+            trainer.load_weights(files.load(Path(parent), mmap=True)["model"])
         if write:
             queries.delete_metrics_after(db, run["id"], start_step)
             queries.update_run(db, run["id"], status="running", started_at=run["started_at"] or queries.now(),
