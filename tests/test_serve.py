@@ -35,14 +35,16 @@ ROMEO = "ROMEO: But soft, what light through yonder window breaks? It is the eas
 # --- servers ------------------------------------------------------------------------------------------
 
 class Gate:
-    """The model behind a gate: a forward waits until the gate is open (to hold requests in the queue)."""
+    """The model behind a gate: a forward waits until the gate is open (to hold requests in the queue), and
+    `delay` seconds more (a slow model: a reply that takes a while)."""
 
-    def __init__(self, model):
-        self.model, self.config, self.open = model, model.config, threading.Event()
+    def __init__(self, model, delay: float = 0):
+        self.model, self.config, self.open, self.delay = model, model.config, threading.Event(), delay
         self.open.set()
 
     def __call__(self, *args, **kwargs):
         assert self.open.wait(60), "the gate stayed closed"
+        time.sleep(self.delay)
         return self.model(*args, **kwargs)
 
 
@@ -325,6 +327,21 @@ def test_a_full_queue_is_503_in_openais_shape(sampler, checkpoints):
             for t in threads:
                 t.join(60)
         assert [r.status_code for r in results] == [200] * 3
+
+
+@pytest.mark.parametrize("route, body", [
+    ("completions", {"prompt": "Hello", "max_tokens": BLOCK}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}),
+])
+def test_a_whole_response_whose_client_went_away_is_cancelled(sampler, checkpoints, route, body):
+    """A request that is not streamed, given up by its client mid-reply, leaves the batch as a stream
+    does, rather than decoding to max_tokens in rows that other clients wait for."""
+    with server(sampler, checkpoints["pretrain"], gate=Gate(sampler.model, delay=0.1)) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes its connection
+            httpx.post(f"{url}/v1/{route}", json={**body, "temperature": 0}, timeout=0.5)
+        stats = wait_for(url, lambda s: s["submitted"] == 1 and s["rows"] == 0 and s["waiting"] == 0)
+    assert stats["jobs_cancelled"] == 1 and stats["jobs_done"] == 0, stats
+    assert stats["tokens"] < body["max_tokens"] // 2, stats
 
 
 @pytest.mark.parametrize("route, body, param", [
