@@ -150,6 +150,76 @@ def test_rows_that_join_and_leave_the_batch_decode_as_generation_does(arch):
     assert stats["shared_steps"] > 0 and 1 < stats["max_rows_per_step"] <= 5 and stats["jobs_done"] == len(specs)
 
 
+POISON = 50000  # a token whose forward fails (in Poisoned)
+
+
+class Poisoned:
+    """The model, failing any forward of more than one position that holds POISON (a prompt's prefill or
+    scoring, as one that runs out of memory), and the next decode step once `fail_step` is set."""
+
+    def __init__(self, model):
+        self.model, self.config, self.fail_step = model, model.config, False
+
+    def __call__(self, idx, *args, **kwargs):
+        if idx.size(1) > 1 and bool((idx == POISON).any()):
+            raise RuntimeError("poisoned prompt")
+        if idx.size(1) == 1 and self.fail_step:
+            self.fail_step = False
+            raise RuntimeError("poisoned step")
+        return self.model(idx, *args, **kwargs)
+
+
+def test_a_job_whose_own_prompt_fails_fails_alone_and_the_batcher_serves_on():
+    """A job whose prefill, scoring or own draw in a step fails gets Failed; the jobs beside it decode on as
+    if it had not been there. A failed decode step fails the jobs in it (they shared it), and the next jobs
+    are served."""
+    from test_generate import tiny_model
+
+    enc, model = get_encoding(), tiny_model("gpt2")
+    poisoned, good = Poisoned(model), enc.encode_ordinary("Hello there")
+    expected = Generation(model, enc, good, 24, Sampling(0), 1, torch.Generator().manual_seed(3)).run()[0]
+    batcher = Batcher(poisoned, enc, torch.device("cpu"), max_rows=4)
+    batcher.start()
+
+    def run(jobs: list[tuple[list[int], bool]], breaks: int | None = None) -> list:
+        """Each (prompt, score_prompt) as one job, all submitted at once: its tokens, or its Failed. Job
+        `breaks` fails at its third token (its emit raises, in a decode step)."""
+        results, done = [[] for _ in jobs], threading.Semaphore(0)
+
+        def emitter(j):
+            def emit(event):
+                if isinstance(event, TokenEvent) and j == breaks and len(results[j]) == 2:
+                    raise RuntimeError("broken job")
+                if isinstance(event, TokenEvent) and event.token != EOT_TOKEN:
+                    results[j].append(event.token)
+                elif isinstance(event, Failed):
+                    results[j] = event
+                if isinstance(event, (Finished, Failed)):
+                    done.release()
+            return emit
+
+        batcher.submit([Job(p, 24, Sampling(0), emitter(j), seed=3, score_prompt=score)
+                        for j, (p, score) in enumerate(jobs)])
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        return results
+
+    try:
+        first, prefill, scoring, last = run([(good, False), ([POISON] * 3, False), ([POISON] * 3, True), (good, False)])
+        assert first == expected and last == expected
+        for failed in (prefill, scoring):
+            assert isinstance(failed, Failed) and failed.status == 500
+            assert failed.message == "generation failed: RuntimeError: poisoned prompt"
+        first, broken, last = run([(good, False)] * 3, breaks=1)
+        assert first == expected and last == expected and broken.message == "generation failed: RuntimeError: broken job"
+        poisoned.fail_step = True
+        assert all(isinstance(r, Failed) and "poisoned step" in r.message for r in run([(good, False)] * 2))
+        assert run([(good, False)]) == [expected]
+    finally:
+        batcher.close()
+    assert batcher.stats()["rows"] == 0
+
+
 # --- the API through the openai client ------------------------------------------------------------------
 
 def test_models_and_completions_text_ids_and_batch_equal_sample(runner, url, checkpoints):
