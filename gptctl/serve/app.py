@@ -203,9 +203,9 @@ class _ClientGone(Exception):
 
 
 async def _unless_gone(request: Request, answer: Awaitable[dict]) -> dict:
-    """A whole response's answer, cancelled (and its jobs with it) once its client goes away: a stream
-    finds that out when it next writes, a whole response only by asking; else its jobs would hold their
-    rows to max_tokens for nobody."""
+    """A whole response's answer, cancelled (and its jobs with it) once its client goes away: Starlette
+    listens for that beside a stream, but a whole response learns it only by asking; else its jobs would
+    hold their rows to max_tokens for nobody."""
     task = asyncio.ensure_future(answer)
     try:
         while not task.done():
