@@ -605,6 +605,45 @@ def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run,
     assert leases(home) == []
 
 
+SLOW_SERVE = """
+import time
+from gptctl.engine.model import GPT
+forward = GPT.forward
+GPT.forward = lambda self, *args, **kwargs: time.sleep(0.05) or forward(self, *args, **kwargs)  # a slow device
+from gptctl.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, signum):
+    """A signal while a reply streams: the reply ends at once with the server's 503, rather than the
+    server generating on for up to GRACE seconds before it stops; and it stops cleanly."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoints["pretrain"]), "--port", "0"],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while not line.startswith("  chat: "):
+            line = proc.stdout.readline()
+            assert line, f"gptctl serve ended: {proc.stderr.read()}"
+        url = line.removeprefix("  chat: ").strip().rstrip("/")
+        body = {"prompt": "Hello", "max_tokens": BLOCK, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            events = [next(lines)]  # the first token: the reply is being generated
+            proc.send_signal(signum)
+            events += list(lines)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert chunks[-1] == {"error": {"message": "the server is shutting down", "type": "server_error", "param": None,
+                                    "code": None}}, chunks[-1]
+    assert len(chunks) < BLOCK // 2 and [e for e in events if e][-1] == "data: [DONE]"
+    assert proc.returncode == 0, err
+    assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
+
+
 def test_break_test_faults_of_the_server(tmp_path):
     """A near-zero temperature is greedy, not a NaN softmax that fails every request in flight; a batch
     larger than the queue is a 400 on prompt, not an endless 503; a chat message that cannot fit beside
