@@ -35,14 +35,16 @@ ROMEO = "ROMEO: But soft, what light through yonder window breaks? It is the eas
 # --- servers ------------------------------------------------------------------------------------------
 
 class Gate:
-    """The model behind a gate: a forward waits until the gate is open (to hold requests in the queue)."""
+    """The model behind a gate: a forward waits until the gate is open (to hold requests in the queue), and
+    `delay` seconds more (a slow model: a reply that takes a while)."""
 
-    def __init__(self, model):
-        self.model, self.config, self.open = model, model.config, threading.Event()
+    def __init__(self, model, delay: float = 0):
+        self.model, self.config, self.open, self.delay = model, model.config, threading.Event(), delay
         self.open.set()
 
     def __call__(self, *args, **kwargs):
         assert self.open.wait(60), "the gate stayed closed"
+        time.sleep(self.delay)
         return self.model(*args, **kwargs)
 
 
@@ -146,6 +148,76 @@ def test_rows_that_join_and_leave_the_batch_decode_as_generation_does(arch):
         assert tokens == Generation(model, enc, prompt, 24, sampling, n, torch.Generator().manual_seed(3)).run()
     stats = batcher.stats()
     assert stats["shared_steps"] > 0 and 1 < stats["max_rows_per_step"] <= 5 and stats["jobs_done"] == len(specs)
+
+
+POISON = 50000  # a token whose forward fails (in Poisoned)
+
+
+class Poisoned:
+    """The model, failing any forward of more than one position that holds POISON (a prompt's prefill or
+    scoring, as one that runs out of memory), and the next decode step once `fail_step` is set."""
+
+    def __init__(self, model):
+        self.model, self.config, self.fail_step = model, model.config, False
+
+    def __call__(self, idx, *args, **kwargs):
+        if idx.size(1) > 1 and bool((idx == POISON).any()):
+            raise RuntimeError("poisoned prompt")
+        if idx.size(1) == 1 and self.fail_step:
+            self.fail_step = False
+            raise RuntimeError("poisoned step")
+        return self.model(idx, *args, **kwargs)
+
+
+def test_a_job_whose_own_prompt_fails_fails_alone_and_the_batcher_serves_on():
+    """A job whose prefill, scoring or own draw in a step fails gets Failed; the jobs beside it decode on as
+    if it had not been there. A failed decode step fails the jobs in it (they shared it), and the next jobs
+    are served."""
+    from test_generate import tiny_model
+
+    enc, model = get_encoding(), tiny_model("gpt2")
+    poisoned, good = Poisoned(model), enc.encode_ordinary("Hello there")
+    expected = Generation(model, enc, good, 24, Sampling(0), 1, torch.Generator().manual_seed(3)).run()[0]
+    batcher = Batcher(poisoned, enc, torch.device("cpu"), max_rows=4)
+    batcher.start()
+
+    def run(jobs: list[tuple[list[int], bool]], breaks: int | None = None) -> list:
+        """Each (prompt, score_prompt) as one job, all submitted at once: its tokens, or its Failed. Job
+        `breaks` fails at its third token (its emit raises, in a decode step)."""
+        results, done = [[] for _ in jobs], threading.Semaphore(0)
+
+        def emitter(j):
+            def emit(event):
+                if isinstance(event, TokenEvent) and j == breaks and len(results[j]) == 2:
+                    raise RuntimeError("broken job")
+                if isinstance(event, TokenEvent) and event.token != EOT_TOKEN:
+                    results[j].append(event.token)
+                elif isinstance(event, Failed):
+                    results[j] = event
+                if isinstance(event, (Finished, Failed)):
+                    done.release()
+            return emit
+
+        batcher.submit([Job(p, 24, Sampling(0), emitter(j), seed=3, score_prompt=score)
+                        for j, (p, score) in enumerate(jobs)])
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        return results
+
+    try:
+        first, prefill, scoring, last = run([(good, False), ([POISON] * 3, False), ([POISON] * 3, True), (good, False)])
+        assert first == expected and last == expected
+        for failed in (prefill, scoring):
+            assert isinstance(failed, Failed) and failed.status == 500
+            assert failed.message == "generation failed: RuntimeError: poisoned prompt"
+        first, broken, last = run([(good, False)] * 3, breaks=1)
+        assert first == expected and last == expected and broken.message == "generation failed: RuntimeError: broken job"
+        poisoned.fail_step = True
+        assert all(isinstance(r, Failed) and "poisoned step" in r.message for r in run([(good, False)] * 2))
+        assert run([(good, False)]) == [expected]
+    finally:
+        batcher.close()
+    assert batcher.stats()["rows"] == 0
 
 
 # --- the API through the openai client ------------------------------------------------------------------
@@ -325,6 +397,21 @@ def test_a_full_queue_is_503_in_openais_shape(sampler, checkpoints):
             for t in threads:
                 t.join(60)
         assert [r.status_code for r in results] == [200] * 3
+
+
+@pytest.mark.parametrize("route, body", [
+    ("completions", {"prompt": "Hello", "max_tokens": BLOCK}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}),
+])
+def test_a_whole_response_whose_client_went_away_is_cancelled(sampler, checkpoints, route, body):
+    """A request that is not streamed, given up by its client mid-reply, leaves the batch as a stream
+    does, rather than decoding to max_tokens in rows that other clients wait for."""
+    with server(sampler, checkpoints["pretrain"], gate=Gate(sampler.model, delay=0.1)) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes its connection
+            httpx.post(f"{url}/v1/{route}", json={**body, "temperature": 0}, timeout=0.5)
+        stats = wait_for(url, lambda s: s["submitted"] == 1 and s["rows"] == 0 and s["waiting"] == 0)
+    assert stats["jobs_cancelled"] == 1 and stats["jobs_done"] == 0, stats
+    assert stats["tokens"] < body["max_tokens"] // 2, stats
 
 
 @pytest.mark.parametrize("route, body, param", [
@@ -516,6 +603,45 @@ def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run,
     assert proc.returncode == 0, err
     assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
     assert leases(home) == []
+
+
+SLOW_SERVE = """
+import time
+from gptctl.engine.model import GPT
+forward = GPT.forward
+GPT.forward = lambda self, *args, **kwargs: time.sleep(0.05) or forward(self, *args, **kwargs)  # a slow device
+from gptctl.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, signum):
+    """A signal while a reply streams: the reply ends at once with the server's 503, rather than the
+    server generating on for up to GRACE seconds before it stops; and it stops cleanly."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoints["pretrain"]), "--port", "0"],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while not line.startswith("  chat: "):
+            line = proc.stdout.readline()
+            assert line, f"gptctl serve ended: {proc.stderr.read()}"
+        url = line.removeprefix("  chat: ").strip().rstrip("/")
+        body = {"prompt": "Hello", "max_tokens": BLOCK, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            events = [next(lines)]  # the first token: the reply is being generated
+            proc.send_signal(signum)
+            events += list(lines)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert chunks[-1] == {"error": {"message": "the server is shutting down", "type": "server_error", "param": None,
+                                    "code": None}}, chunks[-1]
+    assert len(chunks) < BLOCK // 2 and [e for e in events if e][-1] == "data: [DONE]"
+    assert proc.returncode == 0, err
+    assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
 
 
 def test_break_test_faults_of_the_server(tmp_path):

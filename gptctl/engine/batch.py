@@ -268,14 +268,17 @@ class Batcher:
                     if self._closing:
                         break
                     admitted = self._admit()
-                try:
-                    for job in admitted:
+                for job in admitted:
+                    try:
                         self._start(job)
+                    except Exception as exc:  # its own prompt failed (out of memory, …): it alone fails
+                        self._fail(job, exc)
+                try:
                     if self._busy_rows():
                         self._step()
-                except Exception as exc:  # the model failed (out of memory, …): fail what runs, serve on
+                except Exception as exc:  # the step all rows share failed: fail what runs, serve on
                     log.exception("generation failed")
-                    self._fail_running(f"generation failed: {type(exc).__name__}: {exc}", also=admitted)
+                    self._fail_running(_failure(exc))
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
@@ -366,7 +369,11 @@ class Batcher:
         stats.max_jobs_per_step = max(stats.max_jobs_per_step, len(jobs))
         for indexes in jobs.values():
             indexes.sort(key=lambda i: slots[i].index)  # the job's samples in order, as Generation draws them
-            self._take(slots[indexes[0]].job, [slots[i] for i in indexes], logits[indexes])
+            running = slots[indexes[0]].job
+            try:
+                self._take(running, [slots[i] for i in indexes], logits[indexes])
+            except Exception as exc:  # its own draw failed (NaN logits of its rows, …): it alone fails
+                self._fail(running.job, exc)
         kept = [i for i, slot in enumerate(self._rows) if slot.text.finish is None]
         if len(kept) < len(self._rows):
             self._cache.keep(kept)
@@ -401,26 +408,40 @@ class Batcher:
                     self._stats.jobs_done += 1
 
     def _drop_cancelled(self) -> None:
-        gone = {id(s.job) for s in self._rows + self._sliding if s.job.job.cancelled}
+        gone = {id(s.job.job) for s in self._rows + self._sliding if s.job.job.cancelled}
         if not gone:
             return
         for slot in self._rows + self._sliding:
-            if id(slot.job) in gone:
+            if id(slot.job.job) in gone:
                 slot.text.finish = "cancelled"
         self._stats.jobs_cancelled += len(gone)
-        kept = [i for i, slot in enumerate(self._rows) if id(slot.job) not in gone]
-        if self._cache is not None:
+        self._drop(gone)
+
+    def _drop(self, gone: set[int]) -> None:
+        """The rows of these jobs (their ids) out of the batch."""
+        kept = [i for i, slot in enumerate(self._rows) if id(slot.job.job) not in gone]
+        if self._cache is not None and len(kept) < len(self._rows):
             self._cache.keep(kept)
         self._rows = [self._rows[i] for i in kept]
-        self._sliding = [slot for slot in self._sliding if id(slot.job) not in gone]
+        self._sliding = [slot for slot in self._sliding if id(slot.job.job) not in gone]
 
-    def _fail_running(self, message: str, status: int = 500, also: list[Job] = ()) -> None:
-        jobs = {id(job): job for job in [*also, *(s.job.job for s in self._rows + self._sliding)]}
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """One job's own failure: its rows leave (those it added before failing too), the others run on."""
+        log.exception("generation failed")
+        self._drop({id(job)})
+        job.emit(Failed(_failure(exc)))
+
+    def _fail_running(self, message: str, status: int = 500) -> None:
+        jobs = {id(s.job.job): s.job.job for s in self._rows + self._sliding}
         for job in jobs.values():
             job.emit(Failed(message, status))
         self._rows, self._sliding = [], []
         if self._cache is not None:
             self._cache.keep([])
+
+
+def _failure(exc: Exception) -> str:
+    return f"generation failed: {type(exc).__name__}: {exc}"
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[TopLogprobs] | None:

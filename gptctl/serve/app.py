@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -33,6 +33,7 @@ from gptctl.serve.protocol import (CHAT_MAX_TOKENS, COMPLETION_MAX_TOKENS, ApiEr
 log = logging.getLogger("gptctl.serve")
 MODEL_HEADER = "x-gptctl-model"  # on every response: which run and step answers
 PAGE_POLICY = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:"
+GONE_POLL_S = 0.1  # how often a whole (not streamed) response asks whether its client is still there
 
 
 def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = None) -> FastAPI:
@@ -56,6 +57,10 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         return _validation_error(exc.errors())
+
+    @app.exception_handler(_ClientGone)
+    async def gone(request, exc: _ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -86,7 +91,7 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
         return model.card()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         decoding = protocol.decoding(req, COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
                                      model, batcher.max_rows)
         prompts = protocol.prompts(req.prompt, enc)
@@ -103,10 +108,10 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
         shape = _Completion(call, enc, model.id, req.echo, req.logprobs)
         if req.stream:
             return _sse(shape.chunks())
-        return await shape.whole()
+        return await _unless_gone(request, shape.whole())
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = min(CHAT_MAX_TOKENS, model.block_size // 2) if asked is None else asked  # room for the prompt
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -118,7 +123,7 @@ def create_app(batcher: Batcher, model: ModelInfo, enc, api_key: str | None = No
         headers = {"x-gptctl-dropped-turns": str(dropped)} if dropped else None
         if req.stream:
             return _sse(shape.chunks(), headers)
-        return JSONResponse(await shape.whole(), headers=headers)
+        return JSONResponse(await _unless_gone(request, shape.whole()), headers=headers)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -191,6 +196,25 @@ class _Gate:
             await send(message)
 
         await self.app(scope, receive, send_with_model)
+
+
+class _ClientGone(Exception):
+    """The client of a whole response closed its connection before the answer."""
+
+
+async def _unless_gone(request: Request, answer: Awaitable[dict]) -> dict:
+    """A whole response's answer, cancelled (and its jobs with it) once its client goes away: Starlette
+    listens for that beside a stream, but a whole response learns it only by asking; else its jobs would
+    hold their rows to max_tokens for nobody."""
+    task = asyncio.ensure_future(answer)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=GONE_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise _ClientGone()
+        return task.result()
+    finally:
+        task.cancel()  # its _Call.events ends: the jobs are cancelled
 
 
 def _sse(chunks: AsyncIterator[dict], headers: dict | None = None) -> StreamingResponse:

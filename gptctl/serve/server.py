@@ -1,8 +1,10 @@
 """Run the application under uvicorn on a socket bound here (so that port 0 gives a free port whose URL
-can be said), and stop cleanly on SIGINT or SIGTERM: uvicorn finishes the requests in flight (up to
-GRACE seconds), the batcher stops, then the signal reaches the caller as an exception (Stopped, or
+can be said), and stop promptly and cleanly on SIGINT or SIGTERM: the batcher stops first, failing the
+jobs in flight (503: the server is shutting down), so the requests end at once; uvicorn waits for them
+to go out (up to GRACE seconds), then the signal reaches the caller as an exception (Stopped, or
 KeyboardInterrupt), so that what it holds (the checkpoint's lease) is released on the way out."""
 
+import asyncio
 import ipaddress
 import signal
 import socket
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from gptctl.errors import UserError
 
-GRACE = 5  # seconds uvicorn waits for open requests (streams) at shutdown
+GRACE = 1  # seconds uvicorn waits at shutdown for the requests' last bytes (their jobs have failed by then)
 
 
 class Stopped(Exception):
@@ -78,9 +80,17 @@ def serve(sampler, model, sock: socket.socket, api_key: str | None, max_rows: in
     app = create_app(batcher, model, sampler.enc, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE,
                             lifespan="on")
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # The batcher before uvicorn waits for the open requests: their jobs fail (503) and they end
+            # now, rather than generate on (a stream to its max_tokens) until uvicorn cuts them off.
+            await asyncio.to_thread(batcher.close)
+            await super().shutdown(sockets)
+
     # uvicorn catches SIGINT and SIGTERM while it runs, shuts down, then raises the signal again with the
     # handlers it found: KeyboardInterrupt for SIGINT, Stopped for SIGTERM.
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
 
 
 RENEW_EVERY_S = 3600.0
