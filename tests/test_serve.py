@@ -605,6 +605,31 @@ def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run,
     assert leases(home) == []
 
 
+def test_a_stop_signal_while_the_lease_renewal_starts_waits_for_it(tmp_path, monkeypatch):
+    """`gptctl serve` starts its lease-renewal thread just after saying "Ctrl-C stops.": a SIGTERM (or
+    SIGINT) arriving inside Thread.start() left threading's books half kept, and the exit printed a
+    KeyError traceback (8 of 12 tries). The signal is held until the thread has started, then handled."""
+    from gptctl.serve.server import keep_leased
+
+    seen = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        os.kill(os.getpid(), signal.SIGTERM)  # the signal, in the middle of the start
+        seen.append("held" if signal.SIGTERM in signal.sigpending() else "delivered")
+        real_start(thread)
+        seen.append("started")
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append("handled"))
+    try:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        keep_leased(tmp_path)
+        wait_until(lambda: "handled" in seen, "the held SIGTERM to be handled", timeout=10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["held", "started", "handled"]
+
+
 SLOW_SERVE = """
 import time
 from gptctl.engine.model import GPT

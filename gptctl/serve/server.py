@@ -110,4 +110,10 @@ def keep_leased(home: Path) -> None:
             except Exception:  # a registry busy or unwritable for a moment: the next hour tries again
                 pass
 
-    threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
+    # A SIGINT or SIGTERM raised in the middle of Thread.start() leaves threading's books half kept (a
+    # KeyError traceback at exit): held back until the thread runs, then handled in the main thread.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
