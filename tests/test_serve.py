@@ -608,7 +608,8 @@ def test_gptctl_serve_names_its_run_holds_a_lease_and_stops_cleanly(trained_run,
 def test_a_stop_signal_while_the_lease_renewal_starts_waits_for_it(tmp_path, monkeypatch):
     """`gptctl serve` starts its lease-renewal thread just after saying "Ctrl-C stops.": a SIGTERM (or
     SIGINT) arriving inside Thread.start() left threading's books half kept, and the exit printed a
-    KeyError traceback (8 of 12 tries). The signal is held until the thread has started, then handled."""
+    KeyError traceback (8 of 12 tries). The signal is held until the thread has started, then handled
+    (here, in a process with other threads, as serve's has: any of them may receive it)."""
     from gptctl.serve.server import keep_leased
 
     seen = []
@@ -616,7 +617,7 @@ def test_a_stop_signal_while_the_lease_renewal_starts_waits_for_it(tmp_path, mon
 
     def start(thread):
         os.kill(os.getpid(), signal.SIGTERM)  # the signal, in the middle of the start
-        seen.append("held" if signal.SIGTERM in signal.sigpending() else "delivered")
+        time.sleep(0.2)  # time for its handler to run here
         real_start(thread)
         seen.append("started")
 
@@ -627,7 +628,7 @@ def test_a_stop_signal_while_the_lease_renewal_starts_waits_for_it(tmp_path, mon
         wait_until(lambda: "handled" in seen, "the held SIGTERM to be handled", timeout=10)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert seen == ["held", "started", "handled"]
+    assert seen == ["started", "handled"]
 
 
 SLOW_SERVE = """

@@ -110,10 +110,17 @@ def keep_leased(home: Path) -> None:
             except Exception:  # a registry busy or unwritable for a moment: the next hour tries again
                 pass
 
-    # A SIGINT or SIGTERM raised in the middle of Thread.start() leaves threading's books half kept (a
-    # KeyError traceback at exit): held back until the thread runs, then handled in the main thread.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # A stop signal's exception (KeyboardInterrupt, Stopped) raised in the middle of Thread.start() leaves
+    # threading's books half kept, and the exit prints a KeyError traceback: one that arrives meanwhile is
+    # only noted, and raised again once the thread runs. (Masking it would not do: the kernel then hands
+    # it to another thread, and Python runs the handler in this one all the same.)
+    arrived: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    for signum in dict.fromkeys(arrived):
+        signal.raise_signal(signum)
