@@ -384,3 +384,24 @@ def test_runs_compare_compares_the_model_as_trained_not_as_typed(shakespeare, gp
         add_run(db, run_id, name=run_id, settings=settings.model_dump_json())
     assert compare(db, ["preset", "typed"])["differing_settings"] == {}
     assert compare(db, ["preset", "typed", "deeper"])["differing_settings"] == {"Model": {"--n-layer": [2, 2, 3]}}
+
+
+def test_runs_compare_resolves_the_shape_of_settings_that_no_longer_validate(shakespeare, gptctl_home):
+    """A run whose stored settings no longer validate (a setting this version does not know) trains the same
+    tiny model as one that does: its preset's shape is resolved all the same, not shown as '-' beside 2."""
+    import json
+
+    from gptctl.registry import open_registry
+    from gptctl.run_compare import compare
+    from gptctl.settings import TrainSettings
+
+    db = open_registry(gptctl_home)
+    settings = TrainSettings(model="tiny", seq_len=32, data_root=str(shakespeare)).model_dump(mode="json")
+    add_run(db, "valid", name="valid", settings=json.dumps(settings))
+    add_run(db, "future", name="future", settings=json.dumps({**settings, "future_option": 1}))
+    add_run(db, "unknown", name="unknown", settings=json.dumps({**settings, "model": "gone", "future_option": 1}))
+    assert compare(db, ["valid", "future"])["differing_settings"] == {"Run": {"--future-option": [None, 1]}}
+    differing = compare(db, ["valid", "unknown"])["differing_settings"]  # a preset it no longer has: as stored
+    assert differing["Model"]["--model"] == ["tiny", "gone"] and differing["Model"]["--n-layer"] == [2, None]
+    add_run(db, "odd", name="odd", settings=json.dumps({**settings, "model": ["tiny"]}))  # edited by hand
+    assert compare(db, ["valid", "odd"])["differing_settings"]["Model"]["--model"] == ["tiny", ["tiny"]]

@@ -670,6 +670,33 @@ def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, s
     assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
 
 
+
+def test_gptctl_serve_stops_cleanly_on_two_quick_ctrl_cs(checkpoints):
+    """A second Ctrl-C while the server stops is uvicorn's force quit, which skipped the application's
+    lifespan end: asyncio cancelled it and uvicorn logged an ERROR traceback. It stops as after one."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoints["pretrain"]), "--port", "0"],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while not line.startswith("  chat: "):
+            line = proc.stdout.readline()
+            assert line, f"gptctl serve ended: {proc.stderr.read()}"
+        url = line.removeprefix("  chat: ").strip().rstrip("/")
+        body = {"prompt": "Hello", "max_tokens": BLOCK, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)  # the first token: the reply is being generated
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            list(lines)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (SIGINT)" in err and "Traceback" not in err and "ERROR" not in err, err
+
+
 def test_break_test_faults_of_the_server(tmp_path):
     """A near-zero temperature is greedy, not a NaN softmax that fails every request in flight; a batch
     larger than the queue is a 400 on prompt, not an endless 503; a chat message that cannot fit beside

@@ -87,6 +87,11 @@ def serve(sampler, model, sock: socket.socket, api_key: str | None, max_rows: in
             # now, rather than generate on (a stream to its max_tokens) until uvicorn cuts them off.
             await asyncio.to_thread(batcher.close)
             await super().shutdown(sockets)
+            if self.force_exit:
+                # A second Ctrl-C (uvicorn's force quit) skips the application's lifespan end: asyncio would
+                # cancel it on the way out, and uvicorn log that with a traceback. The batcher has stopped,
+                # so it ends at once.
+                await self.lifespan.shutdown()
 
     # uvicorn catches SIGINT and SIGTERM while it runs, shuts down, then raises the signal again with the
     # handlers it found: KeyboardInterrupt for SIGINT, Stopped for SIGTERM.
