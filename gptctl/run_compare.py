@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlite_utils import Database
 
 from gptctl.registry import launches, queries
-from gptctl.settings import PRESETS, TrainSettings, is_option, option_name, panel_of
+from gptctl.settings import TrainSettings, is_option, option_name, panel_of
 
 
 def _val_curve(metrics: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -34,18 +34,13 @@ NOT_COMPARED = {"run_name", "kind"}  # differ by definition, or shown above (sta
 def as_trained(settings: dict[str, Any]) -> dict[str, Any]:
     """The stored settings with the model's shape as it was trained: `--model tiny` stores no --n-layer, and
     a run given `--n-layer 2` of the same preset has the same model, which a comparison must not call a
-    difference. Settings that no longer validate (a setting this version does not know) have their preset
-    resolved all the same, field by field; a preset this version lacks leaves them as stored."""
+    difference. The shape is TrainSettings.shape's, of the settings this version knows (a run may have
+    stored one it does not); settings that do not validate even so are compared as stored."""
+    known = {name: value for name, value in settings.items() if name in TrainSettings.model_fields}
     try:
-        shape = TrainSettings.model_validate(settings).shape
+        shape = TrainSettings.model_validate(known).shape
     except ValidationError:
-        model = settings.get("model", TrainSettings.model_fields["model"].default)
-        preset = PRESETS.get(model) if isinstance(model, str) else None
-        if preset is None:
-            return settings
-        return {**settings, **{name: settings.get(name) or getattr(preset, name)
-                               for name in ("n_layer", "n_head", "n_embd")},
-                "block_size": settings.get("block_size") or settings.get("seq_len")}
+        return settings
     return {**settings, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
             "block_size": shape.block_size}
 
