@@ -641,11 +641,10 @@ main()
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, signum):
-    """A signal while a reply streams: the reply ends at once with the server's 503, rather than the
-    server generating on for up to GRACE seconds before it stops; and it stops cleanly."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoints["pretrain"]), "--port", "0"],
+def signalled_while_streaming(checkpoint, *signums: int) -> tuple[list[str], int, str]:
+    """A slowed `gptctl serve` sent `signums` (10 ms apart) once a streamed reply has its first token: the
+    stream's lines, and the server's exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoint), "--port", "0"],
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = ""
@@ -657,43 +656,34 @@ def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, s
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             events = [next(lines)]  # the first token: the reply is being generated
-            proc.send_signal(signum)
+            for i, signum in enumerate(signums):
+                time.sleep(0.01 if i else 0)
+                proc.send_signal(signum)
             events += list(lines)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
+    return events, proc.returncode, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_gptctl_serve_stops_at_once_failing_the_replies_in_flight(checkpoints, signum):
+    """A signal while a reply streams: the reply ends at once with the server's 503, rather than the
+    server generating on for up to GRACE seconds before it stops; and it stops cleanly."""
+    events, code, err = signalled_while_streaming(checkpoints["pretrain"], signum)
     chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
     assert chunks[-1] == {"error": {"message": "the server is shutting down", "type": "server_error", "param": None,
                                     "code": None}}, chunks[-1]
     assert len(chunks) < BLOCK // 2 and [e for e in events if e][-1] == "data: [DONE]"
-    assert proc.returncode == 0, err
+    assert code == 0, err
     assert f"stopped ({signal.Signals(signum).name})" in err and "Traceback" not in err
-
 
 
 def test_gptctl_serve_stops_cleanly_on_two_quick_ctrl_cs(checkpoints):
     """A second Ctrl-C while the server stops is uvicorn's force quit, which skipped the application's
     lifespan end: asyncio cancelled it and uvicorn logged an ERROR traceback. It stops as after one."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", str(checkpoints["pretrain"]), "--port", "0"],
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = ""
-        while not line.startswith("  chat: "):
-            line = proc.stdout.readline()
-            assert line, f"gptctl serve ended: {proc.stderr.read()}"
-        url = line.removeprefix("  chat: ").strip().rstrip("/")
-        body = {"prompt": "Hello", "max_tokens": BLOCK, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            next(lines)  # the first token: the reply is being generated
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.01)
-            proc.send_signal(signal.SIGINT)
-            list(lines)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    _, code, err = signalled_while_streaming(checkpoints["pretrain"], signal.SIGINT, signal.SIGINT)
+    assert code == 0, err
     assert "stopped (SIGINT)" in err and "Traceback" not in err and "ERROR" not in err, err
 
 
