@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from gptctl.engine.startup import STOP_SIGNALS
+from gptctl.engine.startup import STOP_SIGNALS, signals_noted
 from gptctl.settings import LaunchSettings
 from gptctl.stop_request import Watch
 
@@ -118,24 +118,18 @@ def run_workers(cmd: list[str], stop_timeout: float, env: dict[str, str] | None 
     # grace period before SIGKILL is ours where the installed torch reads this variable.
     shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(stop_timeout)),
                 "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}  # torchrun's --signals-to-handle, where it has one
-    received: list[int] = []
-    # Installed before torchrun starts: a signal from then on is a stop request, never our death.
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
-    try:
-        with Output(log or launcher_log(cmd), cmd) as out:
-            proc = subprocess.Popen(
-                cmd,
-                env={**shutdown, **os.environ, LAUNCHED_ENV: "1", **(env or {})},
-                stdout=out.workers,  # worker logs and progress go to our stderr: stdout is kept for results (--json)
-                stderr=out.report,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-            out.started()
-            return _supervise(proc, received, stop_timeout, out, requests), (received[0] if received else None)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # Noted from before torchrun starts: a signal from then on is a stop request, never our death.
+    with signals_noted(STOP_SIGNALS) as received, Output(log or launcher_log(cmd), cmd) as out:
+        proc = subprocess.Popen(
+            cmd,
+            env={**shutdown, **os.environ, LAUNCHED_ENV: "1", **(env or {})},
+            stdout=out.workers,  # worker logs and progress go to our stderr: stdout is kept for results (--json)
+            stderr=out.report,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        out.started()
+        return _supervise(proc, received, stop_timeout, out, requests), (received[0] if received else None)
 
 
 POLL_SECONDS = 0.1

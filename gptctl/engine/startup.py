@@ -3,12 +3,27 @@ thread pools. Imports no torch, so the worker can call it first thing."""
 
 import os
 import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 # SIGUSR1: what SLURM sends ahead of a job's time limit (#SBATCH --signal=USR1@120): a stop request too.
 # SIGHUP: the terminal went away (ssh dropped, the window closed): stop and save rather than die unsaved.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
+@contextmanager
+def signals_noted(signums: Iterable[int]) -> Iterator[list[int]]:
+    """While active, these signals are only noted, in the list it yields (in the order they came), rather
+    than raised or fatal; the handlers before are back afterwards."""
+    noted: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in signums}
+    try:
+        yield noted
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from gptctl.engine.startup import signals_noted
 from gptctl.errors import UserError
 
 GRACE = 1  # seconds uvicorn waits at shutdown for the requests' last bytes (their jobs have failed by then)
@@ -119,13 +120,7 @@ def keep_leased(home: Path) -> None:
     # threading's books half kept, and the exit prints a KeyError traceback: one that arrives meanwhile is
     # only noted, and raised again once the thread runs. (Masking it would not do: the kernel then hands
     # it to another thread, and Python runs the handler in this one all the same.)
-    arrived: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signals_noted((signal.SIGINT, signal.SIGTERM)) as arrived:
         threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     for signum in dict.fromkeys(arrived):
         signal.raise_signal(signum)
